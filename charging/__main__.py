@@ -1,0 +1,3 @@
+from charging.cli import main
+
+main()

@@ -1,0 +1,33 @@
+"""Reading accounts. Changing a balance is done only by the functions in lua/."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import redis
+
+from charging.keys import Keys, all_partitions, partition_of
+from charging.settings import Settings
+
+
+class UnknownAccount(LookupError):
+    pass
+
+
+def balance(client: redis.Redis, settings: Settings, account: str) -> int:
+    keys = Keys(settings.namespace, partition_of(account, settings.partitions))
+    value = client.hget(keys.balances, account)
+    if value is None:
+        raise UnknownAccount(f"unknown account {account!r}")
+    return int(value)
+
+
+def all_balances(client: redis.Redis, settings: Settings) -> Iterator[tuple[str, int]]:
+    for keys in all_partitions(settings.namespace, settings.partitions):
+        for account, value in client.hscan_iter(keys.balances, count=1000):
+            yield account.decode(), int(value)
+
+
+def numbered(count: int) -> list[str]:
+    """account1 .. accountN, the accounts `charging accounts reset` makes."""
+    return [f"account{i}" for i in range(1, count + 1)]

@@ -1,0 +1,293 @@
+"""The `charging` command. Exit codes: 0 done (or approved), 1 rejected or a runtime
+error (unknown account, Redis unreachable), 2 invalid input."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import pydantic
+import redis
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from charging import accounts as accounts_mod
+from charging import functions
+from charging import log as logging_setup
+from charging.connection import RedisTooOld, connect
+from charging.schema import Invalid, Outcome, parse_top_up
+from charging.settings import Settings
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Prepaid charging engine on Redis.")
+accounts_app = typer.Typer(no_args_is_help=True, help="Create, inspect and top up accounts.")
+app.add_typer(accounts_app, name="accounts")
+out = Console()
+err = Console(stderr=True)
+
+
+class State:
+    redis_url: str | None = None
+    _settings: Settings | None = None
+    _client: redis.Redis | None = None
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            overrides = {"redis_url": self.redis_url} if self.redis_url else {}
+            try:
+                self._settings = Settings(**overrides)
+            except pydantic.ValidationError as exc:
+                fail(2, f"invalid settings: {exc}")
+            logging_setup.configure(self._settings.log_level)
+        return self._settings
+
+    @property
+    def client(self) -> redis.Redis:
+        if self._client is None:
+            self._client = connect(self.settings)
+        return self._client
+
+
+state = State()
+
+
+def fail(code: int, message: str):
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+@app.callback()
+def root(redis_url: Annotated[str | None, typer.Option(help="Overrides CHARGING_REDIS_URL.")] = None):
+    state.redis_url = redis_url
+
+
+def emit(data: dict[str, Any] | list, as_json: bool, human: str | Table) -> None:
+    if as_json:
+        typer.echo(json.dumps(data))
+    else:
+        out.print(human, highlight=False)
+
+
+def show_outcome(outcome: Outcome, as_json: bool) -> None:
+    line = (f"{outcome.request_id}: {outcome.status}"
+            f"{' (' + outcome.reason + ')' if outcome.reason else ''} charged={outcome.charged} "
+            f"balance={outcome.balance}{' duplicate' if outcome.duplicate else ''}")
+    emit(outcome.as_dict(), as_json, line)
+    if not outcome.approved:
+        raise typer.Exit(1)
+
+
+# ---- accounts -------------------------------------------------------------------------
+
+@accounts_app.command("reset")
+def accounts_reset(count: Annotated[int, typer.Option(min=1, max=1_000_000)] = 100,
+                   balance: Annotated[int, typer.Option(min=0)] = 100):
+    """Set account1..accountN to BALANCE, creating missing ones."""
+    if balance > state.settings.max_balance:
+        fail(2, f"balance {balance} is over the maximum of {state.settings.max_balance}")
+    done = functions.set_balances(state.client, state.settings,
+                                  ((a, balance) for a in accounts_mod.numbered(count)))
+    out.print(f"{done} accounts set to {balance}")
+
+
+@accounts_app.command("show")
+def accounts_show(account: str, as_json: Annotated[bool, typer.Option("--json")] = False):
+    """Show one account's balance."""
+    try:
+        value = accounts_mod.balance(state.client, state.settings, account)
+    except accounts_mod.UnknownAccount as exc:
+        fail(1, str(exc))
+    emit({"account": account, "balance": value}, as_json, f"{account}: {value}")
+
+
+@accounts_app.command("top-up")
+def accounts_top_up(account: str, amount: str):
+    """Add AMOUNT (minor units) to an existing account."""
+    account, value = parse_top_up(account, amount, state.settings)
+    try:
+        new = functions.top_up(state.client, state.settings, account, value)
+    except redis.ResponseError as exc:
+        fail(1, f"{exc} (account {account!r})")
+    out.print(f"{account}: {new}")
+
+
+@accounts_app.command("list")
+def accounts_list(as_json: Annotated[bool, typer.Option("--json")] = False):
+    """List every account and its balance."""
+    rows = sorted(accounts_mod.all_balances(state.client, state.settings))
+    table = Table("account", "balance")
+    for account, value in rows:
+        table.add_row(account, str(value))
+    emit([{"account": a, "balance": b} for a, b in rows], as_json, table)
+
+
+# ---- charging -------------------------------------------------------------------------
+
+Account = Annotated[str | None, typer.Option(help="Account id.")]
+Service = Annotated[str | None, typer.Option(help="sms, voice or data.")]
+Units = Annotated[str | None, typer.Option(help="Whole number of units, rated by the tariff.")]
+Amount = Annotated[str | None, typer.Option(help="Explicit amount in minor units, instead of service/units.")]
+RequestId = Annotated[str | None, typer.Option(help="Idempotency key; a new one is made if omitted.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+
+def _request(account, service, units, amount, request_id) -> dict[str, Any]:
+    return {"account": account, "service": service, "units": units, "amount": amount, "request_id": request_id}
+
+
+@app.command()
+def produce(account: Account = None, service: Service = None, units: Units = None, amount: Amount = None,
+            request_id: RequestId = None,
+            file: Annotated[str | None, typer.Option(help="JSON lines file of requests; - for stdin.")] = None,
+            skip_invalid: Annotated[bool, typer.Option(help="With --file: submit the valid lines anyway.")] = False,
+            wait: Annotated[bool, typer.Option(help="Wait for the outcome.")] = False,
+            timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait.")] = 10.0,
+            as_json: AsJson = False):
+    """Publish charge requests to the request stream."""
+    from producer import Producer, WaitTimeout
+
+    producer = Producer(state.client, state.settings)
+    if file is not None:
+        requests = _read_jsonl(file, producer, skip_invalid)
+    else:
+        requests = [_prepare(producer, _request(account, service, units, amount, request_id), wait)]
+    ids = producer.submit(requests, reply=wait)
+    if not wait:
+        emit({"submitted": len(ids), "request_ids": ids}, as_json,
+             f"submitted {len(ids)} request(s)" + (f": {ids[0]}" if len(ids) == 1 else ""))
+        return
+    try:
+        outcomes = producer.wait(ids, timeout)
+    except WaitTimeout as exc:
+        fail(1, f"{exc}. The charges may still be settled; resubmitting with the same request id is safe.")
+    if len(ids) == 1:
+        show_outcome(outcomes[ids[0]], as_json)
+        return
+    for outcome in outcomes.values():
+        emit(outcome.as_dict(), as_json, f"{outcome.request_id}: {outcome.status} {outcome.reason}")
+    if any(not o.approved for o in outcomes.values()):
+        raise typer.Exit(1)
+
+
+def _prepare(producer, data: dict, reply: bool = False):
+    try:
+        return producer.prepare(data, reply)
+    except Invalid as exc:
+        fail(2, str(exc))
+
+
+def _read_jsonl(file: str, producer, skip_invalid: bool) -> list:
+    """Validate every line first; report all bad ones with their line numbers."""
+    try:
+        text = sys.stdin.read() if file == "-" else Path(file).read_text()
+    except OSError as exc:
+        fail(2, f"cannot read {file}: {exc}")
+    requests, problems = [], []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+            if not isinstance(data, dict):
+                raise Invalid("invalid_json", "each line must be a JSON object")
+            requests.append(producer.prepare(data))
+        except json.JSONDecodeError as exc:
+            problems.append(f"line {number}: invalid_json: {exc.msg}")
+        except Invalid as exc:
+            problems.append(f"line {number}: {exc}")
+    for problem in problems:
+        err.print(problem, highlight=False, markup=False)
+    if problems and not skip_invalid:
+        fail(2, f"{len(problems)} invalid line(s); nothing submitted (use --skip-invalid to submit the rest)")
+    if not requests:
+        fail(2, "no valid requests")
+    return requests
+
+
+@app.command()
+def authorize(account: Account = None, service: Service = None, units: Units = None, amount: Amount = None,
+              request_id: RequestId = None, as_json: AsJson = False):
+    """Charge synchronously (no stream) and print the outcome. Exit 1 when rejected."""
+    from producer import Producer
+
+    producer = Producer(state.client, state.settings)
+    data = _request(account, service, units, amount, request_id)
+    try:
+        outcome = producer.authorize(data)
+    except Invalid as exc:
+        fail(2, str(exc))
+    show_outcome(outcome, as_json)
+
+
+# ---- operations -----------------------------------------------------------------------
+
+@app.command()
+def worker(processes: Annotated[int, typer.Option(min=1, max=256)] = 1,
+           batch: Annotated[int | None, typer.Option(min=1, max=10_000, help="Entries per read.")] = None,
+           consumer: Annotated[str | None, typer.Option(help="Stable consumer name (default: hostname).")] = None,
+           burst: Annotated[bool, typer.Option(help="Exit 0 once drained and nothing is pending.")] = False):
+    """Run consumer-group workers until SIGTERM / SIGINT (or, with --burst, until drained)."""
+    from worker import supervisor
+
+    settings = state.settings if batch is None else state.settings.model_copy(update={"batch": batch})
+    raise typer.Exit(supervisor.run(settings, processes, consumer, burst))
+
+
+@app.command()
+def status(as_json: AsJson = False):
+    """Stream lengths, pending entries, lag and consumers."""
+    from charging.status import status as read_status
+
+    data = read_status(state.client, state.settings)
+    table = Table("partition", "requests", "pending", "lag", "oldest pending ms", "results", "dead letters",
+                  "consumers")
+    for p in data["partitions"]:
+        table.add_row(str(p["partition"]), str(p["length"]), str(p["pending"]),
+                      "unknown" if p["lag"] is None else str(p["lag"]),
+                      "-" if p["oldest_pending_age_ms"] is None else str(p["oldest_pending_age_ms"]),
+                      str(p["results"]), str(p["deadletters"]), str(len(p["consumers"])))
+    emit(data, as_json, table)
+
+
+@app.command()
+def results(follow: Annotated[bool, typer.Option(help="Keep printing new outcomes.")] = False,
+            group: Annotated[str | None, typer.Option(help="Read as this consumer group (acks what it read).")] = None,
+            count: Annotated[int | None, typer.Option(min=1, help="Stop after this many.")] = None,
+            as_json: AsJson = False):
+    """Print outcomes from the results streams."""
+    from charging.subscriber import subscribe
+
+    for outcome in subscribe(state.client, state.settings, follow=follow, group=group, limit=count):
+        emit(outcome.as_dict(), as_json,
+             f"{outcome.request_id} {outcome.account} {outcome.status} {outcome.reason} "
+             f"charged={outcome.charged} balance={outcome.balance}{' duplicate' if outcome.duplicate else ''}")
+
+
+@app.command()
+def demo(charges: Annotated[int, typer.Option(min=1, max=10_000_000)] = 20_000,
+         workers: Annotated[int, typer.Option(min=1, max=64)] = 2,
+         accounts: Annotated[int, typer.Option(min=1, max=1_000_000)] = 100,
+         balance: Annotated[int, typer.Option(min=1)] = 10_000,
+         data_dir: Annotated[Path | None, typer.Option(help="Where the private redis-server keeps its AOF.")] = None):
+    """Spawn a private Redis (unless --redis-url), run workers and a mixed load, check the sums."""
+    from charging.demo import run_demo
+
+    raise typer.Exit(run_demo(state, charges=charges, workers=workers, accounts=accounts, balance=balance,
+                              data_dir=data_dir))
+
+
+def main() -> None:
+    try:
+        app()
+    except redis.ConnectionError as exc:
+        err.print(f"[bold red]error:[/] cannot reach Redis at {state.settings.redis_url}: {exc}", highlight=False)
+        sys.exit(1)
+    except RedisTooOld as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(1)
+    except Invalid as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(2)

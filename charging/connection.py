@@ -1,0 +1,82 @@
+"""The one place that makes Redis connections: one pool per process, made once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import redis
+import structlog
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
+
+from charging.settings import Settings
+
+log = structlog.get_logger("charging.connection")
+
+MIN_REDIS = (7, 0)
+T = TypeVar("T")
+
+
+class RedisTooOld(RuntimeError):
+    pass
+
+
+def connect(settings: Settings, load: bool = True) -> redis.Redis:
+    """Return the process's client. Retries with backoff are explicit (the library's
+    defaults changed between versions); a retried command may run twice, which every
+    function call tolerates because it is keyed by request id or entry id."""
+    client = redis.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=settings.socket_timeout_s,
+        socket_connect_timeout=settings.socket_timeout_s,
+        health_check_interval=30,
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=2.0), settings.retry_attempts),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError],
+    )
+    if load:
+        check_version(client)
+        load_functions(client)
+    return client
+
+
+def check_version(client: redis.Redis) -> None:
+    info = client.info("server")
+    version = tuple(int(p) for p in str(info["redis_version"]).split(".")[:2])
+    if version < MIN_REDIS:
+        raise RedisTooOld(f"Redis {info['redis_version']} has no Functions; this engine needs Redis >= 7.0")
+    memory = client.info("memory")
+    log.info("redis_connected", version=info["redis_version"], used_memory=memory["used_memory_human"],
+             maxmemory_policy=memory.get("maxmemory_policy"))
+
+
+def library_source() -> str:
+    here = Path(__file__).resolve().parent
+    # Installed wheels carry the library inside the package; a source checkout has it in lua/.
+    for path in (here / "charging.lua", here.parent / "lua" / "charging.lua"):
+        if path.exists():
+            return path.read_text()
+    raise FileNotFoundError("lua/charging.lua not found")
+
+
+def load_functions(client: redis.Redis) -> None:
+    """FUNCTION LOAD REPLACE: cheap, and it fixes a server that was started empty."""
+    client.function_load(library_source(), replace=True)
+
+
+def with_functions(client: redis.Redis, call: Callable[[], T]) -> T:
+    """Run call; if the server lost the library (restart without AOF, failover to an empty
+    node), load it and run call once more. Safe because every function is idempotent."""
+    try:
+        return call()
+    except redis.ResponseError as exc:
+        if not missing_function(exc):
+            raise
+        log.warning("functions_reloaded", error=str(exc))
+        load_functions(client)
+        return call()
+
+
+def missing_function(reply: object) -> bool:
+    return isinstance(reply, redis.ResponseError) and "Function not found" in str(reply)

@@ -1,0 +1,153 @@
+"""`charging demo`: the whole pipeline in one command, with the money check at the end."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import redis
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from charging import accounts as accounts_mod
+from charging import functions
+from charging.connection import connect
+from charging.keys import all_partitions
+from charging.redis_server import RedisServer, RedisServerMissing
+from charging.schema import Outcome
+from charging.settings import Settings
+
+console = Console()
+CHUNK = 1000
+SETTLE_TIMEOUT_S = 300
+
+
+def mixed_load(accounts: list[str], count: int, rng: random.Random, prefix: str) -> list[dict]:
+    """sms (1-5 messages), voice (1-120 s) and data (1-50 MB) charges over random accounts."""
+    units = {"sms": (1, 5), "voice": (1, 120), "data": (1, 50)}
+    load = []
+    for i in range(count):
+        service = rng.choice(("sms", "voice", "data"))
+        load.append({"request_id": f"{prefix}-{i}", "account": rng.choice(accounts), "service": service,
+                     "units": rng.randint(*units[service])})
+    return load
+
+
+def run_demo(state, charges: int, workers: int, accounts: int, balance: int, data_dir: Path | None) -> int:
+    server = None
+    settings = state.settings
+    if state.redis_url is None:
+        try:
+            server = RedisServer(data_dir).start()
+        except RedisServerMissing as exc:
+            console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            return 1
+        settings = settings.model_copy(update={"redis_url": server.url})
+        console.print(f"private redis-server on port {server.port}, AOF in {server.data_dir}")
+    log_dir = server.data_dir if server else Path(tempfile.mkdtemp(prefix="charging-demo-"))
+    worker_proc = None
+    try:
+        client = connect(settings)
+        names = accounts_mod.numbered(accounts)
+        functions.set_balances(client, settings, ((a, balance) for a in names))
+        console.print(f"{accounts} accounts reset to {balance}")
+        worker_proc = _start_workers(settings, workers, log_dir)
+        return _run_load(client, settings, names, charges, accounts * balance)
+    finally:
+        if worker_proc is not None:
+            worker_proc.send_signal(signal.SIGTERM)
+            worker_proc.wait(timeout=30)
+            console.print(f"workers stopped (exit {worker_proc.returncode}); their log: {log_dir / 'worker.log'}")
+        if server is not None:
+            server.stop()
+            console.print("private redis-server stopped")
+
+
+def _start_workers(settings: Settings, workers: int, log_dir: Path) -> subprocess.Popen:
+    env = {**os.environ, "CHARGING_REDIS_URL": settings.redis_url}
+    with open(log_dir / "worker.log", "ab") as log_file:
+        return subprocess.Popen([sys.executable, "-m", "charging", "worker", "--processes", str(workers)],
+                                env=env, stdout=log_file, stderr=log_file)
+
+
+def _run_load(client: redis.Redis, settings: Settings, names: list[str], charges: int, start_total: int) -> int:
+    from producer import Producer
+
+    rng = random.Random(7)
+    load = mixed_load(names, charges, rng, f"demo-{uuid.uuid4().hex[:8]}")
+    replays = rng.sample(load, k=max(1, charges // 100))  # resubmitted with the same request id
+    marks = {k.results: _last_id(client, k.results) for k in all_partitions(settings.namespace, settings.partitions)}
+    producer = Producer(client, settings)
+    started = time.time()
+    with _progress() as progress:
+        task = progress.add_task("publishing", total=len(load) + len(replays))
+        for chunk in _chunks(load + replays):
+            producer.submit(chunk)
+            progress.advance(task, len(chunk))
+        outcomes = _collect(client, marks, {r["request_id"] for r in load}, len(load) + len(replays), progress)
+    elapsed = max(o.processed_at for o in outcomes) / 1000 - started if outcomes else 0.0
+    ours = set(names)
+    end_total = sum(b for a, b in accounts_mod.all_balances(client, settings) if a in ours)
+    return _summary(outcomes, len(load) + len(replays), elapsed, start_total, end_total)
+
+
+def _collect(client, marks: dict[str, str], ours: set[str], expected: int, progress) -> list[Outcome]:
+    task = progress.add_task("settling", total=expected)
+    outcomes: list[Outcome] = []
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    while len(outcomes) < expected and time.monotonic() < deadline:
+        for stream, messages in client.xread(marks, count=5000, block=1000) or []:
+            marks[stream.decode()] = messages[-1][0].decode()
+            new = [o for o in (Outcome.from_fields(f) for _, f in messages) if o.request_id in ours]
+            outcomes.extend(new)
+            progress.advance(task, len(new))
+    return outcomes
+
+
+def _summary(outcomes: list[Outcome], expected: int, elapsed: float, start_total: int, end_total: int) -> int:
+    first = [o for o in outcomes if not o.duplicate]
+    approved = [o for o in first if o.approved]
+    reasons = Counter(o.reason for o in first if not o.approved)
+    charged = sum(o.charged for o in approved)
+    latencies = sorted(o.processed_at - o.submitted_at for o in outcomes if o.submitted_at)
+    money_ok = charged == start_total - end_total and len(outcomes) == expected
+    table = Table("", "", title="charging demo", show_header=False)
+    table.add_row("outcomes", f"{len(outcomes)} of {expected}")
+    table.add_row("approved", str(len(approved)))
+    for reason, n in sorted(reasons.items()):
+        table.add_row(f"rejected: {reason}", str(n))
+    table.add_row("replayed request ids (answered as duplicates, charged once)",
+                  str(sum(o.duplicate for o in outcomes)))
+    table.add_row("throughput", f"{len(outcomes) / elapsed:,.0f} charges/s" if elapsed > 0 else "-")
+    if latencies:
+        table.add_row("submit -> settled p50 / p99",
+                      f"{latencies[len(latencies) // 2]} ms / {latencies[int(len(latencies) * 0.99)]} ms")
+    table.add_row("sum(approved charges)", str(charged))
+    table.add_row("balance drop (start - end)", f"{start_total - end_total} ({start_total} - {end_total})")
+    table.add_row("check sum(approved) == balance drop", "[green]OK[/]" if money_ok else "[red]FAILED[/]")
+    console.print(table)
+    return 0 if money_ok else 1
+
+
+def _last_id(client: redis.Redis, stream: str) -> str:
+    last = client.xrevrange(stream, count=1)
+    return last[0][0].decode() if last else "0-0"
+
+
+def _chunks(items: list, size: int = CHUNK):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console)

@@ -1,0 +1,61 @@
+"""Python signatures of the functions in lua/charging.lua.
+
+Each helper queues one FCALL on ``target``, a client or a pipeline, so a worker can put a
+whole batch in one round trip and authorize can make a single call with the same code.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+
+import redis
+
+from charging.keys import Keys, partition_of
+from charging.schema import ChargeRequest, Invalid
+from charging.settings import Settings
+
+DEADLETTER_FIELD_BYTES = 1024  # an oversized field is kept only up to this, so dead letters stay small
+
+
+def charge(target, settings: Settings, request: ChargeRequest, amount: int, entry_id: str = ""):
+    keys = Keys(settings.namespace, partition_of(request.account, settings.partitions))
+    names = [keys.balances, keys.seen(request.request_id), keys.results, keys.requests]
+    if request.reply_to:
+        names.append(request.reply_to)
+    return target.fcall(
+        "charge", len(names), *names,
+        request.request_id, request.account, amount, request.fingerprint, entry_id, settings.group,
+        settings.dedupe_window_ms, settings.results_maxlen, request.submitted_at or "",
+        settings.reply_ttl_s * 1000,
+    )
+
+
+def dead_letter(target, settings: Settings, keys: Keys, entry_id: str, invalid: Invalid,
+                fields: Mapping[bytes, bytes] | None, ack: bool = True):
+    """ack=False records an entry that is no longer pending (XAUTOCLAIM found it deleted)."""
+    pairs = [part[:DEADLETTER_FIELD_BYTES] for item in (fields or {}).items() for part in item]
+    return target.fcall(
+        "dead_letter", 2, keys.deadletter, keys.requests,
+        entry_id, settings.group if ack else "", invalid.reason, invalid.detail, settings.deadletter_maxlen, *pairs,
+    )
+
+
+def top_up(client: redis.Redis, settings: Settings, account: str, amount: int) -> int:
+    keys = Keys(settings.namespace, partition_of(account, settings.partitions))
+    return client.fcall("top_up", 1, keys.balances, account, amount, settings.max_balance)
+
+
+def set_balances(client: redis.Redis, settings: Settings, balances: Iterable[tuple[str, int]]) -> int:
+    by_partition: dict[int, list] = defaultdict(list)
+    for account, balance in balances:
+        by_partition[partition_of(account, settings.partitions)].extend((account, balance))
+    pipe = client.pipeline(transaction=False)
+    for partition, pairs in by_partition.items():
+        for start in range(0, len(pairs), 2000):  # bounded argument lists
+            pipe.fcall("set_balances", 1, Keys(settings.namespace, partition).balances, *pairs[start:start + 2000])
+    return sum(pipe.execute())
+
+
+def trim_requests(target, keys: Keys):
+    return target.fcall("trim_requests", 1, keys.requests)

@@ -1,0 +1,62 @@
+"""Key names and partition routing: the one place that knows how keys are spelled.
+
+Every key carries its partition's hash tag ``{pN}`` so that all keys one Lua call
+touches live in one Redis Cluster slot. The layout is documented in lua/charging.lua.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import dataclass
+
+
+def partition_of(account: str, partitions: int) -> int:
+    """Stable partition of an account: CRC32 of its id, so every process and every
+    language routes it the same way."""
+    return zlib.crc32(account.encode()) % partitions
+
+
+@dataclass(frozen=True)
+class Keys:
+    namespace: str
+    partition: int
+
+    @property
+    def tag(self) -> str:
+        return f"{self.namespace}:{{p{self.partition}}}"
+
+    @property
+    def balances(self) -> str:
+        return f"{self.tag}:balances"
+
+    @property
+    def requests(self) -> str:
+        return f"{self.tag}:requests"
+
+    @property
+    def results(self) -> str:
+        return f"{self.tag}:results"
+
+    @property
+    def deadletter(self) -> str:
+        return f"{self.tag}:deadletter"
+
+    def seen(self, request_id: str) -> str:
+        return f"{self.tag}:seen:{request_id}"
+
+    def reply(self, producer_id: str) -> str:
+        return f"{self.tag}:reply:{producer_id}"
+
+    def owns_reply_stream(self, key: str) -> bool:
+        """A reply stream must sit in this partition's slot and under its reply prefix,
+        so an entry cannot make the worker write to an arbitrary key."""
+        prefix = f"{self.tag}:reply:"
+        return key.startswith(prefix) and bool(_REPLY_ID.fullmatch(key[len(prefix):]))
+
+
+_REPLY_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def all_partitions(namespace: str, partitions: int) -> list[Keys]:
+    return [Keys(namespace, p) for p in range(partitions)]

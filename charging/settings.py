@@ -1,0 +1,79 @@
+"""Every setting of the engine, read from CHARGING_* environment variables."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SERVICES = ("sms", "voice", "data")
+DEFAULT_TARIFF = {"sms": 1, "voice": 5, "data": 10}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CHARGING_", frozen=True)
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    namespace: str = Field("ch", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
+    partitions: int = Field(1, ge=1, le=1024)
+    group: str = Field("workers", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+
+    # Rating: price per unit in minor units; a TOML file with a [tariff] table overrides.
+    tariff: dict[str, int] = Field(default_factory=lambda: dict(DEFAULT_TARIFF))
+    tariff_file: Path | None = None
+
+    # Limits every request is checked against before it touches a balance.
+    max_units: int = Field(1_000_000, ge=1)
+    max_amount: int = Field(10**12, ge=1)
+    max_balance: int = Field(10**15, ge=1, le=2**53 - 1)  # Lua numbers are exact below 2**53
+
+    # Worker behaviour.
+    batch: int = Field(500, ge=1, le=10_000)
+    block_ms: int = Field(1000, ge=1)
+    reclaim_idle_ms: int = Field(10_000, ge=100)
+    max_deliveries: int = Field(5, ge=1)
+    maintenance_interval_s: float = Field(5.0, gt=0)
+
+    # Retention.
+    dedupe_window_s: int = Field(86_400, ge=1)
+    results_maxlen: int = Field(1_000_000, ge=1)
+    deadletter_maxlen: int = Field(1_000_000, ge=1)
+    reply_ttl_s: int = Field(300, ge=1)
+
+    # Connection.
+    socket_timeout_s: float = Field(10.0, gt=0)
+    retry_attempts: int = Field(8, ge=0)
+
+    log_level: str = Field("info", pattern=r"^(debug|info|warning|error)$")
+
+    @field_validator("tariff")
+    @classmethod
+    def _whole_tariff(cls, tariff: dict[str, int]) -> dict[str, int]:
+        return _check_tariff(tariff)
+
+    @model_validator(mode="after")
+    def _read_tariff_file(self) -> Settings:
+        if self.tariff_file is not None:
+            try:
+                table = tomllib.loads(self.tariff_file.read_text())["tariff"]
+            except (OSError, tomllib.TOMLDecodeError, KeyError) as exc:
+                raise ValueError(f"cannot read [tariff] from {self.tariff_file}: {exc}") from exc
+            object.__setattr__(self, "tariff", _check_tariff(table))
+        if self.block_ms >= self.socket_timeout_s * 1000:
+            raise ValueError("block_ms must be shorter than socket_timeout_s")
+        return self
+
+    @property
+    def dedupe_window_ms(self) -> int:
+        return self.dedupe_window_s * 1000
+
+
+def _check_tariff(tariff: dict[str, object]) -> dict[str, int]:
+    if set(tariff) != set(SERVICES):
+        raise ValueError(f"tariff must price exactly {', '.join(SERVICES)}; got {sorted(tariff)}")
+    for service, rate in tariff.items():
+        if type(rate) is not int or rate <= 0:
+            raise ValueError(f"tariff for {service} must be a whole number > 0, got {rate!r}")
+    return dict(tariff)

@@ -1,0 +1,183 @@
+#!lua name=charging
+--[[
+The only place where a balance changes. Loaded with FUNCTION LOAD REPLACE by every
+process that talks to Redis (Redis >= 7.0).
+
+Keys. <ns> is the namespace (CHARGING_NAMESPACE, default "ch"); {pN} is the partition
+hash tag, so every key one call touches lives in one Redis Cluster slot.
+
+  <ns>:{pN}:balances       hash    account -> balance in minor units.
+                                   Written by charge, top_up, set_balances. Lives forever.
+  <ns>:{pN}:seen:<rid>     string  outcome of request id <rid>, packed (see pack()).
+                                   Written by charge. Expires after the dedupe window.
+  <ns>:{pN}:requests       stream  charge requests, XADDed by producers, read by the
+                                   worker group; acked by charge / dead_letter; trimmed
+                                   by trim_requests to what every group has acked.
+  <ns>:{pN}:results        stream  one outcome per settled request. Written by charge.
+                                   Trimmed with MAXLEN ~ (CHARGING_RESULTS_MAXLEN).
+  <ns>:{pN}:deadletter     stream  entries that could not be read, with the reason.
+                                   Written by dead_letter. Trimmed with MAXLEN ~.
+  <ns>:{pN}:reply:<id>     stream  one producer's replies. Written by charge; expires
+                                   CHARGING_REPLY_TTL after the last reply.
+]]
+
+local SEP = '\31'
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return t[1] * 1000 + math.floor(t[2] / 1000)
+end
+
+-- A dedupe record: fingerprint of the request, then its outcome. One short string
+-- per request id, because there is one per charge for the whole dedupe window.
+local function pack(fingerprint, status, reason, charged, balance)
+  return table.concat({fingerprint, status, reason, charged, balance}, SEP)
+end
+
+local function unpack_record(record)
+  local parts = {}
+  for part in string.gmatch(record .. SEP, '(.-)' .. SEP) do
+    parts[#parts + 1] = part
+  end
+  return parts
+end
+
+-- Acks entry_id unless it or group is '' (a synchronous authorize, or a dead letter
+-- recorded for an entry that is no longer pending). Returns false when the entry was
+-- no longer pending: another consumer settled it (this one was stalled or its reply
+-- was lost), so this call must change nothing.
+local function ack(requests, group, entry_id)
+  if entry_id == '' or group == '' then return true end
+  return redis.call('XACK', requests, group, entry_id) == 1
+end
+
+local function judge(balances, seen, account, amount, fingerprint, window_ms)
+  local record = redis.call('GET', seen)
+  if record then
+    local r = unpack_record(record)
+    if r[1] ~= fingerprint then
+      return 'rejected', 'idempotency_conflict', 0, tonumber(redis.call('HGET', balances, account) or 0), 1
+    end
+    return r[2], r[3], tonumber(r[4]), tonumber(r[5]), 1
+  end
+  local status, reason, charged, balance = 'approved', '', 0, 0
+  local current = redis.call('HGET', balances, account)
+  if not current then
+    status, reason = 'rejected', 'unknown_account'
+  elseif tonumber(current) < amount then
+    status, reason, balance = 'rejected', 'insufficient_funds', tonumber(current)
+  else
+    charged = amount
+    balance = redis.call('HINCRBY', balances, account, -amount)
+  end
+  redis.call('SET', seen, pack(fingerprint, status, reason, charged, balance), 'PX', window_ms)
+  return status, reason, charged, balance, 0
+end
+
+--[[
+charge: settle one charge request exactly once.
+KEYS: balances, seen, results, requests, [reply_to]
+ARGV: request_id, account, amount, fingerprint, entry_id ('' for authorize), group,
+      window_ms, results_maxlen, submitted_at, reply_ttl_ms
+Returns {status, reason, charged, balance, duplicate, processed_at}, or {'stale'} when
+the entry had already been settled by another consumer.
+]]
+local function charge(keys, args)
+  local balances, seen, results, requests, reply_to = keys[1], keys[2], keys[3], keys[4], keys[5]
+  local request_id, account, amount, fingerprint = args[1], args[2], tonumber(args[3]), args[4]
+  local entry_id, group, window_ms, results_maxlen = args[5], args[6], args[7], args[8]
+  local submitted_at, reply_ttl_ms = args[9], args[10]
+
+  if not ack(requests, group, entry_id) then return {'stale'} end
+
+  local status, reason, charged, balance, duplicate =
+    judge(balances, seen, account, amount, fingerprint, window_ms)
+  local processed_at = now_ms()
+  local outcome = {
+    'request_id', request_id, 'account', account, 'status', status, 'reason', reason,
+    'charged', charged, 'balance', balance, 'duplicate', duplicate,
+    'submitted_at', submitted_at, 'processed_at', processed_at, 'entry_id', entry_id,
+  }
+  redis.call('XADD', results, 'MAXLEN', '~', results_maxlen, '*', unpack(outcome))
+  if reply_to then
+    redis.call('XADD', reply_to, 'MAXLEN', '~', 10000, '*', unpack(outcome))
+    redis.call('PEXPIRE', reply_to, reply_ttl_ms)
+  end
+  return {status, reason, charged, balance, duplicate, processed_at}
+end
+
+--[[
+dead_letter: move an entry that cannot be read to the dead-letter stream and ack it,
+atomically, so a bad entry is never lost and never blocks the group.
+KEYS: deadletter, requests
+ARGV: entry_id, group ('' to record without acking), error, detail, maxlen, then the
+      entry's own field/value pairs
+Returns 1, or 0 when another consumer had already settled the entry.
+]]
+local function dead_letter(keys, args)
+  if not ack(keys[2], args[2], args[1]) then return 0 end
+  local fields = {}
+  for i = 6, #args do fields[#fields + 1] = args[i] end
+  for _, v in ipairs({'error', args[3], 'detail', args[4], 'entry_id', args[1]}) do
+    fields[#fields + 1] = v
+  end
+  redis.call('XADD', keys[1], 'MAXLEN', '~', args[5], '*', unpack(fields))
+  return 1
+end
+
+--[[
+top_up: add to an existing account. KEYS: balances. ARGV: account, amount, max_balance.
+Returns the new balance, or an error for an unknown account or a balance over the cap.
+]]
+local function top_up(keys, args)
+  local current = redis.call('HGET', keys[1], args[1])
+  if not current then return redis.error_reply('unknown_account') end
+  if tonumber(current) + tonumber(args[2]) > tonumber(args[3]) then
+    return redis.error_reply('balance_too_large')
+  end
+  return redis.call('HINCRBY', keys[1], args[1], args[2])
+end
+
+--[[
+set_balances: create or overwrite accounts (operator reset).
+KEYS: balances. ARGV: account, balance, account, balance, ...  Returns the count set.
+]]
+local function set_balances(keys, args)
+  redis.call('HSET', keys[1], unpack(args))
+  return #args / 2
+end
+
+local function stream_id_less(a, b)
+  local am, as = string.match(a, '(%d+)-(%d+)')
+  local bm, bs = string.match(b, '(%d+)-(%d+)')
+  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
+  return am < bm or (am == bm and as < bs)
+end
+
+--[[
+trim_requests: drop request entries every group has acked. Redis 7 trimming ignores
+consumer groups, so the bound is computed here: the oldest pending id and the lowest
+last-delivered id over all groups. Maintenance only, never called per entry.
+KEYS: requests. Returns the number of entries removed.
+]]
+local function trim_requests(keys, args)
+  if redis.call('EXISTS', keys[1]) == 0 then return 0 end
+  local groups = redis.call('XINFO', 'GROUPS', keys[1])
+  if #groups == 0 then return 0 end
+  local bound = nil
+  for _, g in ipairs(groups) do
+    local info = {}
+    for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
+    local candidate = info['last-delivered-id']
+    local pending = redis.call('XPENDING', keys[1], info['name'])
+    if pending[1] > 0 and stream_id_less(pending[2], candidate) then candidate = pending[2] end
+    if bound == nil or stream_id_less(candidate, bound) then bound = candidate end
+  end
+  return redis.call('XTRIM', keys[1], 'MINID', bound)
+end
+
+redis.register_function('charge', charge)
+redis.register_function('dead_letter', dead_letter)
+redis.register_function('top_up', top_up)
+redis.register_function('set_balances', set_balances)
+redis.register_function('trim_requests', trim_requests)

@@ -1,0 +1,106 @@
+"""The producer library for upstream systems: submit charges to the request streams
+(fire-and-forget or wait for the outcome), or authorize synchronously."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import redis
+import structlog
+
+from charging import functions
+from charging.connection import with_functions
+from charging.keys import Keys, partition_of
+from charging.schema import ChargeRequest, Invalid, Outcome, parse_request
+from charging.settings import Settings
+from charging.tariff import price
+
+log = structlog.get_logger("charging.producer")
+
+PIPELINE_CHUNK = 1000
+
+
+class WaitTimeout(TimeoutError):
+    """No outcome in time. The charge may still be settled later; resubmitting it with the
+    same request id is safe and returns the stored outcome."""
+
+    def __init__(self, missing: list[str]):
+        super().__init__(f"no outcome within the timeout for {len(missing)} request(s): {missing[:5]}")
+        self.missing = missing
+
+
+class Producer:
+    def __init__(self, client: redis.Redis, settings: Settings, producer_id: str | None = None):
+        self.client = client
+        self.settings = settings
+        self.id = producer_id or uuid.uuid4().hex
+        self._last_reply_id: dict[str, str] = {}  # reply stream -> last id read
+        self._outcomes: dict[str, Outcome] = {}  # read from a reply stream, not yet collected
+
+    def prepare(self, data: Mapping[str, Any] | ChargeRequest, reply: bool = False) -> ChargeRequest:
+        """Validate and rate a request, filling in request_id, submitted_at and reply_to.
+        Raises Invalid (with the same reason a worker would dead-letter it with)."""
+        fields = data.to_fields() if isinstance(data, ChargeRequest) else {k: v for k, v in data.items() if v is not None}
+        fields.setdefault("request_id", uuid.uuid4().hex)
+        fields.setdefault("submitted_at", int(time.time() * 1000))
+        if reply and "account" in fields and "reply_to" not in fields:
+            fields["reply_to"] = self._keys(str(fields["account"])).reply(self.id)
+        request = parse_request(fields, self.settings)
+        price(request, self.settings)
+        return request
+
+    def submit(self, requests: Iterable[Mapping[str, Any] | ChargeRequest], reply: bool = False) -> list[str]:
+        """Append requests to their partitions' request streams, one round trip per chunk.
+        Every request is validated first: one invalid request raises and nothing is written."""
+        prepared = []
+        for index, data in enumerate(requests):
+            try:
+                prepared.append(self.prepare(data, reply))
+            except Invalid as exc:
+                raise Invalid(exc.reason, f"request #{index}: {exc.detail}") from None
+        for start in range(0, len(prepared), PIPELINE_CHUNK):
+            pipe = self.client.pipeline(transaction=False)
+            for request in prepared[start:start + PIPELINE_CHUNK]:
+                pipe.xadd(self._keys(request.account).requests, request.to_fields())
+            pipe.execute()
+        return [r.request_id for r in prepared]
+
+    def charge(self, data: Mapping[str, Any] | ChargeRequest, timeout: float = 5.0) -> Outcome:
+        """Submit one request through the stream and wait for its outcome."""
+        [request_id] = self.submit([data], reply=True)
+        return self.wait([request_id], timeout)[request_id]
+
+    def wait(self, request_ids: Iterable[str], timeout: float = 5.0) -> dict[str, Outcome]:
+        """Outcomes of requests this producer submitted with reply=True, read from its reply
+        streams. Raises WaitTimeout naming the ones still missing after timeout seconds."""
+        wanted = list(request_ids)
+        deadline = time.monotonic() + timeout
+        streams = {Keys(self.settings.namespace, p).reply(self.id) for p in range(self.settings.partitions)}
+        while missing := [rid for rid in wanted if rid not in self._outcomes]:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0:
+                raise WaitTimeout(missing)
+            reply = self.client.xread({s: self._last_reply_id.get(s, "0-0") for s in streams},
+                                      count=1000, block=min(left_ms, 1000))
+            for stream, messages in reply or []:
+                for entry_id, fields in messages:
+                    outcome = Outcome.from_fields(fields)
+                    self._outcomes[outcome.request_id] = outcome
+                    self._last_reply_id[stream.decode()] = entry_id.decode()
+        return {rid: self._outcomes.pop(rid) for rid in wanted}
+
+    def authorize(self, data: Mapping[str, Any] | ChargeRequest) -> Outcome:
+        """Charge synchronously with the same function the workers use: no stream, the
+        answer now. Replaying the request id returns the stored outcome."""
+        request = self.prepare(data)
+        reply = with_functions(self.client, lambda: functions.charge(
+            self.client, self.settings, request, price(request, self.settings)))
+        outcome = Outcome.from_reply(request, reply)
+        log.debug("authorized", request_id=outcome.request_id, account=outcome.account, status=outcome.status)
+        return outcome
+
+    def _keys(self, account: str) -> Keys:
+        return Keys(self.settings.namespace, partition_of(account, self.settings.partitions))

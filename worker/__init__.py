@@ -1,0 +1,1 @@
+"""Consumer-group workers: read charge requests, settle them with the Lua functions."""

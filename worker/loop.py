@@ -1,0 +1,146 @@
+"""The worker loop: read a batch, validate and rate each entry, settle the whole batch
+with one pipeline of function calls (one round trip), repeat."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterable
+
+import redis
+import structlog
+
+from charging import functions
+from charging.connection import load_functions, missing_function
+from charging.keys import Keys, partition_of
+from charging.schema import Invalid, parse_request
+from charging.settings import Settings
+from charging.tariff import price
+from worker import recovery
+from worker.entry import Entry
+
+log = structlog.get_logger("charging.worker")
+
+
+class Worker:
+    def __init__(self, client: redis.Redis, settings: Settings, consumer: str,
+                 partitions: Iterable[int] | None = None, burst: bool = False):
+        self.client = client
+        self.settings = settings
+        self.consumer = consumer
+        self.burst = burst
+        owned = range(settings.partitions) if partitions is None else partitions
+        self.partitions = [Keys(settings.namespace, p) for p in owned]
+        self.by_stream = {k.requests: k for k in self.partitions}
+        self.stopping = False
+        self.log = log.bind(consumer=consumer)
+        self.settled = 0
+
+    def stop(self, *_) -> None:
+        self.stopping = True
+
+    def run(self) -> int:
+        """Process until stopped (SIGTERM / SIGINT finish the batch in hand), or in burst
+        mode until every stream is drained and nothing is pending. Returns the exit code."""
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+        self.log.info("worker_started", partitions=[k.partition for k in self.partitions], burst=self.burst)
+        next_maintenance = 0.0
+        own_pending_done = False
+        backoff = 0.1
+        while not self.stopping:
+            try:
+                if not own_pending_done:
+                    recovery.ensure_groups(self)
+                    recovery.settle_own_pending(self)
+                    own_pending_done = True
+                if time.monotonic() >= next_maintenance:
+                    recovery.maintain(self)
+                    next_maintenance = time.monotonic() + self.settings.maintenance_interval_s
+                entries = self.read()
+                if entries:
+                    if self.settle(entries):
+                        own_pending_done = False
+                        time.sleep(backoff)
+                elif self.burst and recovery.drained(self):
+                    break
+                backoff = 0.1
+            except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as exc:
+                # Entries read but not settled stay pending: settle them first once back.
+                self.log.warning("redis_unavailable", error=str(exc), retry_in_s=backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                own_pending_done = False
+        self.log.info("worker_stopped", settled=self.settled)
+        return 0
+
+    def read(self) -> list[Entry]:
+        block = 100 if self.burst else self.settings.block_ms
+        reply = self.client.xreadgroup(
+            self.settings.group, self.consumer, {k.requests: ">" for k in self.partitions},
+            count=self.settings.batch, block=block,
+        )
+        return [Entry(self.by_stream[stream.decode()], eid.decode(), fields)
+                for stream, messages in reply or [] for eid, fields in messages]
+
+    def settle(self, entries: list[Entry]) -> int:
+        """One pipeline of function calls for the whole batch; each call is atomic on its own.
+        Returns how many entries could not be settled (they stay pending)."""
+        plan = [self.judge(entry) for entry in entries]
+
+        def send():
+            pipe = self.client.pipeline(transaction=False)
+            for entry, work in zip(entries, plan):
+                if isinstance(work, Invalid):
+                    functions.dead_letter(pipe, self.settings, entry.keys, entry.entry_id, work, entry.fields)
+                else:
+                    request, amount = work
+                    functions.charge(pipe, self.settings, request, amount, entry.entry_id)
+            return pipe.execute(raise_on_error=False)
+
+        replies = send()
+        if any(missing_function(r) for r in replies):
+            load_functions(self.client)
+            replies = send()
+        failed = 0
+        for entry, work, reply in zip(entries, plan, replies):
+            if isinstance(reply, redis.ResponseError):
+                # Not acked, so it stays pending and is retried; max_deliveries ends the retries.
+                self.log.error("settle_failed", entry_id=entry.entry_id, error=str(reply))
+                failed += 1
+            else:
+                self.report(entry, work, reply)
+        self.settled += len(entries) - failed
+        return failed
+
+    def judge(self, entry: Entry):
+        """Validate and rate one entry: (request, amount), or the Invalid that dead-letters it."""
+        if entry.deliveries > self.settings.max_deliveries:
+            return Invalid("max_deliveries", f"delivered {entry.deliveries} times without being settled")
+        try:
+            request = parse_request(entry.fields, self.settings)
+            if partition_of(request.account, self.settings.partitions) != entry.keys.partition:
+                raise Invalid("wrong_partition", f"account {request.account} does not belong to "
+                                                 f"partition {entry.keys.partition}")
+            return request, price(request, self.settings)
+        except Invalid as invalid:
+            return invalid
+
+    def report(self, entry: Entry, work, reply) -> None:
+        if isinstance(work, Invalid):
+            if reply:
+                self.log.warning("entry_dead_lettered", entry_id=entry.entry_id, reason=work.reason,
+                                 detail=work.detail, request_id=_request_id(entry.fields))
+            return
+        request, amount = work
+        status = reply[0].decode()
+        event = {"approved": "charge_approved", "rejected": "charge_rejected", "stale": "entry_already_settled"}
+        level = self.log.debug if status == "approved" else self.log.info
+        level(event[status], request_id=request.request_id, account=request.account, entry_id=entry.entry_id,
+              amount=amount, reason=reply[1].decode() if len(reply) > 1 else "",
+              duplicate=len(reply) > 4 and bool(reply[4]))
+
+
+def _request_id(fields: dict[bytes, bytes] | None) -> str | None:
+    raw = (fields or {}).get(b"request_id")
+    return raw[:128].decode("utf-8", "replace") if raw else None

@@ -1,0 +1,106 @@
+"""Recovery and upkeep around the worker loop: the consumer group, this consumer's own
+pending entries, entries of dead consumers (XAUTOCLAIM), trimming and idle consumers.
+None of this runs per entry."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import redis
+
+from charging import functions
+from charging.schema import Invalid
+from worker.entry import Entry
+
+if TYPE_CHECKING:
+    from worker.loop import Worker
+
+IDLE_CONSUMER_MS = 3_600_000  # a consumer silent for an hour with nothing pending is gone
+
+
+def ensure_groups(worker: Worker) -> None:
+    for keys in worker.partitions:
+        try:
+            # id 0: a group made after producers started still sees every entry.
+            worker.client.xgroup_create(keys.requests, worker.settings.group, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+
+def settle_own_pending(worker: Worker) -> None:
+    """Entries this consumer read before a crash or a lost connection are settled first."""
+    for keys in worker.partitions:
+        start = "0"
+        while not worker.stopping:
+            reply = worker.client.xreadgroup(worker.settings.group, worker.consumer, {keys.requests: start},
+                                             count=worker.settings.batch)
+            messages = reply[0][1] if reply else []
+            if not messages:
+                break
+            entries = [Entry(keys, eid.decode(), fields or None) for eid, fields in messages]
+            _count_deliveries(worker, keys, entries)
+            worker.settle(entries)
+            start = entries[-1].entry_id  # failed entries stay pending; move past them
+
+
+def reclaim(worker: Worker) -> int:
+    """Take over entries idle longer than reclaim_idle_ms from consumers that died or stalled.
+    XAUTOCLAIM scans a bounded slice per call, so loop on its cursor until 0-0."""
+    claimed = 0
+    for keys in worker.partitions:
+        cursor = "0-0"
+        while not worker.stopping:
+            cursor, messages, deleted = worker.client.xautoclaim(
+                keys.requests, worker.settings.group, worker.consumer,
+                min_idle_time=worker.settings.reclaim_idle_ms, start_id=cursor, count=worker.settings.batch)
+            for entry_id in deleted:
+                # Already dropped from the pending list by Redis; record it, never lose it silently.
+                functions.dead_letter(worker.client, worker.settings, keys, entry_id.decode(),
+                                      Invalid("entry_deleted", "deleted before it was settled"), None, ack=False)
+            entries = [Entry(keys, eid.decode(), fields or None) for eid, fields in messages]
+            if entries:
+                worker.log.info("entries_reclaimed", partition=keys.partition, count=len(entries))
+                _count_deliveries(worker, keys, entries)
+                worker.settle(entries)
+                claimed += len(entries)
+            cursor = cursor.decode() if isinstance(cursor, bytes) else cursor
+            if cursor == "0-0":
+                break
+    return claimed
+
+
+def _count_deliveries(worker: Worker, keys, entries: list) -> None:
+    """Fill in each entry's delivery counter, which the max_deliveries rule reads."""
+    pending = worker.client.xpending_range(
+        keys.requests, worker.settings.group, min=entries[0].entry_id, max=entries[-1].entry_id,
+        count=len(entries) * 2, consumername=worker.consumer)
+    counts = {p["message_id"].decode(): p["times_delivered"] for p in pending}
+    for entry in entries:
+        entry.deliveries = counts.get(entry.entry_id, entry.deliveries)
+
+
+def maintain(worker: Worker) -> None:
+    reclaim(worker)
+    for keys in worker.partitions:
+        trimmed = functions.trim_requests(worker.client, keys)
+        if trimmed:
+            worker.log.debug("requests_trimmed", partition=keys.partition, count=trimmed)
+        _forget_idle_consumers(worker, keys)
+
+
+def _forget_idle_consumers(worker: Worker, keys) -> None:
+    """Delete consumers that have been idle for an hour, only once their pending list is
+    empty: XGROUP DELCONSUMER would strand pending entries."""
+    for consumer in worker.client.xinfo_consumers(keys.requests, worker.settings.group):
+        name = consumer["name"].decode() if isinstance(consumer["name"], bytes) else consumer["name"]
+        if name != worker.consumer and consumer["pending"] == 0 and consumer["idle"] > IDLE_CONSUMER_MS:
+            worker.client.xgroup_delconsumer(keys.requests, worker.settings.group, name)
+            worker.log.info("idle_consumer_removed", removed=name, partition=keys.partition)
+
+
+def drained(worker: Worker) -> bool:
+    """Nothing left to read (the caller just read nothing) and nothing pending in the group.
+    Pending entries of other consumers are reclaimed by maintenance once they go idle."""
+    return all(worker.client.xpending(k.requests, worker.settings.group)["pending"] == 0
+               for k in worker.partitions)

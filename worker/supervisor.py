@@ -1,0 +1,76 @@
+"""Process supervision for `charging worker --processes N`: N consumers, each its own
+process with its own connection pool; a consumer that dies is replaced; SIGTERM and
+SIGINT are passed on so every consumer finishes the batch in hand."""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+import socket
+import time
+
+import structlog
+
+from charging import log as logging_setup
+from charging.connection import connect
+from charging.settings import Settings
+from worker.loop import Worker
+
+log = structlog.get_logger("charging.supervisor")
+
+
+def consumer_names(base: str | None, processes: int) -> list[str]:
+    """Stable names (not hostname-pid): a restarted worker finds its own pending entries,
+    and consumers do not pile up in the group with every restart."""
+    base = base or socket.gethostname()
+    return [base] if processes == 1 else [f"{base}-{i}" for i in range(processes)]
+
+
+def run_one(settings: Settings, consumer: str, burst: bool, partitions: list[int] | None = None) -> int:
+    logging_setup.configure(settings.log_level)
+    client = connect(settings)
+    return Worker(client, settings, consumer, partitions, burst).run()
+
+
+def _child(settings_dump: dict, consumer: str, burst: bool, partitions: list[int] | None) -> None:
+    raise SystemExit(run_one(Settings(**settings_dump), consumer, burst, partitions))
+
+
+def run(settings: Settings, processes: int = 1, consumer: str | None = None, burst: bool = False,
+        partitions: list[int] | None = None) -> int:
+    names = consumer_names(consumer, processes)
+    if processes == 1:
+        return run_one(settings, names[0], burst, partitions)
+    logging_setup.configure(settings.log_level)
+    ctx = multiprocessing.get_context("spawn")  # no inherited sockets or locks
+    dump = settings.model_dump()
+    stopping = False
+
+    def start(name: str):
+        proc = ctx.Process(target=_child, args=(dump, name, burst, partitions), name=name)
+        proc.start()
+        return proc
+
+    def stop(*_):
+        nonlocal stopping
+        stopping = True
+        for proc in children.values():
+            if proc.is_alive():
+                proc.terminate()  # SIGTERM: finish the batch in hand, then exit 0
+
+    children = {name: start(name) for name in names}
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    codes: dict[str, int] = {}
+    while len(codes) < len(children):
+        for name, proc in children.items():
+            if name in codes or proc.is_alive():
+                continue
+            if not stopping and not burst and proc.exitcode != 0:
+                log.warning("consumer_died", consumer=name, exitcode=proc.exitcode)
+                children[name] = start(name)
+                time.sleep(0.5)  # do not spin if it dies at once every time
+                continue
+            codes[name] = proc.exitcode
+        time.sleep(0.1)
+    return max(codes.values(), default=0)
