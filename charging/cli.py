@@ -21,7 +21,8 @@ from charging.connection import RedisTooOld, connect
 from charging.schema import Invalid, Outcome, parse_top_up
 from charging.settings import Settings
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Prepaid charging engine on Redis.")
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Prepaid charging engine on Redis.")
 accounts_app = typer.Typer(no_args_is_help=True, help="Create, inspect and top up accounts.")
 app.add_typer(accounts_app, name="accounts")
 out = Console()

@@ -3,7 +3,6 @@ with one pipeline of function calls (one round trip), repeat."""
 
 from __future__ import annotations
 
-import signal
 import time
 from collections.abc import Iterable
 
@@ -42,8 +41,6 @@ class Worker:
     def run(self) -> int:
         """Process until stopped (SIGTERM / SIGINT finish the batch in hand), or in burst
         mode until every stream is drained and nothing is pending. Returns the exit code."""
-        signal.signal(signal.SIGTERM, self.stop)
-        signal.signal(signal.SIGINT, self.stop)
         self.log.info("worker_started", partitions=[k.partition for k in self.partitions], burst=self.burst)
         next_maintenance = 0.0
         own_pending_done = False

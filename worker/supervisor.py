@@ -28,8 +28,10 @@ def consumer_names(base: str | None, processes: int) -> list[str]:
 
 def run_one(settings: Settings, consumer: str, burst: bool, partitions: list[int] | None = None) -> int:
     logging_setup.configure(settings.log_level)
-    client = connect(settings)
-    return Worker(client, settings, consumer, partitions, burst).run()
+    worker = Worker(connect(settings), settings, consumer, partitions, burst)
+    signal.signal(signal.SIGTERM, worker.stop)  # finish the batch in hand, then exit 0
+    signal.signal(signal.SIGINT, worker.stop)
+    return worker.run()
 
 
 def _child(settings_dump: dict, consumer: str, burst: bool, partitions: list[int] | None) -> None:

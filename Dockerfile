@@ -1,0 +1,12 @@
+# The worker / CLI image: `docker run IMAGE worker`, `docker run IMAGE status`, ...
+FROM python:3.11-slim
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY charging charging
+COPY worker worker
+COPY producer producer
+COPY lua lua
+RUN pip install --no-cache-dir . && useradd --system --no-create-home charging
+USER charging
+ENTRYPOINT ["charging"]
+CMD ["worker"]

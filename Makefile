@@ -1,0 +1,25 @@
+# `make demo`: install everything and run the demo. `make test`: install everything and run the tests.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+
+.PHONY: install demo test bench chaos clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	./scripts/install-system-deps
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[test,bench]"
+	touch $@
+
+demo: install
+	$(BIN)/charging demo
+
+# pytest exits 5 when it collects no tests; that is a failure here, never a pass.
+test: install
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,96 @@
+"""Redis for the tests, in this order: CHARGING_TEST_REDIS_URL if set; else a testcontainers
+Redis if a Docker engine answers; else a redis-server spawned on a free port in a temp dir.
+Each test gets its own namespace, so tests never see each other's keys."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from charging.connection import connect
+from charging.redis_server import RedisServer
+from charging.settings import Settings
+from producer import Producer
+from worker.loop import Worker
+
+_namespaces = itertools.count()
+CHARGING = str(Path(sys.executable).with_name("charging"))  # the installed console script
+
+
+def _docker_answers() -> bool:
+    try:
+        import docker
+
+        docker.from_env(timeout=2).ping()
+        return True
+    except Exception:  # no engine, no socket, no permission: all mean "not here"
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory) -> Iterator[str]:
+    if url := os.environ.get("CHARGING_TEST_REDIS_URL"):
+        yield url
+    elif _docker_answers():
+        from testcontainers.redis import RedisContainer
+
+        with RedisContainer("redis:7.2") as container:
+            yield f"redis://{container.get_container_host_ip()}:{container.get_exposed_port(6379)}/0"
+    else:
+        with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+            yield server.url
+
+
+@pytest.fixture
+def settings(redis_url) -> Settings:
+    return Settings(redis_url=redis_url, namespace=f"t{os.getpid()}x{next(_namespaces)}",
+                    reclaim_idle_ms=500, maintenance_interval_s=0.2, block_ms=200)
+
+
+@pytest.fixture
+def client(settings) -> redis.Redis:
+    return connect(settings)
+
+
+@pytest.fixture
+def producer(client, settings) -> Producer:
+    return Producer(client, settings)
+
+
+def drain(settings: Settings, consumers: int = 1, prefix: str = "w") -> list[Worker]:
+    """Run burst workers in threads (each with its own pool, as separate processes would)
+    until the streams are drained and nothing is pending."""
+    workers = [Worker(connect(settings), settings, f"{prefix}{i}", burst=True) for i in range(consumers)]
+    threads = [threading.Thread(target=w.run) for w in workers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "burst workers did not finish"
+    return workers
+
+
+def cli(settings: Settings, *args: str, input: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run `charging ARGS` as a user would type it, configured only through the environment."""
+    env = {**os.environ, "CHARGING_REDIS_URL": settings.redis_url, "CHARGING_NAMESPACE": settings.namespace,
+           "CHARGING_RECLAIM_IDLE_MS": str(settings.reclaim_idle_ms), "CHARGING_BLOCK_MS": str(settings.block_ms),
+           "CHARGING_MAINTENANCE_INTERVAL_S": str(settings.maintenance_interval_s)}
+    return subprocess.run([CHARGING, *args], env=env, input=input,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def results(client: redis.Redis, settings: Settings) -> list[dict[str, str]]:
+    from charging.keys import all_partitions
+
+    out = []
+    for keys in all_partitions(settings.namespace, settings.partitions):
+        out += [{k.decode(): v.decode() for k, v in f.items()} for _, f in client.xrange(keys.results)]
+    return out
