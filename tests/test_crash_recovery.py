@@ -7,13 +7,13 @@ import random
 import signal
 import subprocess
 import time
-from collections import Counter, defaultdict
 
 import pytest
 
 from charging import functions
+from charging.audit import audit
 from charging.keys import Keys
-from tests.conftest import CHARGING, cli, results
+from tests.conftest import CHARGING, cli
 
 pytestmark = pytest.mark.slow
 
@@ -51,20 +51,10 @@ def kill_midway(client, settings, consumer: str, at_least: int) -> None:
 
 
 def assert_exactly_once(client, settings, request_ids: list[str]) -> None:
-    outcomes = results(client, settings)
-    firsts = Counter(o["request_id"] for o in outcomes if o["duplicate"] == "0")
-    assert len(outcomes) == len(request_ids), "every entry has exactly one outcome"
-    assert set(firsts) == set(request_ids) and set(firsts.values()) == {1}
-    charged = defaultdict(int)
-    for o in outcomes:
-        if o["status"] == "approved":
-            charged[o["account"]] += int(o["charged"])
-    keys = Keys(settings.namespace, 0)
-    balances = {a.decode(): int(b) for a, b in client.hgetall(keys.balances).items()}
-    for account in ACCOUNTS:
-        assert START - balances[account] == charged[account], account
-        assert balances[account] >= 0
-    assert client.xpending(keys.requests, settings.group)["pending"] == 0
+    report = audit(client, settings, {a: START for a in ACCOUNTS}, request_ids)
+    assert report.outcomes == len(request_ids), "every entry has exactly one outcome"
+    assert (report.missing, report.repeated, report.money, report.negative, report.pending) == ([], [], {}, {}, 0)
+    assert report.ok
 
 
 def test_worker_killed_mid_load_then_restarted_settles_every_entry_exactly_once(client, settings, producer):

@@ -1,0 +1,88 @@
+"""An independent check of the money, read from Redis alone (not through the worker's code):
+every request has exactly one outcome, per account sum(approved) == start - end, no balance
+below zero, nothing left pending. Used by the bench, the chaos run, the demo and tests."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+import redis
+
+from charging.accounts import all_balances
+from charging.keys import all_partitions
+from charging.settings import Settings
+
+PAGE = 10_000
+
+
+@dataclass
+class Audit:
+    outcomes: int = 0
+    approved: int = 0
+    rejected: Counter = field(default_factory=Counter)
+    duplicates: int = 0
+    missing: list[str] = field(default_factory=list)  # expected, no outcome
+    repeated: list[str] = field(default_factory=list)  # more than one first (non-duplicate) outcome
+    money: dict[str, tuple[int, int]] = field(default_factory=dict)  # account -> (approved sum, balance drop)
+    negative: dict[str, int] = field(default_factory=dict)
+    pending: int = 0
+    deadletters: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.repeated or self.money or self.negative or self.pending)
+
+    def as_dict(self) -> dict:
+        return {
+            "ok": self.ok, "outcomes": self.outcomes, "approved": self.approved, "rejected": dict(self.rejected),
+            "duplicates": self.duplicates, "missing": len(self.missing), "double_charged": len(self.repeated),
+            "money_mismatches": len(self.money), "negative_balances": len(self.negative),
+            "pending": self.pending, "deadletters": self.deadletters,
+        }
+
+
+def read_outcomes(client: redis.Redis, settings: Settings) -> Iterator[dict[str, str]]:
+    for keys in all_partitions(settings.namespace, settings.partitions):
+        start = "-"
+        while page := client.xrange(keys.results, start, "+", count=PAGE):
+            for _, fields in page:
+                yield {k.decode(): v.decode() for k, v in fields.items()}
+            start = "(" + page[-1][0].decode()
+
+
+def audit(client: redis.Redis, settings: Settings, start_balances: Mapping[str, int],
+          expected: Iterable[str] | None = None) -> Audit:
+    """start_balances: every account's balance before the load (accounts not named are not
+    checked for money). expected: request ids that must each have exactly one outcome."""
+    report = Audit()
+    firsts: Counter = Counter()
+    charged: dict[str, int] = defaultdict(int)
+    for outcome in read_outcomes(client, settings):
+        report.outcomes += 1
+        if outcome["duplicate"] == "1":
+            report.duplicates += 1
+            continue
+        firsts[outcome["request_id"]] += 1
+        if outcome["status"] == "approved":
+            report.approved += 1
+            charged[outcome["account"]] += int(outcome["charged"])
+        else:
+            report.rejected[outcome["reason"]] += 1
+    report.repeated = [rid for rid, n in firsts.items() if n > 1]
+    if expected is not None:
+        report.missing = [rid for rid in expected if rid not in firsts]
+    balances = dict(all_balances(client, settings))
+    report.negative = {a: b for a, b in balances.items() if b < 0}
+    for account, start in start_balances.items():
+        drop = start - balances.get(account, start)
+        if drop != charged.get(account, 0):
+            report.money[account] = (charged.get(account, 0), drop)
+    for keys in all_partitions(settings.namespace, settings.partitions):
+        report.deadletters += client.xlen(keys.deadletter)
+        try:
+            report.pending += client.xpending(keys.requests, settings.group)["pending"]
+        except redis.ResponseError:  # no group yet: nothing was ever read
+            pass
+    return report
