@@ -280,6 +280,28 @@ def demo(charges: Annotated[int, typer.Option(min=1, max=10_000_000)] = 20_000,
                               data_dir=data_dir))
 
 
+@app.command()
+def bench(profile: Annotated[str, typer.Argument(help="standard, quick or tiny.")] = "standard",
+          quick: Annotated[bool, typer.Option("--quick", help="The quick profile (a few minutes).")] = False,
+          out_dir: Annotated[Path, typer.Option("--out", help="Where bench.json and bench.png go.")] = Path("bench-out"),
+          redis_url: Annotated[str | None, typer.Option(help="Use this server instead of a private one.")] = None):
+    """Measure every mode against the Redis ceiling, checking the money after each (a private
+    redis-server unless --redis-url)."""
+    from bench.profile import PROFILES
+    from bench.run import run_bench
+
+    if quick and profile not in ("standard", "quick"):
+        fail(2, f"--quick and profile {profile!r} contradict each other")
+    name = "quick" if quick else profile
+    if name not in PROFILES:
+        fail(2, f"unknown profile {name!r}; choose one of {', '.join(PROFILES)}")
+    url = redis_url or state.redis_url
+    settings = state.settings if url is None else state.settings.model_copy(update={"redis_url": url})
+    # The summary is wide: give it room when the output is a file or a pipe (rich assumes 80 columns).
+    console = out if out.is_terminal else Console(width=130)
+    raise typer.Exit(run_bench(settings, PROFILES[name], out_dir, own_server=url is None, console=console))
+
+
 def main() -> None:
     try:
         app()

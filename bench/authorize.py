@@ -1,0 +1,54 @@
+"""authorize: concurrent clients on the synchronous path (Producer.authorize: the same
+function the workers call, no stream). Run twice: closed loop (every client sends its next
+charge as soon as the last one is answered: the most this path does here), then paced at
+half that rate, which is the latency a client sees when the server is not saturated."""
+
+from __future__ import annotations
+
+from bench import load as loads
+from bench.clients import run_clients
+from bench.context import Context
+from bench.profile import Profile
+from bench.result import ModeResult
+from charging import functions
+from charging.audit import audit
+from charging.connection import connect
+from charging.settings import Settings
+from producer import Producer
+
+PACED_SHARE = 0.5
+
+
+class AuthorizeClient:
+    def __init__(self, settings_dump: dict):
+        settings = Settings(**settings_dump)
+        self.producer = Producer(connect(settings, load=False), settings)
+
+    def __call__(self, request: dict) -> str:
+        return self.producer.authorize(request).status
+
+
+def run(ctx: Context, profile: Profile) -> list[ModeResult]:
+    saturated = _run(ctx, profile, "authorize", rate=None, seed=3)
+    paced = _run(ctx, profile, "authpaced", rate=saturated.rate * PACED_SHARE, seed=4)
+    return [saturated, paced]
+
+
+def _run(ctx: Context, profile: Profile, mode: str, rate: float | None, seed: int) -> ModeResult:
+    settings = ctx.settings_for(mode)
+    load = loads.mixed(profile.accounts, profile.client_charges, seed=seed, prefix=f"{settings.namespace}-")
+    functions.set_balances(ctx.client, settings, load.balances.items())
+    label = "closed loop" if rate is None else f"paced {rate:,.0f}/s"
+    with ctx.task(f"authorize: {label}", len(load)) as advance:
+        run = run_clients(AuthorizeClient, (settings.model_dump(),), load.requests, profile.clients,
+                          profile.client_processes, rate, advance)
+    check = audit(ctx.client, settings, load.balances, load.expected)
+    name = "authorize" if rate is None else "authorize paced"
+    return ModeResult(
+        name, len(run.replies), run.seconds, check.as_dict(), check.ok and not run.errors,
+        latencies_ms=run.latencies_ms, done_at_s=run.done_at_s,
+        extra={"clients": profile.clients, "client_processes": profile.client_processes,
+               "offered_rate_per_s": round(rate) if rate else None, "errors": len(run.errors),
+               "first_errors": run.errors[:3]},
+        notes=[f"{profile.clients} clients, {label}; latency measured in the client (includes the Python client)"],
+    )

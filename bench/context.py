@@ -1,0 +1,47 @@
+"""What every mode gets: the server, a namespace of its own, the output directory and
+the progress display."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+from rich.progress import Progress
+
+from charging.keys import all_partitions
+from charging.settings import Settings
+
+POLL_S = 0.1
+
+
+@dataclass
+class Context:
+    settings: Settings  # points at the bench's server
+    client: redis.Redis
+    out: Path
+    run_id: str  # keeps this run's keys apart from earlier runs on a shared server
+    progress: Progress
+
+    def settings_for(self, mode: str) -> Settings:
+        """Each mode has its own namespace, so the checker after a mode sees only that mode."""
+        return self.settings.model_copy(update={"namespace": f"{self.settings.namespace[:12]}.{self.run_id}.{mode}"})
+
+    @contextmanager
+    def task(self, description: str, total: int | None) -> Iterator[Callable[[int], None]]:
+        task = self.progress.add_task(f"{description:<18}", total=total)
+        try:
+            yield lambda n: self.progress.advance(task, n)
+        finally:
+            self.progress.stop_task(task)
+
+    def results_count(self, settings: Settings) -> int:
+        pipe = self.client.pipeline(transaction=False)
+        for keys in all_partitions(settings.namespace, settings.partitions):
+            pipe.xlen(keys.results)
+        return sum(pipe.execute())
+
+    def print(self, *items) -> None:
+        self.progress.console.print(*items, highlight=False)
