@@ -7,7 +7,7 @@ whole batch in one round trip and authorize can make a single call with the same
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import redis
 
@@ -29,6 +29,21 @@ def charge(target, settings: Settings, request: ChargeRequest, amount: int, entr
         settings.dedupe_window_ms, settings.results_maxlen, request.submitted_at or "",
         settings.reply_ttl_s * 1000,
     )
+
+
+def charge_batch(target, settings: Settings, keys: Keys, charges: Sequence[tuple[ChargeRequest, int, str]]):
+    """Queue one FCALL that settles (request, amount, entry_id) charges of one partition,
+    in order, each exactly as charge() would; its reply holds one charge() reply (or an
+    error) per charge."""
+    names = [keys.balances, keys.results, keys.requests]
+    args: list = [settings.group, settings.dedupe_window_ms, settings.results_maxlen, settings.reply_ttl_s * 1000]
+    for request, amount, entry_id in charges:
+        names.append(keys.seen(request.request_id))
+        if request.reply_to:
+            names.append(request.reply_to)
+        args += (request.request_id, request.account, amount, request.fingerprint, entry_id,
+                 request.submitted_at or "", 1 if request.reply_to else 0)
+    return target.fcall("charge_batch", len(names), *names, *args)
 
 
 def dead_letter(target, settings: Settings, keys: Keys, entry_id: str, invalid: Invalid,

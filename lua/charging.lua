@@ -19,6 +19,8 @@ hash tag, so every key one call touches lives in one Redis Cluster slot.
                                    Written by dead_letter. Trimmed with MAXLEN ~.
   <ns>:{pN}:reply:<id>     stream  one producer's replies. Written by charge; expires
                                    CHARGING_REPLY_TTL after the last reply.
+
+"Written by charge" includes charge_batch: it runs the same per-entry settle.
 ]]
 
 local SEP = '\31'
@@ -74,20 +76,10 @@ local function judge(balances, seen, account, amount, fingerprint, window_ms)
   return status, reason, charged, balance, 0
 end
 
---[[
-charge: settle one charge request exactly once.
-KEYS: balances, seen, results, requests, [reply_to]
-ARGV: request_id, account, amount, fingerprint, entry_id ('' for authorize), group,
-      window_ms, results_maxlen, submitted_at, reply_ttl_ms
-Returns {status, reason, charged, balance, duplicate, processed_at}, or {'stale'} when
-the entry had already been settled by another consumer.
-]]
-local function charge(keys, args)
-  local balances, seen, results, requests, reply_to = keys[1], keys[2], keys[3], keys[4], keys[5]
-  local request_id, account, amount, fingerprint = args[1], args[2], tonumber(args[3]), args[4]
-  local entry_id, group, window_ms, results_maxlen = args[5], args[6], args[7], args[8]
-  local submitted_at, reply_ttl_ms = args[9], args[10]
-
+-- The whole of one charge: ack, dedupe, balance check, deduct, outcome. Shared by
+-- charge (one entry, and authorize) and charge_batch (many entries of one partition).
+local function settle(balances, seen, results, requests, reply_to, request_id, account, amount, fingerprint,
+                      entry_id, group, window_ms, results_maxlen, submitted_at, reply_ttl_ms)
   if not ack(requests, group, entry_id) then return {'stale'} end
 
   local status, reason, charged, balance, duplicate =
@@ -104,6 +96,51 @@ local function charge(keys, args)
     redis.call('PEXPIRE', reply_to, reply_ttl_ms)
   end
   return {status, reason, charged, balance, duplicate, processed_at}
+end
+
+--[[
+charge: settle one charge request exactly once.
+KEYS: balances, seen, results, requests, [reply_to]
+ARGV: request_id, account, amount, fingerprint, entry_id ('' for authorize), group,
+      window_ms, results_maxlen, submitted_at, reply_ttl_ms
+Returns {status, reason, charged, balance, duplicate, processed_at}, or {'stale'} when
+the entry had already been settled by another consumer.
+]]
+local function charge(keys, args)
+  return settle(keys[1], keys[2], keys[3], keys[4], keys[5], args[1], args[2], tonumber(args[3]), args[4],
+                args[5], args[6], args[7], args[8], args[9], args[10])
+end
+
+--[[
+charge_batch: settle many entries of one partition in one call, each exactly as charge
+would (the same settle, in the given order). An entry that fails gets its own error
+reply and the others go on, as in a pipeline of charge calls. The worker keeps each call
+short (a bounded number of entries), since Redis serves no one else while it runs.
+KEYS: balances, results, requests, then per entry: seen, and reply_to if it has one
+ARGV: group, window_ms, results_maxlen, reply_ttl_ms, then per entry 7 values:
+      request_id, account, amount, fingerprint, entry_id, submitted_at, has_reply ('1'/'0')
+Returns one reply per entry, in order, each what charge returns (or an error).
+]]
+local function charge_batch(keys, args)
+  local balances, results, requests = keys[1], keys[2], keys[3]
+  local group, window_ms, results_maxlen, reply_ttl_ms = args[1], args[2], args[3], args[4]
+  local replies, k = {}, 4
+  for a = 5, #args, 7 do
+    local seen, reply_to = keys[k], nil
+    k = k + 1
+    if args[a + 6] == '1' then
+      reply_to = keys[k]
+      k = k + 1
+    end
+    local ok, reply = pcall(settle, balances, seen, results, requests, reply_to, args[a], args[a + 1],
+                            tonumber(args[a + 2]), args[a + 3], args[a + 4], group, window_ms, results_maxlen,
+                            args[a + 5], reply_ttl_ms)
+    if not ok then
+      reply = {err = type(reply) == 'table' and reply.err or tostring(reply)}
+    end
+    replies[#replies + 1] = reply
+  end
+  return replies
 end
 
 --[[
@@ -177,6 +214,7 @@ local function trim_requests(keys, args)
 end
 
 redis.register_function('charge', charge)
+redis.register_function('charge_batch', charge_batch)
 redis.register_function('dead_letter', dead_letter)
 redis.register_function('top_up', top_up)
 redis.register_function('set_balances', set_balances)

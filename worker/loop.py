@@ -4,6 +4,7 @@ with one pipeline of function calls (one round trip), repeat."""
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 from collections.abc import Iterable
 
 import redis
@@ -19,6 +20,10 @@ from worker import recovery
 from worker.entry import Entry
 
 log = structlog.get_logger("charging.worker")
+
+# Redis serves no one else while a function runs: about 10 us per entry, so a call of 100
+# entries holds it for about a millisecond, which authorize callers can wait.
+CHARGES_PER_CALL = 100
 
 
 class Worker:
@@ -81,19 +86,33 @@ class Worker:
                 for stream, messages in reply or [] for eid, fields in messages]
 
     def settle(self, entries: list[Entry]) -> int:
-        """One pipeline of function calls for the whole batch; each call is atomic on its own.
-        Returns how many entries could not be settled (they stay pending)."""
+        """One pipeline of function calls for the whole batch: charge_batch calls of up to
+        CHARGES_PER_CALL entries per partition (one FCALL settling many is far cheaper, for
+        Redis and for this process, than one FCALL each), and a dead_letter call per bad
+        entry. Each call is atomic on its own. Returns how many entries could not be settled
+        (they stay pending)."""
         plan = [self.judge(entry) for entry in entries]
 
         def send():
             pipe = self.client.pipeline(transaction=False)
-            for entry, work in zip(entries, plan):
+            calls = []  # per queued call: the entries it settles, and whether it is a charge_batch
+            by_partition: dict[Keys, list[int]] = defaultdict(list)
+            for i, (entry, work) in enumerate(zip(entries, plan)):
                 if isinstance(work, Invalid):
                     functions.dead_letter(pipe, self.settings, entry.keys, entry.entry_id, work, entry.fields)
+                    calls.append(([i], False))
                 else:
-                    request, amount = work
-                    functions.charge(pipe, self.settings, request, amount, entry.entry_id)
-            return pipe.execute(raise_on_error=False)
+                    by_partition[entry.keys].append(i)
+            for keys, indices in by_partition.items():
+                for start in range(0, len(indices), CHARGES_PER_CALL):
+                    chunk = indices[start:start + CHARGES_PER_CALL]
+                    functions.charge_batch(pipe, self.settings, keys, [(*plan[i], entries[i].entry_id) for i in chunk])
+                    calls.append((chunk, True))
+            replies = [None] * len(entries)
+            for (indices, batch), reply in zip(calls, pipe.execute(raise_on_error=False)):
+                for j, i in enumerate(indices):
+                    replies[i] = reply[j] if batch and not isinstance(reply, redis.ResponseError) else reply
+            return replies
 
         replies = send()
         if any(missing_function(r) for r in replies):

@@ -1,0 +1,89 @@
+"""charge_batch (one FCALL settling many entries, what the worker sends) must answer each
+entry exactly as a charge call would, and keep a failing entry from taking others along."""
+
+from __future__ import annotations
+
+import redis
+
+from charging import functions
+from charging.audit import audit
+from charging.keys import Keys
+from charging.schema import parse_request
+from charging.tariff import price
+from producer import Producer
+from tests.conftest import drain
+
+REQUESTS = [
+    {"request_id": "b1", "account": "rich", "service": "voice", "units": "3"},
+    {"request_id": "b2", "account": "poor", "service": "data", "units": "3"},  # insufficient funds
+    {"request_id": "b1", "account": "rich", "service": "voice", "units": "3"},  # duplicate in the same call
+    {"request_id": "b3", "account": "nobody", "amount": "5"},  # unknown account
+    {"request_id": "b1", "account": "rich", "amount": "15"},  # same id, other content: conflict
+    {"request_id": "b4", "account": "poor", "service": "data", "units": "2"},
+    {"request_id": "b5", "account": "poor", "service": "sms", "units": "6"},  # the money ran out
+]
+
+
+def _without_times(reply):
+    return [reply[0], reply[1], reply[2], reply[3], reply[4]]
+
+
+def _outcomes(client, keys: Keys) -> list[dict]:
+    drop = {b"processed_at"}
+    return [{k: v for k, v in fields.items() if k not in drop} for _, fields in client.xrange(keys.results)]
+
+
+def test_one_charge_batch_call_answers_exactly_as_charge_calls_one_by_one(client, settings):
+    one_by_one = settings.model_copy(update={"namespace": settings.namespace + "a"})
+    batched = settings.model_copy(update={"namespace": settings.namespace + "b"})
+    plan = []
+    for fields in REQUESTS:
+        request = parse_request(fields, settings)
+        plan.append((request, price(request, settings), ""))
+    for s in (one_by_one, batched):
+        functions.set_balances(client, s, [("rich", 1000), ("poor", 25)])
+
+    singles = [functions.charge(client, one_by_one, request, amount) for request, amount, _ in plan]
+    batch = functions.charge_batch(client, batched, Keys(batched.namespace, 0), plan)
+
+    assert [_without_times(r) for r in batch] == [_without_times(r) for r in singles]
+    assert [r[0] for r in batch] == [b"approved", b"rejected", b"approved", b"rejected", b"rejected",
+                                     b"approved", b"rejected"]
+    a, b = Keys(one_by_one.namespace, 0), Keys(batched.namespace, 0)
+    assert client.hgetall(a.balances) == client.hgetall(b.balances) == {b"rich": b"985", b"poor": b"5"}
+    assert _outcomes(client, a) == _outcomes(client, b)
+
+
+def test_a_failing_entry_gets_its_own_error_and_the_rest_of_the_call_is_settled(client, settings):
+    keys = Keys(settings.namespace, 0)
+    functions.set_balances(client, settings, [("rich", 1000)])
+    broken_reply = keys.reply("broken")
+    client.set(broken_reply, "not a stream")  # XADD to it fails with WRONGTYPE
+    plan = []
+    for i, reply_to in enumerate((None, broken_reply, None)):
+        fields = {"request_id": f"f{i}", "account": "rich", "amount": "10", **({"reply_to": reply_to} if reply_to else {})}
+        request = parse_request(fields, settings)
+        plan.append((request, 10, ""))
+
+    replies = functions.charge_batch(client, settings, keys, plan)
+
+    assert replies[0][0] == b"approved" and replies[2][0] == b"approved"
+    assert isinstance(replies[1], redis.ResponseError) and "WRONGTYPE" in str(replies[1])
+    assert functions.charge(client, settings, plan[2][0], 10)[4] == 1  # settled once: a replay is a duplicate
+
+
+def test_workers_settle_every_entry_once_across_partitions(client, settings):
+    settings = settings.model_copy(update={"partitions": 4})
+    accounts = {f"acct{i}": 300 for i in range(40)}
+    functions.set_balances(client, settings, accounts.items())
+    producer = Producer(client, settings)
+    ids = producer.submit([{"account": f"acct{i % 40}", "service": "voice", "units": 7} for i in range(400)])
+    producer.submit([{"request_id": ids[0], "account": "acct0", "service": "voice", "units": 7}])
+
+    drain(settings, consumers=2)
+
+    report = audit(client, settings, accounts, ids)
+    assert report.ok
+    assert (report.outcomes, report.duplicates) == (401, 1)
+    assert report.approved == 40 * (300 // 35)
+    assert report.rejected == {"insufficient_funds": 400 - 40 * (300 // 35)}
