@@ -1,7 +1,8 @@
 """authorize: concurrent clients on the synchronous path (Producer.authorize: the same
 function the workers call, no stream). Run twice: closed loop (every client sends its next
 charge as soon as the last one is answered: the most this path does here), then paced at
-half that rate, which is the latency a client sees when the server is not saturated."""
+at the profile's fixed rate (all clients together), the latency a client sees when the
+machine is not saturated."""
 
 from __future__ import annotations
 
@@ -16,8 +17,6 @@ from charging.connection import connect
 from charging.settings import Settings
 from producer import Producer
 
-PACED_SHARE = 0.5
-
 
 class AuthorizeClient:
     def __init__(self, settings_dump: dict):
@@ -29,13 +28,12 @@ class AuthorizeClient:
 
 
 def run(ctx: Context, profile: Profile) -> list[ModeResult]:
-    saturated = _run(ctx, profile, "authorize", rate=None, seed=3)
-    paced = _run(ctx, profile, "authpaced", rate=saturated.rate * PACED_SHARE, seed=4)
-    return [saturated, paced]
+    return [_run(ctx, profile, rate=None, seed=3), _run(ctx, profile, rate=profile.authorize_rate, seed=4)]
 
 
-def _run(ctx: Context, profile: Profile, mode: str, rate: float | None, seed: int) -> ModeResult:
-    settings = ctx.settings_for(mode)
+def _run(ctx: Context, profile: Profile, rate: int | None, seed: int) -> ModeResult:
+    ctx.reset()
+    settings = ctx.settings_for(f"authorize{rate or ''}")
     load = loads.mixed(profile.accounts, profile.client_charges, seed=seed, prefix=f"{settings.namespace}-")
     functions.set_balances(ctx.client, settings, load.balances.items())
     label = "closed loop" if rate is None else f"paced {rate:,.0f}/s"
@@ -43,12 +41,12 @@ def _run(ctx: Context, profile: Profile, mode: str, rate: float | None, seed: in
         run = run_clients(AuthorizeClient, (settings.model_dump(),), load.requests, profile.clients,
                           profile.client_processes, rate, advance)
     check = audit(ctx.client, settings, load.balances, load.expected)
-    name = "authorize" if rate is None else "authorize paced"
+    name = "authorize" if rate is None else f"authorize {rate / 1000:g}k/s"
     return ModeResult(
         name, len(run.replies), run.seconds, check.as_dict(), check.ok and not run.errors,
         latencies_ms=run.latencies_ms, done_at_s=run.done_at_s,
         extra={"clients": profile.clients, "client_processes": profile.client_processes,
-               "offered_rate_per_s": round(rate) if rate else None, "errors": len(run.errors),
+               "offered_rate_per_s": rate, "errors": len(run.errors),
                "first_errors": run.errors[:3]},
         notes=[f"{profile.clients} clients, {label}; latency measured in the client (includes the Python client)"],
     )

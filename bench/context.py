@@ -15,6 +15,7 @@ from charging.keys import all_partitions
 from charging.settings import Settings
 
 POLL_S = 0.1
+NAMESPACE_MAX = 32
 
 
 @dataclass
@@ -24,10 +25,19 @@ class Context:
     out: Path
     run_id: str  # keeps this run's keys apart from earlier runs on a shared server
     progress: Progress
+    own_server: bool  # a private redis-server: it may be emptied between runs
+
+    def reset(self) -> None:
+        """Each run starts from an empty keyspace on a private server, so one run's data (and
+        the AOF rewrites it causes) does not weigh on the next. A shared server is left alone."""
+        if self.own_server:
+            self.client.flushall()
 
     def settings_for(self, mode: str) -> Settings:
         """Each mode has its own namespace, so the checker after a mode sees only that mode."""
-        return self.settings.model_copy(update={"namespace": f"{self.settings.namespace[:12]}.{self.run_id}.{mode}"})
+        suffix = f".{self.run_id}.{mode}"
+        base = self.settings.namespace[:NAMESPACE_MAX - len(suffix)]  # the namespace setting's limit
+        return self.settings.model_copy(update={"namespace": base + suffix})
 
     @contextmanager
     def task(self, description: str, total: int | None) -> Iterator[Callable[[int], None]]:
@@ -42,6 +52,10 @@ class Context:
         for keys in all_partitions(settings.namespace, settings.partitions):
             pipe.xlen(keys.results)
         return sum(pipe.execute())
+
+    def redis_cpu_s(self) -> float:
+        cpu = self.client.info("cpu")
+        return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
 
     def print(self, *items) -> None:
         self.progress.console.print(*items, highlight=False)

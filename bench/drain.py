@@ -8,7 +8,7 @@ import time
 
 from bench import load as loads
 from bench.context import Context
-from bench.outcomes import timings, wait_for_outcomes
+from bench.outcomes import cpu_per_charge, timings, wait_for_outcomes
 from bench.profile import Profile
 from bench.result import ModeResult
 from bench.workers import WorkerProcesses
@@ -31,6 +31,7 @@ def run(ctx: Context, profile: Profile) -> ModeResult:
             producer.submit(chunk)
             advance(len(chunk))
     preload_s = time.perf_counter() - began
+    redis_cpu = ctx.redis_cpu_s()
     workers = WorkerProcesses(settings, profile.workers, ctx.out / "worker-drain.log", burst=True).start()
     try:
         with ctx.task(f"drain: {profile.workers} workers", len(load)) as advance:
@@ -38,11 +39,13 @@ def run(ctx: Context, profile: Profile) -> ModeResult:
         exit_code = workers.wait()
     finally:
         workers.stop()
+    redis_cpu = ctx.redis_cpu_s() - redis_cpu
     times = timings(ctx, settings)
     check = audit(ctx.client, settings, load.balances, load.expected)
     return ModeResult(
         "drain", len(times.processed_ms), times.span_s(), check.as_dict(), check.ok,
         done_at_s=times.done_at_s(times.first_ms),
         extra={"workers": profile.workers, "preloaded": len(load), "preload_rate_per_s": round(len(load) / preload_s),
-               "worker_peak_rss_mb": workers.peak_rss(), "worker_exit_code": exit_code},
+               "worker_peak_rss_mb": workers.peak_rss(), "worker_exit_code": exit_code,
+               "cpu_us_per_charge": cpu_per_charge(len(load), redis=redis_cpu, workers=workers.cpu_seconds())},
     )

@@ -76,6 +76,7 @@ def check_naive(start: dict[str, int], end: dict[str, int], replies: list, expec
     mismatches = [a for a in start if start[a] - end[a] != approved_sum.get(a, 0)]
     return {
         "outcomes": len(replies), "missing": expected - len(replies), "approved": approved,
+        "start_total": sum(start.values()), "approved_total": sum(approved_sum.values()),
         "rejected": {"insufficient_funds": len(replies) - approved},
         "over_approved": over_approved, "negative_balances": len(negative), "overdraft": -sum(negative.values()),
         "money_mismatches": len(mismatches),

@@ -17,11 +17,11 @@ STALL_TIMEOUT_S = 60  # no new outcome for this long: stop waiting, the checker 
 def wait_for_outcomes(ctx: Context, settings: Settings, expected: int, workers: WorkerProcesses,
                       advance: Callable[[int], None], busy: Callable[[], bool] = lambda: False) -> int:
     """Poll the results streams until `expected` outcomes are there (or progress stalls while
-    nothing else is `busy`). Samples the workers' memory on the way."""
+    nothing else is `busy`). Samples the workers' memory and CPU on the way."""
     seen = 0
     last_progress = time.monotonic()
     while seen < expected:
-        workers.sample_rss()
+        workers.sample()
         count = ctx.results_count(settings)
         if count > seen:
             advance(count - seen)
@@ -63,3 +63,8 @@ def timings(ctx: Context, settings: Settings) -> Timings:
         submitted.append(int(outcome["submitted_at"] or 0))
         processed.append(int(outcome["processed_at"]))
     return Timings(submitted, processed)
+
+
+def cpu_per_charge(charges: int, **seconds: float) -> dict[str, float]:
+    """CPU microseconds per charge of each party: where the machine's cores went."""
+    return {name: round(s / charges * 1e6, 1) for name, s in seconds.items()} if charges else {}

@@ -12,12 +12,13 @@ class Profile:
     accounts: int  # accounts the drain, steady and authorize loads spread over
     drain_charges: int  # preloaded before the workers start
     workers: int  # worker processes (`charging worker --processes`)
-    steady_rate: int  # offered charges/s, producers and workers running at once
+    steady_rates: tuple[int, ...]  # offered charges/s, one steady run each: the target, then a lighter load
     steady_seconds: float
     producers: int  # producer processes in steady mode
     clients: int  # concurrent clients in authorize, naive and memcached modes
     client_processes: int  # the clients are threads spread over this many processes
     client_charges: int  # charges per client mode
+    authorize_rate: int  # offered charges/s of the paced authorize run (all clients together)
     hot_accounts: int  # naive and memcached contend on few accounts, so races can show
     ceiling_requests: int  # FCALLs redis-benchmark sends
     memory_charges: int  # charges settled to measure bytes per charge
@@ -27,13 +28,13 @@ class Profile:
 
 
 PROFILES = {
-    "standard": Profile("standard", accounts=10_000, drain_charges=200_000, workers=2, steady_rate=60_000,
-                        steady_seconds=10, producers=2, clients=50, client_processes=4, client_charges=40_000,
-                        hot_accounts=50, ceiling_requests=1_000_000, memory_charges=50_000),
-    "quick": Profile("quick", accounts=10_000, drain_charges=50_000, workers=2, steady_rate=60_000,
-                     steady_seconds=4, producers=2, clients=50, client_processes=4, client_charges=10_000,
-                     hot_accounts=50, ceiling_requests=300_000, memory_charges=20_000),
-    "tiny": Profile("tiny", accounts=50, drain_charges=300, workers=2, steady_rate=300, steady_seconds=1,
-                    producers=1, clients=8, client_processes=2, client_charges=300, hot_accounts=5,
-                    ceiling_requests=2_000, memory_charges=300),
+    "standard": Profile("standard", accounts=10_000, drain_charges=200_000, workers=2, steady_rates=(60_000, 10_000),
+                        steady_seconds=10, producers=2, clients=50, client_processes=2, client_charges=40_000,
+                        authorize_rate=2_000, hot_accounts=50, ceiling_requests=1_000_000, memory_charges=50_000),
+    "quick": Profile("quick", accounts=10_000, drain_charges=100_000, workers=2, steady_rates=(60_000, 10_000),
+                     steady_seconds=4, producers=2, clients=50, client_processes=2, client_charges=10_000,
+                     authorize_rate=2_000, hot_accounts=50, ceiling_requests=300_000, memory_charges=20_000),
+    "tiny": Profile("tiny", accounts=50, drain_charges=300, workers=2, steady_rates=(300,), steady_seconds=1,
+                    producers=1, clients=8, client_processes=2, client_charges=300, authorize_rate=500,
+                    hot_accounts=5, ceiling_requests=2_000, memory_charges=300),
 }

@@ -77,15 +77,19 @@ def targets(results: list[ModeResult]) -> list[dict]:
     if "drain" in by and "ceiling" in by and by["ceiling"].rate:
         ratio = by["drain"].rate / by["ceiling"].rate
         add("drain rate / ceiling", ratio, f">= {TARGETS['drain_vs_ceiling']}", ratio >= TARGETS["drain_vs_ceiling"])
-    if steady := by.get("steady"):
-        add("steady charges/s", steady.rate, f">= {TARGETS['steady_rate']:,}", steady.rate >= TARGETS["steady_rate"])
-        p99 = (steady.latency() or {}).get("p99")
-        add("steady submit->result p99 ms", p99, f"< {TARGETS['steady_p99_ms']}",
+    steady = [r for r in results if r.mode.startswith("steady")]
+    if steady:
+        best = max(r.rate for r in steady)
+        add("steady charges/s", best, f">= {TARGETS['steady_rate']:,}", best >= TARGETS["steady_rate"])
+    for r in steady:
+        p99 = (r.latency() or {}).get("p99")
+        add(f"steady p99 ms, {r.extra['offered_rate_per_s']:,}/s offered", p99, f"< {TARGETS['steady_p99_ms']}",
             None if p99 is None else p99 < TARGETS["steady_p99_ms"])
-    for mode in ("authorize", "authorize paced"):
-        if mode in by:
-            p99 = (by[mode].latency() or {}).get("p99")
-            add(f"{mode} p99 ms ({by[mode].extra['clients']} clients)", p99, f"< {TARGETS['authorize_p99_ms']}",
+    for r in results:
+        if r.mode.startswith("authorize"):
+            p99 = (r.latency() or {}).get("p99")
+            load = f"{r.extra['offered_rate_per_s']:,}/s" if r.extra["offered_rate_per_s"] else "closed loop"
+            add(f"authorize p99 ms, {r.extra['clients']} clients, {load}", p99, f"< {TARGETS['authorize_p99_ms']}",
                 None if p99 is None else p99 < TARGETS["authorize_p99_ms"])
     rss = [r.extra["worker_peak_rss_mb"] for r in results if r.extra.get("worker_peak_rss_mb")]
     if rss:

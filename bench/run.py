@@ -39,15 +39,14 @@ def run_bench(settings: Settings, profile: Profile, out: Path, own_server: bool,
                 server.stop()
 
 
-def _run(settings: Settings, profile: Profile, out: Path, flush: bool, console: Console) -> int:
+def _run(settings: Settings, profile: Profile, out: Path, own_server: bool, console: Console) -> int:
     client = connect(settings)
     results: list[ModeResult] = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
-        ctx = Context(settings, client, out, uuid.uuid4().hex[:6], progress)
-        for index, mode in enumerate((ceiling, drain, steady, authorize, naive, memcached, memory)):
-            if flush and index:
-                client.flushall()  # our own server: each mode starts from an empty keyspace
+        ctx = Context(settings, client, out, uuid.uuid4().hex[:6], progress, own_server)
+        for mode in (ceiling, drain, steady, authorize, naive, memcached, memory):
+            ctx.reset()
             produced = mode.run(ctx, profile)
             if produced is None:
                 ctx.print(f"[yellow]memcached mode skipped:[/] {MEMCACHED_HINT}")

@@ -1,6 +1,7 @@
 """steady: producers submit at a fixed offered rate while the workers run; throughput and
 submit -> result latency (the request's submitted_at to the outcome's processed_at, both in
-whole milliseconds of the same machine's clock)."""
+whole milliseconds of the same machine's clock). One run per offered rate of the profile:
+the target rate first, then a lighter load to show the latency when not saturated."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import redis
 
 from bench import load as loads
 from bench.context import POLL_S, Context
-from bench.outcomes import timings, wait_for_outcomes
+from bench.outcomes import cpu_per_charge, timings, wait_for_outcomes
 from bench.profile import Profile
 from bench.result import ModeResult
 from bench.workers import WorkerProcesses
@@ -28,32 +29,45 @@ CHUNK = 1000  # at most this many requests per submit (one pipeline)
 READY_TIMEOUT_S = 60
 
 
-def run(ctx: Context, profile: Profile) -> ModeResult:
-    settings = ctx.settings_for("steady")
-    charges = int(profile.steady_rate * profile.steady_seconds)
-    load = loads.mixed(profile.accounts, charges, seed=2, prefix=f"{settings.namespace}-")
+def run(ctx: Context, profile: Profile) -> list[ModeResult]:
+    return [_run(ctx, profile, rate, seed=10 + i) for i, rate in enumerate(profile.steady_rates)]
+
+
+def _run(ctx: Context, profile: Profile, rate: int, seed: int) -> ModeResult:
+    ctx.reset()
+    settings = ctx.settings_for(f"steady{rate}")
+    load = loads.mixed(profile.accounts, int(rate * profile.steady_seconds), seed=seed,
+                       prefix=f"{settings.namespace}-")
     functions.set_balances(ctx.client, settings, load.balances.items())
-    workers = WorkerProcesses(settings, profile.workers, ctx.out / "worker-steady.log").start()
+    workers = WorkerProcesses(settings, profile.workers, ctx.out / f"worker-steady{rate}.log").start()
     try:
         _wait_until_consuming(ctx, settings, workers, profile.workers)
-        submitted, start_at, producers = _start_producers(settings, load, profile)
-        with ctx.task(f"steady: {profile.steady_rate:,}/s", len(load)) as advance:
-            wait_for_outcomes(ctx, settings, len(load), workers, advance,
-                              busy=lambda: any(p.is_alive() for p in producers))
-        for proc in producers:
-            proc.join()
+        redis_cpu = ctx.redis_cpu_s()
+        workers.sample()
+        worker_cpu = workers.cpu_seconds()
+        producers = Producers(settings, load, rate, profile.producers)
+        with ctx.task(f"steady: {rate:,}/s offered", len(load)) as advance:
+            wait_for_outcomes(ctx, settings, len(load), workers, advance, busy=producers.busy)
+        producers.join()
+        workers.sample()
+        worker_cpu = workers.cpu_seconds() - worker_cpu
+        redis_cpu = ctx.redis_cpu_s() - redis_cpu
     finally:
         exit_code = workers.stop()
     times = timings(ctx, settings)
-    start_ms = int(start_at * 1000)
+    start_ms = int(producers.start_at * 1000)
     check = audit(ctx.client, settings, load.balances, load.expected)
     return ModeResult(
-        "steady", len(times.processed_ms), times.span_s(since_ms=start_ms), check.as_dict(),
-        check.ok and submitted.value == len(load),
+        f"steady {rate / 1000:g}k/s", len(times.processed_ms), times.span_s(since_ms=start_ms), check.as_dict(),
+        check.ok and producers.submitted.value == len(load),
         latencies_ms=times.latencies_ms(), done_at_s=times.done_at_s(start_ms),
-        extra={"offered_rate_per_s": profile.steady_rate, "producers": profile.producers, "workers": profile.workers,
-               "submitted": submitted.value, "worker_peak_rss_mb": workers.peak_rss(), "worker_exit_code": exit_code},
-        notes=["latency resolution is 1 ms (submitted_at and processed_at are whole ms)"],
+        extra={"offered_rate_per_s": rate, "submit_rate_per_s": round(producers.submit_rate()),
+               "producers": profile.producers, "workers": profile.workers, "submitted": producers.submitted.value,
+               "worker_peak_rss_mb": workers.peak_rss(), "worker_exit_code": exit_code,
+               "cpu_us_per_charge": cpu_per_charge(len(load), redis=redis_cpu, workers=worker_cpu,
+                                                   producers=producers.cpu.value)},
+        notes=["latency resolution is 1 ms (submitted_at and processed_at are whole ms); "
+               "the rate spans the first submit to the last outcome"],
     )
 
 
@@ -71,25 +85,41 @@ def _wait_until_consuming(ctx: Context, settings: Settings, workers: WorkerProce
     raise RuntimeError(f"workers did not join the group within {READY_TIMEOUT_S}s; see {workers.log_path}")
 
 
-def _start_producers(settings: Settings, load: loads.Load, profile: Profile):
-    ctx = multiprocessing.get_context("spawn")
-    submitted = ctx.Value("q", 0)
-    start_at = time.time() + START_DELAY_S
-    rate = profile.steady_rate / profile.producers
-    producers = [ctx.Process(target=_produce, args=(settings.model_dump(), load.requests[i::profile.producers],
-                                                    rate, start_at, submitted))
-                 for i in range(profile.producers)]
-    for proc in producers:
-        proc.start()
-    return submitted, start_at, producers
+class Producers:
+    """Producer processes, each submitting its share of the load at its share of the rate."""
+
+    def __init__(self, settings: Settings, load: loads.Load, rate: int, processes: int):
+        ctx = multiprocessing.get_context("spawn")
+        self.submitted = ctx.Value("q", 0)
+        self.cpu = ctx.Value("d", 0.0)  # CPU seconds, summed over the producers
+        self.finished_at = ctx.Value("d", 0.0)  # wall clock of the last producer to finish
+        self.start_at = time.time() + START_DELAY_S
+        counters = (self.submitted, self.cpu, self.finished_at)
+        self.procs = [ctx.Process(target=_produce, args=(settings.model_dump(), load.requests[i::processes],
+                                                         rate / processes, self.start_at, *counters))
+                      for i in range(processes)]
+        for proc in self.procs:
+            proc.start()
+
+    def busy(self) -> bool:
+        return any(p.is_alive() for p in self.procs)
+
+    def join(self) -> None:
+        for proc in self.procs:
+            proc.join()
+
+    def submit_rate(self) -> float:
+        return self.submitted.value / max(self.finished_at.value - self.start_at, 1e-3)
 
 
-def _produce(settings_dump: dict, requests: list[dict], rate: float, start_at: float, submitted) -> None:
+def _produce(settings_dump: dict, requests: list[dict], rate: float, start_at: float,
+             submitted, cpu_s, finished_at) -> None:
     """One producer process: submit at `rate` per second, in small pipelined chunks."""
     logging_setup.configure("warning")
     settings = Settings(**settings_dump)
     producer = Producer(connect(settings, load=False), settings)
     time.sleep(max(0.0, start_at - time.time()))
+    cpu = time.process_time()
     began = time.perf_counter()
     sent = 0
     while sent < len(requests):
@@ -101,3 +131,7 @@ def _produce(settings_dump: dict, requests: list[dict], rate: float, start_at: f
         with submitted.get_lock():
             submitted.value += due - sent
         sent = due
+    with cpu_s.get_lock():
+        cpu_s.value += time.process_time() - cpu
+    with finished_at.get_lock():
+        finished_at.value = max(finished_at.value, time.time())

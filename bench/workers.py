@@ -23,6 +23,7 @@ class WorkerProcesses:
         self.burst = burst
         self.proc: subprocess.Popen | None = None
         self.peak_rss_mb: dict[int, float] = {}  # consumer pid -> highest RSS seen
+        self.cpu_s: dict[int, float] = {}  # consumer pid -> CPU seconds used, as last seen
 
     def start(self) -> WorkerProcesses:
         env = {**os.environ, **environment(self.settings)}
@@ -35,11 +36,18 @@ class WorkerProcesses:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def sample_rss(self) -> None:
+    def sample(self) -> None:
+        """Resident memory and CPU time of every consumer process, now."""
         for pid in self._consumers():
             rss = _rss_mb(pid)
             if rss is not None:
                 self.peak_rss_mb[pid] = max(rss, self.peak_rss_mb.get(pid, 0.0))
+            cpu = _cpu_s(pid)
+            if cpu is not None:
+                self.cpu_s[pid] = max(cpu, self.cpu_s.get(pid, 0.0))
+
+    def cpu_seconds(self) -> float:
+        return sum(self.cpu_s.values())
 
     def peak_rss(self) -> float | None:
         peak = max(self.peak_rss_mb.values(), default=None)
@@ -95,6 +103,15 @@ def _cmdline(pid: int) -> bytes:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return b""
+
+
+def _cpu_s(pid: int) -> float | None:
+    try:
+        # /proc/PID/stat: utime and stime are fields 14 and 15, after the ")" closing the name.
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _rss_mb(pid: int) -> float | None:

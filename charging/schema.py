@@ -157,7 +157,10 @@ def parse_request(fields: Mapping[Any, Any], settings: Settings) -> ChargeReques
         raise Invalid("entry_deleted", "the entry has no fields (deleted or trimmed before it was read)")
     if len(fields) > MAX_FIELDS:
         raise Invalid("too_many_fields", f"{len(fields)} fields, at most {MAX_FIELDS}")
-    data = {_text(k, "field name"): _text(v, _text(k, "field name")) for k, v in fields.items()}
+    data = {}
+    for key, value in fields.items():
+        name = _text(key, "field name")
+        data[name] = _text(value, name)
     try:
         return ChargeRequest.model_validate(data, context={"settings": settings})
     except ValidationError as exc:
