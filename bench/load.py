@@ -30,14 +30,15 @@ class Load:
         return len(self.requests)
 
 
-def mixed(accounts: int, charges: int, seed: int, prefix: str) -> Load:
+def mixed(accounts: int, charges: int, seed: int, prefix: str, replays: float = REPLAY_SHARE) -> Load:
+    """`replays`: the share of request ids sent a second time."""
     rng = random.Random(seed)
     names = numbered(accounts)
     balances = {a: POOR if rng.random() < POOR_SHARE else RICH for a in names}
     first = mixed_load(names, charges, rng, prefix)
     # Each replay is sent some time after its original, as a producer retry would be.
     order = [(i, r) for i, r in enumerate(first)]
-    order += [(rng.uniform(i, charges), first[i]) for i in rng.sample(range(charges), k=int(charges * REPLAY_SHARE))]
+    order += [(rng.uniform(i, charges), first[i]) for i in rng.sample(range(charges), k=int(charges * replays))]
     order.sort(key=lambda pair: pair[0])
     return Load([dict(r) for _, r in order], balances, [r["request_id"] for r in first])
 

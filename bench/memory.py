@@ -22,7 +22,8 @@ BURST_TIMEOUT_S = 600
 def run(ctx: Context, profile: Profile) -> ModeResult:
     # No maintenance while measuring: the request entries must still be there to be counted.
     settings = ctx.settings_for("memory").model_copy(update={"maintenance_interval_s": 10**6})
-    load = loads.mixed(profile.accounts, profile.memory_charges, seed=6, prefix=f"{settings.namespace}-")
+    # No replays: every charge leaves exactly one request entry, one result entry, one dedupe record.
+    load = loads.mixed(profile.accounts, profile.memory_charges, seed=6, prefix=f"{settings.namespace}-", replays=0)
     functions.set_balances(ctx.client, settings, load.balances.items())
     n = len(load)
     with ctx.task("memory: bytes/charge", 3) as advance:

@@ -105,13 +105,20 @@ def targets_table(rows: list[dict]) -> Table:
     return table
 
 
-def memory_table(per_charge: dict[str, int]) -> Table:
+def capacity_bytes(per_charge: dict[str, int], rate: int, window_s: int, results_maxlen: int) -> int:
+    """Redis memory at a steady rate: a dedupe record per charge for the whole window, result
+    entries up to the results stream's cap; request entries are trimmed once acked."""
+    charges = rate * window_s
+    return charges * per_charge["dedupe_record"] + min(charges, results_maxlen) * per_charge["result_entry"]
+
+
+def memory_table(per_charge: dict[str, int], results_maxlen: int) -> Table:
     table = Table("", "bytes", title="Redis memory per charge", show_header=False)
     for key, value in per_charge.items():
         table.add_row(key.replace("_", " "), f"{value:,}")
     for rate, window in CAPACITY_EXAMPLES:
-        gb = rate * window * per_charge["total_settled"] / 1e9
-        table.add_row(f"{rate:,}/s x {window // 3600} h window", f"~{gb:,.1f} GB")
+        gb = capacity_bytes(per_charge, rate, window, results_maxlen) / 1e9
+        table.add_row(f"{rate:,}/s, {window // 3600} h dedupe window", f"~{gb:,.1f} GB")
     return table
 
 
@@ -127,15 +134,16 @@ def write_plot(path: Path, results: list[ModeResult], title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (cdf_ax, rate_ax) = plt.subplots(1, 2, figsize=(14, 5.5))
-    for r in results:
+    for index, r in enumerate(results):
+        color = f"C{index % 10}"  # one colour per mode in both plots
         if points := r.cdf():
-            cdf_ax.plot([max(ms, 0.01) for ms, _ in points], [q for _, q in points], label=r.mode)
+            cdf_ax.plot([max(ms, 0.01) for ms, _ in points], [q for _, q in points], label=r.mode, color=color)
         if timeline := r.timeline():
-            rate_ax.plot([t for t, _ in timeline], [v for _, v in timeline], label=r.mode)
+            rate_ax.plot([t for t, _ in timeline], [v for _, v in timeline], label=r.mode, color=color)
         elif r.mode == "ceiling" and r.rate:
             rate_ax.axhline(r.rate, linestyle="--", color="grey", label=f"ceiling ({r.rate:,.0f}/s)")
     cdf_ax.set(xscale="log", xlabel="latency (ms, log scale)", ylabel="share of charges",
-               title="latency CDF (steady: submit -> result; client modes: per call)")
+               title="latency CDF (steady: submit -> result, whole ms; client modes: per call)")
     rate_ax.set(xlabel="seconds since the mode started", ylabel="charges/s", title="throughput over time")
     for ax in (cdf_ax, rate_ax):
         ax.grid(alpha=0.3)

@@ -61,8 +61,12 @@ def _run(settings: Settings, profile: Profile, out: Path, own_server: bool, cons
     console.print(report.summary_table(results))
     console.print(report.targets_table(target_rows))
     per_charge = next(r.extra["bytes_per_charge"] for r in results if r.mode == "memory")
-    console.print(report.memory_table(per_charge))
-    report.write_json(out / "bench.json", {**meta, "bytes_per_charge": per_charge}, results, target_rows)
+    console.print(report.memory_table(per_charge, settings.results_maxlen))
+    capacity = [{"rate_per_s": rate, "dedupe_window_s": window,
+                 "bytes": report.capacity_bytes(per_charge, rate, window, settings.results_maxlen)}
+                for rate, window in report.CAPACITY_EXAMPLES]
+    report.write_json(out / "bench.json", {**meta, "bytes_per_charge": per_charge, "capacity": capacity}, results,
+                      target_rows)
     report.write_plot(out / "bench.png", results, f"charging bench, profile {profile.name}, "
                                                    f"{meta['machine']['cpus']} cores, {meta['date'][:10]}")
     console.print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")

@@ -87,3 +87,21 @@ def test_naive_check_counts_an_over_approval_and_catches_a_money_mismatch():
     assert counted["consistent"]
     drifted = check_naive(start, {"a": -3, "b": 7}, replies, expected=3)  # "b" lost money nobody approved
     assert drifted["money_mismatches"] == 1 and not drifted["consistent"]
+
+
+def test_ceiling_without_redis_benchmark_is_a_labelled_python_estimate(client, settings, tmp_path, monkeypatch):
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from bench import ceiling
+    from bench.context import Context
+    from bench.profile import PROFILES
+
+    real_which = shutil.which
+    monkeypatch.setattr(ceiling.shutil, "which", lambda name: None if name == "redis-benchmark" else real_which(name))
+    with open(tmp_path / "progress", "w") as sink, Progress(console=Console(file=sink)) as progress:
+        result = ceiling.run(Context(settings, client, tmp_path, "est", progress, own_server=False), PROFILES["tiny"])
+
+    assert result.extra["tool"] == "python estimate"
+    assert any("redis-benchmark is not on PATH" in note for note in result.notes)
+    assert result.ok and result.check["outcomes"] == result.charges == PROFILES["tiny"].ceiling_requests
