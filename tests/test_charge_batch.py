@@ -87,3 +87,22 @@ def test_workers_settle_every_entry_once_across_partitions(client, settings):
     assert (report.outcomes, report.duplicates) == (401, 1)
     assert report.approved == 40 * (300 // 35)
     assert report.rejected == {"insufficient_funds": 400 - 40 * (300 // 35)}
+
+
+def test_worker_reloads_the_library_when_the_server_lost_it_and_settles_the_batch(client, settings, producer):
+    from charging.connection import connect
+    from worker.loop import Worker
+    from worker.recovery import ensure_groups
+
+    functions.set_balances(client, settings, [("acct", 100)])
+    worker = Worker(connect(settings), settings, "w-reload")  # connect() loaded the library
+    ensure_groups(worker)
+    ids = producer.submit([{"account": "acct", "service": "voice", "units": 2} for _ in range(5)])
+    batch = worker.read()
+    client.function_flush()  # a server restarted without its AOF, or a failover to an empty node
+
+    assert worker.settle(batch) == 0
+
+    report = audit(client, settings, {"acct": 100}, ids)
+    assert report.ok and report.approved == 5
+    assert int(client.hget(Keys(settings.namespace, 0).balances, "acct")) == 50
