@@ -22,7 +22,8 @@ from bench.profile import Profile
 from bench.result import ModeResult
 from charging.redis_server import free_port
 
-INSTALL_HINT = "memcached is not on PATH (Debian/Ubuntu: `sudo apt-get install memcached`; macOS: `brew install memcached`)"
+INSTALL_HINT = ("memcached is not on PATH (Debian/Ubuntu: `sudo apt-get install memcached`; "
+                "macOS: `brew install memcached`)")
 READY_TIMEOUT_S = 10
 
 

@@ -15,9 +15,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from bench import authorize, ceiling, drain, memcached, memory, naive, report, steady
 from bench.context import Context
+from bench.memcached import INSTALL_HINT as MEMCACHED_HINT
 from bench.profile import Profile
 from bench.result import ModeResult
-from bench.memcached import INSTALL_HINT as MEMCACHED_HINT
 from charging.connection import connect
 from charging.redis_server import RedisServer
 from charging.settings import Settings

@@ -283,7 +283,7 @@ def demo(charges: Annotated[int, typer.Option(min=1, max=10_000_000)] = 20_000,
 @app.command()
 def bench(profile: Annotated[str, typer.Argument(help="standard, quick or tiny.")] = "standard",
           quick: Annotated[bool, typer.Option("--quick", help="The quick profile (a few minutes).")] = False,
-          out_dir: Annotated[Path, typer.Option("--out", help="Where bench.json and bench.png go.")] = Path("bench-out"),
+          out_dir: Annotated[Path, typer.Option("--out", help="For bench.json and bench.png.")] = Path("bench-out"),
           redis_url: Annotated[str | None, typer.Option(help="Use this server instead of a private one.")] = None):
     """Measure every mode against the Redis ceiling, checking the money after each (a private
     redis-server unless --redis-url)."""

@@ -61,8 +61,8 @@ def test_a_failing_entry_gets_its_own_error_and_the_rest_of_the_call_is_settled(
     client.set(broken_reply, "not a stream")  # XADD to it fails with WRONGTYPE
     plan = []
     for i, reply_to in enumerate((None, broken_reply, None)):
-        fields = {"request_id": f"f{i}", "account": "rich", "amount": "10", **({"reply_to": reply_to} if reply_to else {})}
-        request = parse_request(fields, settings)
+        fields = {"request_id": f"f{i}", "account": "rich", "amount": "10"}
+        request = parse_request({**fields, "reply_to": reply_to} if reply_to else fields, settings)
         plan.append((request, 10, ""))
 
     replies = functions.charge_batch(client, settings, keys, plan)
