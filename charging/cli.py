@@ -17,7 +17,7 @@ from rich.table import Table
 from charging import accounts as accounts_mod
 from charging import functions
 from charging import log as logging_setup
-from charging.connection import RedisTooOld, connect
+from charging.connection import PartitionsChanged, RedisTooOld, connect
 from charging.schema import Invalid, Outcome, parse_top_up
 from charging.settings import Settings
 
@@ -229,12 +229,19 @@ def authorize(account: Account = None, service: Service = None, units: Units = N
 def worker(processes: Annotated[int, typer.Option(min=1, max=256)] = 1,
            batch: Annotated[int | None, typer.Option(min=1, max=10_000, help="Entries per read.")] = None,
            consumer: Annotated[str | None, typer.Option(help="Stable consumer name (default: hostname).")] = None,
-           burst: Annotated[bool, typer.Option(help="Exit 0 once drained and nothing is pending.")] = False):
+           burst: Annotated[bool, typer.Option(help="Exit 0 once drained and nothing is pending.")] = False,
+           partitions: Annotated[str | None, typer.Option(help="Partitions to consume, e.g. 0-5,8 (default all).")]
+           = None):
     """Run consumer-group workers until SIGTERM / SIGINT (or, with --burst, until drained)."""
+    from charging.keys import parse_partitions
     from worker import supervisor
 
     settings = state.settings if batch is None else state.settings.model_copy(update={"batch": batch})
-    raise typer.Exit(supervisor.run(settings, processes, consumer, burst))
+    try:
+        chosen = None if partitions is None else parse_partitions(partitions, settings.partitions)
+    except ValueError as exc:
+        fail(2, str(exc))
+    raise typer.Exit(supervisor.run(settings, processes, consumer, burst, chosen))
 
 
 @app.command()
@@ -286,7 +293,7 @@ def main() -> None:
     except redis.ConnectionError as exc:
         err.print(f"[bold red]error:[/] cannot reach Redis at {state.settings.redis_url}: {exc}", highlight=False)
         sys.exit(1)
-    except RedisTooOld as exc:
+    except (RedisTooOld, PartitionsChanged) as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False)
         sys.exit(1)
     except Invalid as exc:

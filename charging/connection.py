@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -9,11 +10,14 @@ from typing import TypeVar
 import redis
 import structlog
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.cluster import RedisCluster
 from redis.retry import Retry
 
 from charging.settings import Settings
 
 log = structlog.get_logger("charging.connection")
+
+CLUSTER_POLL_MS = 20  # pause between empty polls of several streams on a cluster
 
 MIN_REDIS = (7, 0)
 T = TypeVar("T")
@@ -23,32 +27,77 @@ class RedisTooOld(RuntimeError):
     pass
 
 
+class PartitionsChanged(RuntimeError):
+    pass
+
+
 def connect(settings: Settings, load: bool = True) -> redis.Redis:
-    """Return the process's client. Retries with backoff are explicit (the library's
-    defaults changed between versions); a retried command may run twice, which every
-    function call tolerates because it is keyed by request id or entry id."""
-    client = redis.Redis.from_url(
-        settings.redis_url,
+    """Return the process's client: a single-node client, or a cluster client for a
+    cluster URL. Retries with backoff are explicit (the library's defaults changed between
+    versions); a retried command may run twice, which every function call tolerates
+    because it is keyed by request id or entry id."""
+    options = dict(
         socket_timeout=settings.socket_timeout_s,
         socket_connect_timeout=settings.socket_timeout_s,
         health_check_interval=30,
         retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=2.0), settings.retry_attempts),
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError],
     )
+    if settings.cluster:
+        client = RedisCluster.from_url(settings.server_url, **options)
+        _parse_keys_locally(client)
+    else:
+        client = redis.Redis.from_url(
+            settings.server_url, retry_on_error=[redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError],
+            **options)
     if load:
         check_version(client)
         load_functions(client)
+        check_partitions(client, settings)
     return client
 
 
+def _parse_keys_locally(client: RedisCluster) -> None:
+    """redis-py finds the keys of FCALL and XREAD(GROUP) by asking the server (COMMAND
+    GETKEYS): a round trip per command. Their key positions are fixed by their syntax, so
+    read them here; every key of one call shares a hash tag, hence one slot."""
+    parser = client.commands_parser
+    generic = parser.get_keys
+
+    def get_keys(conn, *args):
+        name = str(args[0]).upper()
+        if name in ("FCALL", "FCALL_RO"):
+            return list(args[3:3 + int(args[2])])
+        if name in ("XREAD", "XREADGROUP"):
+            after = [str(a).upper() for a in args].index("STREAMS") + 1
+            return list(args[after:after + (len(args) - after) // 2])
+        return generic(conn, *args)
+
+    parser.get_keys = get_keys
+
+
+def is_cluster(client: redis.Redis) -> bool:
+    return isinstance(client, RedisCluster)
+
+
+def check_partitions(client: redis.Redis, settings: Settings) -> None:
+    """The partition count is fixed when a deployment first runs: changing it would route
+    existing accounts to other partitions, where their balances are not."""
+    key = f"{settings.namespace}:partitions"
+    client.set(key, settings.partitions, nx=True)
+    recorded = int(client.get(key))
+    if recorded != settings.partitions:
+        raise PartitionsChanged(
+            f"CHARGING_PARTITIONS is {settings.partitions} but this deployment ({settings.namespace}) was set up "
+            f"with {recorded}; changing it would re-route existing accounts. Use {recorded}.")
+
+
 def check_version(client: redis.Redis) -> None:
-    info = client.info("server")
+    info = client.info(target_nodes=RedisCluster.RANDOM) if is_cluster(client) else client.info()
     version = tuple(int(p) for p in str(info["redis_version"]).split(".")[:2])
     if version < MIN_REDIS:
         raise RedisTooOld(f"Redis {info['redis_version']} has no Functions; this engine needs Redis >= 7.0")
-    memory = client.info("memory")
-    log.info("redis_connected", version=info["redis_version"], used_memory=memory["used_memory_human"],
-             maxmemory_policy=memory.get("maxmemory_policy"))
+    log.info("redis_connected", version=info["redis_version"], mode=info.get("redis_mode"),
+             used_memory=info.get("used_memory_human"), maxmemory_policy=info.get("maxmemory_policy"))
 
 
 def library_source() -> str:
@@ -80,3 +129,25 @@ def with_functions(client: redis.Redis, call: Callable[[], T]) -> T:
 
 def missing_function(reply: object) -> bool:
     return isinstance(reply, redis.ResponseError) and "Function not found" in str(reply)
+
+
+def read_streams(client: redis.Redis, streams: dict[str, str], count: int, block_ms: int,
+                 group: str | None = None, consumer: str | None = None) -> list:
+    """XREAD (or XREADGROUP when group is given) over several streams, in XREAD's reply
+    shape. One blocking call on a single node; on a cluster, streams of different slots
+    cannot share a call, so one pipelined non-blocking read per stream, and a short pause
+    when all were empty."""
+    def read(target, names: dict[str, str], block: int | None):
+        if group is None:
+            return target.xread(names, count=count, block=block)
+        return target.xreadgroup(group, consumer, names, count=count, block=block)
+
+    if not is_cluster(client) or len(streams) == 1:
+        return read(client, streams, block_ms) or []
+    pipe = client.pipeline(transaction=False)
+    for name, last in streams.items():
+        read(pipe, {name: last}, None)
+    replies = [r for reply in pipe.execute() if reply for r in reply]
+    if not replies:
+        time.sleep(min(block_ms, CLUSTER_POLL_MS) / 1000)
+    return replies

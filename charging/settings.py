@@ -16,6 +16,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CHARGING_", frozen=True)
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # A redis+cluster:// (or rediss+cluster://) URL, or this flag, selects the cluster client.
+    redis_cluster: bool = False
     namespace: str = Field("ch", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
     partitions: int = Field(1, ge=1, le=1024)
     group: str = Field("workers", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
@@ -64,6 +66,15 @@ class Settings(BaseSettings):
         if self.block_ms >= self.socket_timeout_s * 1000:
             raise ValueError("block_ms must be shorter than socket_timeout_s")
         return self
+
+    @property
+    def cluster(self) -> bool:
+        return self.redis_cluster or "+cluster://" in self.redis_url
+
+    @property
+    def server_url(self) -> str:
+        """redis_url without the +cluster marker, as redis-py expects it."""
+        return self.redis_url.replace("+cluster://", "://", 1)
 
     @property
     def dedupe_window_ms(self) -> int:

@@ -12,7 +12,7 @@ import redis
 import structlog
 
 from charging import functions
-from charging.connection import with_functions
+from charging.connection import read_streams, with_functions
 from charging.keys import Keys, partition_of
 from charging.schema import ChargeRequest, Invalid, Outcome, parse_request
 from charging.settings import Settings
@@ -39,6 +39,7 @@ class Producer:
         self.id = producer_id or uuid.uuid4().hex
         self._last_reply_id: dict[str, str] = {}  # reply stream -> last id read
         self._outcomes: dict[str, Outcome] = {}  # read from a reply stream, not yet collected
+        self._reply_stream: dict[str, str] = {}  # request id -> the reply stream its outcome goes to
 
     def prepare(self, data: Mapping[str, Any] | ChargeRequest, reply: bool = False) -> ChargeRequest:
         """Validate and rate a request, filling in request_id, submitted_at and reply_to.
@@ -61,6 +62,7 @@ class Producer:
                 prepared.append(self.prepare(data, reply))
             except Invalid as exc:
                 raise Invalid(exc.reason, f"request #{index}: {exc.detail}") from None
+        self._reply_stream.update((r.request_id, r.reply_to) for r in prepared if r.reply_to)
         for start in range(0, len(prepared), PIPELINE_CHUNK):
             pipe = self.client.pipeline(transaction=False)
             for request in prepared[start:start + PIPELINE_CHUNK]:
@@ -77,19 +79,24 @@ class Producer:
         """Outcomes of requests this producer submitted with reply=True, read from its reply
         streams. Raises WaitTimeout naming the ones still missing after timeout seconds."""
         wanted = list(request_ids)
+        unknown = [rid for rid in wanted if rid not in self._reply_stream and rid not in self._outcomes]
+        if unknown:
+            raise ValueError(f"not submitted by this producer with reply=True: {unknown[:5]}")
         deadline = time.monotonic() + timeout
-        streams = {Keys(self.settings.namespace, p).reply(self.id) for p in range(self.settings.partitions)}
         while missing := [rid for rid in wanted if rid not in self._outcomes]:
             left_ms = int((deadline - time.monotonic()) * 1000)
             if left_ms <= 0:
                 raise WaitTimeout(missing)
-            reply = self.client.xread({s: self._last_reply_id.get(s, "0-0") for s in streams},
-                                      count=1000, block=min(left_ms, 1000))
-            for stream, messages in reply or []:
+            streams = {self._reply_stream[rid] for rid in missing if rid in self._reply_stream}
+            reply = read_streams(self.client, {s: self._last_reply_id.get(s, "0-0") for s in streams},
+                                 count=1000, block_ms=min(left_ms, 1000))
+            for stream, messages in reply:
                 for entry_id, fields in messages:
                     outcome = Outcome.from_fields(fields)
                     self._outcomes[outcome.request_id] = outcome
                     self._last_reply_id[stream.decode()] = entry_id.decode()
+        for rid in wanted:
+            self._reply_stream.pop(rid, None)
         return {rid: self._outcomes.pop(rid) for rid in wanted}
 
     def authorize(self, data: Mapping[str, Any] | ChargeRequest) -> Outcome:

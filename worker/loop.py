@@ -10,7 +10,7 @@ import redis
 import structlog
 
 from charging import functions
-from charging.connection import load_functions, missing_function
+from charging.connection import load_functions, missing_function, read_streams
 from charging.keys import Keys, partition_of
 from charging.schema import Invalid, parse_request
 from charging.settings import Settings
@@ -73,12 +73,10 @@ class Worker:
 
     def read(self) -> list[Entry]:
         block = 100 if self.burst else self.settings.block_ms
-        reply = self.client.xreadgroup(
-            self.settings.group, self.consumer, {k.requests: ">" for k in self.partitions},
-            count=self.settings.batch, block=block,
-        )
-        return [Entry(self.by_stream[stream.decode()], eid.decode(), fields)
-                for stream, messages in reply or [] for eid, fields in messages]
+        reply = read_streams(self.client, {k.requests: ">" for k in self.partitions}, self.settings.batch, block,
+                             group=self.settings.group, consumer=self.consumer)
+        return [Entry(self.by_stream[_text(stream)], eid.decode(), fields)
+                for stream, messages in reply for eid, fields in messages]
 
     def settle(self, entries: list[Entry]) -> int:
         """One pipeline of function calls for the whole batch; each call is atomic on its own.
@@ -141,3 +139,7 @@ class Worker:
 def _request_id(fields: dict[bytes, bytes] | None) -> str | None:
     raw = (fields or {}).get(b"request_id")
     return raw[:128].decode("utf-8", "replace") if raw else None
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
