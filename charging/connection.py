@@ -64,11 +64,12 @@ def _parse_keys_locally(client: RedisCluster) -> None:
     generic = parser.get_keys
 
     def get_keys(conn, *args):
-        name = str(args[0]).upper()
+        words = [a.decode() if isinstance(a, bytes) else str(a) for a in args]
+        name = words[0].upper()
         if name in ("FCALL", "FCALL_RO"):
-            return list(args[3:3 + int(args[2])])
+            return list(args[3:3 + int(words[2])])
         if name in ("XREAD", "XREADGROUP"):
-            after = [str(a).upper() for a in args].index("STREAMS") + 1
+            after = [w.upper() for w in words].index("STREAMS") + 1
             return list(args[after:after + (len(args) - after) // 2])
         return generic(conn, *args)
 
