@@ -26,7 +26,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 accounts_app = typer.Typer(no_args_is_help=True, help="Create, inspect and top up accounts.")
 app.add_typer(accounts_app, name="accounts")
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 class State:
@@ -42,7 +42,8 @@ class State:
                 self._settings = Settings(**overrides)
             except pydantic.ValidationError as exc:
                 fail(2, f"invalid settings: {exc}")
-            logging_setup.configure(self._settings.log_level)
+            # One-shot commands log only warnings unless debugging; the worker sets its own level.
+            logging_setup.configure("debug" if self._settings.log_level == "debug" else "warning")
         return self._settings
 
     @property

@@ -10,12 +10,18 @@ from typing import TypeVar
 import redis
 import structlog
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.cluster import RedisCluster
+from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 
 from charging.settings import Settings
 
 log = structlog.get_logger("charging.connection")
+
+# Errors that pass: a server restarting or loading, a cluster failing over. Callers back
+# off and retry; every retried call is safe because it is keyed by request id or entry id.
+TRANSIENT_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError,
+                    redis.exceptions.ClusterDownError, redis.exceptions.TryAgainError,
+                    redis.exceptions.SlotNotCoveredError)
 
 CLUSTER_POLL_MS = 20  # pause between empty polls of several streams on a cluster
 
@@ -43,7 +49,8 @@ def connect(settings: Settings, load: bool = True) -> redis.Redis:
         retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=2.0), settings.retry_attempts),
     )
     if settings.cluster:
-        client = RedisCluster.from_url(settings.server_url, **options)
+        seeds = [ClusterNode(host, port) for host, port in settings.cluster_seeds]
+        client = RedisCluster.from_url(settings.server_url, startup_nodes=seeds, **options)
         _parse_keys_locally(client)
     else:
         client = redis.Redis.from_url(

@@ -56,6 +56,7 @@ class Keys:
 
 
 _REPLY_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_PARTITION_RANGE = re.compile(r"(\d+)(?:-(\d+))?")
 
 
 def all_partitions(namespace: str, partitions: int) -> list[Keys]:
@@ -66,10 +67,10 @@ def parse_partitions(spec: str, partitions: int) -> list[int]:
     """'0-5,8' -> [0, 1, 2, 3, 4, 5, 8]; every number must be a partition that exists."""
     chosen: set[int] = set()
     for part in spec.split(","):
-        low, _, high = part.strip().partition("-")
-        if not low.isdigit() or (high and not high.isdigit()):
+        match = _PARTITION_RANGE.fullmatch(part.strip())
+        if not match:
             raise ValueError(f"partitions must look like 0-5,8; got {spec!r}")
-        first, last = int(low), int(high or low)
+        first, last = int(match[1]), int(match[2] or match[1])
         if first > last or last >= partitions:
             raise ValueError(f"partitions {part!r} outside 0-{partitions - 1}")
         chosen.update(range(first, last + 1))

@@ -112,13 +112,13 @@ class LocalCluster:
     def __init__(self, base_dir: Path | str | None = None, primaries: int = 3, node_timeout_ms: int = 1000):
         base = Path(base_dir) if base_dir else Path(tempfile.mkdtemp(prefix="charging-cluster-"))
         args = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                "--cluster-node-timeout", str(node_timeout_ms))
+                "--cluster-node-timeout", str(node_timeout_ms), "--repl-diskless-sync-delay", "0")
         self.nodes = [RedisServer(base / f"node{i}", extra_args=args) for i in range(primaries * 2)]
         self.primaries = primaries
 
     @property
     def url(self) -> str:
-        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}/0"
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes) + "/0"
 
     def start(self) -> LocalCluster:
         for node in self.nodes:
@@ -130,7 +130,19 @@ class LocalCluster:
                         "--cluster-replicas", "1", "--cluster-yes"],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60)
         self.wait_healthy()
+        self._wait_replicas_in_sync()
         return self
+
+    def _wait_replicas_in_sync(self, timeout: float = 60.0) -> None:
+        """A replica that has not finished its first sync cannot take over: wait for it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            infos = [redis.Redis(port=n.port, socket_timeout=1).info("replication") for n in self.primary_nodes()]
+            if len(infos) == self.primaries and all(
+                    i.get("connected_slaves", 0) >= 1 and i["slave0"]["state"] == "online" for i in infos):
+                return
+            time.sleep(0.2)
+        raise TimeoutError("cluster replicas not in sync in time")
 
     def wait_healthy(self, timeout: float = 60.0) -> None:
         """Every live node says cluster_state:ok and sees every slot served."""

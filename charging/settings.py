@@ -73,8 +73,19 @@ class Settings(BaseSettings):
 
     @property
     def server_url(self) -> str:
-        """redis_url without the +cluster marker, as redis-py expects it."""
-        return self.redis_url.replace("+cluster://", "://", 1)
+        """redis_url as redis-py expects it: no +cluster marker, only the first host of a
+        cluster URL's comma-separated host list (the others are cluster_seeds)."""
+        scheme, rest = self.redis_url.replace("+cluster://", "://", 1).split("://", 1)
+        netloc, slash, path = rest.partition("/")
+        auth, at, hosts = netloc.rpartition("@")
+        return f"{scheme}://{auth}{at}{hosts.split(',')[0]}{slash}{path}"
+
+    @property
+    def cluster_seeds(self) -> list[tuple[str, int]]:
+        """Further cluster nodes to discover the cluster from when the first is down:
+        redis+cluster://host1:port1,host2:port2,.../0"""
+        netloc = self.redis_url.split("://", 1)[1].partition("/")[0].rpartition("@")[2]
+        return [(host, int(port)) for host, _, port in (h.rpartition(":") for h in netloc.split(",")[1:])]
 
     @property
     def dedupe_window_ms(self) -> int:

@@ -10,7 +10,7 @@ import redis
 import structlog
 
 from charging import functions
-from charging.connection import load_functions, missing_function, read_streams
+from charging.connection import TRANSIENT_ERRORS, load_functions, missing_function, read_streams
 from charging.keys import Keys, partition_of
 from charging.schema import Invalid, parse_request
 from charging.settings import Settings
@@ -62,7 +62,7 @@ class Worker:
                 elif self.burst and recovery.drained(self):
                     break
                 backoff = 0.1
-            except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as exc:
+            except TRANSIENT_ERRORS as exc:
                 # Entries read but not settled stay pending: settle them first once back.
                 self.log.warning("redis_unavailable", error=str(exc), retry_in_s=backoff)
                 time.sleep(backoff)
@@ -99,8 +99,9 @@ class Worker:
             replies = send()
         failed = 0
         for entry, work, reply in zip(entries, plan, replies):
-            if isinstance(reply, redis.ResponseError):
-                # Not acked, so it stays pending and is retried; max_deliveries ends the retries.
+            if isinstance(reply, Exception):
+                # An error reply, or (on a cluster) a node that went away mid-batch. Not acked,
+                # so it stays pending and is retried; max_deliveries ends an endless failure.
                 self.log.error("settle_failed", entry_id=entry.entry_id, error=str(reply))
                 failed += 1
             else:

@@ -7,12 +7,14 @@ from __future__ import annotations
 import multiprocessing
 import signal
 import socket
+import sys
 import time
 
 import structlog
+from redis.exceptions import RedisClusterException
 
 from charging import log as logging_setup
-from charging.connection import connect
+from charging.connection import TRANSIENT_ERRORS, connect
 from charging.settings import Settings
 from worker.loop import Worker
 
@@ -28,10 +30,25 @@ def consumer_names(base: str | None, processes: int) -> list[str]:
 
 def run_one(settings: Settings, consumer: str, burst: bool, partitions: list[int] | None = None) -> int:
     logging_setup.configure(settings.log_level)
-    worker = Worker(connect(settings), settings, consumer, partitions, burst)
+    for sig in (signal.SIGTERM, signal.SIGINT):  # nothing in hand yet: stopping is just exiting
+        signal.signal(sig, lambda *_: sys.exit(0))
+    worker = Worker(connect_when_up(settings), settings, consumer, partitions, burst)
     signal.signal(signal.SIGTERM, worker.stop)  # finish the batch in hand, then exit 0
     signal.signal(signal.SIGINT, worker.stop)
     return worker.run()
+
+
+def connect_when_up(settings: Settings):
+    """A worker started while Redis is down or a cluster is failing over waits for it
+    instead of exiting; an orchestrator restart loop is not needed for that."""
+    backoff = 0.1
+    while True:
+        try:
+            return connect(settings)
+        except (*TRANSIENT_ERRORS, RedisClusterException) as exc:
+            log.warning("redis_unavailable", error=str(exc), retry_in_s=backoff)
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
 
 
 def _child(settings_dump: dict, consumer: str, burst: bool, partitions: list[int] | None) -> None:
