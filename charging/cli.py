@@ -17,7 +17,7 @@ from rich.table import Table
 from charging import accounts as accounts_mod
 from charging import functions
 from charging import log as logging_setup
-from charging.connection import RedisTooOld, connect
+from charging.connection import RedisTooOld, connect, redacted
 from charging.schema import Invalid, Outcome, parse_top_up
 from charging.settings import Settings
 
@@ -148,14 +148,17 @@ def produce(account: Account = None, service: Service = None, units: Units = Non
             timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait.")] = 10.0,
             as_json: AsJson = False):
     """Publish charge requests to the request stream."""
-    from producer import Producer, WaitTimeout
+    from producer import BacklogFull, Producer, WaitTimeout
 
     producer = Producer(state.client, state.settings)
     if file is not None:
         requests = _read_jsonl(file, producer, skip_invalid)
     else:
         requests = [_prepare(producer, _request(account, service, units, amount, request_id), wait)]
-    ids = producer.submit(requests, reply=wait)
+    try:
+        ids = producer.submit(requests, reply=wait)
+    except BacklogFull as exc:
+        fail(1, str(exc))
     if not wait:
         emit({"submitted": len(ids), "request_ids": ids}, as_json,
              f"submitted {len(ids)} request(s)" + (f": {ids[0]}" if len(ids) == 1 else ""))
@@ -229,12 +232,14 @@ def authorize(account: Account = None, service: Service = None, units: Units = N
 def worker(processes: Annotated[int, typer.Option(min=1, max=256)] = 1,
            batch: Annotated[int | None, typer.Option(min=1, max=10_000, help="Entries per read.")] = None,
            consumer: Annotated[str | None, typer.Option(help="Stable consumer name (default: hostname).")] = None,
-           burst: Annotated[bool, typer.Option(help="Exit 0 once drained and nothing is pending.")] = False):
+           burst: Annotated[bool, typer.Option(help="Exit 0 once drained and nothing is pending.")] = False,
+           metrics_port: Annotated[int | None, typer.Option(min=1, max=65535, help="Serve Prometheus metrics "
+                                                            "on this port (all processes summed).")] = None):
     """Run consumer-group workers until SIGTERM / SIGINT (or, with --burst, until drained)."""
     from worker import supervisor
 
     settings = state.settings if batch is None else state.settings.model_copy(update={"batch": batch})
-    raise typer.Exit(supervisor.run(settings, processes, consumer, burst))
+    raise typer.Exit(supervisor.run(settings, processes, consumer, burst, metrics_port=metrics_port))
 
 
 @app.command()
@@ -244,12 +249,14 @@ def status(as_json: AsJson = False):
 
     data = read_status(state.client, state.settings)
     table = Table("partition", "requests", "pending", "lag", "oldest pending ms", "results", "dead letters",
-                  "consumers")
+                  "dead letters by reason (ever)", "pending per consumer")
     for p in data["partitions"]:
         table.add_row(str(p["partition"]), str(p["length"]), str(p["pending"]),
                       "unknown" if p["lag"] is None else str(p["lag"]),
                       "-" if p["oldest_pending_age_ms"] is None else str(p["oldest_pending_age_ms"]),
-                      str(p["results"]), str(p["deadletters"]), str(len(p["consumers"])))
+                      str(p["results"]), str(p["deadletters"]),
+                      " ".join(f"{r}={n}" for r, n in p["deadletter_reasons"].items()) or "-",
+                      " ".join(f"{c['name']}={c['pending']}" for c in p["consumers"]) or "-")
     emit(data, as_json, table)
 
 
@@ -284,7 +291,12 @@ def main() -> None:
     try:
         app()
     except redis.ConnectionError as exc:
-        err.print(f"[bold red]error:[/] cannot reach Redis at {state.settings.redis_url}: {exc}", highlight=False)
+        err.print(f"[bold red]error:[/] cannot reach Redis at {redacted(state.settings.redis_url)}: {exc}",
+                  highlight=False)
+        sys.exit(1)
+    except redis.exceptions.NoPermissionError as exc:
+        err.print(f"[bold red]error:[/] Redis refused: {exc} (the ACL user of CHARGING_REDIS_URL lacks this "
+                  f"right; see deploy/users.acl)", highlight=False)
         sys.exit(1)
     except RedisTooOld as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False)

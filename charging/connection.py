@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -34,11 +35,32 @@ def connect(settings: Settings, load: bool = True) -> redis.Redis:
         health_check_interval=30,
         retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=2.0), settings.retry_attempts),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError],
+        **tls_options(settings),
     )
     if load:
-        check_version(client)
-        load_functions(client)
+        try:
+            check_version(client)
+            load_functions(client)
+        except redis.exceptions.NoPermissionError as exc:
+            # A producer's ACL role (deploy/users.acl) may neither read INFO nor load
+            # functions; workers and admins do both, so the library is there for it.
+            log.info("functions_not_loaded", reason=str(exc))
     return client
+
+
+def tls_options(settings: Settings) -> dict[str, str]:
+    """Certificate files for a rediss:// URL (the URL scheme itself turns TLS on)."""
+    options = {}
+    if settings.tls_ca_file:
+        options["ssl_ca_certs"] = str(settings.tls_ca_file)
+    if settings.tls_cert_file and settings.tls_key_file:
+        options.update(ssl_certfile=str(settings.tls_cert_file), ssl_keyfile=str(settings.tls_key_file))
+    return options
+
+
+def redacted(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    return re.sub(r"(//[^:/@]*:)[^@]*@", r"\1***@", url)
 
 
 def check_version(client: redis.Redis) -> None:
