@@ -110,6 +110,8 @@ def accounts_top_up(account: str, amount: str):
     account, value = parse_top_up(account, amount, state.settings)
     try:
         new = functions.top_up(state.client, state.settings, account, value)
+    except redis.exceptions.NoPermissionError:
+        raise  # an ACL refusal, reported by main()
     except redis.ResponseError as exc:
         fail(1, f"{exc} (account {account!r})")
     out.print(f"{account}: {new}")
@@ -295,7 +297,7 @@ def main() -> None:
                   highlight=False)
         sys.exit(1)
     except redis.exceptions.NoPermissionError as exc:
-        err.print(f"[bold red]error:[/] Redis refused: {exc} (the ACL user of CHARGING_REDIS_URL lacks this "
+        err.print(f"[bold red]error:[/] Redis refused: NOPERM {exc} (the ACL user of CHARGING_REDIS_URL lacks this "
                   f"right; see deploy/users.acl)", highlight=False)
         sys.exit(1)
     except RedisTooOld as exc:
