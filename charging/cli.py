@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Annotated, Any
 
 import pydantic
 import redis
 import typer
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
+from rich.text import Text
 
 from charging import accounts as accounts_mod
 from charging import functions
@@ -65,7 +67,7 @@ def root(redis_url: Annotated[str | None, typer.Option(help="Overrides CHARGING_
     state.redis_url = redis_url
 
 
-def emit(data: dict[str, Any] | list, as_json: bool, human: str | Table) -> None:
+def emit(data: dict[str, Any] | list, as_json: bool, human: str | Table | Group) -> None:
     if as_json:
         typer.echo(json.dumps(data))
     else:
@@ -251,15 +253,22 @@ def status(as_json: AsJson = False):
 
     data = read_status(state.client, state.settings)
     table = Table("partition", "requests", "pending", "lag", "oldest pending ms", "results", "dead letters",
-                  "dead letters by reason (ever)", "pending per consumer")
+                  "consumers")
     for p in data["partitions"]:
         table.add_row(str(p["partition"]), str(p["length"]), str(p["pending"]),
                       "unknown" if p["lag"] is None else str(p["lag"]),
                       "-" if p["oldest_pending_age_ms"] is None else str(p["oldest_pending_age_ms"]),
-                      str(p["results"]), str(p["deadletters"]),
-                      " ".join(f"{r}={n}" for r, n in p["deadletter_reasons"].items()) or "-",
-                      " ".join(f"{c['name']}={c['pending']}" for c in p["consumers"]) or "-")
-    emit(data, as_json, table)
+                      str(p["results"]), str(p["deadletters"]), str(len(p["consumers"])))
+    per_consumer: Counter = Counter()
+    for p in data["partitions"]:
+        per_consumer.update({c["name"]: c["pending"] for c in p["consumers"]})
+    summary = Text(f"pending per consumer: {_pairs(per_consumer) or '-'}\n"
+                   f"dead letters by reason (ever): {_pairs(data['deadletter_reasons']) or '-'}")
+    emit(data, as_json, Group(table, summary))
+
+
+def _pairs(counts: dict[str, int]) -> str:
+    return " ".join(f"{name}={n}" for name, n in sorted(counts.items()))
 
 
 @app.command()
