@@ -1,7 +1,9 @@
 #!lua name=charging
 --[[
 The only place where a balance changes. Loaded with FUNCTION LOAD REPLACE by every
-process that talks to Redis (Redis >= 7.0).
+process that talks to Redis (Redis >= 7.0) and is allowed to (deploy/users.acl). Redis
+checks every command a function runs against the caller's ACL, so each role in that file
+holds the commands of the functions it calls (README, "Security").
 
 Keys. <ns> is the namespace (CHARGING_NAMESPACE, default "ch"); {pN} is the partition
 hash tag, so every key one call touches lives in one Redis Cluster slot.

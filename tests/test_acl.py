@@ -177,3 +177,12 @@ def test_admin_manages_accounts_but_not_the_server_or_other_keys(server, clients
     assert denied(lambda: admin.config_set("appendfsync", "no"))
     assert denied(lambda: admin.acl_setuser("producer", enabled=True, commands=["+@all"]))
     assert denied(lambda: admin.get("someone-elses-key"))
+
+
+def test_a_direct_fcall_cannot_turn_a_charge_into_a_top_up(server, clients):
+    authorizer = clients["authorizer"]
+    for amount in ("-50", "0", "2.5", "nan"):
+        with pytest.raises(redis.ResponseError, match="invalid_amount"):
+            authorizer.fcall("charge", 4, KEYS.balances, KEYS.seen(f"neg{amount}"), KEYS.results, KEYS.requests,
+                             f"neg{amount}", "account1", amount, "account1|amount|x", "", "", 60_000, "", 60_000)
+    assert balance(clients) == 100
