@@ -241,9 +241,14 @@ def worker(processes: Annotated[int, typer.Option(min=1, max=256)] = 1,
                                                             "on this port (all processes summed).")] = None):
     """Run consumer-group workers until SIGTERM / SIGINT (or, with --burst, until drained)."""
     from worker import supervisor
+    from worker.metrics import MetricsPortUnavailable
 
     settings = state.settings if batch is None else state.settings.model_copy(update={"batch": batch})
-    raise typer.Exit(supervisor.run(settings, processes, consumer, burst, metrics_port=metrics_port))
+    try:
+        code = supervisor.run(settings, processes, consumer, burst, metrics_port=metrics_port)
+    except MetricsPortUnavailable as exc:
+        fail(1, str(exc))
+    raise typer.Exit(code)
 
 
 @app.command()

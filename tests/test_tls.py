@@ -27,7 +27,8 @@ def openssl(*args: str) -> None:
 def signed(ca: Path, name: str, extensions: str) -> tuple[Path, Path]:
     key, csr, cert, ext = (ca.parent / f"{name}.{suffix}" for suffix in ("key", "csr", "crt", "ext"))
     ext.write_text(extensions + "\n")
-    openssl("req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={name}")
+    openssl("req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
+            "-subj", f"/CN={name}")
     openssl("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca.with_suffix(".key")),
             "-CAcreateserial", "-days", "1", "-out", str(cert), "-extfile", str(ext))
     return cert, key

@@ -15,7 +15,7 @@ import tempfile
 from collections import Counter as Tally
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server
 
 from charging.schema import Invalid
 
@@ -57,10 +57,14 @@ def enabled() -> bool:
     return _enabled
 
 
+class MetricsPortUnavailable(RuntimeError):
+    pass
+
+
 def serve(port: int) -> None:
     """Serve this process's metrics on port (all interfaces: containers are scraped from outside)."""
     enable()
-    start_http_server(port)
+    _listen(port, REGISTRY)
 
 
 def prepare_multiprocess() -> str:
@@ -73,7 +77,14 @@ def prepare_multiprocess() -> str:
 def serve_multiprocess(port: int, path: str) -> None:
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=path)
-    start_http_server(port, registry=registry)
+    _listen(port, registry)
+
+
+def _listen(port: int, registry: CollectorRegistry) -> None:
+    try:
+        start_http_server(port, registry=registry)
+    except OSError as exc:
+        raise MetricsPortUnavailable(f"cannot serve metrics on port {port}: {exc.strerror or exc}") from None
 
 
 def process_dead(pid: int) -> None:
