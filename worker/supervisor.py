@@ -38,7 +38,11 @@ def run_one(settings: Settings, consumer: str, burst: bool, partitions: list[int
     worker = Worker(connect(settings), settings, consumer, partitions, burst)
     signal.signal(signal.SIGTERM, worker.stop)  # finish the batch in hand, then exit 0
     signal.signal(signal.SIGINT, worker.stop)
-    return worker.run()
+    try:
+        return worker.run()
+    except Exception:  # logged as one JSON line like every other; the supervisor restarts it
+        log.exception("worker_crashed", consumer=consumer)
+        return 1
 
 
 def _child(settings_dump: dict, consumer: str, burst: bool, partitions: list[int] | None,
