@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -47,6 +48,7 @@ def connect(settings: Settings, load: bool = True) -> redis.Redis:
         socket_connect_timeout=settings.socket_timeout_s,
         health_check_interval=30,
         retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=2.0), settings.retry_attempts),
+        **tls_options(settings),
     )
     if settings.cluster:
         seeds = [ClusterNode(host, port) for host, port in settings.cluster_seeds]
@@ -57,8 +59,13 @@ def connect(settings: Settings, load: bool = True) -> redis.Redis:
             settings.server_url, retry_on_error=[redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError],
             **options)
     if load:
-        check_version(client)
-        load_functions(client)
+        try:
+            check_version(client)
+            load_functions(client)
+        except redis.exceptions.NoPermissionError as exc:
+            # A producer's ACL role (deploy/users.acl) may neither read INFO nor load
+            # functions; workers and admins do both, so the library is there for it.
+            log.info("functions_not_loaded", reason=str(exc))
         check_partitions(client, settings)
     return client
 
@@ -91,12 +98,37 @@ def check_partitions(client: redis.Redis, settings: Settings) -> None:
     """The partition count is fixed when a deployment first runs: changing it would route
     existing accounts to other partitions, where their balances are not."""
     key = f"{settings.namespace}:partitions"
-    client.set(key, settings.partitions, nx=True)
-    recorded = int(client.get(key))
+    recorded = client.get(key)
+    if recorded is None:
+        try:
+            client.set(key, settings.partitions, nx=True)
+        except redis.exceptions.NoPermissionError:
+            return  # a producer may only read it; the first worker or admin records it
+        recorded = client.get(key)
+    recorded = int(recorded)
     if recorded != settings.partitions:
         raise PartitionsChanged(
             f"CHARGING_PARTITIONS is {settings.partitions} but this deployment ({settings.namespace}) was set up "
             f"with {recorded}; changing it would re-route existing accounts. Use {recorded}.")
+
+
+def tls_options(settings: Settings) -> dict[str, str | bool]:
+    """TLS for a rediss:// URL (the scheme turns TLS on): the server's certificate and
+    host name are always verified (stated, because redis-py's defaults changed between
+    versions); certificate files from the settings."""
+    if not settings.server_url.startswith("rediss://"):
+        return {}
+    options: dict[str, str | bool] = {"ssl_cert_reqs": "required", "ssl_check_hostname": True}
+    if settings.tls_ca_file:
+        options["ssl_ca_certs"] = str(settings.tls_ca_file)
+    if settings.tls_cert_file and settings.tls_key_file:
+        options.update(ssl_certfile=str(settings.tls_cert_file), ssl_keyfile=str(settings.tls_key_file))
+    return options
+
+
+def redacted(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    return re.sub(r"(//[^:/@]*:)[^@]*@", r"\1***@", url)
 
 
 def check_version(client: redis.Redis) -> None:

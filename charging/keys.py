@@ -42,6 +42,10 @@ class Keys:
     def deadletter(self) -> str:
         return f"{self.tag}:deadletter"
 
+    @property
+    def deadletter_reasons(self) -> str:
+        return f"{self.tag}:deadletter:reasons"
+
     def seen(self, request_id: str) -> str:
         return f"{self.tag}:seen:{request_id}"
 

@@ -43,7 +43,9 @@ class RedisServer:
     """redis-server with AOF on, data in ``data_dir`` (a new temp dir unless given)."""
 
     def __init__(self, data_dir: Path | str | None = None, appendfsync: str = "everysec",
-                 extra_args: tuple[str, ...] = ()):
+                 extra_args: tuple[str, ...] = (), credentials: tuple[str, str] | None = None):
+        """credentials: the user and password that checks readiness, for a server started
+        with an ACL file that turns the default user off."""
         self.binary = shutil.which("redis-server")
         if self.binary is None:
             raise RedisServerMissing(INSTALL_HINT)
@@ -52,6 +54,7 @@ class RedisServer:
         self.port = free_port()
         self.appendfsync = appendfsync
         self.extra_args = extra_args
+        self.credentials = credentials or (None, None)
         self.process: subprocess.Popen | None = None
 
     @property
@@ -69,7 +72,8 @@ class RedisServer:
         return self
 
     def _wait_ready(self, timeout: float = 30.0) -> None:
-        client = redis.Redis(port=self.port, socket_timeout=1)
+        username, password = self.credentials
+        client = redis.Redis(port=self.port, socket_timeout=1, username=username, password=password)
         deadline = time.monotonic() + timeout
         while True:
             try:

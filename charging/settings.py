@@ -50,6 +50,19 @@ class Settings(BaseSettings):
 
     log_level: str = Field("info", pattern=r"^(debug|info|warning|error)$")
 
+    # TLS for rediss:// URLs: the CA that signed the server's certificate, and a client
+    # certificate and key for a server that asks for one (tls-auth-clients).
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+
+    # Backpressure: past this many entries in a request stream, Producer.submit refuses
+    # with `backlog full` instead of growing Redis without bound.
+    max_backlog: int = Field(1_000_000, ge=1)
+    # Subscriber groups of the results streams (comma separated) whose unread outcomes
+    # trimming never drops; see lua/charging.lua `trim` and README "Operations".
+    results_groups: str = Field("", pattern=r"^([A-Za-z0-9_.-]{1,64}(,[A-Za-z0-9_.-]{1,64})*)?$")
+
     @field_validator("tariff")
     @classmethod
     def _whole_tariff(cls, tariff: dict[str, int]) -> dict[str, int]:
@@ -65,6 +78,14 @@ class Settings(BaseSettings):
             object.__setattr__(self, "tariff", _check_tariff(table))
         if self.block_ms >= self.socket_timeout_s * 1000:
             raise ValueError("block_ms must be shorter than socket_timeout_s")
+        return self
+
+    @model_validator(mode="after")
+    def _tls_needs_rediss(self) -> Settings:
+        if (self.tls_ca_file or self.tls_cert_file or self.tls_key_file) and not self.server_url.startswith("rediss://"):
+            raise ValueError("tls_* files are used only with a rediss:// URL")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
         return self
 
     @property
@@ -90,6 +111,10 @@ class Settings(BaseSettings):
     @property
     def dedupe_window_ms(self) -> int:
         return self.dedupe_window_s * 1000
+
+    @property
+    def results_group_names(self) -> list[str]:
+        return self.results_groups.split(",") if self.results_groups else []
 
 
 def _check_tariff(tariff: dict[str, object]) -> dict[str, int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -32,6 +33,16 @@ class WaitTimeout(TimeoutError):
         self.missing = missing
 
 
+class BacklogFull(RuntimeError):
+    """A request stream is at CHARGING_MAX_BACKLOG entries: the workers are behind or
+    stopped. Nothing of the batch was written; retry later with the same request ids."""
+
+    def __init__(self, stream: str, length: int, adding: int, limit: int):
+        super().__init__(f"backlog full: {stream} holds {length} entries; adding {adding} would pass the limit "
+                         f"of {limit} (CHARGING_MAX_BACKLOG). Workers are behind or stopped; nothing was submitted.")
+        self.stream = stream
+
+
 class Producer:
     def __init__(self, client: redis.Redis, settings: Settings, producer_id: str | None = None):
         self.client = client
@@ -55,13 +66,15 @@ class Producer:
 
     def submit(self, requests: Iterable[Mapping[str, Any] | ChargeRequest], reply: bool = False) -> list[str]:
         """Append requests to their partitions' request streams, one round trip per chunk.
-        Every request is validated first: one invalid request raises and nothing is written."""
+        Every request is validated first: one invalid request raises and nothing is written;
+        a request stream at the backlog limit raises BacklogFull and nothing is written."""
         prepared = []
         for index, data in enumerate(requests):
             try:
                 prepared.append(self.prepare(data, reply))
             except Invalid as exc:
                 raise Invalid(exc.reason, f"request #{index}: {exc.detail}") from None
+        self._check_backlog(prepared)
         self._reply_stream.update((r.request_id, r.reply_to) for r in prepared if r.reply_to)
         for start in range(0, len(prepared), PIPELINE_CHUNK):
             pipe = self.client.pipeline(transaction=False)
@@ -69,6 +82,20 @@ class Producer:
                 pipe.xadd(self._keys(request.account).requests, request.to_fields())
             pipe.execute()
         return [r.request_id for r in prepared]
+
+    def _check_backlog(self, prepared: list[ChargeRequest]) -> None:
+        """One pipelined XLEN per stream the batch goes to. A soft limit: producers racing
+        each other can pass it by at most one batch each. The stream is never capped with
+        MAXLEN, because trimming would drop charges no worker has settled."""
+        adding = Counter(self._keys(r.account) for r in prepared)
+        pipe = self.client.pipeline(transaction=False)
+        for keys in adding:
+            pipe.xlen(keys.requests)
+        for (keys, n), length in zip(adding.items(), pipe.execute()):
+            if length + n > self.settings.max_backlog:
+                log.warning("backlog_full", partition=keys.partition, length=length, adding=n,
+                            limit=self.settings.max_backlog)
+                raise BacklogFull(keys.requests, length, n, self.settings.max_backlog)
 
     def charge(self, data: Mapping[str, Any] | ChargeRequest, timeout: float = 5.0) -> Outcome:
         """Submit one request through the stream and wait for its outcome."""
@@ -106,7 +133,8 @@ class Producer:
         reply = with_functions(self.client, lambda: functions.charge(
             self.client, self.settings, request, price(request, self.settings)))
         outcome = Outcome.from_reply(request, reply)
-        log.debug("authorized", request_id=outcome.request_id, account=outcome.account, status=outcome.status)
+        log.debug("authorized", request_id=outcome.request_id, account=outcome.account,
+                  partition=partition_of(outcome.account, self.settings.partitions), status=outcome.status)
         return outcome
 
     def _keys(self, account: str) -> Keys:

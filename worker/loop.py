@@ -15,7 +15,7 @@ from charging.keys import Keys, partition_of
 from charging.schema import Invalid, parse_request
 from charging.settings import Settings
 from charging.tariff import price
-from worker import recovery
+from worker import metrics, recovery
 from worker.entry import Entry
 
 log = structlog.get_logger("charging.worker")
@@ -81,6 +81,7 @@ class Worker:
     def settle(self, entries: list[Entry]) -> int:
         """One pipeline of function calls for the whole batch; each call is atomic on its own.
         Returns how many entries could not be settled (they stay pending)."""
+        started = time.perf_counter()
         plan = [self.judge(entry) for entry in entries]
 
         def send():
@@ -102,11 +103,13 @@ class Worker:
             if isinstance(reply, Exception):
                 # An error reply, or (on a cluster) a node that went away mid-batch. Not acked,
                 # so it stays pending and is retried; max_deliveries ends an endless failure.
-                self.log.error("settle_failed", entry_id=entry.entry_id, error=str(reply))
+                self.log.error("settle_failed", entry_id=entry.entry_id, partition=entry.keys.partition,
+                               error=str(reply))
                 failed += 1
             else:
                 self.report(entry, work, reply)
         self.settled += len(entries) - failed
+        metrics.record_batch(plan, replies, time.perf_counter() - started)
         return failed
 
     def judge(self, entry: Entry):
@@ -126,19 +129,21 @@ class Worker:
         if isinstance(work, Invalid):
             if reply:
                 self.log.warning("entry_dead_lettered", entry_id=entry.entry_id, reason=work.reason,
-                                 detail=work.detail, request_id=_request_id(entry.fields))
+                                 detail=work.detail, request_id=_field(entry.fields, b"request_id"),
+                                 account=_field(entry.fields, b"account"), partition=entry.keys.partition)
             return
         request, amount = work
         status = reply[0].decode()
         event = {"approved": "charge_approved", "rejected": "charge_rejected", "stale": "entry_already_settled"}
         level = self.log.debug if status == "approved" else self.log.info
         level(event[status], request_id=request.request_id, account=request.account, entry_id=entry.entry_id,
-              amount=amount, reason=reply[1].decode() if len(reply) > 1 else "",
+              partition=entry.keys.partition, amount=amount, reason=reply[1].decode() if len(reply) > 1 else "",
               duplicate=len(reply) > 4 and bool(reply[4]))
 
 
-def _request_id(fields: dict[bytes, bytes] | None) -> str | None:
-    raw = (fields or {}).get(b"request_id")
+def _field(fields: dict[bytes, bytes] | None, name: bytes) -> str | None:
+    """A field of an entry that failed validation, cut short and decoded leniently for the log."""
+    raw = (fields or {}).get(name)
     return raw[:128].decode("utf-8", "replace") if raw else None
 
 
