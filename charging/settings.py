@@ -63,6 +63,11 @@ class Settings(BaseSettings):
     # trimming never drops; see lua/charging.lua `trim` and README "Operations".
     results_groups: str = Field("", pattern=r"^([A-Za-z0-9_.-]{1,64}(,[A-Za-z0-9_.-]{1,64})*)?$")
 
+    # Durability across failover: before a submit or an authorize is confirmed, wait until
+    # this many replicas hold it (WAIT). 0: confirm on the primary's word (asynchronous).
+    wait_replicas: int = Field(0, ge=0, le=16)
+    wait_timeout_ms: int = Field(1000, ge=1)
+
     @field_validator("tariff")
     @classmethod
     def _whole_tariff(cls, tariff: dict[str, int]) -> dict[str, int]:
