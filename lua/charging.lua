@@ -27,6 +27,8 @@ hash tag, so every key one call touches lives in one Redis Cluster slot.
                                    per reason code), so status never scans the stream.
   <ns>:{pN}:reply:<id>     stream  one producer's replies. Written by charge; expires
                                    CHARGING_REPLY_TTL after the last reply.
+  <ns>:partitions          string  the partition count, recorded by the first process
+                                   (charging/connection.py); no hash tag, never touched here.
 ]]
 
 local SEP = '\31'
