@@ -9,5 +9,7 @@ COPY bench bench
 COPY lua lua
 RUN pip install --no-cache-dir . && useradd --system --no-create-home charging
 USER charging
+# `charging worker --metrics-port 9100` (docker-compose.yml) serves Prometheus metrics here.
+EXPOSE 9100
 ENTRYPOINT ["charging"]
 CMD ["worker"]

@@ -57,7 +57,7 @@ def _redis_benchmark(ctx: Context, settings: Settings, requests: int) -> ModeRes
         args += ["-a", conn["password"]] + (["--user", conn["username"]] if conn.get("username") else [])
     args += ["FCALL", "charge", "4", keys.balances, keys.seen("__rand_int__"), keys.results, keys.requests,
              ACCOUNT, ACCOUNT, str(PRICE), f"{ACCOUNT}|amount|{PRICE}", "", "", str(settings.dedupe_window_ms),
-             str(settings.results_maxlen), "", str(settings.reply_ttl_s * 1000)]
+             "", str(settings.reply_ttl_s * 1000)]
     with ctx.task(f"ceiling: redis-benchmark -c {CLIENTS} -P {PIPELINE}", requests) as advance:
         proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         done = 0

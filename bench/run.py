@@ -31,7 +31,7 @@ def run_bench(settings: Settings, profile: Profile, out: Path, own_server: bool,
         server = RedisServer(data_dir).start() if own_server else None
         try:
             if server:
-                settings = settings.model_copy(update={"redis_url": server.url})
+                settings = settings.model_copy(update={"redis_url": server.url, "redis_cluster": False})
                 console.print(f"private redis-server on port {server.port} (AOF, appendfsync everysec)")
             return _run(settings, profile, out, server is not None, console)
         finally:

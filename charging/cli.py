@@ -5,19 +5,21 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Annotated, Any
 
 import pydantic
 import redis
 import typer
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
+from rich.text import Text
 
 from charging import accounts as accounts_mod
 from charging import functions
 from charging import log as logging_setup
-from charging.connection import RedisTooOld, connect
+from charging.connection import PartitionsChanged, RedisTooOld, connect, redacted
 from charging.schema import Invalid, Outcome, parse_top_up
 from charging.settings import Settings
 
@@ -26,7 +28,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 accounts_app = typer.Typer(no_args_is_help=True, help="Create, inspect and top up accounts.")
 app.add_typer(accounts_app, name="accounts")
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 class State:
@@ -42,7 +44,8 @@ class State:
                 self._settings = Settings(**overrides)
             except pydantic.ValidationError as exc:
                 fail(2, f"invalid settings: {exc}")
-            logging_setup.configure(self._settings.log_level)
+            # One-shot commands log only warnings unless debugging; the worker sets its own level.
+            logging_setup.configure("debug" if self._settings.log_level == "debug" else "warning")
         return self._settings
 
     @property
@@ -65,7 +68,7 @@ def root(redis_url: Annotated[str | None, typer.Option(help="Overrides CHARGING_
     state.redis_url = redis_url
 
 
-def emit(data: dict[str, Any] | list, as_json: bool, human: str | Table) -> None:
+def emit(data: dict[str, Any] | list, as_json: bool, human: str | Table | Group) -> None:
     if as_json:
         typer.echo(json.dumps(data))
     else:
@@ -110,6 +113,8 @@ def accounts_top_up(account: str, amount: str):
     account, value = parse_top_up(account, amount, state.settings)
     try:
         new = functions.top_up(state.client, state.settings, account, value)
+    except redis.exceptions.NoPermissionError:
+        raise  # an ACL refusal, reported by main()
     except redis.ResponseError as exc:
         fail(1, f"{exc} (account {account!r})")
     out.print(f"{account}: {new}")
@@ -148,14 +153,17 @@ def produce(account: Account = None, service: Service = None, units: Units = Non
             timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait.")] = 10.0,
             as_json: AsJson = False):
     """Publish charge requests to the request stream."""
-    from producer import Producer, WaitTimeout
+    from producer import BacklogFull, Producer, WaitTimeout
 
     producer = Producer(state.client, state.settings)
     if file is not None:
         requests = _read_jsonl(file, producer, skip_invalid)
     else:
         requests = [_prepare(producer, _request(account, service, units, amount, request_id), wait)]
-    ids = producer.submit(requests, reply=wait)
+    try:
+        ids = producer.submit(requests, reply=wait)
+    except BacklogFull as exc:
+        fail(1, str(exc))
     if not wait:
         emit({"submitted": len(ids), "request_ids": ids}, as_json,
              f"submitted {len(ids)} request(s)" + (f": {ids[0]}" if len(ids) == 1 else ""))
@@ -229,12 +237,26 @@ def authorize(account: Account = None, service: Service = None, units: Units = N
 def worker(processes: Annotated[int, typer.Option(min=1, max=256)] = 1,
            batch: Annotated[int | None, typer.Option(min=1, max=10_000, help="Entries per read.")] = None,
            consumer: Annotated[str | None, typer.Option(help="Stable consumer name (default: hostname).")] = None,
-           burst: Annotated[bool, typer.Option(help="Exit 0 once drained and nothing is pending.")] = False):
+           burst: Annotated[bool, typer.Option(help="Exit 0 once drained and nothing is pending.")] = False,
+           partitions: Annotated[str | None, typer.Option(help="Partitions to consume, e.g. 0-5,8 (default all).")]
+           = None,
+           metrics_port: Annotated[int | None, typer.Option(min=1, max=65535, help="Serve Prometheus metrics "
+                                                            "on this port (all processes summed).")] = None):
     """Run consumer-group workers until SIGTERM / SIGINT (or, with --burst, until drained)."""
+    from charging.keys import parse_partitions
     from worker import supervisor
+    from worker.metrics import MetricsPortUnavailable
 
     settings = state.settings if batch is None else state.settings.model_copy(update={"batch": batch})
-    raise typer.Exit(supervisor.run(settings, processes, consumer, burst))
+    try:
+        chosen = None if partitions is None else parse_partitions(partitions, settings.partitions)
+    except ValueError as exc:
+        fail(2, str(exc))
+    try:
+        code = supervisor.run(settings, processes, consumer, burst, chosen, metrics_port=metrics_port)
+    except MetricsPortUnavailable as exc:
+        fail(1, str(exc))
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -250,7 +272,16 @@ def status(as_json: AsJson = False):
                       "unknown" if p["lag"] is None else str(p["lag"]),
                       "-" if p["oldest_pending_age_ms"] is None else str(p["oldest_pending_age_ms"]),
                       str(p["results"]), str(p["deadletters"]), str(len(p["consumers"])))
-    emit(data, as_json, table)
+    per_consumer: Counter = Counter()
+    for p in data["partitions"]:
+        per_consumer.update({c["name"]: c["pending"] for c in p["consumers"]})
+    summary = Text(f"pending per consumer: {_pairs(per_consumer) or '-'}\n"
+                   f"dead letters by reason (ever): {_pairs(data['deadletter_reasons']) or '-'}")
+    emit(data, as_json, Group(table, summary))
+
+
+def _pairs(counts: dict[str, int]) -> str:
+    return " ".join(f"{name}={n}" for name, n in sorted(counts.items()))
 
 
 @app.command()
@@ -297,6 +328,8 @@ def bench(profile: Annotated[str, typer.Argument(help="standard, quick or tiny."
         fail(2, f"unknown profile {name!r}; choose one of {', '.join(PROFILES)}")
     url = redis_url or state.redis_url
     settings = state.settings if url is None else state.settings.model_copy(update={"redis_url": url})
+    if url is not None and settings.cluster:
+        fail(2, "the bench measures one Redis server (redis-benchmark included); give a single-node URL")
     # The summary is wide: give it room when the output is a file or a pipe (rich assumes 80 columns).
     console = out if out.is_terminal else Console(width=130)
     raise typer.Exit(run_bench(settings, PROFILES[name], out_dir, own_server=url is None, console=console))
@@ -306,9 +339,14 @@ def main() -> None:
     try:
         app()
     except redis.ConnectionError as exc:
-        err.print(f"[bold red]error:[/] cannot reach Redis at {state.settings.redis_url}: {exc}", highlight=False)
+        err.print(f"[bold red]error:[/] cannot reach Redis at {redacted(state.settings.redis_url)}: {exc}",
+                  highlight=False)
         sys.exit(1)
-    except RedisTooOld as exc:
+    except redis.exceptions.NoPermissionError as exc:
+        err.print(f"[bold red]error:[/] Redis refused: NOPERM {exc} (the ACL user of CHARGING_REDIS_URL lacks this "
+                  f"right; see deploy/users.acl)", highlight=False)
+        sys.exit(1)
+    except (RedisTooOld, PartitionsChanged) as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False)
         sys.exit(1)
     except Invalid as exc:

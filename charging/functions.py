@@ -26,7 +26,7 @@ def charge(target, settings: Settings, request: ChargeRequest, amount: int, entr
     return target.fcall(
         "charge", len(names), *names,
         request.request_id, request.account, amount, request.fingerprint, entry_id, settings.group,
-        settings.dedupe_window_ms, settings.results_maxlen, request.submitted_at or "",
+        settings.dedupe_window_ms, request.submitted_at or "",
         settings.reply_ttl_s * 1000,
     )
 
@@ -36,7 +36,7 @@ def charge_batch(target, settings: Settings, keys: Keys, charges: Sequence[tuple
     in order, each exactly as charge() would; its reply holds one charge() reply (or an
     error) per charge."""
     names = [keys.balances, keys.results, keys.requests]
-    args: list = [settings.group, settings.dedupe_window_ms, settings.results_maxlen, settings.reply_ttl_s * 1000]
+    args: list = [settings.group, settings.dedupe_window_ms, settings.reply_ttl_s * 1000]
     for request, amount, entry_id in charges:
         names.append(keys.seen(request.request_id))
         if request.reply_to:
@@ -51,7 +51,7 @@ def dead_letter(target, settings: Settings, keys: Keys, entry_id: str, invalid: 
     """ack=False records an entry that is no longer pending (XAUTOCLAIM found it deleted)."""
     pairs = [part[:DEADLETTER_FIELD_BYTES] for item in (fields or {}).items() for part in item]
     return target.fcall(
-        "dead_letter", 2, keys.deadletter, keys.requests,
+        "dead_letter", 3, keys.deadletter, keys.requests, keys.deadletter_reasons,
         entry_id, settings.group if ack else "", invalid.reason, invalid.detail, settings.deadletter_maxlen, *pairs,
     )
 
@@ -73,4 +73,11 @@ def set_balances(client: redis.Redis, settings: Settings, balances: Iterable[tup
 
 
 def trim_requests(target, keys: Keys):
-    return target.fcall("trim_requests", 1, keys.requests)
+    """Drop request entries every group has acked."""
+    return target.fcall("trim", 1, keys.requests, 0)
+
+
+def trim_results(target, settings: Settings, keys: Keys):
+    """Keep about results_maxlen outcomes, never dropping one a group named in
+    results_groups has not read and acked."""
+    return target.fcall("trim", 1, keys.results, settings.results_maxlen, *settings.results_group_names)

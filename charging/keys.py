@@ -42,6 +42,10 @@ class Keys:
     def deadletter(self) -> str:
         return f"{self.tag}:deadletter"
 
+    @property
+    def deadletter_reasons(self) -> str:
+        return f"{self.tag}:deadletter:reasons"
+
     def seen(self, request_id: str) -> str:
         return f"{self.tag}:seen:{request_id}"
 
@@ -56,7 +60,22 @@ class Keys:
 
 
 _REPLY_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_PARTITION_RANGE = re.compile(r"(\d+)(?:-(\d+))?")
 
 
 def all_partitions(namespace: str, partitions: int) -> list[Keys]:
     return [Keys(namespace, p) for p in range(partitions)]
+
+
+def parse_partitions(spec: str, partitions: int) -> list[int]:
+    """'0-5,8' -> [0, 1, 2, 3, 4, 5, 8]; every number must be a partition that exists."""
+    chosen: set[int] = set()
+    for part in spec.split(","):
+        match = _PARTITION_RANGE.fullmatch(part.strip())
+        if not match:
+            raise ValueError(f"partitions must look like 0-5,8; got {spec!r}")
+        first, last = int(match[1]), int(match[2] or match[1])
+        if first > last or last >= partitions:
+            raise ValueError(f"partitions {part!r} outside 0-{partitions - 1}")
+        chosen.update(range(first, last + 1))
+    return sorted(chosen)

@@ -21,16 +21,31 @@ class RedisServerMissing(RuntimeError):
 
 
 def free_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free too."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port + 10000 < 65536 and _is_free(port + 10000):
+            return port
+
+
+def _is_free(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
 
 
 class RedisServer:
     """redis-server with AOF on, data in ``data_dir`` (a new temp dir unless given)."""
 
     def __init__(self, data_dir: Path | str | None = None, appendfsync: str = "everysec",
-                 extra_args: tuple[str, ...] = ()):
+                 extra_args: tuple[str, ...] = (), credentials: tuple[str, str] | None = None):
+        """credentials: the user and password that checks readiness, for a server started
+        with an ACL file that turns the default user off."""
         self.binary = shutil.which("redis-server")
         if self.binary is None:
             raise RedisServerMissing(INSTALL_HINT)
@@ -39,6 +54,7 @@ class RedisServer:
         self.port = free_port()
         self.appendfsync = appendfsync
         self.extra_args = extra_args
+        self.credentials = credentials or (None, None)
         self.process: subprocess.Popen | None = None
 
     @property
@@ -56,7 +72,8 @@ class RedisServer:
         return self
 
     def _wait_ready(self, timeout: float = 30.0) -> None:
-        client = redis.Redis(port=self.port, socket_timeout=1)
+        username, password = self.credentials
+        client = redis.Redis(port=self.port, socket_timeout=1, username=username, password=password)
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -86,6 +103,79 @@ class RedisServer:
                 self.kill()
 
     def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class LocalCluster:
+    """A Redis Cluster of ``primaries`` primaries with one replica each, every node a
+    RedisServer in its own dir; joined with `redis-cli --cluster create`."""
+
+    def __init__(self, base_dir: Path | str | None = None, primaries: int = 3, node_timeout_ms: int = 1000):
+        base = Path(base_dir) if base_dir else Path(tempfile.mkdtemp(prefix="charging-cluster-"))
+        args = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", str(node_timeout_ms), "--repl-diskless-sync-delay", "0")
+        self.nodes = [RedisServer(base / f"node{i}", extra_args=args) for i in range(primaries * 2)]
+        self.primaries = primaries
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes) + "/0"
+
+    def start(self) -> LocalCluster:
+        for node in self.nodes:
+            node.start()
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            raise RedisServerMissing("redis-cli is not on PATH; it comes with redis-server (redis-tools on Debian)")
+        subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                        "--cluster-replicas", "1", "--cluster-yes"],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60)
+        self.wait_healthy()
+        self._wait_replicas_in_sync()
+        return self
+
+    def _wait_replicas_in_sync(self, timeout: float = 60.0) -> None:
+        """A replica that has not finished its first sync cannot take over: wait for it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            infos = [redis.Redis(port=n.port, socket_timeout=1).info("replication") for n in self.primary_nodes()]
+            if len(infos) == self.primaries and all(
+                    i.get("connected_slaves", 0) >= 1 and i["slave0"]["state"] == "online" for i in infos):
+                return
+            time.sleep(0.2)
+        raise TimeoutError("cluster replicas not in sync in time")
+
+    def wait_healthy(self, timeout: float = 60.0) -> None:
+        """Every live node says cluster_state:ok and sees every slot served."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            states = []
+            for node in self.live_nodes():
+                try:
+                    info = redis.Redis(port=node.port, socket_timeout=1).cluster("info")
+                    states.append(info["cluster_state"] == "ok" and int(info["cluster_slots_ok"]) == 16384)
+                except redis.RedisError:
+                    states.append(False)
+            if states and all(states):
+                return
+            time.sleep(0.2)
+        raise TimeoutError("cluster not healthy in time")
+
+    def live_nodes(self) -> list[RedisServer]:
+        return [n for n in self.nodes if n.process and n.process.poll() is None]
+
+    def primary_nodes(self) -> list[RedisServer]:
+        return [n for n in self.live_nodes()
+                if redis.Redis(port=n.port, socket_timeout=1).info("replication")["role"] == "master"]
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def __enter__(self) -> LocalCluster:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -16,6 +16,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CHARGING_", frozen=True)
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # A redis+cluster:// (or rediss+cluster://) URL, or this flag, selects the cluster client.
+    redis_cluster: bool = False
     namespace: str = Field("ch", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
     partitions: int = Field(1, ge=1, le=1024)
     group: str = Field("workers", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
@@ -48,6 +50,24 @@ class Settings(BaseSettings):
 
     log_level: str = Field("info", pattern=r"^(debug|info|warning|error)$")
 
+    # TLS for rediss:// URLs: the CA that signed the server's certificate, and a client
+    # certificate and key for a server that asks for one (tls-auth-clients).
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+
+    # Backpressure: past this many entries in a request stream, Producer.submit refuses
+    # with `backlog full` instead of growing Redis without bound.
+    max_backlog: int = Field(1_000_000, ge=1)
+    # Subscriber groups of the results streams (comma separated) whose unread outcomes
+    # trimming never drops; see lua/charging.lua `trim` and README "Operations".
+    results_groups: str = Field("", pattern=r"^([A-Za-z0-9_.-]{1,64}(,[A-Za-z0-9_.-]{1,64})*)?$")
+
+    # Durability across failover: before a submit or an authorize is confirmed, wait until
+    # this many replicas hold it (WAIT). 0: confirm on the primary's word (asynchronous).
+    wait_replicas: int = Field(0, ge=0, le=16)
+    wait_timeout_ms: int = Field(1000, ge=1)
+
     @field_validator("tariff")
     @classmethod
     def _whole_tariff(cls, tariff: dict[str, int]) -> dict[str, int]:
@@ -65,9 +85,41 @@ class Settings(BaseSettings):
             raise ValueError("block_ms must be shorter than socket_timeout_s")
         return self
 
+    @model_validator(mode="after")
+    def _tls_needs_rediss(self) -> Settings:
+        if (self.tls_ca_file or self.tls_cert_file or self.tls_key_file) and not self.server_url.startswith("rediss://"):
+            raise ValueError("tls_* files are used only with a rediss:// URL")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        return self
+
+    @property
+    def cluster(self) -> bool:
+        return self.redis_cluster or "+cluster://" in self.redis_url
+
+    @property
+    def server_url(self) -> str:
+        """redis_url as redis-py expects it: no +cluster marker, only the first host of a
+        cluster URL's comma-separated host list (the others are cluster_seeds)."""
+        scheme, rest = self.redis_url.replace("+cluster://", "://", 1).split("://", 1)
+        netloc, slash, path = rest.partition("/")
+        auth, at, hosts = netloc.rpartition("@")
+        return f"{scheme}://{auth}{at}{hosts.split(',')[0]}{slash}{path}"
+
+    @property
+    def cluster_seeds(self) -> list[tuple[str, int]]:
+        """Further cluster nodes to discover the cluster from when the first is down:
+        redis+cluster://host1:port1,host2:port2,.../0"""
+        netloc = self.redis_url.split("://", 1)[1].partition("/")[0].rpartition("@")[2]
+        return [(host, int(port)) for host, _, port in (h.rpartition(":") for h in netloc.split(",")[1:])]
+
     @property
     def dedupe_window_ms(self) -> int:
         return self.dedupe_window_s * 1000
+
+    @property
+    def results_group_names(self) -> list[str]:
+        return self.results_groups.split(",") if self.results_groups else []
 
 
 def _check_tariff(tariff: dict[str, object]) -> dict[str, int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from typing import Any
 
 import redis
@@ -16,11 +17,14 @@ def partition_status(client: redis.Redis, settings: Settings, keys: Keys) -> dic
     pipe.xlen(keys.requests)
     pipe.xlen(keys.results)
     pipe.xlen(keys.deadletter)
-    length, results, deadletters = pipe.execute()
+    pipe.hgetall(keys.deadletter_reasons)
+    length, results, deadletters, reasons = pipe.execute()
     status = {
         "partition": keys.partition,
         "requests_stream": keys.requests, "results_stream": keys.results, "deadletter_stream": keys.deadletter,
         "length": length, "results": results, "deadletters": deadletters,
+        # Counted by the dead_letter function since the start; the stream itself is trimmed.
+        "deadletter_reasons": {_text(r): int(n) for r, n in sorted(reasons.items())},
         "pending": 0, "lag": None, "oldest_pending_age_ms": None, "consumers": [],
     }
     group = _group(client, keys.requests, settings.group)
@@ -61,6 +65,7 @@ def status(client: redis.Redis, settings: Settings) -> dict[str, Any]:
         "length": sum(p["length"] for p in parts),
         "results": sum(p["results"] for p in parts),
         "deadletters": sum(p["deadletters"] for p in parts),
+        "deadletter_reasons": dict(sorted(sum((Counter(p["deadletter_reasons"]) for p in parts), Counter()).items())),
         "pending": sum(p["pending"] for p in parts),
         "lag": None if None in lags else sum(lags),
         "consumers": sorted({c["name"] for p in parts for c in p["consumers"]}),

@@ -1,7 +1,9 @@
 #!lua name=charging
 --[[
 The only place where a balance changes. Loaded with FUNCTION LOAD REPLACE by every
-process that talks to Redis (Redis >= 7.0).
+process that talks to Redis (Redis >= 7.0) and is allowed to (deploy/users.acl). Redis
+checks every command a function runs against the caller's ACL, so each role in that file
+holds the commands of the functions it calls (README, "Security").
 
 Keys. <ns> is the namespace (CHARGING_NAMESPACE, default "ch"); {pN} is the partition
 hash tag, so every key one call touches lives in one Redis Cluster slot.
@@ -12,13 +14,21 @@ hash tag, so every key one call touches lives in one Redis Cluster slot.
                                    Written by charge. Expires after the dedupe window.
   <ns>:{pN}:requests       stream  charge requests, XADDed by producers, read by the
                                    worker group; acked by charge / dead_letter; trimmed
-                                   by trim_requests to what every group has acked.
+                                   by trim to what every group has acked.
   <ns>:{pN}:results        stream  one outcome per settled request. Written by charge.
-                                   Trimmed with MAXLEN ~ (CHARGING_RESULTS_MAXLEN).
+                                   Trimmed by trim (worker maintenance) to about
+                                   CHARGING_RESULTS_MAXLEN, never past an entry a group
+                                   in CHARGING_RESULTS_GROUPS has not read and acked.
   <ns>:{pN}:deadletter     stream  entries that could not be read, with the reason.
                                    Written by dead_letter. Trimmed with MAXLEN ~.
+  <ns>:{pN}:deadletter:reasons
+                           hash    reason -> number of entries ever dead-lettered with
+                                   it. Written by dead_letter. Lives forever (one field
+                                   per reason code), so status never scans the stream.
   <ns>:{pN}:reply:<id>     stream  one producer's replies. Written by charge; expires
                                    CHARGING_REPLY_TTL after the last reply.
+  <ns>:partitions          string  the partition count, recorded by the first process
+                                   (charging/connection.py); no hash tag, never touched here.
 
 "Written by charge" includes charge_batch: it runs the same per-entry settle.
 ]]
@@ -79,7 +89,13 @@ end
 -- The whole of one charge: ack, dedupe, balance check, deduct, outcome. Shared by
 -- charge (one entry, and authorize) and charge_batch (many entries of one partition).
 local function settle(balances, seen, results, requests, reply_to, request_id, account, amount, fingerprint,
-                      entry_id, group, window_ms, results_maxlen, submitted_at, reply_ttl_ms)
+                      entry_id, group, window_ms, submitted_at, reply_ttl_ms)
+  -- Callers validate amounts; this guards the balance against any client allowed to
+  -- FCALL directly, for whom a negative amount would be a top-up.
+  if not amount or amount < 1 or amount ~= math.floor(amount) then
+    return redis.error_reply('invalid_amount')
+  end
+
   if not ack(requests, group, entry_id) then return {'stale'} end
 
   local status, reason, charged, balance, duplicate =
@@ -90,7 +106,8 @@ local function settle(balances, seen, results, requests, reply_to, request_id, a
     'charged', charged, 'balance', balance, 'duplicate', duplicate,
     'submitted_at', submitted_at, 'processed_at', processed_at, 'entry_id', entry_id,
   }
-  redis.call('XADD', results, 'MAXLEN', '~', results_maxlen, '*', unpack(outcome))
+  -- No MAXLEN here: trim (maintenance) keeps what subscriber groups have not read.
+  redis.call('XADD', results, '*', unpack(outcome))
   if reply_to then
     redis.call('XADD', reply_to, 'MAXLEN', '~', 10000, '*', unpack(outcome))
     redis.call('PEXPIRE', reply_to, reply_ttl_ms)
@@ -102,13 +119,13 @@ end
 charge: settle one charge request exactly once.
 KEYS: balances, seen, results, requests, [reply_to]
 ARGV: request_id, account, amount, fingerprint, entry_id ('' for authorize), group,
-      window_ms, results_maxlen, submitted_at, reply_ttl_ms
+      window_ms, submitted_at, reply_ttl_ms
 Returns {status, reason, charged, balance, duplicate, processed_at}, or {'stale'} when
 the entry had already been settled by another consumer.
 ]]
 local function charge(keys, args)
   return settle(keys[1], keys[2], keys[3], keys[4], keys[5], args[1], args[2], tonumber(args[3]), args[4],
-                args[5], args[6], args[7], args[8], args[9], args[10])
+                args[5], args[6], args[7], args[8], args[9])
 end
 
 --[[
@@ -117,15 +134,15 @@ would (the same settle, in the given order). An entry that fails gets its own er
 reply and the others go on, as in a pipeline of charge calls. The worker keeps each call
 short (a bounded number of entries), since Redis serves no one else while it runs.
 KEYS: balances, results, requests, then per entry: seen, and reply_to if it has one
-ARGV: group, window_ms, results_maxlen, reply_ttl_ms, then per entry 7 values:
+ARGV: group, window_ms, reply_ttl_ms, then per entry 7 values:
       request_id, account, amount, fingerprint, entry_id, submitted_at, has_reply ('1'/'0')
 Returns one reply per entry, in order, each what charge returns (or an error).
 ]]
 local function charge_batch(keys, args)
   local balances, results, requests = keys[1], keys[2], keys[3]
-  local group, window_ms, results_maxlen, reply_ttl_ms = args[1], args[2], args[3], args[4]
+  local group, window_ms, reply_ttl_ms = args[1], args[2], args[3]
   local replies, k = {}, 4
-  for a = 5, #args, 7 do
+  for a = 4, #args, 7 do
     local seen, reply_to = keys[k], nil
     k = k + 1
     if args[a + 6] == '1' then
@@ -133,8 +150,8 @@ local function charge_batch(keys, args)
       k = k + 1
     end
     local ok, reply = pcall(settle, balances, seen, results, requests, reply_to, args[a], args[a + 1],
-                            tonumber(args[a + 2]), args[a + 3], args[a + 4], group, window_ms, results_maxlen,
-                            args[a + 5], reply_ttl_ms)
+                            tonumber(args[a + 2]), args[a + 3], args[a + 4], group, window_ms, args[a + 5],
+                            reply_ttl_ms)
     if not ok then
       reply = {err = type(reply) == 'table' and reply.err or tostring(reply)}
     end
@@ -145,8 +162,9 @@ end
 
 --[[
 dead_letter: move an entry that cannot be read to the dead-letter stream and ack it,
-atomically, so a bad entry is never lost and never blocks the group.
-KEYS: deadletter, requests
+atomically, so a bad entry is never lost and never blocks the group, and count it
+by reason.
+KEYS: deadletter, requests, reasons
 ARGV: entry_id, group ('' to record without acking), error, detail, maxlen, then the
       entry's own field/value pairs
 Returns 1, or 0 when another consumer had already settled the entry.
@@ -159,6 +177,7 @@ local function dead_letter(keys, args)
     fields[#fields + 1] = v
   end
   redis.call('XADD', keys[1], 'MAXLEN', '~', args[5], '*', unpack(fields))
+  redis.call('HINCRBY', keys[3], args[3], 1)
   return 1
 end
 
@@ -191,26 +210,67 @@ local function stream_id_less(a, b)
   return am < bm or (am == bm and as < bs)
 end
 
---[[
-trim_requests: drop request entries every group has acked. Redis 7 trimming ignores
-consumer groups, so the bound is computed here: the oldest pending id and the lowest
-last-delivered id over all groups. Maintenance only, never called per entry.
-KEYS: requests. Returns the number of entries removed.
-]]
-local function trim_requests(keys, args)
-  if redis.call('EXISTS', keys[1]) == 0 then return 0 end
-  local groups = redis.call('XINFO', 'GROUPS', keys[1])
-  if #groups == 0 then return 0 end
+-- The lowest id a group still needs: its oldest pending id, else its last-delivered id.
+local function group_bound(stream, info)
+  local bound = info['last-delivered-id']
+  local pending = redis.call('XPENDING', stream, info['name'])
+  if pending[1] > 0 and stream_id_less(pending[2], bound) then bound = pending[2] end
+  return bound
+end
+
+-- The lowest bound over the named groups (every group when none is named), or nil
+-- when there is no group or a named group does not exist yet (it will read from the
+-- start, so nothing may go).
+local function groups_bound(stream, names)
+  local wanted, missing = nil, #names
+  if missing > 0 then
+    wanted = {}
+    for _, name in ipairs(names) do wanted[name] = true end
+  end
   local bound = nil
-  for _, g in ipairs(groups) do
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
     local info = {}
     for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
-    local candidate = info['last-delivered-id']
-    local pending = redis.call('XPENDING', keys[1], info['name'])
-    if pending[1] > 0 and stream_id_less(pending[2], candidate) then candidate = pending[2] end
-    if bound == nil or stream_id_less(candidate, bound) then bound = candidate end
+    if wanted == nil or wanted[info['name']] then
+      missing = missing - 1
+      local candidate = group_bound(stream, info)
+      if bound == nil or stream_id_less(candidate, bound) then bound = candidate end
+    end
   end
-  return redis.call('XTRIM', keys[1], 'MINID', bound)
+  if missing > 0 then return nil end
+  return bound
+end
+
+--[[
+trim: drop stream entries that the groups that matter have read and acked. Redis 7
+trimming ignores consumer groups, so the bound is computed here: the oldest pending id
+and the lowest last-delivered id over the groups. Maintenance only, never per entry.
+KEYS: stream.
+ARGV: maxlen, then group names.
+  maxlen 0 (request streams): drop everything every group on the stream has acked.
+  maxlen > 0 (results streams): keep about maxlen entries; with group names, never
+  drop an entry one of those groups has not read and acked (other groups are not
+  protected), so the stream can stay longer than maxlen while a named group is behind.
+Returns the number of entries removed.
+]]
+local function trim(keys, args)
+  local stream, maxlen = keys[1], tonumber(args[1])
+  local names = {}
+  for i = 2, #args do names[#names + 1] = args[i] end
+  if redis.call('EXISTS', stream) == 0 then return 0 end
+  local excess = 0
+  if maxlen > 0 then
+    excess = redis.call('XLEN', stream) - maxlen
+    if excess <= 0 then return 0 end
+    if #names == 0 then return redis.call('XTRIM', stream, 'MAXLEN', '~', maxlen) end
+  end
+  local bound = groups_bound(stream, names)
+  if bound == nil then return 0 end
+  if maxlen > 0 then
+    -- '~' drops whole radix-tree nodes only, never past the bound, at most excess entries.
+    return redis.call('XTRIM', stream, 'MINID', '~', bound, 'LIMIT', excess)
+  end
+  return redis.call('XTRIM', stream, 'MINID', bound)
 end
 
 redis.register_function('charge', charge)
@@ -218,4 +278,4 @@ redis.register_function('charge_batch', charge_batch)
 redis.register_function('dead_letter', dead_letter)
 redis.register_function('top_up', top_up)
 redis.register_function('set_balances', set_balances)
-redis.register_function('trim_requests', trim_requests)
+redis.register_function('trim', trim)

@@ -1,5 +1,5 @@
 """Producer library: submit charges, wait for outcomes, or authorize synchronously."""
 
-from producer.client import Producer, WaitTimeout
+from producer.client import BacklogFull, Producer, WaitTimeout
 
-__all__ = ["Producer", "WaitTimeout"]
+__all__ = ["BacklogFull", "Producer", "WaitTimeout"]

@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from charging.connection import connect
-from charging.redis_server import RedisServer
+from charging.redis_server import LocalCluster, RedisServer
 from charging.settings import Settings
 from producer import Producer
 from worker.loop import Worker
@@ -49,9 +49,30 @@ def redis_url(tmp_path_factory) -> Iterator[str]:
             yield server.url
 
 
+@pytest.fixture(scope="session")
+def cluster_url(tmp_path_factory) -> Iterator[str]:
+    """A local Redis Cluster (3 primaries + 3 replicas), or CHARGING_TEST_CLUSTER_URL."""
+    if url := os.environ.get("CHARGING_TEST_CLUSTER_URL"):
+        yield url
+    else:
+        with LocalCluster(tmp_path_factory.mktemp("cluster")) as cluster:
+            yield cluster.url
+
+
 @pytest.fixture
-def settings(redis_url) -> Settings:
-    return Settings(redis_url=redis_url, namespace=f"t{os.getpid()}x{next(_namespaces)}",
+def backend(request) -> str:
+    """'single' unless a module parametrizes it: BOTH_BACKENDS runs its tests on a cluster too."""
+    return getattr(request, "param", "single")
+
+
+BOTH_BACKENDS = pytest.mark.parametrize("backend", ["single", "cluster"], indirect=True)
+
+
+@pytest.fixture
+def settings(request, backend) -> Settings:
+    url, partitions = ((request.getfixturevalue("cluster_url"), 12) if backend == "cluster"
+                       else (request.getfixturevalue("redis_url"), 1))
+    return Settings(redis_url=url, partitions=partitions, namespace=f"t{os.getpid()}x{next(_namespaces)}",
                     reclaim_idle_ms=500, maintenance_interval_s=0.2, block_ms=200)
 
 
@@ -80,11 +101,17 @@ def drain(settings: Settings, consumers: int = 1, prefix: str = "w") -> list[Wor
 
 def cli(settings: Settings, *args: str, input: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
     """Run `charging ARGS` as a user would type it, configured only through the environment."""
-    env = {**os.environ, "CHARGING_REDIS_URL": settings.redis_url, "CHARGING_NAMESPACE": settings.namespace,
-           "CHARGING_RECLAIM_IDLE_MS": str(settings.reclaim_idle_ms), "CHARGING_BLOCK_MS": str(settings.block_ms),
-           "CHARGING_MAINTENANCE_INTERVAL_S": str(settings.maintenance_interval_s)}
+    env = {**os.environ, **environment(settings)}
     return subprocess.run([CHARGING, *args], env=env, input=input,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def environment(settings: Settings) -> dict[str, str]:
+    """The CHARGING_* variables that make a subprocess use these settings."""
+    return {"CHARGING_REDIS_URL": settings.redis_url, "CHARGING_NAMESPACE": settings.namespace,
+            "CHARGING_PARTITIONS": str(settings.partitions),
+            "CHARGING_RECLAIM_IDLE_MS": str(settings.reclaim_idle_ms), "CHARGING_BLOCK_MS": str(settings.block_ms),
+            "CHARGING_MAINTENANCE_INTERVAL_S": str(settings.maintenance_interval_s)}
 
 
 def results(client: redis.Redis, settings: Settings) -> list[dict[str, str]]:

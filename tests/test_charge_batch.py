@@ -10,8 +10,7 @@ from charging.audit import audit
 from charging.keys import Keys
 from charging.schema import parse_request
 from charging.tariff import price
-from producer import Producer
-from tests.conftest import drain
+from tests.conftest import BOTH_BACKENDS, drain
 
 REQUESTS = [
     {"request_id": "b1", "account": "rich", "service": "voice", "units": "3"},
@@ -72,11 +71,11 @@ def test_a_failing_entry_gets_its_own_error_and_the_rest_of_the_call_is_settled(
     assert functions.charge(client, settings, plan[2][0], 10)[4] == 1  # settled once: a replay is a duplicate
 
 
-def test_workers_settle_every_entry_once_across_partitions(client, settings):
-    settings = settings.model_copy(update={"partitions": 4})
+@BOTH_BACKENDS
+def test_workers_settle_every_entry_once_in_every_partition(client, settings, producer):
+    """On a cluster (12 partitions) each charge_batch call must keep to one partition's slot."""
     accounts = {f"acct{i}": 300 for i in range(40)}
     functions.set_balances(client, settings, accounts.items())
-    producer = Producer(client, settings)
     ids = producer.submit([{"account": f"acct{i % 40}", "service": "voice", "units": 7} for i in range(400)])
     producer.submit([{"request_id": ids[0], "account": "acct0", "service": "voice", "units": 7}])
 

@@ -6,19 +6,23 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from charging import functions
+from charging import accounts, functions
 from charging.connection import connect
-from charging.keys import Keys
+from charging.audit import audit
+from charging.keys import partition_of
 from producer import Producer
-from tests.conftest import drain, results
+from tests.conftest import BOTH_BACKENDS, drain, results
 
 
 def voice(request_id: str, account: str = "account1", units: int = 2) -> dict:
     return {"request_id": request_id, "account": account, "service": "voice", "units": units}
 
 
+pytestmark = BOTH_BACKENDS
+
+
 def balance(client, settings, account="account1") -> int:
-    return int(client.hget(Keys(settings.namespace, 0).balances, account))
+    return accounts.balance(client, settings, account)
 
 
 def test_forty_concurrent_voice_charges_through_workers_approve_exactly_ten(client, settings):
@@ -119,14 +123,17 @@ def test_replayed_request_id_through_authorize_returns_stored_outcome(client, se
 
 
 def test_replayed_request_id_with_different_content_is_a_conflict_and_charges_nothing(client, settings, producer):
-    functions.set_balances(client, settings, [("account1", 100), ("account2", 100)])
+    # Request ids are scoped to a partition (README): the other account shares account1's.
+    other = next(a for a in (f"account{i}" for i in range(2, 1000))
+                 if partition_of(a, settings.partitions) == partition_of("account1", settings.partitions))
+    functions.set_balances(client, settings, [("account1", 100), (other, 100)])
     producer.authorize(voice("conflict"))
-    for changed in (voice("conflict", units=3), voice("conflict", account="account2"),
+    for changed in (voice("conflict", units=3), voice("conflict", account=other),
                     {"request_id": "conflict", "account": "account1", "amount": 10}):
         outcome = producer.authorize(changed)
         assert (outcome.status, outcome.reason, outcome.charged) == ("rejected", "idempotency_conflict", 0)
     assert balance(client, settings) == 90
-    assert balance(client, settings, "account2") == 100
+    assert balance(client, settings, other) == 100
 
 
 def test_stored_rejection_is_returned_on_replay_even_after_a_top_up(client, settings, producer):
@@ -142,7 +149,7 @@ def test_stored_rejection_is_returned_on_replay_even_after_a_top_up(client, sett
 def test_unknown_account_is_rejected_with_reason(client, settings, producer):
     outcome = producer.authorize(voice("nobody", account="nobody"))
     assert (outcome.status, outcome.reason, outcome.charged) == ("rejected", "unknown_account", 0)
-    assert client.hget(Keys(settings.namespace, 0).balances, "nobody") is None
+    assert "nobody" not in dict(accounts.all_balances(client, settings))
 
 
 def test_explicit_amount_is_charged_as_given(client, settings, producer):
@@ -166,7 +173,6 @@ def test_stalled_worker_settling_an_entry_already_settled_by_another_changes_not
     from worker.loop import Worker
 
     functions.set_balances(client, settings, [("account1", 100)])
-    keys = Keys(settings.namespace, 0)
     Producer(client, settings).submit([voice("stall-1")])
     stalled = Worker(connect(settings), settings, "stalled")
     from worker.recovery import ensure_groups
@@ -178,4 +184,4 @@ def test_stalled_worker_settling_an_entry_already_settled_by_another_changes_not
 
     assert balance(client, settings) == 90
     assert len(results(client, settings)) == 1
-    assert client.xpending(keys.requests, settings.group)["pending"] == 0
+    assert audit(client, settings, {}).pending == 0

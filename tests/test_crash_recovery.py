@@ -3,6 +3,7 @@ whether it is restarted under its own name or its entries are reclaimed by anoth
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import subprocess
@@ -12,10 +13,10 @@ import pytest
 
 from charging import functions
 from charging.audit import audit
-from charging.keys import Keys
-from tests.conftest import CHARGING, cli
+from charging.keys import all_partitions
+from tests.conftest import BOTH_BACKENDS, CHARGING, cli, environment
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, BOTH_BACKENDS]
 
 ACCOUNTS = [f"acct{i}" for i in range(200)]
 START = 500
@@ -29,21 +30,20 @@ def load(client, settings, producer, n: int) -> list[str]:
     return producer.submit(requests)
 
 
-def start_worker(settings, consumer: str, *extra: str) -> subprocess.Popen:
-    import os
+def settled(client, settings) -> int:
+    return sum(client.xlen(k.results) for k in all_partitions(settings.namespace, settings.partitions))
 
-    env = {**os.environ, "CHARGING_REDIS_URL": settings.redis_url, "CHARGING_NAMESPACE": settings.namespace,
-           "CHARGING_RECLAIM_IDLE_MS": "500", "CHARGING_MAINTENANCE_INTERVAL_S": "0.2",
-           "CHARGING_LOG_LEVEL": "warning"}
+
+def start_worker(settings, consumer: str, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, **environment(settings), "CHARGING_LOG_LEVEL": "warning"}
     return subprocess.Popen([CHARGING, "worker", "--consumer", consumer, "--batch", "50", *extra], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def kill_midway(client, settings, consumer: str, at_least: int) -> None:
     worker = start_worker(settings, consumer)
-    keys = Keys(settings.namespace, 0)
     deadline = time.monotonic() + 60
-    while client.xlen(keys.results) < at_least:
+    while settled(client, settings) < at_least:
         assert time.monotonic() < deadline, worker.stderr.read() if worker.poll() is not None else "too slow"
         time.sleep(0.01)
     worker.send_signal(signal.SIGKILL)
@@ -60,7 +60,7 @@ def assert_exactly_once(client, settings, request_ids: list[str]) -> None:
 def test_worker_killed_mid_load_then_restarted_settles_every_entry_exactly_once(client, settings, producer):
     ids = load(client, settings, producer, 10_000)
     kill_midway(client, settings, "victim", at_least=3_000)
-    assert client.xlen(Keys(settings.namespace, 0).results) < 10_000, "killed before the end"
+    assert settled(client, settings) < 10_000, "killed before the end"
 
     done = cli(settings, "worker", "--consumer", "victim", "--burst", timeout=120)
 
@@ -71,7 +71,7 @@ def test_worker_killed_mid_load_then_restarted_settles_every_entry_exactly_once(
 def test_entries_of_a_killed_worker_are_reclaimed_by_another_consumer(client, settings, producer):
     ids = load(client, settings, producer, 10_000)
     kill_midway(client, settings, "dead-one", at_least=2_000)
-    pending = client.xpending(Keys(settings.namespace, 0).requests, settings.group)["pending"]
+    pending = audit(client, settings, {}).pending
 
     done = cli(settings, "worker", "--consumer", "rescuer", "--processes", "2", "--burst", timeout=120)
 

@@ -11,12 +11,12 @@ import redis
 import structlog
 
 from charging import functions
-from charging.connection import load_functions, missing_function
+from charging.connection import TRANSIENT_ERRORS, load_functions, missing_function, read_streams
 from charging.keys import Keys, partition_of
 from charging.schema import Invalid, parse_request
 from charging.settings import Settings
 from charging.tariff import price
-from worker import recovery
+from worker import metrics, recovery
 from worker.entry import Entry
 
 log = structlog.get_logger("charging.worker")
@@ -67,7 +67,7 @@ class Worker:
                 elif self.burst and recovery.drained(self):
                     break
                 backoff = 0.1
-            except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as exc:
+            except TRANSIENT_ERRORS as exc:
                 # Entries read but not settled stay pending: settle them first once back.
                 self.log.warning("redis_unavailable", error=str(exc), retry_in_s=backoff)
                 time.sleep(backoff)
@@ -78,12 +78,10 @@ class Worker:
 
     def read(self) -> list[Entry]:
         block = 100 if self.burst else self.settings.block_ms
-        reply = self.client.xreadgroup(
-            self.settings.group, self.consumer, {k.requests: ">" for k in self.partitions},
-            count=self.settings.batch, block=block,
-        )
-        return [Entry(self.by_stream[stream.decode()], eid.decode(), fields)
-                for stream, messages in reply or [] for eid, fields in messages]
+        reply = read_streams(self.client, {k.requests: ">" for k in self.partitions}, self.settings.batch, block,
+                             group=self.settings.group, consumer=self.consumer)
+        return [Entry(self.by_stream[_text(stream)], eid.decode(), fields)
+                for stream, messages in reply for eid, fields in messages]
 
     def settle(self, entries: list[Entry]) -> int:
         """One pipeline of function calls for the whole batch: charge_batch calls of up to
@@ -91,6 +89,7 @@ class Worker:
         Redis and for this process, than one FCALL each), and a dead_letter call per bad
         entry. Each call is atomic on its own. Returns how many entries could not be settled
         (they stay pending)."""
+        started = time.perf_counter()
         plan = [self.judge(entry) for entry in entries]
 
         def send():
@@ -120,13 +119,16 @@ class Worker:
             replies = send()
         failed = 0
         for entry, work, reply in zip(entries, plan, replies):
-            if isinstance(reply, redis.ResponseError):
-                # Not acked, so it stays pending and is retried; max_deliveries ends the retries.
-                self.log.error("settle_failed", entry_id=entry.entry_id, error=str(reply))
+            if isinstance(reply, Exception):
+                # An error reply, or (on a cluster) a node that went away mid-batch. Not acked,
+                # so it stays pending and is retried; max_deliveries ends an endless failure.
+                self.log.error("settle_failed", entry_id=entry.entry_id, partition=entry.keys.partition,
+                               error=str(reply))
                 failed += 1
             else:
                 self.report(entry, work, reply)
         self.settled += len(entries) - failed
+        metrics.record_batch(plan, replies, time.perf_counter() - started)
         return failed
 
     def judge(self, entry: Entry):
@@ -146,17 +148,23 @@ class Worker:
         if isinstance(work, Invalid):
             if reply:
                 self.log.warning("entry_dead_lettered", entry_id=entry.entry_id, reason=work.reason,
-                                 detail=work.detail, request_id=_request_id(entry.fields))
+                                 detail=work.detail, request_id=_field(entry.fields, b"request_id"),
+                                 account=_field(entry.fields, b"account"), partition=entry.keys.partition)
             return
         request, amount = work
         status = reply[0].decode()
         event = {"approved": "charge_approved", "rejected": "charge_rejected", "stale": "entry_already_settled"}
         level = self.log.debug if status == "approved" else self.log.info
         level(event[status], request_id=request.request_id, account=request.account, entry_id=entry.entry_id,
-              amount=amount, reason=reply[1].decode() if len(reply) > 1 else "",
+              partition=entry.keys.partition, amount=amount, reason=reply[1].decode() if len(reply) > 1 else "",
               duplicate=len(reply) > 4 and bool(reply[4]))
 
 
-def _request_id(fields: dict[bytes, bytes] | None) -> str | None:
-    raw = (fields or {}).get(b"request_id")
+def _field(fields: dict[bytes, bytes] | None, name: bytes) -> str | None:
+    """A field of an entry that failed validation, cut short and decoded leniently for the log."""
+    raw = (fields or {}).get(name)
     return raw[:128].decode("utf-8", "replace") if raw else None
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -10,6 +10,8 @@ import redis
 
 from charging import functions
 from charging.schema import Invalid
+from charging.status import partition_status
+from worker import metrics
 from worker.entry import Entry
 
 if TYPE_CHECKING:
@@ -56,11 +58,15 @@ def reclaim(worker: Worker) -> int:
                 min_idle_time=worker.settings.reclaim_idle_ms, start_id=cursor, count=worker.settings.batch)
             for entry_id in deleted:
                 # Already dropped from the pending list by Redis; record it, never lose it silently.
-                functions.dead_letter(worker.client, worker.settings, keys, entry_id.decode(),
-                                      Invalid("entry_deleted", "deleted before it was settled"), None, ack=False)
+                if functions.dead_letter(worker.client, worker.settings, keys, entry_id.decode(),
+                                         Invalid("entry_deleted", "deleted before it was settled"), None, ack=False):
+                    metrics.dead_lettered("entry_deleted")
+                    worker.log.warning("entry_dead_lettered", entry_id=entry_id.decode(), reason="entry_deleted",
+                                       partition=keys.partition)
             entries = [Entry(keys, eid.decode(), fields or None) for eid, fields in messages]
             if entries:
                 worker.log.info("entries_reclaimed", partition=keys.partition, count=len(entries))
+                metrics.RECLAIMED.inc(len(entries))
                 _count_deliveries(worker, keys, entries)
                 worker.settle(entries)
                 claimed += len(entries)
@@ -86,7 +92,12 @@ def maintain(worker: Worker) -> None:
         trimmed = functions.trim_requests(worker.client, keys)
         if trimmed:
             worker.log.debug("requests_trimmed", partition=keys.partition, count=trimmed)
+        trimmed = functions.trim_results(worker.client, worker.settings, keys)
+        if trimmed:
+            worker.log.debug("results_trimmed", partition=keys.partition, count=trimmed)
         _forget_idle_consumers(worker, keys)
+        if metrics.enabled():
+            metrics.record_partition(partition_status(worker.client, worker.settings, keys))
 
 
 def _forget_idle_consumers(worker: Worker, keys) -> None:
