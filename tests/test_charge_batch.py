@@ -71,6 +71,21 @@ def test_a_failing_entry_gets_its_own_error_and_the_rest_of_the_call_is_settled(
     assert functions.charge(client, settings, plan[2][0], 10)[4] == 1  # settled once: a replay is a duplicate
 
 
+def test_an_amount_that_is_not_a_whole_number_above_zero_is_refused_for_that_entry_only(client, settings):
+    """A client allowed to FCALL charge_batch directly cannot turn a charge into a top-up."""
+    keys = Keys(settings.namespace, 0)
+    functions.set_balances(client, settings, [("rich", 100)])
+    plan = [(parse_request({"request_id": f"n{i}", "account": "rich", "amount": "10"}, settings), amount, "")
+            for i, amount in enumerate((10, -50, "2.5", 0, 10))]
+
+    replies = functions.charge_batch(client, settings, keys, plan)
+
+    assert [r[0] for r in (replies[0], replies[4])] == [b"approved", b"approved"]
+    assert all(isinstance(r, redis.ResponseError) and "invalid_amount" in str(r) for r in replies[1:4])
+    assert int(client.hget(keys.balances, "rich")) == 80
+    assert client.exists(keys.seen("n1"), keys.seen("n2"), keys.seen("n3")) == 0
+
+
 @BOTH_BACKENDS
 def test_workers_settle_every_entry_once_in_every_partition(client, settings, producer):
     """On a cluster (12 partitions) each charge_batch call must keep to one partition's slot."""
