@@ -31,7 +31,7 @@ PROFILES = {
     "standard": Profile("standard", accounts=10_000, drain_charges=200_000, workers=2, steady_rates=(60_000, 10_000),
                         steady_seconds=10, producers=2, clients=50, client_processes=2, client_charges=40_000,
                         authorize_rate=2_000, hot_accounts=50, ceiling_requests=1_000_000, memory_charges=50_000),
-    "quick": Profile("quick", accounts=10_000, drain_charges=100_000, workers=2, steady_rates=(60_000, 10_000),
+    "quick": Profile("quick", accounts=10_000, drain_charges=150_000, workers=2, steady_rates=(60_000, 10_000),
                      steady_seconds=4, producers=2, clients=50, client_processes=2, client_charges=10_000,
                      authorize_rate=2_000, hot_accounts=50, ceiling_requests=300_000, memory_charges=20_000),
     "tiny": Profile("tiny", accounts=50, drain_charges=300, workers=2, steady_rates=(300,), steady_seconds=1,
