@@ -1,6 +1,8 @@
 """An independent check of the money, read from Redis alone (not through the worker's code):
-every request has exactly one outcome, per account sum(approved) == start - end, no balance
-below zero, nothing left pending. Used by the bench, the chaos run, the demo and tests."""
+every request has exactly one outcome, no stream entry settled twice, per account
+sum(approved) == start - end, no balance below zero, nothing left pending; and every bad
+entry in the dead-letter stream, once, with a reason. Used by the bench, the chaos run, the
+demo and tests."""
 
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ class Audit:
     duplicates: int = 0
     missing: list[str] = field(default_factory=list)  # expected, no outcome
     repeated: list[str] = field(default_factory=list)  # more than one first (non-duplicate) outcome
+    resettled: list[str] = field(default_factory=list)  # stream entries with more than one outcome
     money: dict[str, tuple[int, int]] = field(default_factory=dict)  # account -> (approved sum, balance drop)
     negative: dict[str, int] = field(default_factory=dict)
     pending: int = 0
@@ -32,12 +35,13 @@ class Audit:
 
     @property
     def ok(self) -> bool:
-        return not (self.missing or self.repeated or self.money or self.negative or self.pending)
+        return not (self.missing or self.repeated or self.resettled or self.money or self.negative or self.pending)
 
     def as_dict(self) -> dict:
         return {
             "ok": self.ok, "outcomes": self.outcomes, "approved": self.approved, "rejected": dict(self.rejected),
             "duplicates": self.duplicates, "missing": len(self.missing), "double_charged": len(self.repeated),
+            "entries_settled_twice": len(self.resettled),
             "money_mismatches": len(self.money), "negative_balances": len(self.negative),
             "pending": self.pending, "deadletters": self.deadletters,
         }
@@ -58,9 +62,12 @@ def audit(client: redis.Redis, settings: Settings, start_balances: Mapping[str, 
     checked for money). expected: request ids that must each have exactly one outcome."""
     report = Audit()
     firsts: Counter = Counter()
+    per_entry: Counter = Counter()
     charged: dict[str, int] = defaultdict(int)
     for outcome in read_outcomes(client, settings):
         report.outcomes += 1
+        if outcome["entry_id"]:  # '' for authorize, which has no stream entry
+            per_entry[outcome["entry_id"]] += 1
         if outcome["duplicate"] == "1":
             report.duplicates += 1
             continue
@@ -71,6 +78,8 @@ def audit(client: redis.Redis, settings: Settings, start_balances: Mapping[str, 
         else:
             report.rejected[outcome["reason"]] += 1
     report.repeated = [rid for rid, n in firsts.items() if n > 1]
+    # A stalled worker that woke up after its entry was reclaimed and settled would show here.
+    report.resettled = [eid for eid, n in per_entry.items() if n > 1]
     if expected is not None:
         report.missing = [rid for rid in expected if rid not in firsts]
     balances = dict(all_balances(client, settings))
@@ -85,4 +94,61 @@ def audit(client: redis.Redis, settings: Settings, start_balances: Mapping[str, 
             report.pending += client.xpending(keys.requests, settings.group)["pending"]
         except redis.ResponseError:  # no group yet: nothing was ever read
             pass
+    return report
+
+
+@dataclass
+class DeadLetterAudit:
+    expected: int = 0
+    found: int = 0  # expected entries dead-lettered once, with a reason
+    missing: list[str] = field(default_factory=list)  # expected entry ids not dead-lettered
+    wrong_reason: dict[str, tuple[str, str]] = field(default_factory=dict)  # entry id -> (expected, got)
+    repeated: list[str] = field(default_factory=list)  # dead-lettered more than once
+    good: list[str] = field(default_factory=list)  # request ids of good requests found dead-lettered
+    others: int = 0  # dead letters nobody listed (e.g. a bad entry XADDed twice by a retry)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.wrong_reason or self.repeated or self.good)
+
+    def as_dict(self) -> dict:
+        return {"ok": self.ok, "expected": self.expected, "found": self.found, "missing": len(self.missing),
+                "wrong_reason": len(self.wrong_reason), "repeated": len(self.repeated),
+                "good_requests_dead_lettered": len(self.good), "others": self.others}
+
+
+def read_deadletters(client: redis.Redis, settings: Settings) -> Iterator[dict[bytes, bytes]]:
+    for keys in all_partitions(settings.namespace, settings.partitions):
+        start = "-"
+        while page := client.xrange(keys.deadletter, start, "+", count=PAGE):
+            for _, fields in page:
+                yield fields
+            start = "(" + page[-1][0].decode()
+
+
+def audit_deadletters(client: redis.Redis, settings: Settings, expected: Mapping[str, str],
+                      good: Iterable[str] = ()) -> DeadLetterAudit:
+    """expected: entry id -> the reason it must be dead-lettered with. good: request ids that
+    must never be dead-lettered (requests that were valid when submitted)."""
+    report = DeadLetterAudit(expected=len(expected))
+    reasons: dict[str, list[str]] = defaultdict(list)
+    good_ids = set(good)
+    for fields in read_deadletters(client, settings):
+        entry_id = fields[b"entry_id"].decode()
+        reason = fields.get(b"error", b"").decode() if fields.get(b"detail") else ""  # a reason has both
+        reasons[entry_id].append(reason)
+        request_id = fields.get(b"request_id", b"").decode("utf-8", "replace")
+        if entry_id not in expected and request_id in good_ids:
+            report.good.append(request_id)
+    report.others = sum(len(r) for eid, r in reasons.items() if eid not in expected)
+    for entry_id, reason in expected.items():
+        got = reasons.get(entry_id)
+        if not got:
+            report.missing.append(entry_id)
+        elif len(got) > 1:
+            report.repeated.append(entry_id)
+        elif got[0] != reason:
+            report.wrong_reason[entry_id] = (reason, got[0])
+        else:
+            report.found += 1
     return report

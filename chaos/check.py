@@ -1,0 +1,82 @@
+"""The verdict of a chaos run: the independent audit (charging.audit reads Redis alone, not
+through the worker's code) held against the producers' own records of what Redis confirmed.
+
+With appendfsync always a confirmed request must never be lost. With everysec, losing the
+last writes before a Redis kill is the documented price of the policy: the run measures the
+loss and reports it instead of failing on it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import redis
+
+from charging.audit import audit, audit_deadletters
+from charging.settings import Settings
+from chaos import hostile
+from chaos.faults import REDIS_KILL, WORKER_KILL, WORKER_STALL
+from chaos.load import Record
+from chaos.profile import Profile
+
+REASONS = {kind.name: kind.reason for kind in hostile.KINDS}
+
+
+@dataclass
+class Verdict:
+    numbers: dict = field(default_factory=dict)
+    violations: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+    def require(self, holds: bool, violation: str) -> None:
+        if not holds:
+            self.violations.append(violation)
+
+
+def judge(client: redis.Redis, settings: Settings, profile: Profile, fsync: str, start_balances: dict[str, int],
+          records: list[Record], faults: list[dict], worker_exits: list[dict], stop_codes: list[int]) -> Verdict:
+    """faults: what the injector did (faults.Injector.done)."""
+    confirmed = {rid for r in records for rid in r.confirmed}
+    bad = {entry_id: REASONS[kind] for r in records for entry_id, kind in r.bad.items()}
+    money = audit(client, settings, start_balances, confirmed)
+    dead = audit_deadletters(client, settings, bad, good=confirmed)
+    resent = sum(r.replays + r.conflicts for r in records)
+    lost = len(money.missing) + len(dead.missing)
+    v = Verdict(numbers={
+        "confirmed": len(confirmed), "bad_entries": len(bad), "resent_request_ids": resent,
+        "lost": lost, "lost_charges": len(money.missing), "lost_bad_entries": len(dead.missing),
+        "double_charged": len(money.repeated), "entries_settled_twice": len(money.resettled),
+        "money_mismatches": len(money.money), "negative": len(money.negative), "pending": money.pending,
+        "dead_lettered": dead.found, "audit": money.as_dict(), "deadletters": dead.as_dict(),
+        "sample_lost": sorted(money.missing)[:10] + sorted(dead.missing)[:10],
+    })
+    if fsync == "always":
+        v.require(lost == 0, f"lost {lost} confirmed entries ({len(money.missing)} charges, "
+                             f"{len(dead.missing)} bad entries) with appendfsync always")
+        # Every confirmed resubmission is an entry of its own and gets an outcome marked duplicate.
+        v.require(money.duplicates >= resent, f"{resent} confirmed resubmissions but only "
+                                              f"{money.duplicates} duplicate outcomes")
+    v.require(not money.repeated, f"{len(money.repeated)} request ids charged twice: {money.repeated[:5]}")
+    v.require(not money.resettled, f"{len(money.resettled)} stream entries settled twice: {money.resettled[:5]}")
+    v.require(not money.money, f"sum(approved) != start - end for {len(money.money)} accounts: "
+                               f"{dict(list(money.money.items())[:5])}")
+    v.require(not money.negative, f"negative balances: {dict(list(money.negative.items())[:5])}")
+    v.require(money.pending == 0, f"{money.pending} entries still pending")
+    v.require(not dead.wrong_reason, f"{len(dead.wrong_reason)} bad entries dead-lettered with the wrong reason: "
+                                     f"{dict(list(dead.wrong_reason.items())[:5])}")
+    v.require(not dead.repeated, f"{len(dead.repeated)} bad entries dead-lettered more than once")
+    v.require(not dead.good, f"{len(dead.good)} good requests dead-lettered: {dead.good[:5]}")
+    written = {kind for r in records for kind in r.bad.values()}
+    v.require(written == set(REASONS), f"kinds of bad entry never written: {sorted(set(REASONS) - written)}")
+    for kind, wanted in ((WORKER_KILL, profile.worker_kills), (WORKER_STALL, profile.worker_stalls),
+                         (REDIS_KILL, profile.redis_kills)):
+        done = sum(1 for f in faults if f["kind"] == kind)
+        v.require(done >= wanted, f"only {done} of {wanted} planned {kind} injected")
+    stalls = [f["lasted_s"] for f in faults if f["kind"] == WORKER_STALL]
+    v.require(all(s > settings.reclaim_idle_ms / 1000 for s in stalls),
+              f"a stall was not longer than the reclaim idle time: {stalls}")
+    v.require(not worker_exits, f"workers exited on their own: {worker_exits[:5]}")
+    v.require(all(c == 0 for c in stop_codes), f"workers did not stop cleanly on SIGTERM: exit codes {stop_codes}")
+    return v
