@@ -19,6 +19,9 @@ from chaos.workers import Fleet
 WORKER_KILL, WORKER_STALL, REDIS_KILL = "worker_kill", "worker_stall", "redis_kill"
 KINDS = (WORKER_KILL, WORKER_STALL, REDIS_KILL)
 TICK_S = 0.05
+SHORT_OUTAGE_S = (0.2, 1.5)  # within redis-py's retries: clients should not even notice
+# Longer than redis-py's retries of connection.py (8 attempts, backoff capped at 2 s: 9.1 s at most).
+LONG_OUTAGE_S = (10.0, 12.0)
 
 
 @dataclass(frozen=True)
@@ -47,10 +50,12 @@ def plan(profile: Profile, seed: int, reclaim_idle_s: float) -> list[Fault]:
         faults.append(_on_free_worker(rng, faults, profile.workers, start, end, WORKER_KILL,
                                       lambda: rng.uniform(0.0, 1.0)))
     # Redis kills in separate slices of the window, so each restart has settled before the next.
+    # Every second outage outlasts the clients' own retries, so callers see the error.
     slice_s = (end - start) / max(profile.redis_kills, 1)
     for i in range(profile.redis_kills):
         at = start + slice_s * (i + rng.uniform(0.2, 0.6))
-        faults.append(Fault(round(at, 3), REDIS_KILL, None, round(rng.uniform(0.2, 2.0), 3)))
+        downtime = rng.uniform(*(LONG_OUTAGE_S if i % 2 else SHORT_OUTAGE_S))
+        faults.append(Fault(round(at, 3), REDIS_KILL, None, round(downtime, 3)))
     return sorted(faults, key=lambda f: f.at_s)
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import redis
 
+from charging.audit import entry_key
 from charging.keys import Keys, partition_of
 from charging.settings import Settings
 
@@ -79,15 +80,15 @@ KINDS = [
 ]
 
 
-def stream_for(kind: BadKind, account: str, settings: Settings) -> str:
-    """The request stream of the account's partition; the next one for a wrong-partition entry."""
+def partition_for(kind: BadKind, account: str, settings: Settings) -> int:
+    """The account's partition; the next one for a wrong-partition entry."""
     partition = partition_of(account, settings.partitions)
-    if kind.reason == "wrong_partition":
-        partition = (partition + 1) % settings.partitions
-    return Keys(settings.namespace, partition).requests
+    return (partition + 1) % settings.partitions if kind.reason == "wrong_partition" else partition
 
 
 def write(client: redis.Redis, settings: Settings, kind: BadKind, request_id: str, account: str) -> str:
-    """XADD one bad entry raw (no validation on the way in) and return its entry id."""
+    """XADD one bad entry raw (no validation on the way in); returns its entry_key()."""
     good = {"request_id": request_id, "account": account, "service": "sms", "units": "1"}
-    return client.xadd(stream_for(kind, account, settings), kind.build(good, settings)).decode()
+    partition = partition_for(kind, account, settings)
+    entry_id = client.xadd(Keys(settings.namespace, partition).requests, kind.build(good, settings))
+    return entry_key(partition, entry_id.decode())

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,19 +37,18 @@ class Record:
     confirmed: list[str] = field(default_factory=list)  # request ids whose XADD returned an entry id
     replays: int = 0  # confirmed resubmissions of a request id with the same content
     conflicts: int = 0  # confirmed resubmissions of a request id with other units
-    bad: dict[str, str] = field(default_factory=dict)  # entry id of a confirmed bad entry -> kind name
+    bad: dict[str, str] = field(default_factory=dict)  # entry_key() of a confirmed bad entry -> kind name
     unconfirmed: int = 0  # submits that raised and were made again with the same request ids
     resubmitted: int = 0  # requests in those submits
     never_confirmed: list[str] = field(default_factory=list)  # given up after GIVE_UP_S
-    errors: Counter = field(default_factory=Counter)
+    errors: dict[str, int] = field(default_factory=dict)  # error type -> how often a submit raised it
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self)))
 
     @classmethod
     def load(cls, path: Path) -> Record:
-        data = json.loads(path.read_text())
-        return cls(**{**data, "errors": Counter(data["errors"])})
+        return cls(**json.loads(path.read_text()))
 
 
 def share(total: int, parts: int, index: int) -> int:
@@ -103,9 +101,9 @@ def run(settings_dump: dict, profile: Profile, seed: int, index: int, path: str)
 
 def _write_bad(client, settings: Settings, record: Record, kind: hostile.BadKind, account: str,
                request_id: str) -> None:
-    entry_id = _confirmed(lambda: hostile.write(client, settings, kind, request_id, account), 1, record)
-    if entry_id:
-        record.bad[entry_id] = kind.name
+    key = _confirmed(lambda: hostile.write(client, settings, kind, request_id, account), 1, record)
+    if key:
+        record.bad[key] = kind.name
 
 
 def _confirmed(call: Callable[[], T], size: int, record: Record) -> T | None:
@@ -118,7 +116,8 @@ def _confirmed(call: Callable[[], T], size: int, record: Record) -> T | None:
         try:
             return call()
         except redis.RedisError as exc:
-            record.errors[type(exc).__name__] += 1
+            name = type(exc).__name__
+            record.errors[name] = record.errors.get(name, 0) + 1
             record.unconfirmed += 1
             record.resubmitted += size
             if time.monotonic() > give_up:

@@ -27,7 +27,7 @@ def announce(profile: Profile, seed: int, fsync: str, out: Path) -> None:
 def facts(profile: Profile, seed: int, fsync: str, settings: dict, records: list[Record], faults: list[Fault],
           done: list[dict], events: dict[str, int], exits: list[dict], verdict: Verdict, memory: dict,
           elapsed: dict[str, float]) -> dict:
-    errors: Counter = sum((r.errors for r in records), Counter())
+    errors: Counter = sum((Counter(r.errors) for r in records), Counter())
     return {
         "verdict": "pass" if verdict.ok else "fail",
         "violations": verdict.violations,

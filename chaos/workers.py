@@ -26,6 +26,8 @@ class Fleet:
         self.env = {**os.environ, **env}
         self.log_dir = log_dir
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        for old in self.log_dir.glob("chaos-w*.log"):  # a previous run's; replacements append to their own
+            old.unlink()
         self.procs: list[subprocess.Popen | None] = [None] * count
         self.killed: set[int] = set()  # killed on purpose, replacement not started yet
         self.exits: list[dict] = []  # workers that exited on their own (a finding)

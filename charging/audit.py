@@ -13,10 +13,15 @@ from dataclasses import dataclass, field
 import redis
 
 from charging.accounts import all_balances
-from charging.keys import all_partitions
+from charging.keys import all_partitions, partition_of
 from charging.settings import Settings
 
 PAGE = 10_000
+
+
+def entry_key(partition: int, entry_id: str) -> str:
+    """A stream entry across partitions: entry ids are unique only within one stream."""
+    return f"p{partition}:{entry_id}"
 
 
 @dataclass
@@ -27,7 +32,7 @@ class Audit:
     duplicates: int = 0
     missing: list[str] = field(default_factory=list)  # expected, no outcome
     repeated: list[str] = field(default_factory=list)  # more than one first (non-duplicate) outcome
-    resettled: list[str] = field(default_factory=list)  # stream entries with more than one outcome
+    resettled: list[str] = field(default_factory=list)  # entry_key()s with more than one outcome
     money: dict[str, tuple[int, int]] = field(default_factory=dict)  # account -> (approved sum, balance drop)
     negative: dict[str, int] = field(default_factory=dict)
     pending: int = 0
@@ -67,7 +72,8 @@ def audit(client: redis.Redis, settings: Settings, start_balances: Mapping[str, 
     for outcome in read_outcomes(client, settings):
         report.outcomes += 1
         if outcome["entry_id"]:  # '' for authorize, which has no stream entry
-            per_entry[outcome["entry_id"]] += 1
+            # The worker settles an entry only in its account's partition (else wrong_partition).
+            per_entry[entry_key(partition_of(outcome["account"], settings.partitions), outcome["entry_id"])] += 1
         if outcome["duplicate"] == "1":
             report.duplicates += 1
             continue
@@ -79,7 +85,7 @@ def audit(client: redis.Redis, settings: Settings, start_balances: Mapping[str, 
             report.rejected[outcome["reason"]] += 1
     report.repeated = [rid for rid, n in firsts.items() if n > 1]
     # A stalled worker that woke up after its entry was reclaimed and settled would show here.
-    report.resettled = [eid for eid, n in per_entry.items() if n > 1]
+    report.resettled = [key for key, n in per_entry.items() if n > 1]
     if expected is not None:
         report.missing = [rid for rid in expected if rid not in firsts]
     balances = dict(all_balances(client, settings))
@@ -101,8 +107,8 @@ def audit(client: redis.Redis, settings: Settings, start_balances: Mapping[str, 
 class DeadLetterAudit:
     expected: int = 0
     found: int = 0  # expected entries dead-lettered once, with a reason
-    missing: list[str] = field(default_factory=list)  # expected entry ids not dead-lettered
-    wrong_reason: dict[str, tuple[str, str]] = field(default_factory=dict)  # entry id -> (expected, got)
+    missing: list[str] = field(default_factory=list)  # expected entry_key()s not dead-lettered
+    wrong_reason: dict[str, tuple[str, str]] = field(default_factory=dict)  # entry_key() -> (expected, got)
     repeated: list[str] = field(default_factory=list)  # dead-lettered more than once
     good: list[str] = field(default_factory=list)  # request ids of good requests found dead-lettered
     others: int = 0  # dead letters nobody listed (e.g. a bad entry XADDed twice by a retry)
@@ -117,38 +123,39 @@ class DeadLetterAudit:
                 "good_requests_dead_lettered": len(self.good), "others": self.others}
 
 
-def read_deadletters(client: redis.Redis, settings: Settings) -> Iterator[dict[bytes, bytes]]:
+def read_deadletters(client: redis.Redis, settings: Settings) -> Iterator[tuple[int, dict[bytes, bytes]]]:
+    """(partition, fields) of every dead letter."""
     for keys in all_partitions(settings.namespace, settings.partitions):
         start = "-"
         while page := client.xrange(keys.deadletter, start, "+", count=PAGE):
             for _, fields in page:
-                yield fields
+                yield keys.partition, fields
             start = "(" + page[-1][0].decode()
 
 
 def audit_deadletters(client: redis.Redis, settings: Settings, expected: Mapping[str, str],
                       good: Iterable[str] = ()) -> DeadLetterAudit:
-    """expected: entry id -> the reason it must be dead-lettered with. good: request ids that
-    must never be dead-lettered (requests that were valid when submitted)."""
+    """expected: entry_key() -> the reason the entry must be dead-lettered with. good: request
+    ids that must never be dead-lettered (requests that were valid when submitted)."""
     report = DeadLetterAudit(expected=len(expected))
     reasons: dict[str, list[str]] = defaultdict(list)
     good_ids = set(good)
-    for fields in read_deadletters(client, settings):
-        entry_id = fields[b"entry_id"].decode()
+    for partition, fields in read_deadletters(client, settings):
+        key = entry_key(partition, fields[b"entry_id"].decode())
         reason = fields.get(b"error", b"").decode() if fields.get(b"detail") else ""  # a reason has both
-        reasons[entry_id].append(reason)
+        reasons[key].append(reason)
         request_id = fields.get(b"request_id", b"").decode("utf-8", "replace")
-        if entry_id not in expected and request_id in good_ids:
+        if key not in expected and request_id in good_ids:
             report.good.append(request_id)
-    report.others = sum(len(r) for eid, r in reasons.items() if eid not in expected)
-    for entry_id, reason in expected.items():
-        got = reasons.get(entry_id)
+    report.others = sum(len(r) for key, r in reasons.items() if key not in expected)
+    for key, reason in expected.items():
+        got = reasons.get(key)
         if not got:
-            report.missing.append(entry_id)
+            report.missing.append(key)
         elif len(got) > 1:
-            report.repeated.append(entry_id)
+            report.repeated.append(key)
         elif got[0] != reason:
-            report.wrong_reason[entry_id] = (reason, got[0])
+            report.wrong_reason[key] = (reason, got[0])
         else:
             report.found += 1
     return report
