@@ -42,7 +42,8 @@ def judge(client: redis.Redis, settings: Settings, profile: Profile, fsync: str,
     bad = {entry_id: REASONS[kind] for r in records for entry_id, kind in r.bad.items()}
     money = audit(client, settings, start_balances, confirmed)
     dead = audit_deadletters(client, settings, bad, good=confirmed)
-    resent = sum(r.replays + r.conflicts for r in records)
+    resent = sum(r.replays + len(r.conflicts) for r in records)
+    conflicted = {rid for r in records for rid in r.conflicts}
     lost = len(money.missing) + len(dead.missing)
     v = Verdict(numbers={
         "confirmed": len(confirmed), "bad_entries": len(bad), "resent_request_ids": resent,
@@ -58,6 +59,12 @@ def judge(client: redis.Redis, settings: Settings, profile: Profile, fsync: str,
         # Every confirmed resubmission is an entry of its own and gets an outcome marked duplicate.
         v.require(money.duplicates >= resent, f"{resent} confirmed resubmissions but only "
                                               f"{money.duplicates} duplicate outcomes")
+        # Whichever content came first, a request id sent with two contents meets a conflict.
+        unanswered = conflicted - money.conflicts
+        v.require(not unanswered, f"{len(unanswered)} request ids resubmitted with other content never answered "
+                                  f"idempotency_conflict: {sorted(unanswered)[:5]}")
+    v.require(not money.replay_mismatches, f"{len(money.replay_mismatches)} replays not answered with the stored "
+                                           f"outcome: {money.replay_mismatches[:5]}")
     v.require(not money.repeated, f"{len(money.repeated)} request ids charged twice: {money.repeated[:5]}")
     v.require(not money.resettled, f"{len(money.resettled)} stream entries settled twice: {money.resettled[:5]}")
     v.require(not money.money, f"sum(approved) != start - end for {len(money.money)} accounts: "

@@ -36,7 +36,7 @@ class Record:
     producer: int
     confirmed: list[str] = field(default_factory=list)  # request ids whose XADD returned an entry id
     replays: int = 0  # confirmed resubmissions of a request id with the same content
-    conflicts: int = 0  # confirmed resubmissions of a request id with other units
+    conflicts: list[str] = field(default_factory=list)  # request ids confirmed again with other units
     bad: dict[str, str] = field(default_factory=dict)  # entry_key() of a confirmed bad entry -> kind name
     unconfirmed: int = 0  # submits that raised and were made again with the same request ids
     resubmitted: int = 0  # requests in those submits
@@ -87,7 +87,7 @@ def run(settings_dump: dict, profile: Profile, seed: int, index: int, path: str)
         if _confirmed(lambda: producer.submit(chunk + same + other), len(chunk) + len(same) + len(other), record):
             record.confirmed += [r["request_id"] for r in chunk]
             record.replays += len(same)
-            record.conflicts += len(other)
+            record.conflicts += [r["request_id"] for r in other]
             sent += chunk
         else:
             record.never_confirmed += [r["request_id"] for r in chunk]

@@ -35,7 +35,7 @@ def facts(profile: Profile, seed: int, fsync: str, settings: dict, records: list
         "load": {
             "confirmed_charges": verdict.numbers["confirmed"],
             "replays_same_content": sum(r.replays for r in records),
-            "replays_other_content": sum(r.conflicts for r in records),
+            "replays_other_content": sum(len(r.conflicts) for r in records),
             "bad_entries": verdict.numbers["bad_entries"],
             "bad_entry_kinds": len(hostile.KINDS),
             "unconfirmed_submits": sum(r.unconfirmed for r in records),
@@ -79,7 +79,9 @@ def show(report: dict) -> None:
         ("faults: redis SIGKILL", f"{injected['redis_kill']} (down then restarted from the AOF: {_seconds(downtimes)})"),
         ("worker log", ", ".join(f"{k} {v}" for k, v in report["worker_log_events"].items())),
         ("outcomes", f"{audit['outcomes']:,}: approved {audit['approved']:,}, rejected "
-                     f"{sum(audit['rejected'].values()):,} {audit['rejected']}, duplicates {audit['duplicates']:,}"),
+                     f"{sum(audit['rejected'].values()):,} {audit['rejected']}, duplicates {audit['duplicates']:,} "
+                     f"(request ids answered idempotency_conflict: {audit['idempotency_conflicts']})"),
+        ("replays answered other than the stored outcome", str(audit["replay_mismatches"])),
         ("lost", str(results["lost"]) + _lost_note(report)),
         ("double-charged", str(results["double_charged"])),
         ("entries settled twice", str(results["entries_settled_twice"])),

@@ -33,6 +33,8 @@ class Audit:
     missing: list[str] = field(default_factory=list)  # expected, no outcome
     repeated: list[str] = field(default_factory=list)  # more than one first (non-duplicate) outcome
     resettled: list[str] = field(default_factory=list)  # entry_key()s with more than one outcome
+    replay_mismatches: list[str] = field(default_factory=list)  # a replay not answered with the stored outcome
+    conflicts: set[str] = field(default_factory=set)  # request ids answered idempotency_conflict
     money: dict[str, tuple[int, int]] = field(default_factory=dict)  # account -> (approved sum, balance drop)
     negative: dict[str, int] = field(default_factory=dict)
     pending: int = 0
@@ -40,13 +42,15 @@ class Audit:
 
     @property
     def ok(self) -> bool:
-        return not (self.missing or self.repeated or self.resettled or self.money or self.negative or self.pending)
+        return not (self.missing or self.repeated or self.resettled or self.replay_mismatches or self.money
+                    or self.negative or self.pending)
 
     def as_dict(self) -> dict:
         return {
             "ok": self.ok, "outcomes": self.outcomes, "approved": self.approved, "rejected": dict(self.rejected),
-            "duplicates": self.duplicates, "missing": len(self.missing), "double_charged": len(self.repeated),
-            "entries_settled_twice": len(self.resettled),
+            "duplicates": self.duplicates, "idempotency_conflicts": len(self.conflicts),
+            "missing": len(self.missing), "double_charged": len(self.repeated),
+            "entries_settled_twice": len(self.resettled), "replay_mismatches": len(self.replay_mismatches),
             "money_mismatches": len(self.money), "negative_balances": len(self.negative),
             "pending": self.pending, "deadletters": self.deadletters,
         }
@@ -66,34 +70,16 @@ def audit(client: redis.Redis, settings: Settings, start_balances: Mapping[str, 
     """start_balances: every account's balance before the load (accounts not named are not
     checked for money). expected: request ids that must each have exactly one outcome."""
     report = Audit()
-    firsts: Counter = Counter()
-    per_entry: Counter = Counter()
-    charged: dict[str, int] = defaultdict(int)
-    for outcome in read_outcomes(client, settings):
-        report.outcomes += 1
-        if outcome["entry_id"]:  # '' for authorize, which has no stream entry
-            # The worker settles an entry only in its account's partition (else wrong_partition).
-            per_entry[entry_key(partition_of(outcome["account"], settings.partitions), outcome["entry_id"])] += 1
-        if outcome["duplicate"] == "1":
-            report.duplicates += 1
-            continue
-        firsts[outcome["request_id"]] += 1
-        if outcome["status"] == "approved":
-            report.approved += 1
-            charged[outcome["account"]] += int(outcome["charged"])
-        else:
-            report.rejected[outcome["reason"]] += 1
-    report.repeated = [rid for rid, n in firsts.items() if n > 1]
-    # A stalled worker that woke up after its entry was reclaimed and settled would show here.
-    report.resettled = [key for key, n in per_entry.items() if n > 1]
+    charged = _tally(report, read_outcomes(client, settings), settings.partitions)
     if expected is not None:
+        firsts = set(charged.firsts)
         report.missing = [rid for rid in expected if rid not in firsts]
     balances = dict(all_balances(client, settings))
     report.negative = {a: b for a, b in balances.items() if b < 0}
     for account, start in start_balances.items():
         drop = start - balances.get(account, start)
-        if drop != charged.get(account, 0):
-            report.money[account] = (charged.get(account, 0), drop)
+        if drop != charged.by_account.get(account, 0):
+            report.money[account] = (charged.by_account.get(account, 0), drop)
     for keys in all_partitions(settings.namespace, settings.partitions):
         report.deadletters += client.xlen(keys.deadletter)
         try:
@@ -101,6 +87,45 @@ def audit(client: redis.Redis, settings: Settings, start_balances: Mapping[str, 
         except redis.ResponseError:  # no group yet: nothing was ever read
             pass
     return report
+
+
+@dataclass
+class _Charged:
+    by_account: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # sum of approved charges
+    firsts: dict[str, tuple[str, ...]] = field(default_factory=dict)  # request id -> its first outcome
+
+
+def _tally(report: Audit, outcomes: Iterable[dict[str, str]], partitions: int) -> _Charged:
+    charged = _Charged()
+    firsts: Counter = Counter()
+    per_entry: Counter = Counter()
+    replays: list[tuple[str, tuple[str, ...]]] = []
+    for outcome in outcomes:
+        report.outcomes += 1
+        if outcome["entry_id"]:  # '' for authorize, which has no stream entry
+            # The worker settles an entry only in its account's partition (else wrong_partition).
+            per_entry[entry_key(partition_of(outcome["account"], partitions), outcome["entry_id"])] += 1
+        answer = (outcome["status"], outcome["reason"], outcome["charged"], outcome["balance"])
+        if outcome["duplicate"] == "1":
+            report.duplicates += 1
+            if outcome["reason"] == "idempotency_conflict":
+                report.conflicts.add(outcome["request_id"])
+            else:
+                replays.append((outcome["request_id"], answer))
+            continue
+        firsts[outcome["request_id"]] += 1
+        charged.firsts.setdefault(outcome["request_id"], answer)
+        if outcome["status"] == "approved":
+            report.approved += 1
+            charged.by_account[outcome["account"]] += int(outcome["charged"])
+        else:
+            report.rejected[outcome["reason"]] += 1
+    report.repeated = [rid for rid, n in firsts.items() if n > 1]
+    # A stalled worker that woke up after its entry was reclaimed and settled would show here.
+    report.resettled = [key for key, n in per_entry.items() if n > 1]
+    # A replay (same content) answers with the stored outcome, a stored rejection included.
+    report.replay_mismatches = [rid for rid, answer in replays if charged.firsts.get(rid) != answer]
+    return charged
 
 
 @dataclass
