@@ -107,7 +107,7 @@ def _seconds(values: list[float]) -> str:
 
 def _lost_note(report: dict) -> str:
     results = report["results"]
-    if report["fsync"] == "always" or not results["lost"]:
+    if report["fsync"] == "always":
         return ""
     kills = report["faults"]["injected"]["redis_kill"]
     return (f" (measured loss with everysec: {results['lost_charges']} charges, {results['lost_bad_entries']} "
