@@ -10,7 +10,8 @@ import heapq
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 
 from charging.redis_server import RedisServer
 from chaos.profile import Profile
@@ -19,9 +20,12 @@ from chaos.workers import Fleet
 WORKER_KILL, WORKER_STALL, REDIS_KILL = "worker_kill", "worker_stall", "redis_kill"
 KINDS = (WORKER_KILL, WORKER_STALL, REDIS_KILL)
 TICK_S = 0.05
+MARGIN_S = 1.0  # between two faults on one worker, and between stalls and Redis outages
+STALL_TRIES = 40
+STALL_SETTLE_S = 0.2  # after SIGSTOP, Redis finishes the commands the worker had already sent
 SHORT_OUTAGE_S = (0.2, 1.5)  # within redis-py's retries: clients should not even notice
 # Longer than redis-py's retries of connection.py (8 attempts, backoff capped at 2 s: 9.1 s at most).
-LONG_OUTAGE_S = (10.0, 12.0)
+LONG_OUTAGE_S = (10.0, 11.0)
 
 
 @dataclass(frozen=True)
@@ -37,71 +41,63 @@ class Fault:
 
 
 def plan(profile: Profile, seed: int, reclaim_idle_s: float) -> list[Fault]:
-    """Faults spread over 10%..80% of the planned load, so each lands while charges flow.
-    A worker is never killed while it is stalled nor stalled while it is being replaced, so
-    every stall ends with the same process waking up."""
+    """Faults over 5%..85% of the planned load, so each lands while charges flow. Stalls and
+    Redis outages take turns, never overlapping: what a waking worker does is then judged by
+    Redis, not lost with a connection. Worker kills fall anywhere (a replacement may start
+    while Redis is down), but never on a stalled worker, so every stall ends with the same
+    process waking up, and never on the last worker free of faults."""
     rng = random.Random(f"chaos-faults-{seed}")
-    start, end = 0.1 * profile.duration_s, 0.8 * profile.duration_s
-    faults: list[Fault] = []
-    for _ in range(profile.worker_stalls):
-        faults.append(_on_free_worker(rng, faults, profile.workers, start, end, WORKER_STALL,
-                                      lambda: reclaim_idle_s * rng.uniform(2.5, 4.0)))
-    for _ in range(profile.worker_kills):
-        faults.append(_on_free_worker(rng, faults, profile.workers, start, end, WORKER_KILL,
-                                      lambda: rng.uniform(0.0, 1.0)))
-    # Redis kills in separate slices of the window, so each restart has settled before the next.
+    start, end = 0.05 * profile.duration_s, 0.85 * profile.duration_s
+    turns = [Fault(0.0, WORKER_STALL, rng.randrange(profile.workers), round(reclaim_idle_s * rng.uniform(2.5, 4.0), 3))
+             for _ in range(profile.worker_stalls)]
     # Every second outage outlasts the clients' own retries, so callers see the error.
-    slice_s = (end - start) / max(profile.redis_kills, 1)
-    for i in range(profile.redis_kills):
-        at = start + slice_s * (i + rng.uniform(0.2, 0.6))
-        downtime = rng.uniform(*(LONG_OUTAGE_S if i % 2 else SHORT_OUTAGE_S))
-        faults.append(Fault(round(at, 3), REDIS_KILL, None, round(downtime, 3)))
+    turns += [Fault(0.0, REDIS_KILL, None, round(rng.uniform(*(LONG_OUTAGE_S if i % 2 else SHORT_OUTAGE_S)), 3))
+              for i in range(profile.redis_kills)]
+    rng.shuffle(turns)
+    faults = _in_turn(rng, turns, start, end)
+    for _ in range(profile.worker_kills):
+        faults.append(_kill(rng, faults, profile.workers, start, end))
     return sorted(faults, key=lambda f: f.at_s)
 
 
-def _on_free_worker(rng: random.Random, faults: list[Fault], workers: int, start: float, end: float,
-                    kind: str, length: Callable[[], float]) -> Fault:
-    while True:
-        at, span = rng.uniform(start, end), length()
-        # Keep at least one worker free of faults at every moment, and one fault per worker at a time.
-        busy = {f.worker for f in faults if f.worker is not None and f.at_s - 1 < at + span and at < f.until_s + 1}
+def _in_turn(rng: random.Random, faults: list[Fault], start: float, end: float) -> list[Fault]:
+    """Lay faults out one after another, MARGIN_S apart, the spare time split at random between them."""
+    spare = end - start - sum(f.length_s + MARGIN_S for f in faults)
+    if spare < 0:
+        raise ValueError(f"the load is {-spare:.1f}s too short for its stalls and Redis outages")
+    weights = [rng.random() for _ in range(len(faults) + 1)]
+    at, placed = start, []
+    for fault, weight in zip(faults, weights):
+        at += spare * weight / sum(weights)
+        placed.append(replace(fault, at_s=round(at, 3)))
+        at += fault.length_s + MARGIN_S
+    return placed
+
+
+def _kill(rng: random.Random, faults: list[Fault], workers: int, start: float, end: float) -> Fault:
+    for _ in range(10_000):
+        at, pause = rng.uniform(start, end), rng.uniform(0.0, 1.0)
+        busy = {f.worker for f in faults
+                if f.worker is not None and f.at_s - MARGIN_S < at + pause and at < f.until_s + MARGIN_S}
         free = [w for w in range(workers) if w not in busy]
         if len(free) > 1:
-            return Fault(round(at, 3), kind, rng.choice(free), round(span, 3))
+            return Fault(round(at, 3), WORKER_KILL, rng.choice(free), round(pause, 3))
+    raise ValueError("too many faults for the fleet: never two workers free of faults at once")
 
 
 class Injector:
     """Carries out a plan against the fleet and the Redis server, and keeps the fleet
-    watched (a worker that exits on its own is recorded and replaced)."""
+    watched (a worker that exits on its own is recorded and replaced). held(worker) tells
+    how many entries a worker has read and not settled."""
 
-    def __init__(self, faults: list[Fault], fleet: Fleet, server: RedisServer):
+    def __init__(self, faults: list[Fault], fleet: Fleet, server: RedisServer, held: Callable[[int], int]):
         self.fleet = fleet
         self.server = server
+        self.held = held
         self.done: list[dict] = []
         self._steps: list[tuple[float, int, Callable[[], None]]] = []
         for order, fault in enumerate(faults):
-            self._schedule(fault, order)
-
-    def _schedule(self, fault: Fault, order: int) -> None:
-        begin, end = {
-            WORKER_KILL: (lambda: self.fleet.kill(fault.worker), lambda: self.fleet.start(fault.worker)),
-            WORKER_STALL: (lambda: self.fleet.stop(fault.worker), lambda: self.fleet.cont(fault.worker)),
-            REDIS_KILL: (self.server.kill, self.server.restart),
-        }[fault.kind]
-        record = {**asdict(fault)}
-
-        def first():
-            record["started_s"] = round(self._now(), 3)
-            record["pid"] = begin()
-
-        def then():
-            end()
-            record["ended_s"] = round(self._now(), 3)
-            record["lasted_s"] = round(record["ended_s"] - record["started_s"], 3)
-            self.done.append(record)
-
-        heapq.heappush(self._steps, (fault.at_s, 2 * order, first))
-        heapq.heappush(self._steps, (fault.until_s, 2 * order + 1, then))
+            heapq.heappush(self._steps, (fault.at_s, order, lambda fault=fault, order=order: self._begin(fault, order)))
 
     def run(self, started: float) -> None:
         """Blocks until the last step of the plan has run; started is the load's start (monotonic)."""
@@ -115,8 +111,40 @@ class Injector:
                 self.fleet.watch()
                 time.sleep(TICK_S)
 
+    def _begin(self, fault: Fault, order: int) -> None:
+        record = asdict(fault)
+        if fault.kind == WORKER_KILL:
+            record["pid"] = self.fleet.kill(fault.worker)
+            end = partial(self.fleet.start, fault.worker)
+        elif fault.kind == WORKER_STALL:
+            record.update(self._stall(fault.worker))
+            end = partial(self.fleet.cont, fault.worker)
+        else:
+            self.server.kill()
+            end = self.server.restart
+        record["started_s"] = round(self._now(), 3)
+        heapq.heappush(self._steps, (self._now() + fault.length_s, order, lambda: self._end(record, end)))
+
+    def _end(self, record: dict, end: Callable[[], object]) -> None:
+        end()
+        record["ended_s"] = round(self._now(), 3)
+        record["lasted_s"] = round(record["ended_s"] - record["started_s"], 3)
+        self.done.append(record)
+
+    def _stall(self, worker: int) -> dict:
+        """SIGSTOP the worker at a moment it holds entries (read, not settled): only such a stall
+        tests that a worker waking up after its entries were reclaimed cannot apply them again.
+        While it holds none, let it run a moment and stop it again."""
+        for attempt in range(1, STALL_TRIES + 1):
+            if attempt > 1:
+                self.fleet.cont(worker)
+                time.sleep(TICK_S)
+            pid = self.fleet.stop(worker)
+            time.sleep(STALL_SETTLE_S)
+            held = self.held(worker)
+            if held:
+                break
+        return {"pid": pid, "held": held, "tries": attempt}
+
     def _now(self) -> float:
         return time.monotonic() - self._started
-
-    def counts(self) -> dict[str, int]:
-        return {kind: sum(1 for f in self.done if f["kind"] == kind) for kind in KINDS}

@@ -38,5 +38,5 @@ class Profile:
 
 FULL = Profile("full", charges=100_000, producers=3, workers=4, rate=1_500, accounts=2_000,
                worker_kills=12, worker_stalls=4, redis_kills=3, bad_entries=330)
-QUICK = Profile("quick", charges=10_000, producers=2, workers=3, rate=700, accounts=200,
+QUICK = Profile("quick", charges=10_000, producers=2, workers=3, rate=300, accounts=200,
                 worker_kills=3, worker_stalls=2, redis_kills=2, bad_entries=66)

@@ -63,7 +63,7 @@ def save(report: dict, path: Path) -> None:
 def show(report: dict) -> None:
     load, results, injected = report["load"], report["results"], report["faults"]["injected"]
     audit = results["audit"]
-    stalls = [f["lasted_s"] for f in report["faults"]["done"] if f["kind"] == "worker_stall"]
+    stalls = [f"{f['lasted_s']:.1f}s holding {f['held']}" for f in report["faults"]["done"] if f["kind"] == "worker_stall"]
     downtimes = [f["lasted_s"] for f in report["faults"]["done"] if f["kind"] == "redis_kill"]
     table = Table("", "", title=f"charging chaos: {report['profile']['name']}, seed {report['seed']}, "
                                 f"appendfsync {report['fsync']}", show_header=False)
@@ -74,9 +74,10 @@ def show(report: dict) -> None:
         ("producers", f"{load['unconfirmed_submits']} submits unconfirmed, {load['requests_resubmitted']:,} "
                       f"requests resubmitted with the same ids, {load['never_confirmed']} never confirmed"),
         ("faults: worker SIGKILL", f"{injected['worker_kill']} (replaced under the same consumer name)"),
-        ("faults: worker SIGSTOP", f"{injected['worker_stall']} (stalled {_seconds(stalls)}, reclaim idle "
+        ("faults: worker SIGSTOP", f"{injected['worker_stall']} (stalled {', '.join(stalls)} entries; reclaim idle "
                                    f"{report['settings']['reclaim_idle_ms'] / 1000:g}s)"),
         ("faults: redis SIGKILL", f"{injected['redis_kill']} (down then restarted from the AOF: {_seconds(downtimes)})"),
+        ("woken workers' late calls refused as stale", str(report["worker_log_events"]["entry_already_settled"])),
         ("worker log", ", ".join(f"{k} {v}" for k, v in report["worker_log_events"].items())),
         ("outcomes", f"{audit['outcomes']:,}: approved {audit['approved']:,}, rejected "
                      f"{sum(audit['rejected'].values()):,} {audit['rejected']}, duplicates {audit['duplicates']:,} "

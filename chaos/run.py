@@ -23,12 +23,14 @@ from chaos import load, report
 from chaos.check import judge
 from chaos.faults import Injector, plan
 from chaos.profile import FULL, QUICK, Profile
-from chaos.workers import Fleet
+from chaos.workers import Fleet, held
 
 # Short reclaim and maintenance intervals, so a stalled worker's entries are taken over within
-# the run; two partitions, so a wrong-partition entry is possible and workers read two streams.
+# the run; two partitions, so a wrong-partition entry is possible and workers read two streams;
+# the default client retries, which faults.LONG_OUTAGE_S is made to outlast.
 CHAOS_SETTINGS = {"namespace": "chaos", "partitions": 2, "redis_cluster": False, "reclaim_idle_ms": 1000,
-                  "maintenance_interval_s": 0.25, "block_ms": 500, "batch": 200, "log_level": "info"}
+                  "maintenance_interval_s": 0.25, "block_ms": 500, "batch": 200, "retry_attempts": 8,
+                  "log_level": "info"}
 SETTLE_TIMEOUT_S = 300
 POLL_S = 0.2
 
@@ -66,7 +68,7 @@ def _run(settings: Settings, profile: Profile, seed: int, fsync: str, server: Re
     functions.set_balances(client, settings, start_balances.items())
     fleet.start_all()
     faults = plan(profile, seed, settings.reclaim_idle_ms / 1000)
-    injector = Injector(faults, fleet, server)
+    injector = Injector(faults, fleet, server, lambda index: held(client, settings, fleet.name(index)))
     (out / "producers").mkdir(exist_ok=True)
     paths = [out / "producers" / f"producer-{i}.json" for i in range(profile.producers)]
     for path in paths:
@@ -85,13 +87,15 @@ def _run(settings: Settings, profile: Profile, seed: int, fsync: str, server: Re
     settled = _wait_settled(client, settings, fleet)
     stop_codes = fleet.shutdown()
     records = [load.Record.load(path) for path in paths if path.exists()]
-    verdict = judge(client, settings, profile, fsync, start_balances, records, injector.done, fleet.exits, stop_codes)
+    events = fleet.events()
+    verdict = judge(client, settings, profile, fsync, start_balances, records, injector.done, events, fleet.exits,
+                    stop_codes)
     verdict.require(len(records) == len(producers),
                     f"producers crashed: exit codes {[p.exitcode for p in producers]}")
     verdict.require(settled, f"not settled within {SETTLE_TIMEOUT_S}s after the load")
     return report.facts(
         profile=profile, seed=seed, fsync=fsync, settings=CHAOS_SETTINGS, records=records, faults=faults,
-        done=injector.done, events=fleet.events(), exits=fleet.exits, verdict=verdict,
+        done=injector.done, events=events, exits=fleet.exits, verdict=verdict,
         memory=client.info("memory"),
         elapsed={"load_s": loaded - started, "settle_s": time.monotonic() - loaded,
                  "total_s": time.monotonic() - started})

@@ -11,7 +11,11 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import redis
 import structlog
+
+from charging.keys import all_partitions
+from charging.settings import Settings
 
 log = structlog.get_logger("charging.chaos")
 
@@ -105,3 +109,12 @@ class Fleet:
                         if b'"event": "' + event.encode() + b'"' in line:
                             counts[event] += 1
         return {event: counts[event] for event in EVENTS}
+
+
+def held(client: redis.Redis, settings: Settings, consumer: str) -> int:
+    """Entries delivered to consumer and not settled yet, over all partitions (0 while Redis is down)."""
+    try:
+        return sum(c["pending"] for keys in all_partitions(settings.namespace, settings.partitions)
+                   for c in client.xinfo_consumers(keys.requests, settings.group) if c["name"] == consumer.encode())
+    except redis.RedisError:
+        return 0
