@@ -13,9 +13,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 
+import redis
+
 from charging.redis_server import RedisServer
+from charging.settings import Settings
 from chaos.profile import Profile
-from chaos.workers import Fleet
+from chaos.workers import Fleet, held
 
 WORKER_KILL, WORKER_STALL, REDIS_KILL = "worker_kill", "worker_stall", "redis_kill"
 KINDS = (WORKER_KILL, WORKER_STALL, REDIS_KILL)
@@ -23,7 +26,7 @@ TICK_S = 0.05
 MARGIN_S = 1.0  # between two faults on one worker, and between stalls and Redis outages
 STALL_TRIES = 40
 STALL_SETTLE_S = 0.2  # after SIGSTOP, Redis finishes the commands the worker had already sent
-SHORT_OUTAGE_S = (0.2, 1.5)  # within redis-py's retries: clients should not even notice
+SHORT_OUTAGE_S = (0.2, 1.5)  # within redis-py's retries: clients should not notice
 # Longer than redis-py's retries of connection.py (8 attempts, backoff capped at 2 s: 9.1 s at most).
 LONG_OUTAGE_S = (10.0, 11.0)
 
@@ -34,6 +37,9 @@ class Fault:
     kind: str
     worker: int | None  # index in the fleet; None for a Redis kill
     length_s: float  # stall length, Redis downtime, or the pause before a killed worker's replacement
+    # Redis kills only: start an AOF rewrite this long before the SIGKILL (None: none), so a crash
+    # also hits Redis while it switches to new AOF files and its disk is busiest.
+    rewrite_lead_s: float | None = None
 
     @property
     def until_s(self) -> float:
@@ -50,14 +56,19 @@ def plan(profile: Profile, seed: int, reclaim_idle_s: float) -> list[Fault]:
     start, end = 0.05 * profile.duration_s, 0.85 * profile.duration_s
     turns = [Fault(0.0, WORKER_STALL, rng.randrange(profile.workers), round(reclaim_idle_s * rng.uniform(2.5, 4.0), 3))
              for _ in range(profile.worker_stalls)]
-    # Every second outage outlasts the clients' own retries, so callers see the error.
-    turns += [Fault(0.0, REDIS_KILL, None, round(rng.uniform(*(LONG_OUTAGE_S if i % 2 else SHORT_OUTAGE_S)), 3))
-              for i in range(profile.redis_kills)]
+    turns += [_redis_kill(rng, long=i % 2 == 1) for i in range(profile.redis_kills)]
     rng.shuffle(turns)
     faults = _in_turn(rng, turns, start, end)
     for _ in range(profile.worker_kills):
         faults.append(_kill(rng, faults, profile.workers, start, end))
     return sorted(faults, key=lambda f: f.at_s)
+
+
+def _redis_kill(rng: random.Random, long: bool) -> Fault:
+    """A long outage outlasts the clients' own retries; a short one is killed during an AOF rewrite."""
+    if long:
+        return Fault(0.0, REDIS_KILL, None, round(rng.uniform(*LONG_OUTAGE_S), 3))
+    return Fault(0.0, REDIS_KILL, None, round(rng.uniform(*SHORT_OUTAGE_S), 3), round(rng.uniform(0.0, 0.3), 3))
 
 
 def _in_turn(rng: random.Random, faults: list[Fault], start: float, end: float) -> list[Fault]:
@@ -87,13 +98,14 @@ def _kill(rng: random.Random, faults: list[Fault], workers: int, start: float, e
 
 class Injector:
     """Carries out a plan against the fleet and the Redis server, and keeps the fleet
-    watched (a worker that exits on its own is recorded and replaced). held(worker) tells
-    how many entries a worker has read and not settled."""
+    watched (a worker that exits on its own is recorded and replaced)."""
 
-    def __init__(self, faults: list[Fault], fleet: Fleet, server: RedisServer, held: Callable[[int], int]):
+    def __init__(self, faults: list[Fault], fleet: Fleet, server: RedisServer, client: redis.Redis,
+                 settings: Settings):
         self.fleet = fleet
         self.server = server
-        self.held = held
+        self.client = client
+        self.settings = settings
         self.done: list[dict] = []
         self._steps: list[tuple[float, int, Callable[[], None]]] = []
         for order, fault in enumerate(faults):
@@ -120,7 +132,7 @@ class Injector:
             record.update(self._stall(fault.worker))
             end = partial(self.fleet.cont, fault.worker)
         else:
-            self.server.kill()
+            self._kill_redis(fault.rewrite_lead_s)
             end = self.server.restart
         record["started_s"] = round(self._now(), 3)
         heapq.heappush(self._steps, (self._now() + fault.length_s, order, lambda: self._end(record, end)))
@@ -130,6 +142,12 @@ class Injector:
         record["ended_s"] = round(self._now(), 3)
         record["lasted_s"] = round(record["ended_s"] - record["started_s"], 3)
         self.done.append(record)
+
+    def _kill_redis(self, rewrite_lead_s: float | None) -> None:
+        if rewrite_lead_s is not None:
+            self.client.bgrewriteaof()
+            time.sleep(rewrite_lead_s)
+        self.server.kill()
 
     def _stall(self, worker: int) -> dict:
         """SIGSTOP the worker at a moment it holds entries (read, not settled): only such a stall
@@ -141,10 +159,10 @@ class Injector:
                 time.sleep(TICK_S)
             pid = self.fleet.stop(worker)
             time.sleep(STALL_SETTLE_S)
-            held = self.held(worker)
-            if held:
+            holding = held(self.client, self.settings, self.fleet.name(worker))
+            if holding:
                 break
-        return {"pid": pid, "held": held, "tries": attempt}
+        return {"pid": pid, "held": holding, "tries": attempt}
 
     def _now(self) -> float:
         return time.monotonic() - self._started

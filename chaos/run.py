@@ -23,7 +23,7 @@ from chaos import load, report
 from chaos.check import judge
 from chaos.faults import Injector, plan
 from chaos.profile import FULL, QUICK, Profile
-from chaos.workers import Fleet, held
+from chaos.workers import Fleet
 
 # Short reclaim and maintenance intervals, so a stalled worker's entries are taken over within
 # the run; two partitions, so a wrong-partition entry is possible and workers read two streams;
@@ -68,7 +68,7 @@ def _run(settings: Settings, profile: Profile, seed: int, fsync: str, server: Re
     functions.set_balances(client, settings, start_balances.items())
     fleet.start_all()
     faults = plan(profile, seed, settings.reclaim_idle_ms / 1000)
-    injector = Injector(faults, fleet, server, lambda index: held(client, settings, fleet.name(index)))
+    injector = Injector(faults, fleet, server, client, settings)
     (out / "producers").mkdir(exist_ok=True)
     paths = [out / "producers" / f"producer-{i}.json" for i in range(profile.producers)]
     for path in paths:

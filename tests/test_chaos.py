@@ -39,6 +39,9 @@ def test_quick_chaos_run_loses_nothing_and_charges_nothing_twice(tmp_path):
     assert load["unconfirmed_submits"] > 0, "a Redis outage outlasted the client retries: producers resubmitted"
     assert injected == {WORKER_KILL: QUICK.worker_kills, WORKER_STALL: QUICK.worker_stalls,
                         REDIS_KILL: QUICK.redis_kills}
+    stalls = [f for f in report["faults"]["done"] if f["kind"] == WORKER_STALL]
+    assert any(f["held"] for f in stalls), "a worker was stopped holding entries"
+    assert report["worker_log_events"]["entry_already_settled"] > 0, "and its late calls were refused as stale"
     assert "PASS" in run.stdout
 
 
