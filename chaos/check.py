@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 
 import redis
 
-from charging.audit import Audit, DeadLetterAudit, audit, audit_deadletters
-from charging.settings import Settings
 from chaos import hostile
 from chaos.faults import REDIS_KILL, WORKER_KILL, WORKER_STALL
 from chaos.load import Record
 from chaos.profile import Profile
+from charging.audit import Audit, DeadLetterAudit, audit, audit_deadletters
+from charging.settings import Settings
 
 REASONS = {kind.name: kind.reason for kind in hostile.KINDS}
 

@@ -10,18 +10,19 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
 import redis
 
+from chaos import hostile
+from chaos.profile import Profile
 from charging import log as logging_setup
 from charging.accounts import numbered
 from charging.connection import connect
 from charging.demo import mixed_load
 from charging.settings import Settings
-from chaos import hostile
-from chaos.profile import Profile
 from producer import Producer
 
 CHUNK = 50  # requests per submit: one pipeline, confirmed or not as a whole
@@ -84,7 +85,8 @@ def run(settings_dump: dict, profile: Profile, seed: int, index: int, path: str)
         same = [rng.choice(sent) for _ in range(due(replays, len(chunks), step))] if sent else []
         other = [{**r, "units": r["units"] + 1} for r in
                  (rng.choice(sent) for _ in range(due(conflicts, len(chunks), step)))] if sent else []
-        if _confirmed(lambda: producer.submit(chunk + same + other), len(chunk) + len(same) + len(other), record):
+        batch = chunk + same + other
+        if _confirmed(partial(producer.submit, batch), len(batch), record):
             record.confirmed += [r["request_id"] for r in chunk]
             record.replays += len(same)
             record.conflicts += [r["request_id"] for r in other]
@@ -101,7 +103,7 @@ def run(settings_dump: dict, profile: Profile, seed: int, index: int, path: str)
 
 def _write_bad(client, settings: Settings, record: Record, kind: hostile.BadKind, account: str,
                request_id: str) -> None:
-    key = _confirmed(lambda: hostile.write(client, settings, kind, request_id, account), 1, record)
+    key = _confirmed(partial(hostile.write, client, settings, kind, request_id, account), 1, record)
     if key:
         record.bad[key] = kind.name
 

@@ -61,24 +61,47 @@ def save(report: dict, path: Path) -> None:
 
 
 def show(report: dict) -> None:
-    load, results, injected = report["load"], report["results"], report["faults"]["injected"]
-    audit = results["audit"]
-    stalls = [f"{f['lasted_s']:.1f}s holding {f['held']}" for f in report["faults"]["done"] if f["kind"] == "worker_stall"]
-    downtimes = [f["lasted_s"] for f in report["faults"]["done"] if f["kind"] == "redis_kill"]
     table = Table("", "", title=f"charging chaos: {report['profile']['name']}, seed {report['seed']}, "
                                 f"appendfsync {report['fsync']}", show_header=False)
-    rows = [
+    for name, value in _load_rows(report) + _fault_rows(report) + _result_rows(report):
+        table.add_row(name, value)
+    table.add_row("verdict", "[green]PASS[/]" if report["verdict"] == "pass" else "[red]FAIL[/]")
+    console.print(table)
+    for violation in report["violations"]:
+        console.print(f"[red]violation:[/] {violation}", highlight=False)
+
+
+def _load_rows(report: dict) -> list[tuple[str, str]]:
+    load = report["load"]
+    return [
         ("load", f"{load['confirmed_charges']:,} confirmed charges, {load['replays_same_content']} replays "
                  f"(same content), {load['replays_other_content']} replays (other content), "
                  f"{load['bad_entries']} bad entries of {load['bad_entry_kinds']} kinds"),
         ("producers", f"{load['unconfirmed_submits']} submits unconfirmed, {load['requests_resubmitted']:,} "
                       f"requests resubmitted with the same ids, {load['never_confirmed']} never confirmed"),
+    ]
+
+
+def _fault_rows(report: dict) -> list[tuple[str, str]]:
+    injected, done = report["faults"]["injected"], report["faults"]["done"]
+    stalls = [f"{f['lasted_s']:.1f}s holding {f['held']}" for f in done if f["kind"] == "worker_stall"]
+    outages = [f"{f['lasted_s']:.1f}s" + (" in an AOF rewrite" if f["rewrite_lead_s"] is not None else "")
+               for f in done if f["kind"] == "redis_kill"]
+    return [
         ("faults: worker SIGKILL", f"{injected['worker_kill']} (replaced under the same consumer name)"),
-        ("faults: worker SIGSTOP", f"{injected['worker_stall']} (stalled {', '.join(stalls)} entries; reclaim idle "
-                                   f"{report['settings']['reclaim_idle_ms'] / 1000:g}s)"),
-        ("faults: redis SIGKILL", f"{injected['redis_kill']} (down then restarted from the AOF: {_seconds(downtimes)})"),
-        ("woken workers' late calls refused as stale", str(report["worker_log_events"]["entry_already_settled"])),
+        ("faults: worker SIGSTOP", f"{injected['worker_stall']} ({', '.join(stalls) or '-'} entries; reclaim "
+                                   f"idle {report['settings']['reclaim_idle_ms'] / 1000:g}s)"),
+        ("faults: redis SIGKILL", f"{injected['redis_kill']} (down, then restarted from the AOF: "
+                                  f"{', '.join(outages) or '-'})"),
+        ("calls refused as stale (entry settled already)", str(report["worker_log_events"]["entry_already_settled"])),
         ("worker log", ", ".join(f"{k} {v}" for k, v in report["worker_log_events"].items())),
+    ]
+
+
+def _result_rows(report: dict) -> list[tuple[str, str]]:
+    results = report["results"]
+    audit = results["audit"]
+    return [
         ("outcomes", f"{audit['outcomes']:,}: approved {audit['approved']:,}, rejected "
                      f"{sum(audit['rejected'].values()):,} {audit['rejected']}, duplicates {audit['duplicates']:,} "
                      f"(request ids answered idempotency_conflict: {audit['idempotency_conflicts']})"),
@@ -93,17 +116,6 @@ def show(report: dict) -> None:
         ("redis memory at the end", report["redis"]["used_memory_human"]),
         ("time", f"load {report['elapsed_s']['load_s']}s, settle {report['elapsed_s']['settle_s']}s"),
     ]
-    for name, value in rows:
-        table.add_row(name, value)
-    verdict = "[green]PASS[/]" if report["verdict"] == "pass" else "[red]FAIL[/]"
-    table.add_row("verdict", verdict)
-    console.print(table)
-    for violation in report["violations"]:
-        console.print(f"[red]violation:[/] {violation}", highlight=False)
-
-
-def _seconds(values: list[float]) -> str:
-    return ", ".join(f"{v:.1f}s" for v in values) or "-"
 
 
 def _lost_note(report: dict) -> str:

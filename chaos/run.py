@@ -12,6 +12,11 @@ from pathlib import Path
 
 import redis
 
+from chaos import load, report
+from chaos.check import judge
+from chaos.faults import Injector, plan
+from chaos.profile import FULL, QUICK, Profile
+from chaos.workers import Fleet
 from charging import functions
 from charging import log as logging_setup
 from charging.accounts import numbered
@@ -19,11 +24,6 @@ from charging.connection import connect
 from charging.keys import all_partitions
 from charging.redis_server import RedisServer
 from charging.settings import Settings
-from chaos import load, report
-from chaos.check import judge
-from chaos.faults import Injector, plan
-from chaos.profile import FULL, QUICK, Profile
-from chaos.workers import Fleet
 
 # Short reclaim and maintenance intervals, so a stalled worker's entries are taken over within
 # the run; two partitions, so a wrong-partition entry is possible and workers read two streams;

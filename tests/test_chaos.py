@@ -11,13 +11,13 @@ import subprocess
 
 import pytest
 
+from chaos import hostile
+from chaos.faults import KINDS, LONG_OUTAGE_S, REDIS_KILL, WORKER_KILL, WORKER_STALL, plan
+from chaos.profile import FULL, QUICK
 from charging import functions
 from charging.accounts import all_balances
 from charging.audit import audit_deadletters
 from charging.connection import connect
-from chaos import hostile
-from chaos.faults import KINDS, LONG_OUTAGE_S, REDIS_KILL, WORKER_KILL, WORKER_STALL, plan
-from chaos.profile import FULL, QUICK
 from tests.conftest import CHARGING, drain
 
 REDIS_PY_RETRIES_S = 9.1  # connection.py: 8 attempts, jittered backoff capped at 2 s, summed at the caps
