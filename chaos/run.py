@@ -22,7 +22,7 @@ from charging import log as logging_setup
 from charging.accounts import numbered
 from charging.connection import connect
 from charging.keys import all_partitions
-from charging.redis_server import RedisServer
+from charging.redis_server import RedisServer, RedisServerMissing
 from charging.settings import Settings
 
 # Short reclaim and maintenance intervals, so a stalled worker's entries are taken over within
@@ -42,7 +42,13 @@ def run_chaos(quick: bool, seed: int | None, out: Path | None, fsync: str) -> in
     out = out or Path("chaos-out") / f"{profile.name}-{fsync}-seed{seed}"
     out.mkdir(parents=True, exist_ok=True)
     logging_setup.configure("warning")
-    server = RedisServer(tempfile.mkdtemp(prefix="redis-", dir=out), appendfsync=fsync).start()
+    try:
+        server = RedisServer(tempfile.mkdtemp(prefix="redis-", dir=out), appendfsync=fsync).start()
+    except RedisServerMissing:
+        report.console.print("[bold red]error:[/] chaos starts, kills and restarts its own redis-server (>= 7.0), "
+                             "which is not on PATH (Debian/Ubuntu: apt-get install redis-server; macOS: brew "
+                             "install redis)", highlight=False)
+        return 1
     overrides = {**CHAOS_SETTINGS, "redis_url": server.url}
     settings = Settings(**overrides)
     fleet = Fleet({f"CHARGING_{k.upper()}": str(v) for k, v in overrides.items()}, profile.workers, out / "workers")
