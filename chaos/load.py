@@ -82,9 +82,7 @@ def run(settings_dump: dict, profile: Profile, seed: int, index: int, path: str)
     written = 0  # bad entries so far
     for step, chunk in enumerate(chunks):
         time.sleep(max(0.0, started + step * CHUNK / rate - time.monotonic()))
-        same = [rng.choice(sent) for _ in range(due(replays, len(chunks), step))] if sent else []
-        other = [{**r, "units": r["units"] + 1} for r in
-                 (rng.choice(sent) for _ in range(due(conflicts, len(chunks), step)))] if sent else []
+        same, other = _resends(rng, sent, due(replays, len(chunks), step), due(conflicts, len(chunks), step))
         batch = chunk + same + other
         if _confirmed(partial(producer.submit, batch), len(batch), record):
             record.confirmed += [r["request_id"] for r in chunk]
@@ -99,6 +97,14 @@ def run(settings_dump: dict, profile: Profile, seed: int, index: int, path: str)
             _write_bad(client, settings, record, kind, rng.choice(accounts), f"bad-{seed}-p{index}-{written}")
             written += 1
     record.save(Path(path))
+
+
+def _resends(rng: random.Random, sent: list[dict], same: int, other: int) -> tuple[list[dict], list[dict]]:
+    """Confirmed requests to send again under their request ids: as they were, and with other units."""
+    if not sent:
+        return [], []
+    return ([rng.choice(sent) for _ in range(same)],
+            [{**r, "units": r["units"] + 1} for r in (rng.choice(sent) for _ in range(other))])
 
 
 def _write_bad(client, settings: Settings, record: Record, kind: hostile.BadKind, account: str,
