@@ -6,6 +6,7 @@ COPY charging charging
 COPY worker worker
 COPY producer producer
 COPY bench bench
+COPY chaos chaos
 COPY lua lua
 RUN pip install --no-cache-dir . && useradd --system --no-create-home charging
 USER charging

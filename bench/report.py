@@ -12,6 +12,8 @@ from bench.result import ModeResult
 
 TARGETS = {"drain_vs_ceiling": 0.6, "steady_rate": 60_000, "steady_p99_ms": 10.0, "authorize_p99_ms": 2.0,
            "worker_rss_mb": 80.0}
+PROBLEMS = ("missing", "double_charged", "entries_settled_twice", "replay_mismatches", "money_mismatches",
+            "negative_balances", "pending")  # what the checker counts against a clean mode
 CAPACITY_EXAMPLES = [(1_000, 86_400), (10_000, 86_400), (60_000, 3_600)]  # (charges/s, dedupe window s)
 
 
@@ -24,9 +26,7 @@ def verdict(result: ModeResult, short: bool = False) -> str:
                 f"(overdraft {c['overdraft']}); counts {'consistent' if result.ok else 'INCONSISTENT'}")
     if short:
         return "OK" if result.ok else "FAILED"
-    problems = [f"{c[k]} {k.replace('_', ' ')}" for k in ("missing", "double_charged", "money_mismatches",
-                                                          "negative_balances", "pending")
-                if isinstance(c.get(k), int) and c[k]]
+    problems = [f"{c[k]} {k.replace('_', ' ')}" for k in PROBLEMS if isinstance(c.get(k), int) and c[k]]
     retries = f", {c['cas_retries']} cas retries" if "cas_retries" in c else ""
     return ("OK" if result.ok else "FAILED" + (": " + ", ".join(problems) if problems else "")) + retries
 

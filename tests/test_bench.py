@@ -45,8 +45,9 @@ def test_clean_modes_lose_nothing_repeat_nothing_and_overdraw_nothing(bench_run)
         check = mode["check"]
         assert mode["ok"], f"{name}: {check}"
         assert check["money_mismatches"] == 0 and check["negative_balances"] == 0 and check["pending"] == 0, name
+        assert check["entries_settled_twice"] == 0, name
         if name != "ceiling":  # redis-benchmark cannot give each call its own request id (see bench/ceiling.py)
-            assert check["missing"] == 0 and check["double_charged"] == 0, name
+            assert check["missing"] == 0 and check["double_charged"] == 0 and check["replay_mismatches"] == 0, name
             assert check["outcomes"] == mode["charges"] > 0, name
             assert check["duplicates"] > 0 or name.startswith("memory"), f"{name}: the load replays request ids"
 
