@@ -21,6 +21,10 @@ demo: install
 test: install
 	$(BIN)/pytest -q
 
+# The benchmark (README "Benchmark"); BENCH_ARGS=--quick for the short one.
+bench: install
+	$(BIN)/charging bench $(BENCH_ARGS)
+
 # The fault-injection run (README "Chaos run"); CHAOS_ARGS=--quick for the short one.
 chaos: install
 	$(BIN)/charging chaos $(CHAOS_ARGS)
