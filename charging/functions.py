@@ -14,20 +14,30 @@ import redis
 from charging.keys import Keys, partition_of
 from charging.schema import ChargeRequest, Invalid
 from charging.settings import Settings
+from charging.tariff import unit_price
 
 DEADLETTER_FIELD_BYTES = 1024  # an oversized field is kept only up to this, so dead letters stay small
 
 
-def charge(target, settings: Settings, request: ChargeRequest, amount: int, entry_id: str = ""):
+def settle(target, settings: Settings, request: ChargeRequest, amount: int | None, entry_id: str = ""):
+    """Queue the function of the request's op (charge, reserve, commit, extend, release).
+    amount: the rated price (tariff.price), None for a commit or extend in units and a release."""
     keys = Keys(settings.namespace, partition_of(request.account, settings.partitions))
-    names = [keys.balances, keys.seen(request.request_id), keys.results, keys.requests]
+    names = [keys.balances, keys.seen(request.request_id), keys.results, keys.requests,
+             keys.held, keys.reservations, keys.expiries]
     if request.reply_to:
         names.append(request.reply_to)
+    reserve = request.op == "reserve"
+    ttl_s = request.ttl or (settings.reservation_ttl_s if reserve else None)
     return target.fcall(
-        "charge", len(names), *names,
-        request.request_id, request.account, amount, request.fingerprint, entry_id, settings.group,
-        settings.dedupe_window_ms, request.submitted_at or "",
-        settings.reply_ttl_s * 1000,
+        request.op, len(names), *names,
+        request.request_id, request.account, request.fingerprint, entry_id, settings.group,
+        settings.dedupe_window_ms, request.submitted_at or "", settings.reply_ttl_s * 1000,
+        "" if amount is None else amount,
+        request.units if amount is None and request.units is not None else "",
+        unit_price(request, settings) if reserve else "",
+        request.reservation_id or "",
+        "" if ttl_s is None else ttl_s * 1000,
     )
 
 
@@ -55,6 +65,12 @@ def set_balances(client: redis.Redis, settings: Settings, balances: Iterable[tup
         for start in range(0, len(pairs), 2000):  # bounded argument lists
             pipe.fcall("set_balances", 1, Keys(settings.namespace, partition).balances, *pairs[start:start + 2000])
     return sum(pipe.execute())
+
+
+def expire_reservations(target, settings: Settings, keys: Keys) -> int:
+    """Release up to sweep_batch reservations of the partition whose expiry has passed."""
+    return target.fcall("expire_reservations", 3, keys.held, keys.reservations, keys.expiries,
+                        settings.sweep_batch)
 
 
 def trim_requests(target, keys: Keys):

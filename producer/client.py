@@ -1,5 +1,5 @@
-"""The producer library for upstream systems: submit charges to the request streams
-(fire-and-forget or wait for the outcome), or authorize synchronously."""
+"""The producer library for upstream systems: submit charges and reservation operations to
+the request streams (fire-and-forget or wait for the outcome), or settle them synchronously."""
 
 from __future__ import annotations
 
@@ -127,15 +127,37 @@ class Producer:
         return {rid: self._outcomes.pop(rid) for rid in wanted}
 
     def authorize(self, data: Mapping[str, Any] | ChargeRequest) -> Outcome:
-        """Charge synchronously with the same function the workers use: no stream, the
-        answer now. Replaying the request id returns the stored outcome."""
+        """Settle synchronously with the same function the workers use: no stream, the
+        answer now. A charge unless data names another op. Replaying the request id
+        returns the stored outcome."""
         request = self.prepare(data)
-        reply = with_functions(self.client, lambda: functions.charge(
+        reply = with_functions(self.client, lambda: functions.settle(
             self.client, self.settings, request, price(request, self.settings)))
         outcome = Outcome.from_reply(request, reply)
-        log.debug("authorized", request_id=outcome.request_id, account=outcome.account,
+        log.debug("authorized", request_id=outcome.request_id, account=outcome.account, op=request.op,
                   partition=partition_of(outcome.account, self.settings.partitions), status=outcome.status)
         return outcome
+
+    # Reservations, synchronously (README "Sessions and reservations"). Through the stream
+    # instead: submit or charge the same data with its "op" field.
+
+    def reserve(self, data: Mapping[str, Any]) -> Outcome:
+        """Hold funds: account, service and units (or amount), optional ttl (seconds) and
+        request_id. The reservation id, <account>/<request_id>, is outcome.reservation."""
+        return self.authorize({**data, "op": "reserve"})
+
+    def extend(self, data: Mapping[str, Any]) -> Outcome:
+        """Hold more: reservation, units (at the reservation's unit price) or amount, optional ttl."""
+        return self.authorize({**data, "op": "extend"})
+
+    def commit(self, data: Mapping[str, Any]) -> Outcome:
+        """Charge what was used (reservation, units or amount; at most what is held) and
+        release the rest."""
+        return self.authorize({**data, "op": "commit"})
+
+    def release(self, data: Mapping[str, Any]) -> Outcome:
+        """Release everything the reservation holds, charging nothing."""
+        return self.authorize({**data, "op": "release"})
 
     def _keys(self, account: str) -> Keys:
         return Keys(self.settings.namespace, partition_of(account, self.settings.partitions))

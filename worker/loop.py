@@ -91,7 +91,7 @@ class Worker:
                     functions.dead_letter(pipe, self.settings, entry.keys, entry.entry_id, work, entry.fields)
                 else:
                     request, amount = work
-                    functions.charge(pipe, self.settings, request, amount, entry.entry_id)
+                    functions.settle(pipe, self.settings, request, amount, entry.entry_id)
             return pipe.execute(raise_on_error=False)
 
         replies = send()
@@ -113,7 +113,8 @@ class Worker:
         return failed
 
     def judge(self, entry: Entry):
-        """Validate and rate one entry: (request, amount), or the Invalid that dead-letters it."""
+        """Validate and rate one entry: (request, amount), or the Invalid that dead-letters it.
+        amount is None for a commit or extend in units (rated in lua/) and a release."""
         if entry.deliveries > self.settings.max_deliveries:
             return Invalid("max_deliveries", f"delivered {entry.deliveries} times without being settled")
         try:
@@ -134,11 +135,12 @@ class Worker:
             return
         request, amount = work
         status = reply[0].decode()
-        event = {"approved": "charge_approved", "rejected": "charge_rejected", "stale": "entry_already_settled"}
+        event = "entry_already_settled" if status == "stale" else f"{request.op}_{status}"  # charge_approved ...
         level = self.log.debug if status == "approved" else self.log.info
-        level(event[status], request_id=request.request_id, account=request.account, entry_id=entry.entry_id,
+        session = {} if request.op == "charge" else {"reservation": request.reservation_id}
+        level(event, request_id=request.request_id, account=request.account, entry_id=entry.entry_id,
               partition=entry.keys.partition, amount=amount, reason=reply[1].decode() if len(reply) > 1 else "",
-              duplicate=len(reply) > 4 and bool(reply[4]))
+              duplicate=len(reply) > 4 and bool(reply[4]), **session)
 
 
 def _field(fields: dict[bytes, bytes] | None, name: bytes) -> str | None:
