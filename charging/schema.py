@@ -119,7 +119,7 @@ class ChargeRequest(BaseModel):
         if not isinstance(reservation, str) or not re.fullmatch(RESERVATION_PATTERN, reservation):
             raise PydanticCustomError("invalid_reservation", "reservation must be <account>/<request id of the "
                                       "reserve>, got '{value}'", {"value": reservation})
-        account = reservation.split("/", 1)[0]
+        account = account_of(data)
         if data.get("account", account) != account:
             raise PydanticCustomError("invalid_reservation", "reservation '{reservation}' is not of account "
                                       "'{account}'", {"reservation": reservation, "account": data["account"]})
@@ -188,6 +188,16 @@ class ChargeRequest(BaseModel):
         if self.op == "charge":
             del fields["op"]
         return fields
+
+
+def account_of(fields: Mapping[str, Any]) -> str | None:
+    """The account a request (not yet validated) is routed by: the account part of its
+    reservation for a commit, extend or release, else its account field."""
+    reservation = fields.get("reservation")
+    if fields.get("op") in ON_RESERVATION and isinstance(reservation, str) and "/" in reservation:
+        return reservation.split("/", 1)[0]
+    account = fields.get("account")
+    return None if account is None else str(account)
 
 
 def _service_units_or_amount(request: ChargeRequest) -> None:

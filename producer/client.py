@@ -15,7 +15,7 @@ import structlog
 from charging import functions
 from charging.connection import read_streams, with_functions
 from charging.keys import Keys, partition_of
-from charging.schema import ChargeRequest, Invalid, Outcome, parse_request
+from charging.schema import ChargeRequest, Invalid, Outcome, account_of, parse_request
 from charging.settings import Settings
 from charging.tariff import price
 
@@ -58,8 +58,8 @@ class Producer:
         fields = data.to_fields() if isinstance(data, ChargeRequest) else {k: v for k, v in data.items() if v is not None}
         fields.setdefault("request_id", uuid.uuid4().hex)
         fields.setdefault("submitted_at", int(time.time() * 1000))
-        if reply and "account" in fields and "reply_to" not in fields:
-            fields["reply_to"] = self._keys(str(fields["account"])).reply(self.id)
+        if reply and "reply_to" not in fields and (account := account_of(fields)) is not None:
+            fields["reply_to"] = self._keys(account).reply(self.id)
         request = parse_request(fields, self.settings)
         price(request, self.settings)
         return request
