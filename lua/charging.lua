@@ -339,6 +339,11 @@ reservation operations {held, reserved, expires_at}; or {'stale'} when the entry
 already been settled by another consumer.
 ]]
 local function settle(op, keys, args)
+  -- A caller of another layout (a process of an older version during an upgrade) is
+  -- refused before anything is written: nothing acked, so its entry stays pending.
+  if #keys < 7 or #keys > 8 or #args ~= 13 then
+    return redis.error_reply('wrong_arguments: ' .. op .. ' takes 7 or 8 keys and 13 arguments')
+  end
   local k = {balances = keys[1], seen = keys[2], results = keys[3], requests = keys[4], held = keys[5],
              reservations = keys[6], expiries = keys[7], reply_to = keys[8]}
   -- Callers validate; this guards the balances against any client allowed to FCALL

@@ -11,6 +11,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
+import pytest
+import redis
+
 from charging import accounts, functions
 from charging.audit import audit
 from charging.connection import connect
@@ -405,3 +408,19 @@ def test_cli_reserve_extend_commit_release_and_accounts_show(settings):
         bad = cli(settings, *args)
         assert bad.returncode == 2 and reason in bad.stderr, (args, bad.stderr)
     assert json.loads(cli(settings, "accounts", "show", "account1", "--json").stdout)["balance"] == 790
+
+
+def test_a_call_in_the_layout_of_an_older_version_changes_nothing_and_leaves_its_entry_pending(client, settings):
+    """During an upgrade a worker of the previous version may still call charge with its
+    4 or 5 keys: refused before the ack, so an upgraded worker settles the entry later."""
+    keys = Keys(settings.namespace, 0)
+    functions.set_balances(client, settings, [("account1", 100)])
+    client.xgroup_create(keys.requests, settings.group, id="0", mkstream=True)
+    entry_id = client.xadd(keys.requests, {"request_id": "old", "account": "account1", "amount": "5"})
+    client.xreadgroup(settings.group, "old-version", {keys.requests: ">"})
+    with pytest.raises(redis.ResponseError, match="wrong_arguments"):
+        client.fcall("charge", 4, keys.balances, keys.seen("old"), keys.results, keys.requests,
+                     "old", "account1", 5, "account1|amount|5", entry_id, settings.group, 60_000, "", 300_000)
+    assert client.xpending(keys.requests, settings.group)["pending"] == 1
+    drain(settings)  # an upgraded worker reclaims and settles it
+    assert funds(client, settings) == (95, 0)
