@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import sys
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -82,7 +82,7 @@ def show_outcome(outcome: Outcome, as_json: bool) -> None:
             f"balance={outcome.balance}{' duplicate' if outcome.duplicate else ''}")
     if outcome.op is not None:
         expires = "" if outcome.expires_at is None else datetime.fromtimestamp(
-            outcome.expires_at / 1000, timezone.utc).strftime(" expires_at=%Y-%m-%dT%H:%M:%SZ")
+            outcome.expires_at / 1000, UTC).strftime(" expires_at=%Y-%m-%dT%H:%M:%SZ")
         line += (f"\n  {outcome.op} {outcome.reservation}: reserved={outcome.reserved}{expires}"
                  f"\n  held={outcome.held} available={outcome.available}")
     emit(outcome.as_dict(), as_json, line)

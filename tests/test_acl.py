@@ -202,18 +202,18 @@ def test_a_direct_fcall_cannot_hold_or_release_negative_or_fractional_amounts(se
     authorizer = clients["authorizer"]
     held = direct_fcall(authorizer, "reserve", "r1", amount=40, unit_price=1, reservation="account1/r1", ttl_ms=60_000)
     assert held[0] == b"approved"
-    refused = {
-        "reserve": dict(amount="-40", unit_price=1, reservation="account1/r2", ttl_ms=60_000),
-        "reserve ": dict(amount=40, unit_price=1, reservation="account1/r3", ttl_ms="-1"),
-        "extend": dict(amount="-40", reservation="account1/r1"),
-        "extend ": dict(units="0.5", reservation="account1/r1"),
-        "commit": dict(amount="-40", reservation="account1/r1"),
-        "commit ": dict(reservation="account1/r1"),
-        "release": dict(),
-    }
-    for op, args in refused.items():
+    refused = [
+        ("reserve", {"amount": "-40", "unit_price": 1, "reservation": "account1/r2", "ttl_ms": 60_000}),
+        ("reserve", {"amount": 40, "unit_price": 1, "reservation": "account1/r3", "ttl_ms": "-1"}),
+        ("extend", {"amount": "-40", "reservation": "account1/r1"}),
+        ("extend", {"units": "0.5", "reservation": "account1/r1"}),
+        ("commit", {"amount": "-40", "reservation": "account1/r1"}),
+        ("commit", {"reservation": "account1/r1"}),
+        ("release", {}),
+    ]
+    for number, (op, args) in enumerate(refused):
         with pytest.raises(redis.ResponseError, match="invalid_"):
-            direct_fcall(authorizer, op.strip(), f"bad-{op}", **args)
+            direct_fcall(authorizer, op, f"bad-{number}", **args)
     assert balance(clients) == 100
     assert clients["admin"].hget(KEYS.held, "account1") == b"40"
 

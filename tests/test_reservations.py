@@ -424,3 +424,28 @@ def test_a_call_in_the_layout_of_an_older_version_changes_nothing_and_leaves_its
     assert client.xpending(keys.requests, settings.group)["pending"] == 1
     drain(settings)  # an upgraded worker reclaims and settles it
     assert funds(client, settings) == (95, 0)
+
+
+def test_the_worker_counts_reservation_operations_and_swept_expiries(client, settings, producer):
+    from prometheus_client import REGISTRY
+
+    def count(name: str, **labels) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    ops = "charging_reservation_operations_total"
+    keys = [("reserve", "approved"), ("reserve", "insufficient_funds"), ("reserve", "duplicate"),
+            ("commit", "unknown_reservation")]
+    before = {k: count(ops, op=k[0], result=k[1]) for k in keys}
+    before_charges = count("charging_charges_approved_total")
+    before_expired = count("charging_reservations_expired_total")
+    functions.set_balances(client, settings, [("account1", 100)])
+    producer.reserve({"request_id": "expiring", "account": "account1", "amount": 10, "ttl": 1})
+    time.sleep(1.1)
+    producer.submit([{"op": "reserve", "request_id": "m1", "account": "account1", "amount": 60},
+                     {"op": "reserve", "request_id": "m2", "account": "account1", "amount": 60},
+                     {"op": "reserve", "request_id": "m1", "account": "account1", "amount": 60},
+                     {"op": "commit", "reservation": "account1/none", "amount": 1}])
+    drain(settings)  # maintenance sweeps "expiring" before the batch is read
+    assert {k: count(ops, op=k[0], result=k[1]) - before[k] for k in keys} == dict.fromkeys(keys, 1.0)
+    assert count("charging_reservations_expired_total") - before_expired == 1
+    assert count("charging_charges_approved_total") == before_charges
