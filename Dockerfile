@@ -5,6 +5,7 @@ COPY pyproject.toml README.md ./
 COPY charging charging
 COPY worker worker
 COPY producer producer
+COPY chaos chaos
 COPY lua lua
 RUN pip install --no-cache-dir . && useradd --system --no-create-home charging
 USER charging

@@ -21,5 +21,9 @@ demo: install
 test: install
 	$(BIN)/pytest -q
 
+# The fault-injection run (README "Chaos run"); CHAOS_ARGS=--quick for the short one.
+chaos: install
+	$(BIN)/charging chaos $(CHAOS_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache

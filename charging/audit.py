@@ -1,9 +1,11 @@
 """An independent check of the money, read from Redis alone (not through the worker's code):
-every request has exactly one outcome, per account sum(charged) == start - end (charges and
-commits; reserving, extending and releasing charge nothing), no balance below zero, the
-held funds of every account equal to what its open reservations hold, no available funds
-(balance - held) below zero, no commit that charged more than its reservation held, and
-nothing left pending. Used by the bench, the chaos run, the demo and tests."""
+every request has exactly one outcome, no stream entry settled twice, per account
+sum(charged) == start - end (charges and commits; reserving, extending and releasing charge
+nothing), no balance below zero, the held funds of every account equal to what its open
+reservations hold, no available funds (balance - held) below zero, no commit that charged
+more than its reservation held, nothing left pending; and every bad entry in the
+dead-letter stream, once, with a reason. Used by the bench, the chaos run, the demo and
+tests."""
 
 from __future__ import annotations
 
@@ -14,10 +16,15 @@ from dataclasses import dataclass, field
 import redis
 
 from charging.accounts import all_balances
-from charging.keys import all_partitions
+from charging.keys import all_partitions, partition_of
 from charging.settings import Settings
 
 PAGE = 10_000
+
+
+def entry_key(partition: int, entry_id: str) -> str:
+    """A stream entry across partitions: entry ids are unique only within one stream."""
+    return f"p{partition}:{entry_id}"
 
 
 @dataclass
@@ -28,6 +35,9 @@ class Audit:
     duplicates: int = 0
     missing: list[str] = field(default_factory=list)  # expected, no outcome
     repeated: list[str] = field(default_factory=list)  # more than one first (non-duplicate) outcome
+    resettled: list[str] = field(default_factory=list)  # entry_key()s with more than one outcome
+    replay_mismatches: list[str] = field(default_factory=list)  # a replay not answered with the stored outcome
+    conflicts: set[str] = field(default_factory=set)  # request ids answered idempotency_conflict
     money: dict[str, tuple[int, int]] = field(default_factory=dict)  # account -> (approved sum, balance drop)
     negative: dict[str, int] = field(default_factory=dict)
     pending: int = 0
@@ -40,13 +50,16 @@ class Audit:
 
     @property
     def ok(self) -> bool:
-        return not (self.missing or self.repeated or self.money or self.negative or self.pending
-                    or self.held_mismatch or self.negative_available or self.overcommitted)
+        return not (self.missing or self.repeated or self.resettled or self.replay_mismatches or self.money
+                    or self.negative or self.pending or self.held_mismatch or self.negative_available
+                    or self.overcommitted)
 
     def as_dict(self) -> dict:
         return {
             "ok": self.ok, "outcomes": self.outcomes, "approved": self.approved, "rejected": dict(self.rejected),
-            "duplicates": self.duplicates, "missing": len(self.missing), "double_charged": len(self.repeated),
+            "duplicates": self.duplicates, "idempotency_conflicts": len(self.conflicts),
+            "missing": len(self.missing), "double_charged": len(self.repeated),
+            "entries_settled_twice": len(self.resettled), "replay_mismatches": len(self.replay_mismatches),
             "money_mismatches": len(self.money), "negative_balances": len(self.negative),
             "pending": self.pending, "deadletters": self.deadletters, "held": self.held,
             "open_reservations": self.open_reservations, "held_mismatches": len(self.held_mismatch),
@@ -68,30 +81,16 @@ def audit(client: redis.Redis, settings: Settings, start_balances: Mapping[str, 
     """start_balances: every account's balance before the load (accounts not named are not
     checked for money). expected: request ids that must each have exactly one outcome."""
     report = Audit()
-    firsts: Counter = Counter()
-    charged: dict[str, int] = defaultdict(int)
-    for outcome in read_outcomes(client, settings):
-        report.outcomes += 1
-        if outcome["duplicate"] == "1":
-            report.duplicates += 1
-            continue
-        firsts[outcome["request_id"]] += 1
-        if outcome["status"] == "approved":
-            report.approved += 1
-            charged[outcome["account"]] += int(outcome["charged"])
-            if outcome.get("op") == "commit" and int(outcome["charged"]) > int(outcome["reserved"]):
-                report.overcommitted.append(outcome["request_id"])
-        else:
-            report.rejected[outcome["reason"]] += 1
-    report.repeated = [rid for rid, n in firsts.items() if n > 1]
+    charged = _tally(report, read_outcomes(client, settings), settings.partitions)
     if expected is not None:
+        firsts = set(charged.firsts)
         report.missing = [rid for rid in expected if rid not in firsts]
     balances = dict(all_balances(client, settings))
     report.negative = {a: b for a, b in balances.items() if b < 0}
     for account, start in start_balances.items():
         drop = start - balances.get(account, start)
-        if drop != charged.get(account, 0):
-            report.money[account] = (charged.get(account, 0), drop)
+        if drop != charged.by_account.get(account, 0):
+            report.money[account] = (charged.by_account.get(account, 0), drop)
     _check_holds(client, settings, balances, report)
     for keys in all_partitions(settings.namespace, settings.partitions):
         report.deadletters += client.xlen(keys.deadletter)
@@ -100,6 +99,47 @@ def audit(client: redis.Redis, settings: Settings, start_balances: Mapping[str, 
         except redis.ResponseError:  # no group yet: nothing was ever read
             pass
     return report
+
+
+@dataclass
+class _Charged:
+    by_account: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # sum of approved charges
+    firsts: dict[str, tuple[str, ...]] = field(default_factory=dict)  # request id -> its first outcome
+
+
+def _tally(report: Audit, outcomes: Iterable[dict[str, str]], partitions: int) -> _Charged:
+    charged = _Charged()
+    firsts: Counter = Counter()
+    per_entry: Counter = Counter()
+    replays: list[tuple[str, tuple[str, ...]]] = []
+    for outcome in outcomes:
+        report.outcomes += 1
+        if outcome["entry_id"]:  # '' for authorize, which has no stream entry
+            # The worker settles an entry only in its account's partition (else wrong_partition).
+            per_entry[entry_key(partition_of(outcome["account"], partitions), outcome["entry_id"])] += 1
+        answer = (outcome["status"], outcome["reason"], outcome["charged"], outcome["balance"])
+        if outcome["duplicate"] == "1":
+            report.duplicates += 1
+            if outcome["reason"] == "idempotency_conflict":
+                report.conflicts.add(outcome["request_id"])
+            else:
+                replays.append((outcome["request_id"], answer))
+            continue
+        firsts[outcome["request_id"]] += 1
+        charged.firsts.setdefault(outcome["request_id"], answer)
+        if outcome["status"] == "approved":
+            report.approved += 1
+            charged.by_account[outcome["account"]] += int(outcome["charged"])
+            if outcome.get("op") == "commit" and int(outcome["charged"]) > int(outcome["reserved"]):
+                report.overcommitted.append(outcome["request_id"])
+        else:
+            report.rejected[outcome["reason"]] += 1
+    report.repeated = [rid for rid, n in firsts.items() if n > 1]
+    # A stalled worker that woke up after its entry was reclaimed and settled would show here.
+    report.resettled = [key for key, n in per_entry.items() if n > 1]
+    # A replay (same content) answers with the stored outcome, a stored rejection included.
+    report.replay_mismatches = [rid for rid, answer in replays if charged.firsts.get(rid) != answer]
+    return charged
 
 
 def _check_holds(client: redis.Redis, settings: Settings, balances: Mapping[str, int], report: Audit) -> None:
@@ -118,3 +158,61 @@ def _check_holds(client: redis.Redis, settings: Settings, balances: Mapping[str,
     report.held_mismatch = {a: (held[a], reserved[a]) for a in held.keys() | reserved.keys() if held[a] != reserved[a]}
     report.negative_available = {a: balances.get(a, 0) - h for a, h in held.items()
                                  if balances.get(a, 0) - h < 0}
+
+
+@dataclass
+class DeadLetterAudit:
+    expected: int = 0
+    found: int = 0  # expected entries dead-lettered once, with a reason
+    missing: list[str] = field(default_factory=list)  # expected entry_key()s not dead-lettered
+    wrong_reason: dict[str, tuple[str, str]] = field(default_factory=dict)  # entry_key() -> (expected, got)
+    repeated: list[str] = field(default_factory=list)  # dead-lettered more than once
+    good: list[str] = field(default_factory=list)  # request ids of good requests found dead-lettered
+    others: int = 0  # dead letters nobody listed (e.g. a bad entry XADDed twice by a retry)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.wrong_reason or self.repeated or self.good)
+
+    def as_dict(self) -> dict:
+        return {"ok": self.ok, "expected": self.expected, "found": self.found, "missing": len(self.missing),
+                "wrong_reason": len(self.wrong_reason), "repeated": len(self.repeated),
+                "good_requests_dead_lettered": len(self.good), "others": self.others}
+
+
+def read_deadletters(client: redis.Redis, settings: Settings) -> Iterator[tuple[int, dict[bytes, bytes]]]:
+    """(partition, fields) of every dead letter."""
+    for keys in all_partitions(settings.namespace, settings.partitions):
+        start = "-"
+        while page := client.xrange(keys.deadletter, start, "+", count=PAGE):
+            for _, fields in page:
+                yield keys.partition, fields
+            start = "(" + page[-1][0].decode()
+
+
+def audit_deadletters(client: redis.Redis, settings: Settings, expected: Mapping[str, str],
+                      good: Iterable[str] = ()) -> DeadLetterAudit:
+    """expected: entry_key() -> the reason the entry must be dead-lettered with. good: request
+    ids that must never be dead-lettered (requests that were valid when submitted)."""
+    report = DeadLetterAudit(expected=len(expected))
+    reasons: dict[str, list[str]] = defaultdict(list)
+    good_ids = set(good)
+    for partition, fields in read_deadletters(client, settings):
+        key = entry_key(partition, fields[b"entry_id"].decode())
+        reason = fields.get(b"error", b"").decode() if fields.get(b"detail") else ""  # a reason has both
+        reasons[key].append(reason)
+        request_id = fields.get(b"request_id", b"").decode("utf-8", "replace")
+        if key not in expected and request_id in good_ids:
+            report.good.append(request_id)
+    report.others = sum(len(r) for key, r in reasons.items() if key not in expected)
+    for key, reason in expected.items():
+        got = reasons.get(key)
+        if not got:
+            report.missing.append(key)
+        elif len(got) > 1:
+            report.repeated.append(key)
+        elif got[0] != reason:
+            report.wrong_reason[key] = (reason, got[0])
+        else:
+            report.found += 1
+    return report

@@ -364,6 +364,22 @@ def demo(charges: Annotated[int, typer.Option(min=1, max=10_000_000)] = 20_000,
                               data_dir=data_dir))
 
 
+@app.command()
+def chaos(quick: Annotated[bool, typer.Option(help="About 10k charges and fewer faults (CI).")] = False,
+          seed: Annotated[int | None, typer.Option(help="Replays a run's fault plan and load (default: random).")]
+          = None,
+          out: Annotated[Path | None, typer.Option(help="Where the report, logs and producers' records go.")] = None,
+          fsync: Annotated[str, typer.Option(help="Redis appendfsync policy: always or everysec.")] = "always"):
+    """Kill and stall workers and Redis under load, feed bad entries, then check nothing was lost or charged twice."""
+    from chaos.run import run_chaos
+
+    if state.redis_url is not None:
+        fail(2, "chaos spawns and kills its own redis-server; it does not take --redis-url")
+    if fsync not in ("always", "everysec"):
+        fail(2, f"--fsync must be always or everysec, got {fsync!r}")
+    raise typer.Exit(run_chaos(quick=quick, seed=seed, out=out, fsync=fsync))
+
+
 def main() -> None:
     try:
         app()

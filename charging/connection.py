@@ -191,3 +191,27 @@ def read_streams(client: redis.Redis, streams: dict[str, str], count: int, block
     if not replies:
         time.sleep(min(block_ms, CLUSTER_POLL_MS) / 1000)
     return replies
+
+
+class NotReplicated(RuntimeError):
+    """The write reached the primary but not CHARGING_WAIT_REPLICAS replicas in time. It
+    may still be applied: retry with the same request id, which is always safe."""
+
+
+def node_client(client: redis.Redis, key: str) -> redis.Redis:
+    """The client of the node that holds key. WAIT counts replicas that have the writes of
+    its own connection, so the writes and their WAIT must go through one node's client."""
+    return client.get_node_from_key(key).redis_connection if is_cluster(client) else client
+
+
+def replicated_pipeline(client: redis.Redis, settings: Settings, key: str, queue: Callable) -> list:
+    """queue(pipe) adds writes for key's node; they run with a WAIT for
+    settings.wait_replicas replicas. Returns the writes' replies; raises NotReplicated."""
+    pipe = node_client(client, key).pipeline(transaction=False)
+    queue(pipe)
+    pipe.execute_command("WAIT", settings.wait_replicas, settings.wait_timeout_ms)
+    *replies, acked = pipe.execute()
+    if acked < settings.wait_replicas:
+        raise NotReplicated(f"{acked} of {settings.wait_replicas} replicas confirmed within "
+                            f"{settings.wait_timeout_ms} ms")
+    return replies

@@ -63,6 +63,11 @@ class Settings(BaseSettings):
     # trimming never drops; see lua/charging.lua `trim` and README "Operations".
     results_groups: str = Field("", pattern=r"^([A-Za-z0-9_.-]{1,64}(,[A-Za-z0-9_.-]{1,64})*)?$")
 
+    # Durability across failover: before a submit or an authorize is confirmed, wait until
+    # this many replicas hold it (WAIT). 0: confirm on the primary's word (asynchronous).
+    wait_replicas: int = Field(0, ge=0, le=16)
+    wait_timeout_ms: int = Field(1000, ge=1)
+
     # Reservations (README "Sessions and reservations"): the ttl of a reserve that gives
     # none, the longest ttl a reserve or extend may ask for, and how many expired
     # reservations one sweep call (worker maintenance) releases per partition.

@@ -42,6 +42,8 @@ function touches is passed to it in KEYS, none is made up inside.
                                    per reason code), so status never scans the stream.
   <ns>:{pN}:reply:<id>     stream  one producer's replies. Written by the settling
                                    functions; expires CHARGING_REPLY_TTL after the last reply.
+  <ns>:partitions          string  the partition count, recorded by the first process
+                                   (charging/connection.py); no hash tag, never touched here.
 
 Reservations live in two partition-wide structures (a hash and a zset) rather than a key
 each, because the expiry release finds them through the zset: a key per reservation would

@@ -13,7 +13,7 @@ import redis
 import structlog
 
 from charging import functions
-from charging.connection import read_streams, with_functions
+from charging.connection import read_streams, replicated_pipeline, with_functions
 from charging.keys import Keys, partition_of
 from charging.schema import ChargeRequest, Invalid, Outcome, account_of, parse_request
 from charging.settings import Settings
@@ -77,11 +77,24 @@ class Producer:
         self._check_backlog(prepared)
         self._reply_stream.update((r.request_id, r.reply_to) for r in prepared if r.reply_to)
         for start in range(0, len(prepared), PIPELINE_CHUNK):
+            chunk = prepared[start:start + PIPELINE_CHUNK]
+            if self.settings.wait_replicas:
+                self._append_replicated(chunk)
+                continue
             pipe = self.client.pipeline(transaction=False)
-            for request in prepared[start:start + PIPELINE_CHUNK]:
+            for request in chunk:
                 pipe.xadd(self._keys(request.account).requests, request.to_fields())
             pipe.execute()
         return [r.request_id for r in prepared]
+
+    def _append_replicated(self, chunk: list[ChargeRequest]) -> None:
+        """One pipeline per partition, ending in WAIT: confirmed only once replicas hold it."""
+        by_stream: dict[str, list[ChargeRequest]] = {}
+        for request in chunk:
+            by_stream.setdefault(self._keys(request.account).requests, []).append(request)
+        for stream, requests in by_stream.items():
+            replicated_pipeline(self.client, self.settings, stream,
+                                lambda pipe: [pipe.xadd(stream, r.to_fields()) for r in requests])
 
     def _check_backlog(self, prepared: list[ChargeRequest]) -> None:
         """One pipelined XLEN per stream the batch goes to. A soft limit: producers racing
@@ -131,8 +144,13 @@ class Producer:
         answer now. A charge unless data names another op. Replaying the request id
         returns the stored outcome."""
         request = self.prepare(data)
-        reply = with_functions(self.client, lambda: functions.settle(
-            self.client, self.settings, request, price(request, self.settings)))
+        amount = price(request, self.settings)
+        if self.settings.wait_replicas:
+            [reply] = with_functions(self.client, lambda: replicated_pipeline(
+                self.client, self.settings, self._keys(request.account).balances,
+                lambda pipe: functions.settle(pipe, self.settings, request, amount)))
+        else:
+            reply = with_functions(self.client, lambda: functions.settle(self.client, self.settings, request, amount))
         outcome = Outcome.from_reply(request, reply)
         log.debug("authorized", request_id=outcome.request_id, account=outcome.account, op=request.op,
                   partition=partition_of(outcome.account, self.settings.partitions), status=outcome.status)

@@ -84,14 +84,16 @@ def test_status_reports_every_partition(settings, client, producer):
 
 
 @pytest.mark.slow
-def test_primary_killed_under_load_fails_over_and_the_money_still_adds_up(tmp_path):
+@pytest.mark.parametrize("wait_replicas", [0, 1])
+def test_primary_killed_under_load_fails_over_and_the_money_still_adds_up(tmp_path, wait_replicas):
     """A primary dies mid-load; its replica takes over; workers and producers carry on by
     themselves. Asynchronous replication may lose entries the dead primary confirmed just
     before it died (measured and reported, see README); the money invariants hold for
-    everything the surviving cluster holds, and nothing is charged twice."""
+    everything the surviving cluster holds, and nothing is charged twice. With
+    CHARGING_WAIT_REPLICAS=1 a submit is confirmed only once a replica holds it: none lost."""
     with LocalCluster(tmp_path, node_timeout_ms=1000) as cluster:
         settings = Settings(redis_url=cluster.url, partitions=12, namespace="fo", block_ms=200,
-                            reclaim_idle_ms=1000, maintenance_interval_s=0.5)
+                            reclaim_idle_ms=1000, maintenance_interval_s=0.5, wait_replicas=wait_replicas)
         client = connect(settings)
         names = [f"account{i}" for i in range(1, 201)]
         functions.set_balances(client, settings, [(a, 1000) for a in names])
@@ -110,16 +112,19 @@ def test_primary_killed_under_load_fails_over_and_the_money_still_adds_up(tmp_pa
         assert done.returncode == 0, done.stderr
 
         report = audit(connect(settings), settings, {a: 1000 for a in names}, confirmed)
-        print(f"failover: {len(confirmed)} confirmed, {len(report.missing)} lost by the dead primary, "
-              f"{retries} producer retries")
+        print(f"failover (wait_replicas={wait_replicas}): {len(confirmed)} confirmed, "
+              f"{len(report.missing)} lost by the dead primary, {retries} producer retries")
         assert (report.repeated, report.negative, report.money, report.pending) == ([], {}, {}, 0)
         assert report.outcomes >= len(confirmed) - len(report.missing)
         assert len(report.missing) < len(confirmed) // 10
+        if wait_replicas:
+            assert report.missing == []
 
 
 def _produce_through_a_failover(cluster: LocalCluster, settings: Settings, names: list[str]) -> tuple[list[str], int]:
-    """6,000 charges in chunks of 100; a primary is killed after 2,000. A chunk whose
-    submit failed is resubmitted with the same request ids. Returns the confirmed ids."""
+    """6,000 charges in chunks of 100; a primary is killed after 2,000, a replica takes
+    over, the dead node comes back as a replica. A chunk whose submit failed is resubmitted
+    with the same request ids. Returns the confirmed ids and the number of retries."""
     confirmed: list[str] = []
     retries = 0
 
@@ -142,7 +147,10 @@ def _produce_through_a_failover(cluster: LocalCluster, settings: Settings, names
     thread.start()
     while len(confirmed) < 2000 and thread.is_alive():
         time.sleep(0.01)
-    cluster.primary_nodes()[0].kill()
+    victim = cluster.primary_nodes()[0]
+    victim.kill()
+    cluster.wait_healthy()  # a replica took over
+    victim.start()  # back as a replica of the new primary: WAIT can be satisfied again
     thread.join(120)
     assert not thread.is_alive(), "producer did not get through the failover"
     cluster.wait_healthy()
