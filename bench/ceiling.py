@@ -55,9 +55,12 @@ def _redis_benchmark(ctx: Context, settings: Settings, requests: int) -> ModeRes
             "-r", str(RANDOM_RANGE), "--csv"]
     if conn.get("password"):
         args += ["-a", conn["password"]] + (["--user", conn["username"]] if conn.get("username") else [])
-    args += ["FCALL", "charge", "4", keys.balances, keys.seen("__rand_int__"), keys.results, keys.requests,
-             ACCOUNT, ACCOUNT, str(PRICE), f"{ACCOUNT}|amount|{PRICE}", "", "", str(settings.dedupe_window_ms),
-             "", str(settings.reply_ttl_s * 1000)]
+    request = parse_request({"request_id": ACCOUNT, "account": ACCOUNT, "amount": PRICE}, settings)
+    names = [keys.balances, keys.seen("__rand_int__"), keys.results, keys.requests, keys.held, keys.reservations,
+             keys.expiries]
+    # The arguments of lua/charging.lua `settle` for a charge, in the authorize form (no entry to ack).
+    args += ["FCALL", "charge", str(len(names)), *names, ACCOUNT, ACCOUNT, request.fingerprint, "", "",
+             str(settings.dedupe_window_ms), "", str(settings.reply_ttl_s * 1000), str(PRICE), "", "", "", ""]
     with ctx.task(f"ceiling: redis-benchmark -c {CLIENTS} -P {PIPELINE}", requests) as advance:
         proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         done = 0
@@ -90,7 +93,7 @@ def _python_estimate(ctx: Context, settings: Settings, requests: int) -> ModeRes
             pipe = ctx.client.pipeline(transaction=False)
             for i in range(start, min(start + ESTIMATE_CHUNK, requests)):
                 request = parse_request({"request_id": f"ceiling-{i}", "account": ACCOUNT, "amount": PRICE}, settings)
-                functions.charge(pipe, settings, request, PRICE)
+                functions.settle(pipe, settings, request, PRICE)
             pipe.execute()
             advance(min(ESTIMATE_CHUNK, requests - start))
     seconds = time.perf_counter() - began

@@ -22,6 +22,18 @@ def balance(client: redis.Redis, settings: Settings, account: str) -> int:
     return int(value)
 
 
+def funds(client: redis.Redis, settings: Settings, account: str) -> tuple[int, int]:
+    """(balance, held) read together; available = balance - held."""
+    keys = Keys(settings.namespace, partition_of(account, settings.partitions))
+    pipe = client.pipeline(transaction=False)
+    pipe.hget(keys.balances, account)
+    pipe.hget(keys.held, account)
+    value, held = pipe.execute()
+    if value is None:
+        raise UnknownAccount(f"unknown account {account!r}")
+    return int(value), int(held or 0)
+
+
 def all_balances(client: redis.Redis, settings: Settings) -> Iterator[tuple[str, int]]:
     for keys in all_partitions(settings.namespace, settings.partitions):
         for account, value in client.hscan_iter(keys.balances, count=1000):

@@ -1,8 +1,11 @@
 """An independent check of the money, read from Redis alone (not through the worker's code):
 every request has exactly one outcome, no stream entry settled twice, per account
-sum(approved) == start - end, no balance below zero, nothing left pending; and every bad
-entry in the dead-letter stream, once, with a reason. Used by the bench, the chaos run, the
-demo and tests."""
+sum(charged) == start - end (charges and commits; reserving, extending and releasing charge
+nothing), no balance below zero, the held funds of every account equal to what its open
+reservations hold, no available funds (balance - held) below zero, no commit that charged
+more than its reservation held, nothing left pending; and every bad entry in the
+dead-letter stream, once, with a reason. Used by the bench, the chaos run, the demo and
+tests."""
 
 from __future__ import annotations
 
@@ -39,11 +42,17 @@ class Audit:
     negative: dict[str, int] = field(default_factory=dict)
     pending: int = 0
     deadletters: int = 0
+    held: int = 0  # total held by open reservations
+    open_reservations: int = 0
+    held_mismatch: dict[str, tuple[int, int]] = field(default_factory=dict)  # account -> (held, sum of open)
+    negative_available: dict[str, int] = field(default_factory=dict)  # account -> balance - held
+    overcommitted: list[str] = field(default_factory=list)  # commits that charged more than was reserved
 
     @property
     def ok(self) -> bool:
         return not (self.missing or self.repeated or self.resettled or self.replay_mismatches or self.money
-                    or self.negative or self.pending)
+                    or self.negative or self.pending or self.held_mismatch or self.negative_available
+                    or self.overcommitted)
 
     def as_dict(self) -> dict:
         return {
@@ -52,7 +61,9 @@ class Audit:
             "missing": len(self.missing), "double_charged": len(self.repeated),
             "entries_settled_twice": len(self.resettled), "replay_mismatches": len(self.replay_mismatches),
             "money_mismatches": len(self.money), "negative_balances": len(self.negative),
-            "pending": self.pending, "deadletters": self.deadletters,
+            "pending": self.pending, "deadletters": self.deadletters, "held": self.held,
+            "open_reservations": self.open_reservations, "held_mismatches": len(self.held_mismatch),
+            "negative_available": len(self.negative_available), "overcommitted": len(self.overcommitted),
         }
 
 
@@ -80,6 +91,7 @@ def audit(client: redis.Redis, settings: Settings, start_balances: Mapping[str, 
         drop = start - balances.get(account, start)
         if drop != charged.by_account.get(account, 0):
             report.money[account] = (charged.by_account.get(account, 0), drop)
+    _check_holds(client, settings, balances, report)
     for keys in all_partitions(settings.namespace, settings.partitions):
         report.deadletters += client.xlen(keys.deadletter)
         try:
@@ -118,6 +130,8 @@ def _tally(report: Audit, outcomes: Iterable[dict[str, str]], partitions: int) -
         if outcome["status"] == "approved":
             report.approved += 1
             charged.by_account[outcome["account"]] += int(outcome["charged"])
+            if outcome.get("op") == "commit" and int(outcome["charged"]) > int(outcome["reserved"]):
+                report.overcommitted.append(outcome["request_id"])
         else:
             report.rejected[outcome["reason"]] += 1
     report.repeated = [rid for rid, n in firsts.items() if n > 1]
@@ -126,6 +140,24 @@ def _tally(report: Audit, outcomes: Iterable[dict[str, str]], partitions: int) -
     # A replay (same content) answers with the stored outcome, a stored rejection included.
     report.replay_mismatches = [rid for rid, answer in replays if charged.firsts.get(rid) != answer]
     return charged
+
+
+def _check_holds(client: redis.Redis, settings: Settings, balances: Mapping[str, int], report: Audit) -> None:
+    """Per account: the held total against the sum of its open reservations (each packed
+    as account, amount, ... separated by \\x1f; see lua/charging.lua), and balance - held >= 0."""
+    held: Counter = Counter()
+    reserved: Counter = Counter()
+    for keys in all_partitions(settings.namespace, settings.partitions):
+        for account, value in client.hscan_iter(keys.held, count=1000):
+            held[account.decode()] += int(value)
+        for _, packed in client.hscan_iter(keys.reservations, count=1000):
+            account, amount = packed.decode().split("\x1f")[:2]
+            reserved[account] += int(amount)
+            report.open_reservations += 1
+    report.held = sum(held.values())
+    report.held_mismatch = {a: (held[a], reserved[a]) for a in held.keys() | reserved.keys() if held[a] != reserved[a]}
+    report.negative_available = {a: balances.get(a, 0) - h for a, h in held.items()
+                                 if balances.get(a, 0) - h < 0}
 
 
 @dataclass

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 from collections import Counter
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -79,6 +80,11 @@ def show_outcome(outcome: Outcome, as_json: bool) -> None:
     line = (f"{outcome.request_id}: {outcome.status}"
             f"{' (' + outcome.reason + ')' if outcome.reason else ''} charged={outcome.charged} "
             f"balance={outcome.balance}{' duplicate' if outcome.duplicate else ''}")
+    if outcome.op is not None:
+        expires = "" if outcome.expires_at is None else datetime.fromtimestamp(
+            outcome.expires_at / 1000, UTC).strftime(" expires_at=%Y-%m-%dT%H:%M:%SZ")
+        line += (f"\n  {outcome.op} {outcome.reservation}: reserved={outcome.reserved}{expires}"
+                 f"\n  held={outcome.held} available={outcome.available}")
     emit(outcome.as_dict(), as_json, line)
     if not outcome.approved:
         raise typer.Exit(1)
@@ -99,12 +105,13 @@ def accounts_reset(count: Annotated[int, typer.Option(min=1, max=1_000_000)] = 1
 
 @accounts_app.command("show")
 def accounts_show(account: str, as_json: Annotated[bool, typer.Option("--json")] = False):
-    """Show one account's balance."""
+    """Show one account's balance, what its reservations hold, and what is available."""
     try:
-        value = accounts_mod.balance(state.client, state.settings, account)
+        value, held = accounts_mod.funds(state.client, state.settings, account)
     except accounts_mod.UnknownAccount as exc:
         fail(1, str(exc))
-    emit({"account": account, "balance": value}, as_json, f"{account}: {value}")
+    emit({"account": account, "balance": value, "held": held, "available": value - held}, as_json,
+         f"{account}: {value} (held {held}, available {value - held})")
 
 
 @accounts_app.command("top-up")
@@ -229,6 +236,52 @@ def authorize(account: Account = None, service: Service = None, units: Units = N
     except Invalid as exc:
         fail(2, str(exc))
     show_outcome(outcome, as_json)
+
+
+# ---- reservations (sessions) ------------------------------------------------------------
+
+Reservation = Annotated[str, typer.Option(help="Reservation id, <account>/<request id of the reserve>.")]
+Ttl = Annotated[str | None, typer.Option(help="Seconds until an uncommitted reservation is released.")]
+
+
+def _settle(op: str, data: dict[str, Any], as_json: bool) -> None:
+    """One synchronous reservation operation; exit 1 when rejected, 2 when invalid."""
+    from producer import Producer
+
+    try:
+        outcome = Producer(state.client, state.settings).authorize({**data, "op": op})
+    except Invalid as exc:
+        fail(2, str(exc))
+    show_outcome(outcome, as_json)
+
+
+@app.command()
+def reserve(account: Account = None, service: Service = None, units: Units = None, amount: Amount = None,
+            ttl: Ttl = None, request_id: RequestId = None, as_json: AsJson = False):
+    """Hold funds for a session; the reservation id is <account>/<request id>."""
+    _settle("reserve", {**_request(account, service, units, amount, request_id), "ttl": ttl}, as_json)
+
+
+@app.command()
+def extend(reservation: Reservation, units: Units = None, amount: Amount = None, ttl: Ttl = None,
+           request_id: RequestId = None, as_json: AsJson = False):
+    """Hold more for an open reservation (units at its unit price, or an amount)."""
+    _settle("extend", {"reservation": reservation, "units": units, "amount": amount, "ttl": ttl,
+                       "request_id": request_id}, as_json)
+
+
+@app.command()
+def commit(reservation: Reservation, units: Units = None, amount: Amount = None, request_id: RequestId = None,
+           as_json: AsJson = False):
+    """Charge what was used (at most what is held) and release the rest."""
+    _settle("commit", {"reservation": reservation, "units": units, "amount": amount, "request_id": request_id},
+            as_json)
+
+
+@app.command()
+def release(reservation: Reservation, request_id: RequestId = None, as_json: AsJson = False):
+    """Release everything a reservation holds, charging nothing."""
+    _settle("release", {"reservation": reservation, "request_id": request_id}, as_json)
 
 
 # ---- operations -----------------------------------------------------------------------

@@ -14,36 +14,50 @@ import redis
 from charging.keys import Keys, partition_of
 from charging.schema import ChargeRequest, Invalid
 from charging.settings import Settings
+from charging.tariff import unit_price
 
 DEADLETTER_FIELD_BYTES = 1024  # an oversized field is kept only up to this, so dead letters stay small
 
 
-def charge(target, settings: Settings, request: ChargeRequest, amount: int, entry_id: str = ""):
+def settle(target, settings: Settings, request: ChargeRequest, amount: int | None, entry_id: str = ""):
+    """Queue the function of the request's op (charge, reserve, commit, extend, release).
+    amount: the rated price (tariff.price), None for a commit or extend in units and a release."""
     keys = Keys(settings.namespace, partition_of(request.account, settings.partitions))
-    names = [keys.balances, keys.seen(request.request_id), keys.results, keys.requests]
+    names = [keys.balances, keys.seen(request.request_id), keys.results, keys.requests,
+             keys.held, keys.reservations, keys.expiries]
     if request.reply_to:
         names.append(request.reply_to)
-    return target.fcall(
-        "charge", len(names), *names,
-        request.request_id, request.account, amount, request.fingerprint, entry_id, settings.group,
-        settings.dedupe_window_ms, request.submitted_at or "",
-        settings.reply_ttl_s * 1000,
-    )
+    return target.fcall(request.op, len(names), *names, *_settle_arguments(settings, request, amount, entry_id))
 
 
-def charge_batch(target, settings: Settings, keys: Keys, charges: Sequence[tuple[ChargeRequest, int, str]]):
-    """Queue one FCALL that settles (request, amount, entry_id) charges of one partition,
-    in order, each exactly as charge() would; its reply holds one charge() reply (or an
-    error) per charge."""
-    names = [keys.balances, keys.results, keys.requests]
-    args: list = [settings.group, settings.dedupe_window_ms, settings.reply_ttl_s * 1000]
-    for request, amount, entry_id in charges:
+def settle_batch(target, settings: Settings, keys: Keys,
+                 items: Sequence[tuple[ChargeRequest, int | None, str]]):
+    """Queue one FCALL that settles (request, amount, entry_id) items of one partition, in
+    order, each exactly as settle() would (the function gets the same keys and arguments
+    per entry); its reply holds one settle() reply, or an error, per item."""
+    names = [keys.balances, keys.results, keys.requests, keys.held, keys.reservations, keys.expiries]
+    args: list = []
+    for request, amount, entry_id in items:
         names.append(keys.seen(request.request_id))
         if request.reply_to:
             names.append(request.reply_to)
-        args += (request.request_id, request.account, amount, request.fingerprint, entry_id,
-                 request.submitted_at or "", 1 if request.reply_to else 0)
-    return target.fcall("charge_batch", len(names), *names, *args)
+        args += (request.op, 1 if request.reply_to else 0, *_settle_arguments(settings, request, amount, entry_id))
+    return target.fcall("settle_batch", len(names), *names, *args)
+
+
+def _settle_arguments(settings: Settings, request: ChargeRequest, amount: int | None, entry_id: str) -> list:
+    """The 13 arguments of a settling function (lua/charging.lua, settle)."""
+    reserve = request.op == "reserve"
+    ttl_s = request.ttl or (settings.reservation_ttl_s if reserve else None)
+    return [
+        request.request_id, request.account, request.fingerprint, entry_id, settings.group,
+        settings.dedupe_window_ms, request.submitted_at or "", settings.reply_ttl_s * 1000,
+        "" if amount is None else amount,
+        request.units if amount is None and request.units is not None else "",
+        unit_price(request, settings) if reserve else "",
+        request.reservation_id or "",
+        "" if ttl_s is None else ttl_s * 1000,
+    ]
 
 
 def dead_letter(target, settings: Settings, keys: Keys, entry_id: str, invalid: Invalid,
@@ -70,6 +84,12 @@ def set_balances(client: redis.Redis, settings: Settings, balances: Iterable[tup
         for start in range(0, len(pairs), 2000):  # bounded argument lists
             pipe.fcall("set_balances", 1, Keys(settings.namespace, partition).balances, *pairs[start:start + 2000])
     return sum(pipe.execute())
+
+
+def expire_reservations(target, settings: Settings, keys: Keys) -> int:
+    """Release up to sweep_batch reservations of the partition whose expiry has passed."""
+    return target.fcall("expire_reservations", 3, keys.held, keys.reservations, keys.expiries,
+                        settings.sweep_batch)
 
 
 def trim_requests(target, keys: Keys):

@@ -39,6 +39,18 @@ class Keys:
         return f"{self.tag}:results"
 
     @property
+    def held(self) -> str:
+        return f"{self.tag}:held"
+
+    @property
+    def reservations(self) -> str:
+        return f"{self.tag}:reservations"
+
+    @property
+    def expiries(self) -> str:
+        return f"{self.tag}:expiries"
+
+    @property
     def deadletter(self) -> str:
         return f"{self.tag}:deadletter"
 

@@ -1,4 +1,5 @@
-"""The wire format: the only place where a charge request or an outcome is parsed.
+"""The wire format: the only place where a request (a charge or a reservation operation)
+or an outcome is parsed.
 
 Producers (any language) XADD request entries; workers and the producer library both
 validate them here, so a request the producer accepts is one the worker accepts.
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -24,10 +25,26 @@ MAX_FIELD_BYTES = 256
 MAX_SUBMITTED_AT = 10**14  # ms since epoch; year 5138, anything larger is garbage
 
 ACCOUNT_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
+# A reservation id is <account>/<request id of the reserve>: it names its partition, so a
+# commit, extend or release needs nothing else to be routed, and a replayed reserve
+# returns the same id. '/' cannot occur in an account, so the first one splits it.
+RESERVATION_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}/[\x21-\x7e]{1,128}$"
+
+Op = Literal["charge", "reserve", "commit", "extend", "release"]
+ON_RESERVATION = ("commit", "extend", "release")  # act on an open reservation
+# The fields each operation may carry besides op, request_id, account, reply_to, submitted_at.
+_OP_FIELDS = {
+    "charge": {"service", "units", "amount"},
+    "reserve": {"service", "units", "amount", "ttl"},
+    "commit": {"reservation", "units", "amount"},
+    "extend": {"reservation", "units", "amount", "ttl"},
+    "release": {"reservation"},
+}
 _DIGITS = re.compile(r"[0-9]{1,20}")
 
 # Reason code for a field whose value is wrong (as opposed to missing or unknown).
 _FIELD_REASON = {
+    "op": "unknown_op",
     "request_id": "invalid_request_id",
     "account": "invalid_account",
     "service": "unknown_service",
@@ -35,7 +52,11 @@ _FIELD_REASON = {
     "amount": "invalid_amount",
     "reply_to": "invalid_reply_to",
     "submitted_at": "invalid_submitted_at",
+    "reservation": "invalid_reservation",
+    "ttl": "invalid_ttl",
 }
+# Errors raised by the model's own validators, whose type is the reason code.
+_MODEL_REASONS = ("ambiguous_charge", "missing_field", "invalid_reply_to", "invalid_reservation", "field_not_allowed")
 
 
 class Invalid(ValueError):
@@ -54,24 +75,55 @@ def _whole_number(value: Any) -> int:
         return value
     if isinstance(value, str) and _DIGITS.fullmatch(value):
         return int(value)
-    raise PydanticCustomError("not_whole", "must be a whole number written in digits, got {value!r}", {"value": value})
+    raise PydanticCustomError("not_whole", "must be a whole number written in digits, got '{value}'", {"value": value})
 
 
 WholeNumber = Annotated[int, BeforeValidator(_whole_number)]
 
 
 class ChargeRequest(BaseModel):
-    """One charge: ``service`` and ``units`` (rated by the tariff), or an explicit ``amount``."""
+    """One request. ``op`` says what it does (charge by default, so producers written before
+    reservations keep working):
+
+    - charge, reserve: ``service`` and ``units`` (rated by the tariff), or an explicit
+      ``amount``; a reserve may give ``ttl`` (seconds).
+    - commit, extend: ``reservation``, and ``units`` (rated at the reservation's unit price)
+      or ``amount``; an extend may give ``ttl``.
+    - release: ``reservation``.
+
+    ``account`` is optional for the operations on a reservation: it is the reservation
+    id's own, and must match it when given."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    op: Op = "charge"
     request_id: str = Field(pattern=r"^[\x21-\x7e]{1,128}$")
     account: str = Field(pattern=ACCOUNT_PATTERN)
     service: Literal["sms", "voice", "data"] | None = None
     units: WholeNumber | None = None
     amount: WholeNumber | None = None
+    reservation: str | None = Field(None, pattern=RESERVATION_PATTERN)
+    ttl: WholeNumber | None = None
     reply_to: str | None = None
     submitted_at: WholeNumber | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _account_of_reservation(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("op") not in ON_RESERVATION:
+            return data
+        reservation = data.get("reservation")
+        if reservation is None:
+            raise PydanticCustomError("missing_field", "field 'reservation' is required for op '{op}'",
+                                      {"op": data["op"]})
+        if not isinstance(reservation, str) or not re.fullmatch(RESERVATION_PATTERN, reservation):
+            raise PydanticCustomError("invalid_reservation", "reservation must be <account>/<request id of the "
+                                      "reserve>, got '{value}'", {"value": reservation})
+        account = account_of(data)
+        if data.get("account", account) != account:
+            raise PydanticCustomError("invalid_reservation", "reservation '{reservation}' is not of account "
+                                      "'{account}'", {"reservation": reservation, "account": data["account"]})
+        return {**data, "account": account}
 
     @field_validator("units")
     @classmethod
@@ -83,18 +135,26 @@ class ChargeRequest(BaseModel):
     def _amount_in_range(cls, amount: int | None, info: ValidationInfo) -> int | None:
         return _in_range(amount, 1, _limits(info).max_amount)
 
+    @field_validator("ttl")
+    @classmethod
+    def _ttl_in_range(cls, ttl: int | None, info: ValidationInfo) -> int | None:
+        return _in_range(ttl, 1, _limits(info).max_reservation_ttl_s)
+
     @field_validator("submitted_at")
     @classmethod
     def _sane_time(cls, submitted_at: int | None) -> int | None:
         return _in_range(submitted_at, 0, MAX_SUBMITTED_AT)
 
     @model_validator(mode="after")
-    def _one_kind_of_charge(self, info: ValidationInfo) -> ChargeRequest:
-        if self.amount is not None and (self.service is not None or self.units is not None):
-            raise PydanticCustomError("ambiguous_charge", "give either amount or service with units, not both")
-        if self.amount is None and (self.service is None or self.units is None):
-            missing = "units" if self.service is not None else "service"
-            raise PydanticCustomError("missing_field", "field {name!r} is required (or give amount)", {"name": missing})
+    def _fields_of_the_op(self, info: ValidationInfo) -> ChargeRequest:
+        for name in ("service", "units", "amount", "reservation", "ttl"):
+            if getattr(self, name) is not None and name not in _OP_FIELDS[self.op]:
+                raise PydanticCustomError("field_not_allowed", "field '{name}' is not used by op '{op}'",
+                                          {"name": name, "op": self.op})
+        if self.op in ("commit", "extend"):
+            _one_of_units_or_amount(self)
+        elif self.op in ("charge", "reserve"):
+            _service_units_or_amount(self)
         settings = _limits(info)
         if self.reply_to is not None:
             keys = Keys(settings.namespace, partition_of(self.account, settings.partitions))
@@ -106,15 +166,55 @@ class ChargeRequest(BaseModel):
         return self
 
     @property
+    def reservation_id(self) -> str | None:
+        """The reservation this request makes (reserve) or acts on; None for a charge."""
+        if self.op == "reserve":
+            return f"{self.account}/{self.request_id}"
+        return self.reservation
+
+    @property
     def fingerprint(self) -> str:
         """What a replay of this request id must match to count as the same request."""
-        if self.amount is not None:
-            return f"{self.account}|amount|{self.amount}"
-        return f"{self.account}|{self.service}|{self.units}"
+        if self.op == "charge":
+            if self.amount is not None:
+                return f"{self.account}|amount|{self.amount}"
+            return f"{self.account}|{self.service}|{self.units}"
+        parts = (self.service, self.units, self.amount, self.reservation, self.ttl)
+        return "|".join([self.account, self.op, *("" if p is None else str(p) for p in parts)])
 
     def to_fields(self) -> dict[str, str]:
-        """The entry as XADDed to the request stream."""
-        return {k: str(v) for k, v in self.model_dump(exclude_none=True).items()}
+        """The entry as XADDed to the request stream (a charge without the op field)."""
+        fields = {k: str(v) for k, v in self.model_dump(exclude_none=True).items()}
+        if self.op == "charge":
+            del fields["op"]
+        return fields
+
+
+def account_of(fields: Mapping[str, Any]) -> str | None:
+    """The account a request (not yet validated) is routed by: the account part of its
+    reservation for a commit, extend or release, else its account field."""
+    reservation = fields.get("reservation")
+    if fields.get("op") in ON_RESERVATION and isinstance(reservation, str) and "/" in reservation:
+        return reservation.split("/", 1)[0]
+    account = fields.get("account")
+    return None if account is None else str(account)
+
+
+def _service_units_or_amount(request: ChargeRequest) -> None:
+    if request.amount is not None and (request.service is not None or request.units is not None):
+        raise PydanticCustomError("ambiguous_charge", "give either amount or service with units, not both")
+    if request.amount is None and (request.service is None or request.units is None):
+        missing = "units" if request.service is not None else "service"
+        raise PydanticCustomError("missing_field", "field '{name}' is required (or give amount)", {"name": missing})
+
+
+def _one_of_units_or_amount(request: ChargeRequest) -> None:
+    """A commit or extend counts in the reservation's units, or in minor units."""
+    if request.amount is not None and request.units is not None:
+        raise PydanticCustomError("ambiguous_charge", "give either amount or units, not both")
+    if request.amount is None and request.units is None:
+        raise PydanticCustomError("missing_field", "field 'units' is required for op '{op}' (or give amount)",
+                                  {"op": request.op})
 
 
 class TopUp(BaseModel):
@@ -185,10 +285,10 @@ def _invalid(exc: ValidationError) -> Invalid:
     error = exc.errors(include_url=False)[0]
     name = str(error["loc"][0]) if error["loc"] else ""
     if error["type"] == "missing":
-        return Invalid("missing_field", f"field {name!r} is required")
+        return Invalid("missing_field", f"field '{name}' is required")
     if error["type"] == "extra_forbidden":
-        return Invalid("unknown_field", f"field {name!r} is not part of the request format")
-    if error["type"] in ("ambiguous_charge", "missing_field", "invalid_reply_to"):
+        return Invalid("unknown_field", f"field '{name}' is not part of the request format")
+    if error["type"] in _MODEL_REASONS:
         return Invalid(error["type"], error["msg"])
     return Invalid(_FIELD_REASON.get(name, "invalid_field"), f"{name}: {error['msg']}")
 
@@ -206,6 +306,18 @@ class Outcome:
     duplicate: bool
     submitted_at: int | None
     processed_at: int
+    # Reservation operations only (None for a charge): the operation, the reservation id,
+    # the account's total held after it, and the reservation as it left it (or as it was
+    # when it closed): its amount and expiry (ms since the epoch).
+    op: str | None = None
+    reservation: str | None = None
+    held: int | None = None
+    reserved: int | None = None
+    expires_at: int | None = None
+
+    @property
+    def available(self) -> int | None:
+        return None if self.held is None else self.balance - self.held
 
     @property
     def approved(self) -> bool:
@@ -219,24 +331,38 @@ class Outcome:
             charged=int(f["charged"]), balance=int(f["balance"]), duplicate=f["duplicate"] == "1",
             submitted_at=int(f["submitted_at"]) if f["submitted_at"] else None,
             processed_at=int(f["processed_at"]),
+            op=f.get("op"), reservation=f.get("reservation"), held=_int(f.get("held")),
+            reserved=_int(f.get("reserved")), expires_at=_int(f.get("expires_at")),
         )
 
     @classmethod
     def from_reply(cls, request: ChargeRequest, reply: list) -> Outcome:
-        status, reason, charged, balance, duplicate, processed_at = reply
-        return cls(
+        status, reason, charged, balance, duplicate, processed_at, *session = reply
+        outcome = cls(
             request_id=request.request_id, account=request.account, status=_str(status), reason=_str(reason),
             charged=int(charged), balance=int(balance), duplicate=bool(int(duplicate)),
             submitted_at=request.submitted_at, processed_at=int(processed_at),
         )
+        if request.op == "charge":
+            return outcome
+        held, reserved, expires_at = session
+        return replace(outcome, op=request.op, reservation=request.reservation_id, held=int(held),
+                       reserved=int(reserved), expires_at=_int(_str(expires_at)))
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "request_id": self.request_id, "account": self.account, "status": self.status,
             "reason": self.reason, "charged": self.charged, "balance": self.balance,
             "duplicate": self.duplicate, "submitted_at": self.submitted_at, "processed_at": self.processed_at,
-        }
+        } | ({} if self.op is None else {
+            "op": self.op, "reservation": self.reservation, "held": self.held, "available": self.available,
+            "reserved": self.reserved, "expires_at": self.expires_at,
+        })
 
 
-def _str(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+def _str(value: bytes | str | int) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _int(value: str | None) -> int | None:
+    return int(value) if value else None

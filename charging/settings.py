@@ -68,6 +68,13 @@ class Settings(BaseSettings):
     wait_replicas: int = Field(0, ge=0, le=16)
     wait_timeout_ms: int = Field(1000, ge=1)
 
+    # Reservations (README "Sessions and reservations"): the ttl of a reserve that gives
+    # none, the longest ttl a reserve or extend may ask for, and how many expired
+    # reservations one sweep call (worker maintenance) releases per partition.
+    reservation_ttl_s: int = Field(300, ge=1)
+    max_reservation_ttl_s: int = Field(86_400, ge=1)
+    sweep_batch: int = Field(1000, ge=1, le=100_000)
+
     @field_validator("tariff")
     @classmethod
     def _whole_tariff(cls, tariff: dict[str, int]) -> dict[str, int]:
@@ -91,6 +98,12 @@ class Settings(BaseSettings):
             raise ValueError("tls_* files are used only with a rediss:// URL")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("tls_cert_file and tls_key_file go together")
+        return self
+
+    @model_validator(mode="after")
+    def _default_ttl_allowed(self) -> Settings:
+        if self.reservation_ttl_s > self.max_reservation_ttl_s:
+            raise ValueError("reservation_ttl_s must not exceed max_reservation_ttl_s")
         return self
 
     @property

@@ -1,5 +1,5 @@
-"""The producer library for upstream systems: submit charges to the request streams
-(fire-and-forget or wait for the outcome), or authorize synchronously."""
+"""The producer library for upstream systems: submit charges and reservation operations to
+the request streams (fire-and-forget or wait for the outcome), or settle them synchronously."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import structlog
 from charging import functions
 from charging.connection import read_streams, replicated_pipeline, with_functions
 from charging.keys import Keys, partition_of
-from charging.schema import ChargeRequest, Invalid, Outcome, parse_request
+from charging.schema import ChargeRequest, Invalid, Outcome, account_of, parse_request
 from charging.settings import Settings
 from charging.tariff import price
 
@@ -60,8 +60,8 @@ class Producer:
             fields["request_id"] = uuid.uuid4().hex
         if "submitted_at" not in fields:
             fields["submitted_at"] = int(time.time() * 1000)
-        if reply and "account" in fields and "reply_to" not in fields:
-            fields["reply_to"] = self._keys(str(fields["account"])).reply(self.id)
+        if reply and "reply_to" not in fields and (account := account_of(fields)) is not None:
+            fields["reply_to"] = self._keys(account).reply(self.id)
         request = parse_request(fields, self.settings)
         price(request, self.settings)
         return request
@@ -142,20 +142,42 @@ class Producer:
         return {rid: self._outcomes.pop(rid) for rid in wanted}
 
     def authorize(self, data: Mapping[str, Any] | ChargeRequest) -> Outcome:
-        """Charge synchronously with the same function the workers use: no stream, the
-        answer now. Replaying the request id returns the stored outcome."""
+        """Settle synchronously with the same function the workers use: no stream, the
+        answer now. A charge unless data names another op. Replaying the request id
+        returns the stored outcome."""
         request = self.prepare(data)
         amount = price(request, self.settings)
         if self.settings.wait_replicas:
             [reply] = with_functions(self.client, lambda: replicated_pipeline(
                 self.client, self.settings, self._keys(request.account).balances,
-                lambda pipe: functions.charge(pipe, self.settings, request, amount)))
+                lambda pipe: functions.settle(pipe, self.settings, request, amount)))
         else:
-            reply = with_functions(self.client, lambda: functions.charge(self.client, self.settings, request, amount))
+            reply = with_functions(self.client, lambda: functions.settle(self.client, self.settings, request, amount))
         outcome = Outcome.from_reply(request, reply)
-        log.debug("authorized", request_id=outcome.request_id, account=outcome.account,
+        log.debug("authorized", request_id=outcome.request_id, account=outcome.account, op=request.op,
                   partition=partition_of(outcome.account, self.settings.partitions), status=outcome.status)
         return outcome
+
+    # Reservations, synchronously (README "Sessions and reservations"). Through the stream
+    # instead: submit or charge the same data with its "op" field.
+
+    def reserve(self, data: Mapping[str, Any]) -> Outcome:
+        """Hold funds: account, service and units (or amount), optional ttl (seconds) and
+        request_id. The reservation id, <account>/<request_id>, is outcome.reservation."""
+        return self.authorize({**data, "op": "reserve"})
+
+    def extend(self, data: Mapping[str, Any]) -> Outcome:
+        """Hold more: reservation, units (at the reservation's unit price) or amount, optional ttl."""
+        return self.authorize({**data, "op": "extend"})
+
+    def commit(self, data: Mapping[str, Any]) -> Outcome:
+        """Charge what was used (reservation, units or amount; at most what is held) and
+        release the rest."""
+        return self.authorize({**data, "op": "commit"})
+
+    def release(self, data: Mapping[str, Any]) -> Outcome:
+        """Release everything the reservation holds, charging nothing."""
+        return self.authorize({**data, "op": "release"})
 
     def _keys(self, account: str) -> Keys:
         return Keys(self.settings.namespace, partition_of(account, self.settings.partitions))

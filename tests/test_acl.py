@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -111,6 +112,8 @@ def test_a_producer_gets_noperm_setting_or_changing_a_balance(server, clients):
         "set_balances": lambda: functions.set_balances(producer, settings, [("account1", 10**9)]),
         "top_up": lambda: functions.top_up(producer, settings, "account1", 10**6),
         "charge": lambda: Producer(producer, settings).authorize({"account": "account1", "amount": 1}),
+        "reserve": lambda: Producer(producer, settings).reserve({"account": "account1", "amount": 1}),
+        "expire_reservations": lambda: functions.expire_reservations(producer, settings, KEYS),
         "EVAL": lambda: producer.eval("return redis.call('HSET', KEYS[1], 'account1', 1)", 1, KEYS.balances),
         "DEL": lambda: producer.delete(KEYS.balances),
     }
@@ -179,10 +182,56 @@ def test_admin_manages_accounts_but_not_the_server_or_other_keys(server, clients
     assert denied(lambda: admin.get("someone-elses-key"))
 
 
+def direct_fcall(client, op: str, request_id: str, amount="", units="", unit_price="", reservation="", ttl_ms=""):
+    """FCALL one settling function by hand, as a client holding the role could."""
+    names = [KEYS.balances, KEYS.seen(request_id), KEYS.results, KEYS.requests, KEYS.held, KEYS.reservations,
+             KEYS.expiries]
+    return client.fcall(op, len(names), *names, request_id, "account1", f"account1|{op}|{request_id}", "", "",
+                         60_000, "", 60_000, amount, units, unit_price, reservation, ttl_ms)
+
+
 def test_a_direct_fcall_cannot_turn_a_charge_into_a_top_up(server, clients):
     authorizer = clients["authorizer"]
     for amount in ("-50", "0", "2.5", "nan"):
         with pytest.raises(redis.ResponseError, match="invalid_amount"):
-            authorizer.fcall("charge", 4, KEYS.balances, KEYS.seen(f"neg{amount}"), KEYS.results, KEYS.requests,
-                             f"neg{amount}", "account1", amount, "account1|amount|x", "", "", 60_000, "", 60_000)
+            direct_fcall(authorizer, "charge", f"neg{amount}", amount=amount)
     assert balance(clients) == 100
+
+
+def test_a_direct_fcall_cannot_hold_or_release_negative_or_fractional_amounts(server, clients):
+    authorizer = clients["authorizer"]
+    held = direct_fcall(authorizer, "reserve", "r1", amount=40, unit_price=1, reservation="account1/r1", ttl_ms=60_000)
+    assert held[0] == b"approved"
+    refused = [
+        ("reserve", {"amount": "-40", "unit_price": 1, "reservation": "account1/r2", "ttl_ms": 60_000}),
+        ("reserve", {"amount": 40, "unit_price": 1, "reservation": "account1/r3", "ttl_ms": "-1"}),
+        ("extend", {"amount": "-40", "reservation": "account1/r1"}),
+        ("extend", {"units": "0.5", "reservation": "account1/r1"}),
+        ("commit", {"amount": "-40", "reservation": "account1/r1"}),
+        ("commit", {"reservation": "account1/r1"}),
+        ("release", {}),
+    ]
+    for number, (op, args) in enumerate(refused):
+        with pytest.raises(redis.ResponseError, match="invalid_"):
+            direct_fcall(authorizer, op, f"bad-{number}", **args)
+    assert balance(clients) == 100
+    assert clients["admin"].hget(KEYS.held, "account1") == b"40"
+
+
+def test_authorizer_and_worker_run_sessions_and_the_sweep_with_their_own_roles(server, clients):
+    authorizer = Producer(clients["authorizer"], role(server, "authorizer"))
+    call = authorizer.reserve({"request_id": "call-1", "account": "account1", "service": "voice", "units": 6})
+    assert authorizer.extend({"reservation": call.reservation, "units": 2}).approved
+    assert authorizer.commit({"reservation": call.reservation, "units": 5}).charged == 25
+    producer = Producer(clients["producer"], role(server, "producer"))
+    ids = producer.submit([{"op": "reserve", "request_id": "call-2", "account": "account1", "amount": 30, "ttl": 1},
+                           {"op": "reserve", "request_id": "call-3", "account": "account1", "amount": 10}], reply=True)
+    drain(role(server, "worker"))
+    assert [o.status for o in producer.wait(ids, timeout=10).values()] == ["approved"] * 2
+    ended = producer.submit([{"op": "release", "reservation": "account1/call-3"}], reply=True)
+    drain(role(server, "worker"))
+    assert producer.wait(ended, timeout=10)[ended[0]].approved
+    time.sleep(1.1)  # call-2 expires; the worker's sweep releases it
+    assert functions.expire_reservations(clients["worker"], role(server, "worker"), KEYS) == 1
+    assert balance(clients) == 75
+    assert clients["admin"].hlen(KEYS.held) == 0

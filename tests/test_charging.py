@@ -185,3 +185,11 @@ def test_stalled_worker_settling_an_entry_already_settled_by_another_changes_not
     assert balance(client, settings) == 90
     assert len(results(client, settings)) == 1
     assert audit(client, settings, {}).pending == 0
+
+
+def test_a_replay_returns_a_balance_of_fifteen_digits_exactly(client, settings, producer):
+    """Dedupe records are written with every digit (Lua's own number formatting keeps 14)."""
+    functions.set_balances(client, settings, [("account1", 10**15 - 1)])
+    first = producer.authorize({"request_id": "big", "account": "account1", "amount": 2})
+    again = producer.authorize({"request_id": "big", "account": "account1", "amount": 2})
+    assert (first.balance, again.balance, again.duplicate) == (10**15 - 3, 10**15 - 3, True)

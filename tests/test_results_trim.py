@@ -20,7 +20,7 @@ def outcomes(client, settings, n: int) -> list[str]:
     producer = Producer(client, settings)
     pipe = client.pipeline(transaction=False)
     for i in range(n):
-        functions.charge(pipe, settings, producer.prepare({"request_id": f"o-{i}", "account": "account1",
+        functions.settle(pipe, settings, producer.prepare({"request_id": f"o-{i}", "account": "account1",
                                                            "amount": 1}), 1)
     pipe.execute()
     return [eid.decode() for eid, _ in client.xrange(Keys(settings.namespace, 0).results)]

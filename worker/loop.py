@@ -23,7 +23,7 @@ log = structlog.get_logger("charging.worker")
 
 # Redis serves no one else while a function runs: about 10 us per entry, so a call of 100
 # entries holds it for about a millisecond, which authorize callers can wait.
-CHARGES_PER_CALL = 100
+ENTRIES_PER_CALL = 100
 
 
 class Worker:
@@ -84,8 +84,8 @@ class Worker:
                 for stream, messages in reply for eid, fields in messages]
 
     def settle(self, entries: list[Entry]) -> int:
-        """One pipeline of function calls for the whole batch: charge_batch calls of up to
-        CHARGES_PER_CALL entries per partition (one FCALL settling many is far cheaper, for
+        """One pipeline of function calls for the whole batch: settle_batch calls of up to
+        ENTRIES_PER_CALL entries per partition (one FCALL settling many is far cheaper, for
         Redis and for this process, than one FCALL each), and a dead_letter call per bad
         entry. Each call is atomic on its own. Returns how many entries could not be settled
         (they stay pending)."""
@@ -94,7 +94,7 @@ class Worker:
 
         def send():
             pipe = self.client.pipeline(transaction=False)
-            calls = []  # per queued call: the entries it settles, and whether it is a charge_batch
+            calls = []  # per queued call: the entries it settles, and whether it is a settle_batch
             by_partition: dict[Keys, list[int]] = defaultdict(list)
             for i, (entry, work) in enumerate(zip(entries, plan)):
                 if isinstance(work, Invalid):
@@ -103,14 +103,14 @@ class Worker:
                 else:
                     by_partition[entry.keys].append(i)
             for keys, indices in by_partition.items():
-                for start in range(0, len(indices), CHARGES_PER_CALL):
-                    chunk = indices[start:start + CHARGES_PER_CALL]
-                    functions.charge_batch(pipe, self.settings, keys, [(*plan[i], entries[i].entry_id) for i in chunk])
+                for start in range(0, len(indices), ENTRIES_PER_CALL):
+                    chunk = indices[start:start + ENTRIES_PER_CALL]
+                    functions.settle_batch(pipe, self.settings, keys, [(*plan[i], entries[i].entry_id) for i in chunk])
                     calls.append((chunk, True))
             replies = [None] * len(entries)
             for (indices, batch), reply in zip(calls, pipe.execute(raise_on_error=False)):
                 for j, i in enumerate(indices):
-                    replies[i] = reply[j] if batch and not isinstance(reply, redis.ResponseError) else reply
+                    replies[i] = reply[j] if batch and not isinstance(reply, Exception) else reply
             return replies
 
         replies = send()
@@ -132,7 +132,8 @@ class Worker:
         return failed
 
     def judge(self, entry: Entry):
-        """Validate and rate one entry: (request, amount), or the Invalid that dead-letters it."""
+        """Validate and rate one entry: (request, amount), or the Invalid that dead-letters it.
+        amount is None for a commit or extend in units (rated in lua/) and a release."""
         if entry.deliveries > self.settings.max_deliveries:
             return Invalid("max_deliveries", f"delivered {entry.deliveries} times without being settled")
         try:
@@ -153,11 +154,12 @@ class Worker:
             return
         request, amount = work
         status = reply[0].decode()
-        event = {"approved": "charge_approved", "rejected": "charge_rejected", "stale": "entry_already_settled"}
+        event = "entry_already_settled" if status == "stale" else f"{request.op}_{status}"  # charge_approved ...
         level = self.log.debug if status == "approved" else self.log.info
-        level(event[status], request_id=request.request_id, account=request.account, entry_id=entry.entry_id,
+        session = {} if request.op == "charge" else {"reservation": request.reservation_id}
+        level(event, request_id=request.request_id, account=request.account, entry_id=entry.entry_id,
               partition=entry.keys.partition, amount=amount, reason=reply[1].decode() if len(reply) > 1 else "",
-              duplicate=len(reply) > 4 and bool(reply[4]))
+              duplicate=len(reply) > 4 and bool(reply[4]), **session)
 
 
 def _field(fields: dict[bytes, bytes] | None, name: bytes) -> str | None:

@@ -31,6 +31,12 @@ DUPLICATES = Counter("charging_duplicates", "Replayed request ids answered with 
 ALREADY_SETTLED = Counter("charging_entries_already_settled", "Entries another consumer had settled first.")
 SETTLE_ERRORS = Counter("charging_settle_errors", "Function calls that failed; the entry stays pending.")
 RECLAIMED = Counter("charging_entries_reclaimed", "Entries taken over from idle consumers (XAUTOCLAIM).")
+RESERVATION_OPS = Counter("charging_reservation_operations", "Reservation operations (reserve, extend, commit, "
+                                                             "release) by result: approved, duplicate, or the "
+                                                             "rejection reason.", ["op", "result"])
+RESERVATIONS_EXPIRED = Counter("charging_reservations_expired", "Reservations released by the worker's sweep "
+                                                                "after their expiry (releases by other calls on "
+                                                                "the same partition not included).")
 BATCH_SIZE = Histogram("charging_batch_size", "Entries per settled batch.",
                        buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000))
 BATCH_SECONDS = Histogram("charging_batch_seconds", "Time to judge and settle one batch (one round trip).",
@@ -105,28 +111,30 @@ def record_batch(plan: list, replies: list, seconds: float) -> None:
     tally: Tally = Tally()
     for work, reply in zip(plan, replies):
         tally[_kind(work, reply)] += 1
-    for (kind, reason), n in tally.items():
+    for (kind, *labels), n in tally.items():
         if kind != "error":
             PROCESSED.inc(n)
-        (_BY_REASON[kind].labels(reason) if kind in _BY_REASON else _PLAIN[kind]).inc(n)
+        (_BY_LABEL[kind].labels(*labels) if kind in _BY_LABEL else _PLAIN[kind]).inc(n)
 
 
-_BY_REASON = {"rejected": REJECTED, "dead": DEAD_LETTERED}
+_BY_LABEL = {"rejected": REJECTED, "dead": DEAD_LETTERED, "reservation": RESERVATION_OPS}
 _PLAIN = {"error": SETTLE_ERRORS, "approved": APPROVED, "duplicate": DUPLICATES, "stale": ALREADY_SETTLED}
 
 
-def _kind(work: Any, reply: Any) -> tuple[str, str]:
+def _kind(work: Any, reply: Any) -> tuple[str, ...]:
     if isinstance(reply, Exception):
-        return "error", ""
+        return ("error",)
     if isinstance(work, Invalid):
-        return ("dead", work.reason) if reply else ("stale", "")
+        return ("dead", work.reason) if reply else ("stale",)
     status = reply[0].decode()
     if status == "stale":
-        return "stale", ""
+        return ("stale",)
     reason = reply[1].decode()
-    if reply[4] and reason != "idempotency_conflict":
-        return "duplicate", ""
-    return ("approved", "") if status == "approved" else ("rejected", reason)
+    result = "duplicate" if reply[4] and reason != "idempotency_conflict" else (reason or "approved")
+    op = work[0].op
+    if op != "charge":
+        return "reservation", op, result
+    return (result,) if result in ("duplicate", "approved") else ("rejected", reason)
 
 
 def dead_lettered(reason: str) -> None:

@@ -1,5 +1,6 @@
 """Recovery and upkeep around the worker loop: the consumer group, this consumer's own
-pending entries, entries of dead consumers (XAUTOCLAIM), trimming and idle consumers.
+pending entries, entries of dead consumers (XAUTOCLAIM), the sweep of expired
+reservations, trimming and idle consumers.
 None of this runs per entry."""
 
 from __future__ import annotations
@@ -89,6 +90,10 @@ def _count_deliveries(worker: Worker, keys, entries: list) -> None:
 def maintain(worker: Worker) -> None:
     reclaim(worker)
     for keys in worker.partitions:
+        released = functions.expire_reservations(worker.client, worker.settings, keys)
+        if released:
+            worker.log.info("reservations_expired", partition=keys.partition, count=released)
+            metrics.RESERVATIONS_EXPIRED.inc(released)
         trimmed = functions.trim_requests(worker.client, keys)
         if trimmed:
             worker.log.debug("requests_trimmed", partition=keys.partition, count=trimmed)

@@ -1,5 +1,6 @@
-"""charge_batch (one FCALL settling many entries, what the worker sends) must answer each
-entry exactly as a charge call would, and keep a failing entry from taking others along."""
+"""settle_batch (one FCALL settling many entries, what the worker sends) must answer each
+entry exactly as the entry's own function (charge, reserve, ...) would, and keep a failing
+entry from taking the others along."""
 
 from __future__ import annotations
 
@@ -20,36 +21,50 @@ REQUESTS = [
     {"request_id": "b1", "account": "rich", "amount": "15"},  # same id, other content: conflict
     {"request_id": "b4", "account": "poor", "service": "data", "units": "2"},
     {"request_id": "b5", "account": "poor", "service": "sms", "units": "6"},  # the money ran out
+    # A session on the same account in the same call: reserve, a commit above it, a commit in units.
+    {"op": "reserve", "request_id": "s1", "account": "rich", "service": "voice", "units": "10"},
+    {"op": "commit", "request_id": "s2", "account": "rich", "reservation": "rich/s1", "units": "11"},
+    {"op": "commit", "request_id": "s3", "account": "rich", "reservation": "rich/s1", "units": "4"},
+    {"op": "release", "request_id": "s4", "account": "rich", "reservation": "rich/s1"},  # already closed
 ]
+PROCESSED_AT, EXPIRES_AT = 5, 8  # reply fields that carry the server's clock
 
 
-def _without_times(reply):
-    return [reply[0], reply[1], reply[2], reply[3], reply[4]]
+def _plan(settings, requests=REQUESTS):
+    plan = []
+    for fields in requests:
+        request = parse_request(fields, settings)
+        plan.append((request, price(request, settings), ""))
+    return plan
+
+
+def _timeless(reply) -> list:
+    return [v for i, v in enumerate(reply) if i not in (PROCESSED_AT, EXPIRES_AT)]
 
 
 def _outcomes(client, keys: Keys) -> list[dict]:
-    drop = {b"processed_at"}
-    return [{k: v for k, v in fields.items() if k not in drop} for _, fields in client.xrange(keys.results)]
+    clock = {b"processed_at", b"expires_at"}
+    return [{k: v for k, v in fields.items() if k not in clock} for _, fields in client.xrange(keys.results)]
 
 
-def test_one_charge_batch_call_answers_exactly_as_charge_calls_one_by_one(client, settings):
+def test_one_settle_batch_call_answers_exactly_as_the_entries_own_functions(client, settings):
     one_by_one = settings.model_copy(update={"namespace": settings.namespace + "a"})
     batched = settings.model_copy(update={"namespace": settings.namespace + "b"})
-    plan = []
-    for fields in REQUESTS:
-        request = parse_request(fields, settings)
-        plan.append((request, price(request, settings), ""))
     for s in (one_by_one, batched):
         functions.set_balances(client, s, [("rich", 1000), ("poor", 25)])
 
-    singles = [functions.charge(client, one_by_one, request, amount) for request, amount, _ in plan]
-    batch = functions.charge_batch(client, batched, Keys(batched.namespace, 0), plan)
+    singles = [functions.settle(client, one_by_one, request, amount) for request, amount, _ in _plan(one_by_one)]
+    batch = functions.settle_batch(client, batched, Keys(batched.namespace, 0), _plan(batched))
 
-    assert [_without_times(r) for r in batch] == [_without_times(r) for r in singles]
-    assert [r[0] for r in batch] == [b"approved", b"rejected", b"approved", b"rejected", b"rejected",
-                                     b"approved", b"rejected"]
+    assert [_timeless(r) for r in batch] == [_timeless(r) for r in singles]
+    assert [(r[0], r[1]) for r in batch] == [
+        (b"approved", b""), (b"rejected", b"insufficient_funds"), (b"approved", b""),
+        (b"rejected", b"unknown_account"), (b"rejected", b"idempotency_conflict"), (b"approved", b""),
+        (b"rejected", b"insufficient_funds"), (b"approved", b""), (b"rejected", b"exceeds_reservation"),
+        (b"approved", b""), (b"rejected", b"unknown_reservation")]
     a, b = Keys(one_by_one.namespace, 0), Keys(batched.namespace, 0)
-    assert client.hgetall(a.balances) == client.hgetall(b.balances) == {b"rich": b"985", b"poor": b"5"}
+    assert client.hgetall(a.balances) == client.hgetall(b.balances) == {b"rich": b"965", b"poor": b"5"}
+    assert client.hgetall(a.held) == client.hgetall(b.held) == {}
     assert _outcomes(client, a) == _outcomes(client, b)
 
 
@@ -58,37 +73,50 @@ def test_a_failing_entry_gets_its_own_error_and_the_rest_of_the_call_is_settled(
     functions.set_balances(client, settings, [("rich", 1000)])
     broken_reply = keys.reply("broken")
     client.set(broken_reply, "not a stream")  # XADD to it fails with WRONGTYPE
-    plan = []
-    for i, reply_to in enumerate((None, broken_reply, None)):
-        fields = {"request_id": f"f{i}", "account": "rich", "amount": "10"}
-        request = parse_request({**fields, "reply_to": reply_to} if reply_to else fields, settings)
-        plan.append((request, 10, ""))
+    requests = [{"request_id": f"f{i}", "account": "rich", "amount": "10"} for i in range(3)]
+    requests[1]["reply_to"] = broken_reply
 
-    replies = functions.charge_batch(client, settings, keys, plan)
+    replies = functions.settle_batch(client, settings, keys, _plan(settings, requests))
 
     assert replies[0][0] == b"approved" and replies[2][0] == b"approved"
     assert isinstance(replies[1], redis.ResponseError) and "WRONGTYPE" in str(replies[1])
-    assert functions.charge(client, settings, plan[2][0], 10)[4] == 1  # settled once: a replay is a duplicate
+    again = functions.settle(client, settings, parse_request(requests[2], settings), 10)
+    assert again[4] == 1  # settled once: a replay is answered as a duplicate
 
 
 def test_an_amount_that_is_not_a_whole_number_above_zero_is_refused_for_that_entry_only(client, settings):
-    """A client allowed to FCALL charge_batch directly cannot turn a charge into a top-up."""
+    """A client allowed to FCALL settle_batch directly cannot turn a charge into a top-up."""
     keys = Keys(settings.namespace, 0)
     functions.set_balances(client, settings, [("rich", 100)])
     plan = [(parse_request({"request_id": f"n{i}", "account": "rich", "amount": "10"}, settings), amount, "")
             for i, amount in enumerate((10, -50, "2.5", 0, 10))]
 
-    replies = functions.charge_batch(client, settings, keys, plan)
+    replies = functions.settle_batch(client, settings, keys, plan)
 
-    assert [r[0] for r in (replies[0], replies[4])] == [b"approved", b"approved"]
+    assert [replies[0][0], replies[4][0]] == [b"approved", b"approved"]
     assert all(isinstance(r, redis.ResponseError) and "invalid_amount" in str(r) for r in replies[1:4])
     assert int(client.hget(keys.balances, "rich")) == 80
     assert client.exists(keys.seen("n1"), keys.seen("n2"), keys.seen("n3")) == 0
 
 
+def test_a_call_whose_keys_do_not_match_its_entries_is_refused_before_anything_is_written(client, settings):
+    keys = Keys(settings.namespace, 0)
+    functions.set_balances(client, settings, [("rich", 100)])
+    args = ["charge", 0, "m1", "rich", "rich|amount|10", "", "", 60_000, "", 60_000, 10, "", "", "", ""]
+    shared = [keys.balances, keys.results, keys.requests, keys.held, keys.reservations, keys.expiries]
+
+    for names, extra in ((shared, []), (shared + [keys.seen("m1")], ["charge"])):
+        try:
+            client.fcall("settle_batch", len(names), *names, *args, *extra)
+            raise AssertionError("settle_batch accepted a malformed call")
+        except redis.ResponseError as exc:
+            assert "wrong_arguments" in str(exc)
+    assert int(client.hget(keys.balances, "rich")) == 100 and client.xlen(keys.results) == 0
+
+
 @BOTH_BACKENDS
 def test_workers_settle_every_entry_once_in_every_partition(client, settings, producer):
-    """On a cluster (12 partitions) each charge_batch call must keep to one partition's slot."""
+    """On a cluster (12 partitions) each settle_batch call must keep to one partition's slot."""
     accounts = {f"acct{i}": 300 for i in range(40)}
     functions.set_balances(client, settings, accounts.items())
     ids = producer.submit([{"account": f"acct{i % 40}", "service": "voice", "units": 7} for i in range(400)])
