@@ -13,7 +13,8 @@ from bench.result import ModeResult
 TARGETS = {"drain_vs_ceiling": 0.6, "steady_rate": 60_000, "steady_p99_ms": 10.0, "authorize_p99_ms": 2.0,
            "worker_rss_mb": 80.0}
 PROBLEMS = ("missing", "double_charged", "entries_settled_twice", "replay_mismatches", "money_mismatches",
-            "negative_balances", "pending")  # what the checker counts against a clean mode
+            "negative_balances", "held_mismatches", "negative_available", "overcommitted",
+            "pending")  # what the checker counts against a clean mode
 CAPACITY_EXAMPLES = [(1_000, 86_400), (10_000, 86_400), (60_000, 3_600)]  # (charges/s, dedupe window s)
 
 
