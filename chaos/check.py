@@ -39,7 +39,7 @@ def judge(client: redis.Redis, settings: Settings, profile: Profile, fsync: str,
           records: list[Record], faults: list[dict], events: dict[str, int], worker_exits: list[dict],
           stop_codes: list[int]) -> Verdict:
     """faults: what the injector did (faults.Injector.done); events: counts from the workers' logs."""
-    confirmed = {rid for r in records for rid in r.confirmed}
+    confirmed = {rid for r in records for rid in r.confirmed + r.session_steps}
     bad = {key: REASONS[kind] for r in records for key, kind in r.bad.items()}
     money = audit(client, settings, start_balances, confirmed)
     dead = audit_deadletters(client, settings, bad, good=confirmed)

@@ -23,7 +23,7 @@ from charging.accounts import numbered
 from charging.connection import connect
 from charging.demo import mixed_load
 from charging.settings import Settings
-from producer import Producer
+from producer import Producer, run_session
 
 CHUNK = 50  # requests per submit: one pipeline, confirmed or not as a whole
 GIVE_UP_S = 120.0  # a submit still unconfirmed after this long is recorded as never confirmed
@@ -38,6 +38,7 @@ class Record:
     confirmed: list[str] = field(default_factory=list)  # request ids whose XADD returned an entry id
     replays: int = 0  # confirmed resubmissions of a request id with the same content
     conflicts: list[str] = field(default_factory=list)  # request ids confirmed again with other units
+    session_steps: list[str] = field(default_factory=list)  # request ids of finished sessions' steps
     bad: dict[str, str] = field(default_factory=dict)  # entry_key() of a confirmed bad entry -> kind name
     unconfirmed: int = 0  # submits that raised and were made again with the same request ids
     resubmitted: int = 0  # requests in those submits
@@ -76,6 +77,7 @@ def run(settings_dump: dict, profile: Profile, seed: int, index: int, path: str)
     replays = int(len(load) * profile.replay_share)
     conflicts = int(len(load) * profile.conflict_share)
     bad = share(profile.bad_entries, profile.producers, index)
+    sessions = share(profile.sessions, profile.producers, index)
     rate = profile.rate / profile.producers
     started = time.monotonic()
     sent: list[dict] = []  # confirmed requests, the pool replays are drawn from
@@ -91,6 +93,8 @@ def run(settings_dump: dict, profile: Profile, seed: int, index: int, path: str)
             sent += chunk
         else:
             record.never_confirmed += [r["request_id"] for r in chunk]
+        for _ in range(due(sessions, len(chunks), step)):
+            _run_session(producer, rng, record, rng.choice(accounts), f"s{seed}-p{index}-{step}-{_}")
         for _ in range(due(bad, len(chunks), step)):
             # Kinds in turn across producers: every kind is written once the count reaches the catalogue.
             kind = hostile.KINDS[(written * profile.producers + index) % len(hostile.KINDS)]
@@ -105,6 +109,18 @@ def _resends(rng: random.Random, sent: list[dict], same: int, other: int) -> tup
         return [], []
     return ([rng.choice(sent) for _ in range(same)],
             [{**r, "units": r["units"] + 1} for r in (rng.choice(sent) for _ in range(other))])
+
+
+def _run_session(producer: Producer, rng: random.Random, record: Record, account: str, session_id: str) -> None:
+    """A voice call through the synchronous path: reserve, one to three extends, commit what
+    was used (or release). Run again whole, under the same session id, until it gets
+    through: its finished steps replay without charging again."""
+    call = partial(run_session, producer, account, "voice", rng.randint(30, 90),
+                   extends=(rng.randint(10, 30),) * rng.randint(1, 3), used=rng.randint(0, 150), ttl=120,
+                   session_id=session_id)
+    outcomes = _confirmed(call, 1, record)
+    if outcomes:
+        record.session_steps += [o.request_id for o in outcomes]
 
 
 def _write_bad(client, settings: Settings, record: Record, kind: hostile.BadKind, account: str,

@@ -21,6 +21,7 @@ class Profile:
     bad_entries: int
     replay_share: float = 0.01  # confirmed requests resubmitted with the same content
     conflict_share: float = 0.002  # confirmed requests resubmitted with other units
+    sessions: int = 0  # voice sessions (reserve -> extends -> commit or release) beside the charges
 
     @property
     def duration_s(self) -> float:
@@ -37,6 +38,6 @@ class Profile:
 
 
 FULL = Profile("full", charges=100_000, producers=3, workers=4, rate=1_500, accounts=2_000,
-               worker_kills=12, worker_stalls=4, redis_kills=3, bad_entries=330)
+               worker_kills=12, worker_stalls=4, redis_kills=3, bad_entries=330, sessions=300)
 QUICK = Profile("quick", charges=10_000, producers=2, workers=3, rate=300, accounts=200,
-                worker_kills=3, worker_stalls=2, redis_kills=2, bad_entries=66)
+                worker_kills=3, worker_stalls=2, redis_kills=2, bad_entries=66, sessions=40)

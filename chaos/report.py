@@ -33,9 +33,11 @@ def facts(profile: Profile, seed: int, fsync: str, settings: dict, records: list
         "violations": verdict.violations,
         "seed": seed, "fsync": fsync, "profile": profile.as_dict(), "settings": settings,
         "load": {
-            "confirmed_charges": verdict.numbers["confirmed"],
+            "confirmed_charges": sum(len(r.confirmed) for r in records),
             "replays_same_content": sum(r.replays for r in records),
             "replays_other_content": sum(len(r.conflicts) for r in records),
+            "sessions": sum(sum(1 for rid in r.session_steps if "." not in rid) for r in records),
+            "session_steps": sum(len(r.session_steps) for r in records),
             "bad_entries": verdict.numbers["bad_entries"],
             "bad_entry_kinds": len(hostile.KINDS),
             "unconfirmed_submits": sum(r.unconfirmed for r in records),
@@ -76,6 +78,7 @@ def _load_rows(report: dict) -> list[tuple[str, str]]:
     return [
         ("load", f"{load['confirmed_charges']:,} confirmed charges, {load['replays_same_content']} replays "
                  f"(same content), {load['replays_other_content']} replays (other content), "
+                 f"{load['sessions']} voice sessions ({load['session_steps']} steps: reserve, extends, commit), "
                  f"{load['bad_entries']} bad entries of {load['bad_entry_kinds']} kinds"),
         ("producers", f"{load['unconfirmed_submits']} submits unconfirmed, {load['requests_resubmitted']:,} "
                       f"requests resubmitted with the same ids, {load['never_confirmed']} never confirmed"),
@@ -111,6 +114,9 @@ def _result_rows(report: dict) -> list[tuple[str, str]]:
         ("entries settled twice", str(results["entries_settled_twice"])),
         ("money: sum(approved) != start - end", f"{results['money_mismatches']} accounts"),
         ("negative balances", str(results["negative"])),
+        ("held funds", f"{audit['held']:,} held by {audit['open_reservations']} open reservations; "
+                       f"{audit['held_mismatches']} accounts held != open reservations, "
+                       f"{audit['negative_available']} available < 0, {audit['overcommitted']} commits over reserved"),
         ("dead-lettered", f"{results['dead_lettered']} of {results['bad_entries']} (right reason, once)"),
         ("pending", str(results["pending"])),
         ("redis memory at the end", report["redis"]["used_memory_human"]),

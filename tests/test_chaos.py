@@ -36,6 +36,9 @@ def test_quick_chaos_run_loses_nothing_and_charges_nothing_twice(tmp_path):
             results["money_mismatches"], results["negative"], results["pending"]) == (0, 0, 0, 0, 0, 0)
     assert results["dead_lettered"] == results["bad_entries"] >= len(hostile.KINDS)
     assert load["confirmed_charges"] == QUICK.charges
+    assert load["sessions"] == QUICK.sessions and load["session_steps"] >= 3 * QUICK.sessions
+    audit = results["audit"]
+    assert (audit["held_mismatches"], audit["negative_available"], audit["overcommitted"]) == (0, 0, 0)
     assert load["unconfirmed_submits"] > 0, "a Redis outage outlasted the client retries: producers resubmitted"
     assert injected == {WORKER_KILL: QUICK.worker_kills, WORKER_STALL: QUICK.worker_stalls,
                         REDIS_KILL: QUICK.redis_kills}
