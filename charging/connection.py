@@ -150,8 +150,19 @@ def library_source() -> str:
 
 
 def load_functions(client: redis.Redis) -> None:
-    """FUNCTION LOAD REPLACE: cheap, and it fixes a server that was started empty."""
-    client.function_load(library_source(), replace=True)
+    """FUNCTION LOAD REPLACE unless the server already has this very library: it fixes a
+    server that was started empty, without writing the library into the AOF at every
+    connect. A cluster gets it on every primary, where the check would cost as much."""
+    source = library_source()
+    if not is_cluster(client):
+        try:
+            loaded = client.function_list(library="charging", withcode=True)
+        except redis.exceptions.NoPermissionError:
+            loaded = []
+        codes = [dict(zip(lib[::2], lib[1::2])).get(b"library_code") for lib in loaded]
+        if source.encode() in codes:
+            return
+    client.function_load(source, replace=True)
 
 
 def with_functions(client: redis.Redis, call: Callable[[], T]) -> T:

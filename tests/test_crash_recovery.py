@@ -13,10 +13,12 @@ import pytest
 
 from charging import functions
 from charging.audit import audit
+from charging.connection import connect
+from worker.loop import Worker
 from charging.keys import all_partitions
 from tests.conftest import BOTH_BACKENDS, CHARGING, cli, environment
 
-pytestmark = [pytest.mark.slow, BOTH_BACKENDS]
+pytestmark = pytest.mark.slow
 
 ACCOUNTS = [f"acct{i}" for i in range(200)]
 START = 500
@@ -57,6 +59,7 @@ def assert_exactly_once(client, settings, request_ids: list[str]) -> None:
     assert report.ok
 
 
+@BOTH_BACKENDS
 def test_worker_killed_mid_load_then_restarted_settles_every_entry_exactly_once(client, settings, producer):
     ids = load(client, settings, producer, 10_000)
     kill_midway(client, settings, "victim", at_least=3_000)
@@ -68,6 +71,7 @@ def test_worker_killed_mid_load_then_restarted_settles_every_entry_exactly_once(
     assert_exactly_once(client, settings, ids)
 
 
+@BOTH_BACKENDS
 def test_entries_of_a_killed_worker_are_reclaimed_by_another_consumer(client, settings, producer):
     ids = load(client, settings, producer, 10_000)
     kill_midway(client, settings, "dead-one", at_least=2_000)
@@ -79,3 +83,15 @@ def test_entries_of_a_killed_worker_are_reclaimed_by_another_consumer(client, se
     assert_exactly_once(client, settings, ids)
     if pending:  # the kill usually lands with a batch in hand; then it must have been reclaimed
         assert "entries_reclaimed" in done.stderr
+
+
+def test_worker_reloads_the_function_library_a_server_lost(client, settings, producer):
+    """A server restarted without its AOF, or a failover to an empty node, has no library:
+    the first function call of any kind (maintenance included) reloads it and goes on."""
+    functions.set_balances(client, settings, [("acct1", 100)])
+    [request_id] = producer.submit([{"account": "acct1", "amount": 7}])
+    worker = Worker(connect(settings), settings, "after-flush", burst=True)  # connected: library loaded
+    client.function_flush("SYNC")
+
+    assert worker.run() == 0
+    assert audit(client, settings, {"acct1": 100}, [request_id]).ok

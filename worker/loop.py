@@ -74,6 +74,13 @@ class Worker:
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 own_pending_done = False
+            except redis.ResponseError as exc:
+                if not missing_function(exc):
+                    raise
+                # The server lost the library (restarted empty, failed over to an empty node):
+                # load it and go on; whatever step failed runs again.
+                self.log.warning("functions_reloaded", error=str(exc))
+                load_functions(self.client)
         self.log.info("worker_stopped", settled=self.settled)
         return 0
 

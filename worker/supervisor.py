@@ -116,6 +116,8 @@ def _supervise(settings: Settings, names: list[str], burst: bool, partitions: li
                 children[name] = start(name)
                 time.sleep(0.5)  # do not spin if it dies at once every time
                 continue
-            codes[name] = proc.exitcode
+            # A consumer stopped before it had set its own handler dies of the SIGTERM itself:
+            # it held nothing, so that is a clean stop.
+            codes[name] = 0 if stopping and proc.exitcode == -signal.SIGTERM else proc.exitcode
         time.sleep(0.1)
     return max(codes.values(), default=0)
