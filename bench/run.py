@@ -23,6 +23,12 @@ from charging.redis_server import RedisServer
 from charging.settings import Settings
 
 
+MODES = (ceiling, drain, steady, authorize, naive, memcached, memory)
+# On a cluster only the engine's own paths: redis-benchmark, the naive handler and the
+# memory probe each measure one server.
+CLUSTER_MODES = (drain, steady, authorize)
+
+
 def run_bench(settings: Settings, profile: Profile, out: Path, own_server: bool, console: Console) -> int:
     """own_server: spawn a private redis-server (and flush it between modes); otherwise use
     settings.redis_url and leave every key there (each run has its own namespaces)."""
@@ -45,7 +51,7 @@ def _run(settings: Settings, profile: Profile, out: Path, own_server: bool, cons
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
         ctx = Context(settings, client, out, uuid.uuid4().hex[:6], progress, own_server)
-        for mode in (ceiling, drain, steady, authorize, naive, memcached, memory):
+        for mode in CLUSTER_MODES if settings.cluster else MODES:
             ctx.reset()
             produced = mode.run(ctx, profile)
             if produced is None:
@@ -60,11 +66,13 @@ def _run(settings: Settings, profile: Profile, out: Path, own_server: bool, cons
     target_rows = report.targets(results)
     console.print(report.summary_table(results))
     console.print(report.targets_table(target_rows))
-    per_charge = next(r.extra["bytes_per_charge"] for r in results if r.mode == "memory")
-    console.print(report.memory_table(per_charge, settings.results_maxlen))
-    capacity = [{"rate_per_s": rate, "dedupe_window_s": window,
-                 "bytes": report.capacity_bytes(per_charge, rate, window, settings.results_maxlen)}
-                for rate, window in report.CAPACITY_EXAMPLES]
+    per_charge = next((r.extra["bytes_per_charge"] for r in results if r.mode == "memory"), None)
+    capacity = []
+    if per_charge:
+        console.print(report.memory_table(per_charge, settings.results_maxlen))
+        capacity = [{"rate_per_s": rate, "dedupe_window_s": window,
+                     "bytes": report.capacity_bytes(per_charge, rate, window, settings.results_maxlen)}
+                    for rate, window in report.CAPACITY_EXAMPLES]
     report.write_json(out / "bench.json", {**meta, "bytes_per_charge": per_charge, "capacity": capacity}, results,
                       target_rows)
     report.write_plot(out / "bench.png", results, f"charging bench, profile {profile.name}, "
