@@ -13,7 +13,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from bench import authorize, ceiling, drain, memcached, memory, naive, report, steady
+from bench import authorize, ceiling, drain, memcached, memory, naive, report, sessions, steady
 from bench.context import Context
 from bench.memcached import INSTALL_HINT as MEMCACHED_HINT
 from bench.profile import Profile
@@ -23,10 +23,10 @@ from charging.redis_server import RedisServer
 from charging.settings import Settings
 
 
-MODES = (ceiling, drain, steady, authorize, naive, memcached, memory)
+MODES = (ceiling, drain, steady, authorize, sessions, naive, memcached, memory)
 # On a cluster only the engine's own paths: redis-benchmark, the naive handler and the
 # memory probe each measure one server.
-CLUSTER_MODES = (drain, steady, authorize)
+CLUSTER_MODES = (drain, steady, authorize, sessions)
 
 
 def run_bench(settings: Settings, profile: Profile, out: Path, own_server: bool, console: Console) -> int:
