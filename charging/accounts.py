@@ -40,6 +40,15 @@ def all_balances(client: redis.Redis, settings: Settings) -> Iterator[tuple[str,
             yield account.decode(), int(value)
 
 
+def all_held(client: redis.Redis, settings: Settings) -> dict[str, int]:
+    """Funds held by open reservations, for the accounts that have any (the held hash keeps
+    no field at zero, so it stays as small as the number of live sessions)."""
+    held: dict[str, int] = {}
+    for keys in all_partitions(settings.namespace, settings.partitions):
+        held.update((a.decode(), int(v)) for a, v in client.hscan_iter(keys.held, count=1000))
+    return held
+
+
 def numbered(count: int) -> list[str]:
     """account1 .. accountN, the accounts `charging accounts reset` makes."""
     return [f"account{i}" for i in range(1, count + 1)]

@@ -129,12 +129,14 @@ def accounts_top_up(account: str, amount: str):
 
 @accounts_app.command("list")
 def accounts_list(as_json: Annotated[bool, typer.Option("--json")] = False):
-    """List every account and its balance."""
+    """List every account: balance, held by open reservations, available."""
     rows = sorted(accounts_mod.all_balances(state.client, state.settings))
-    table = Table("account", "balance")
-    for account, value in rows:
-        table.add_row(account, str(value))
-    emit([{"account": a, "balance": b} for a, b in rows], as_json, table)
+    held = accounts_mod.all_held(state.client, state.settings)
+    listed = [{"account": a, "balance": b, "held": held.get(a, 0), "available": b - held.get(a, 0)} for a, b in rows]
+    table = Table("account", "balance", "held", "available")
+    for row in listed:
+        table.add_row(row["account"], str(row["balance"]), str(row["held"]), str(row["available"]))
+    emit(listed, as_json, table)
 
 
 # ---- charging -------------------------------------------------------------------------

@@ -13,8 +13,10 @@ def test_accounts_reset_show_top_up_and_list(settings):
     assert json.loads(shown.stdout) == {"account": "account100", "balance": 100, "held": 0, "available": 100}
     assert cli(settings, "accounts", "top-up", "account100", "50").returncode == 0
     assert json.loads(cli(settings, "accounts", "show", "account100", "--json").stdout)["balance"] == 150
+    assert cli(settings, "reserve", "--account", "account2", "--amount", "30").returncode == 0
     listed = json.loads(cli(settings, "accounts", "list", "--json").stdout)
-    assert len(listed) == 100 and {"account": "account1", "balance": 100} in listed
+    assert len(listed) == 100 and {"account": "account1", "balance": 100, "held": 0, "available": 100} in listed
+    assert {"account": "account2", "balance": 100, "held": 30, "available": 70} in listed
 
 
 def test_unknown_account_and_bad_amounts_fail_with_a_message(settings):
