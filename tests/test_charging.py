@@ -25,17 +25,22 @@ def balance(client, settings, account="account1") -> int:
     return accounts.balance(client, settings, account)
 
 
-def test_forty_concurrent_voice_charges_through_workers_approve_exactly_ten(client, settings):
-    functions.set_balances(client, settings, [("account1", 100)])
-    start = threading.Barrier(40)
+def at_once(settings, callers: int, call) -> list:
+    """call(producer, i) from callers threads, each with its own connection, released together."""
+    start = threading.Barrier(callers)
 
-    def submit(i):
+    def one(i):
         producer = Producer(connect(settings, load=False), settings)
         start.wait()
-        producer.submit([voice(f"w-{i}")])
+        return call(producer, i)
 
-    with ThreadPoolExecutor(40) as pool:
-        list(pool.map(submit, range(40)))
+    with ThreadPoolExecutor(callers) as pool:
+        return list(pool.map(one, range(callers)))
+
+
+def test_forty_concurrent_voice_charges_through_workers_approve_exactly_ten(client, settings):
+    functions.set_balances(client, settings, [("account1", 100)])
+    at_once(settings, 40, lambda producer, i: producer.submit([voice(f"w-{i}")]))
     drain(settings, consumers=4)
 
     outcomes = results(client, settings)
@@ -48,15 +53,7 @@ def test_forty_concurrent_voice_charges_through_workers_approve_exactly_ten(clie
 
 def test_forty_concurrent_authorize_calls_approve_exactly_ten(client, settings):
     functions.set_balances(client, settings, [("account1", 100)])
-    start = threading.Barrier(40)
-
-    def authorize(i):
-        producer = Producer(connect(settings, load=False), settings)
-        start.wait()
-        return producer.authorize(voice(f"a-{i}"))
-
-    with ThreadPoolExecutor(40) as pool:
-        outcomes = list(pool.map(authorize, range(40)))
+    outcomes = at_once(settings, 40, lambda producer, i: producer.authorize(voice(f"a-{i}")))
 
     assert sum(o.approved for o in outcomes) == 10
     assert all(o.balance >= 0 for o in outcomes)
@@ -78,18 +75,14 @@ def test_workers_and_authorize_at_once_share_one_balance_without_overdraft(clien
     threads = [threading.Thread(target=run_worker, args=(i,)) for i in range(2)]
     for t in threads:
         t.start()
-    start = threading.Barrier(50)
 
-    def one(i):
-        producer = Producer(connect(settings, load=False), settings)
-        start.wait()
+    def one(producer, i):
         if i % 2:
             return producer.authorize(voice(f"both-a-{i}"))
         return producer.charge(voice(f"both-s-{i}"), timeout=30)
 
     try:
-        with ThreadPoolExecutor(50) as pool:
-            outcomes = list(pool.map(one, range(50)))
+        outcomes = at_once(settings, 50, one)
     finally:
         for w in workers:
             w.stop()
