@@ -316,7 +316,7 @@ def worker(processes: Annotated[int, typer.Option(min=1, max=256)] = 1,
 
 @app.command()
 def status(as_json: AsJson = False):
-    """Stream lengths, pending entries, lag and consumers."""
+    """Stream lengths, pending entries, lag, consumers, dead letters and held funds."""
     from charging.status import status as read_status
 
     data = read_status(state.client, state.settings)
@@ -331,7 +331,8 @@ def status(as_json: AsJson = False):
     for p in data["partitions"]:
         per_consumer.update({c["name"]: c["pending"] for c in p["consumers"]})
     summary = Text(f"pending per consumer: {_pairs(per_consumer) or '-'}\n"
-                   f"dead letters by reason (ever): {_pairs(data['deadletter_reasons']) or '-'}")
+                   f"dead letters by reason (ever): {_pairs(data['deadletter_reasons']) or '-'}\n"
+                   f"open reservations: {data['open_reservations']}, holding {data['held']}")
     emit(data, as_json, Group(table, summary))
 
 

@@ -18,13 +18,16 @@ def partition_status(client: redis.Redis, settings: Settings, keys: Keys) -> dic
     pipe.xlen(keys.results)
     pipe.xlen(keys.deadletter)
     pipe.hgetall(keys.deadletter_reasons)
-    length, results, deadletters, reasons = pipe.execute()
+    pipe.hlen(keys.reservations)
+    pipe.hvals(keys.held)  # one field per account with funds on hold: as many as live sessions
+    length, results, deadletters, reasons, reservations, held = pipe.execute()
     status = {
         "partition": keys.partition,
         "requests_stream": keys.requests, "results_stream": keys.results, "deadletter_stream": keys.deadletter,
         "length": length, "results": results, "deadletters": deadletters,
         # Counted by the dead_letter function since the start; the stream itself is trimmed.
         "deadletter_reasons": {_text(r): int(n) for r, n in sorted(reasons.items())},
+        "open_reservations": reservations, "held": sum(int(v) for v in held),
         "pending": 0, "lag": None, "oldest_pending_age_ms": None, "consumers": [],
     }
     group = _group(client, keys.requests, settings.group)
@@ -67,6 +70,8 @@ def status(client: redis.Redis, settings: Settings) -> dict[str, Any]:
         "deadletters": sum(p["deadletters"] for p in parts),
         "deadletter_reasons": dict(sorted(sum((Counter(p["deadletter_reasons"]) for p in parts), Counter()).items())),
         "pending": sum(p["pending"] for p in parts),
+        "open_reservations": sum(p["open_reservations"] for p in parts),
+        "held": sum(p["held"] for p in parts),
         "lag": None if None in lags else sum(lags),
         "consumers": sorted({c["name"] for p in parts for c in p["consumers"]}),
         "partitions": parts,

@@ -117,6 +117,11 @@ def test_status_reports_streams_pending_lag_and_consumers(settings):
     after = json.loads(cli(settings, "status", "--json").stdout)
     assert (after["pending"], after["lag"], after["results"], after["deadletters"]) == (0, 0, 3, 0)
     assert after["consumers"] == ["s-1"]
+    assert (after["open_reservations"], after["held"]) == (0, 0)
+    cli(settings, "reserve", "--account", "account1", "--amount", "40")
+    held = json.loads(cli(settings, "status", "--json").stdout)
+    assert (held["open_reservations"], held["held"]) == (1, 40)
+    assert "open reservations: 1, holding 40" in cli(settings, "status").stdout
     assert "results_stream" in after and "deadletter_stream" in after
 
 
