@@ -226,3 +226,9 @@ def replicated_pipeline(client: redis.Redis, settings: Settings, key: str, queue
         raise NotReplicated(f"{acked} of {settings.wait_replicas} replicas confirmed within "
                             f"{settings.wait_timeout_ms} ms")
     return replies
+
+
+def text(value: bytes | str | int) -> str:
+    """A reply value as str. Clients keep raw bytes (no decode_responses) so an entry that is
+    not UTF-8 reaches the schema, which dead-letters it instead of failing the whole read."""
+    return value.decode() if isinstance(value, bytes) else str(value)

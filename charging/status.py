@@ -8,6 +8,7 @@ from typing import Any
 
 import redis
 
+from charging.connection import text
 from charging.keys import Keys, all_partitions
 from charging.settings import Settings
 
@@ -26,7 +27,7 @@ def partition_status(client: redis.Redis, settings: Settings, keys: Keys) -> dic
         "requests_stream": keys.requests, "results_stream": keys.results, "deadletter_stream": keys.deadletter,
         "length": length, "results": results, "deadletters": deadletters,
         # Counted by the dead_letter function since the start; the stream itself is trimmed.
-        "deadletter_reasons": {_text(r): int(n) for r, n in sorted(reasons.items())},
+        "deadletter_reasons": {text(r): int(n) for r, n in sorted(reasons.items())},
         "open_reservations": reservations, "held": sum(int(v) for v in held),
         "pending": 0, "lag": None, "oldest_pending_age_ms": None, "consumers": [],
     }
@@ -39,7 +40,7 @@ def partition_status(client: redis.Redis, settings: Settings, keys: Keys) -> dic
         oldest = client.xpending(keys.requests, settings.group)["min"].decode()
         status["oldest_pending_age_ms"] = max(0, int(time.time() * 1000) - int(oldest.split("-")[0]))
     status["consumers"] = [
-        {"name": _text(c["name"]), "pending": c["pending"], "idle_ms": c["idle"]}
+        {"name": text(c["name"]), "pending": c["pending"], "idle_ms": c["idle"]}
         for c in client.xinfo_consumers(keys.requests, settings.group)
     ]
     return status
@@ -50,7 +51,7 @@ def _group(client: redis.Redis, stream: str, name: str) -> dict | None:
         groups = client.xinfo_groups(stream)
     except redis.ResponseError:  # no such stream yet
         return None
-    return next((g for g in groups if _text(g["name"]) == name), None)
+    return next((g for g in groups if text(g["name"]) == name), None)
 
 
 def status(client: redis.Redis, settings: Settings) -> dict[str, Any]:
@@ -76,7 +77,3 @@ def status(client: redis.Redis, settings: Settings) -> dict[str, Any]:
         "consumers": sorted({c["name"] for p in parts for c in p["consumers"]}),
         "partitions": parts,
     }
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

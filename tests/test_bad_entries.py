@@ -101,30 +101,18 @@ def test_dead_letter_keeps_original_fields_but_caps_their_size(client, settings)
     assert dead[b"account"] == b"a" * functions.DEADLETTER_FIELD_BYTES
 
 
-def test_entry_deleted_before_it_was_read_is_dead_lettered(client, settings):
+@pytest.mark.parametrize("reader", ["w0", "dead-consumer"], ids=["own-pending", "reclaimed"])
+def test_entry_deleted_while_pending_is_dead_lettered(client, settings, reader):
+    """A consumer reads an entry and dies; then someone XDELs it, and the pending list keeps
+    the id. Settled by the same consumer restarting (its own pending entries), or by another
+    consumer reclaiming it (XAUTOCLAIM reports the deleted id): dead-lettered either way."""
     keys = Keys(settings.namespace, 0)
     client.xgroup_create(keys.requests, settings.group, id="0", mkstream=True)
     entry_id = client.xadd(keys.requests, GOOD)
-    # A consumer reads it and dies; then someone XDELs it: the pending list keeps the id.
-    client.xreadgroup(settings.group, "w0", {keys.requests: ">"}, count=10)
+    client.xreadgroup(settings.group, reader, {keys.requests: ">"}, count=10)
     client.xdel(keys.requests, entry_id)
 
-    drain(settings)  # the same consumer name restarts and settles its own pending entries
-
-    [(_, dead)] = client.xrange(keys.deadletter)
-    assert dead[b"error"] == b"entry_deleted"
-    assert dead[b"entry_id"] == entry_id
-    assert client.xpending(keys.requests, settings.group)["pending"] == 0
-
-
-def test_entry_of_dead_consumer_deleted_before_reclaim_is_recorded(client, settings):
-    keys = Keys(settings.namespace, 0)
-    client.xgroup_create(keys.requests, settings.group, id="0", mkstream=True)
-    entry_id = client.xadd(keys.requests, GOOD)
-    client.xreadgroup(settings.group, "dead-consumer", {keys.requests: ">"}, count=10)
-    client.xdel(keys.requests, entry_id)
-
-    drain(settings)  # another consumer: reclaims via XAUTOCLAIM, which reports the deleted id
+    drain(settings)  # the drain's consumer is named w0
 
     [(_, dead)] = client.xrange(keys.deadletter)
     assert dead[b"error"] == b"entry_deleted"

@@ -11,7 +11,7 @@ import redis
 import structlog
 
 from charging import functions
-from charging.connection import TRANSIENT_ERRORS, load_functions, missing_function, read_streams
+from charging.connection import TRANSIENT_ERRORS, load_functions, missing_function, read_streams, text
 from charging.keys import Keys, partition_of
 from charging.schema import Invalid, parse_request
 from charging.settings import Settings
@@ -88,7 +88,7 @@ class Worker:
         block = 100 if self.burst else self.settings.block_ms
         reply = read_streams(self.client, {k.requests: ">" for k in self.partitions}, self.settings.batch, block,
                              group=self.settings.group, consumer=self.consumer)
-        return [Entry(self.by_stream[_text(stream)], eid.decode(), fields)
+        return [Entry(self.by_stream[text(stream)], eid.decode(), fields)
                 for stream, messages in reply for eid, fields in messages]
 
     def settle(self, entries: list[Entry]) -> int:
@@ -174,7 +174,3 @@ def _field(fields: dict[bytes, bytes] | None, name: bytes) -> str | None:
     """A field of an entry that failed validation, cut short and decoded leniently for the log."""
     raw = (fields or {}).get(name)
     return raw[:128].decode("utf-8", "replace") if raw else None
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import redis
 
 from charging import functions
+from charging.connection import text
 from charging.schema import Invalid
 from charging.status import partition_status
 from worker import metrics
@@ -71,7 +72,7 @@ def reclaim(worker: Worker) -> int:
                 _count_deliveries(worker, keys, entries)
                 worker.settle(entries)
                 claimed += len(entries)
-            cursor = cursor.decode() if isinstance(cursor, bytes) else cursor
+            cursor = text(cursor)
             if cursor == "0-0":
                 break
     return claimed
@@ -109,7 +110,7 @@ def _forget_idle_consumers(worker: Worker, keys) -> None:
     """Delete consumers that have been idle for an hour, only once their pending list is
     empty: XGROUP DELCONSUMER would strand pending entries."""
     for consumer in worker.client.xinfo_consumers(keys.requests, worker.settings.group):
-        name = consumer["name"].decode() if isinstance(consumer["name"], bytes) else consumer["name"]
+        name = text(consumer["name"])
         if name != worker.consumer and consumer["pending"] == 0 and consumer["idle"] > IDLE_CONSUMER_MS:
             worker.client.xgroup_delconsumer(keys.requests, worker.settings.group, name)
             worker.log.info("idle_consumer_removed", removed=name, partition=keys.partition)
