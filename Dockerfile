@@ -5,8 +5,6 @@ COPY pyproject.toml README.md ./
 COPY charging charging
 COPY worker worker
 COPY producer producer
-COPY bench bench
-COPY chaos chaos
 COPY lua lua
 RUN pip install --no-cache-dir . && useradd --system --no-create-home charging
 USER charging

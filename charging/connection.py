@@ -24,10 +24,26 @@ TRANSIENT_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoading
                     redis.exceptions.ClusterDownError, redis.exceptions.TryAgainError,
                     redis.exceptions.SlotNotCoveredError)
 
-CLUSTER_POLL_MS = 20  # pause between empty polls of several streams on a cluster
-
 MIN_REDIS = (7, 0)
 T = TypeVar("T")
+
+
+class Backoff:
+    """Pauses between tries while Redis is unavailable: redis-py's exponential backoff with
+    jitter, from 0.1 s up to 5 s, back to the start after a success."""
+
+    def __init__(self, base: float = 0.1, cap: float = 5.0):
+        self._policy = ExponentialWithJitterBackoff(base=base, cap=cap)
+        self._failures = 0
+
+    def wait(self, logger, error: Exception) -> None:
+        pause = self._policy.compute(self._failures)
+        self._failures += 1
+        logger.warning("redis_unavailable", error=str(error), retry_in_s=round(pause, 3))
+        time.sleep(pause)
+
+    def reset(self) -> None:
+        self._failures = 0
 
 
 class RedisTooOld(RuntimeError):
@@ -173,35 +189,18 @@ def with_functions(client: redis.Redis, call: Callable[[], T]) -> T:
     except redis.ResponseError as exc:
         if not missing_function(exc):
             raise
-        log.warning("functions_reloaded", error=str(exc))
-        load_functions(client)
+        reload_functions(client, exc)
         return call()
+
+
+def reload_functions(client: redis.Redis, error: Exception) -> None:
+    """Load the library again after a call found it missing."""
+    log.warning("functions_reloaded", error=str(error))
+    load_functions(client)
 
 
 def missing_function(reply: object) -> bool:
     return isinstance(reply, redis.ResponseError) and "Function not found" in str(reply)
-
-
-def read_streams(client: redis.Redis, streams: dict[str, str], count: int, block_ms: int,
-                 group: str | None = None, consumer: str | None = None) -> list:
-    """XREAD (or XREADGROUP when group is given) over several streams, in XREAD's reply
-    shape. One blocking call on a single node; on a cluster, streams of different slots
-    cannot share a call, so one pipelined non-blocking read per stream, and a short pause
-    when all were empty."""
-    def read(target, names: dict[str, str], block: int | None):
-        if group is None:
-            return target.xread(names, count=count, block=block)
-        return target.xreadgroup(group, consumer, names, count=count, block=block)
-
-    if not is_cluster(client) or len(streams) == 1:
-        return read(client, streams, block_ms) or []
-    pipe = client.pipeline(transaction=False)
-    for name, last in streams.items():
-        read(pipe, {name: last}, None)
-    replies = [r for reply in pipe.execute() if reply for r in reply]
-    if not replies:
-        time.sleep(min(block_ms, CLUSTER_POLL_MS) / 1000)
-    return replies
 
 
 class NotReplicated(RuntimeError):
@@ -226,9 +225,3 @@ def replicated_pipeline(client: redis.Redis, settings: Settings, key: str, queue
         raise NotReplicated(f"{acked} of {settings.wait_replicas} replicas confirmed within "
                             f"{settings.wait_timeout_ms} ms")
     return replies
-
-
-def text(value: bytes | str | int) -> str:
-    """A reply value as str. Clients keep raw bytes (no decode_responses) so an entry that is
-    not UTF-8 reaches the schema, which dead-letters it instead of failing the whole read."""
-    return value.decode() if isinstance(value, bytes) else str(value)

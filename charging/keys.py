@@ -9,6 +9,10 @@ from __future__ import annotations
 import re
 import zlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from charging.settings import Settings
 
 
 def partition_of(account: str, partitions: int) -> int:
@@ -69,6 +73,11 @@ class Keys:
         so an entry cannot make the worker write to an arbitrary key."""
         prefix = f"{self.tag}:reply:"
         return key.startswith(prefix) and bool(_REPLY_ID.fullmatch(key[len(prefix):]))
+
+
+def keys_of(account: str, settings: Settings) -> Keys:
+    """The keys of the partition an account lives in."""
+    return Keys(settings.namespace, partition_of(account, settings.partitions))
 
 
 _REPLY_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic.functional_validators import BeforeValidator
 from pydantic_core import PydanticCustomError
 
-from charging.keys import Keys, partition_of
+from charging.keys import keys_of
 from charging.settings import Settings
 
 MAX_FIELDS = 16
@@ -157,7 +157,7 @@ class ChargeRequest(BaseModel):
             _service_units_or_amount(self)
         settings = _limits(info)
         if self.reply_to is not None:
-            keys = Keys(settings.namespace, partition_of(self.account, settings.partitions))
+            keys = keys_of(self.account, settings)
             if not keys.owns_reply_stream(self.reply_to):
                 raise PydanticCustomError(
                     "invalid_reply_to", "reply_to must be a key {prefix}<id> in the account's partition",
@@ -335,20 +335,6 @@ class Outcome:
             reserved=_int(f.get("reserved")), expires_at=_int(f.get("expires_at")),
         )
 
-    @classmethod
-    def from_reply(cls, request: ChargeRequest, reply: list) -> Outcome:
-        status, reason, charged, balance, duplicate, processed_at, *session = reply
-        outcome = cls(
-            request_id=request.request_id, account=request.account, status=_str(status), reason=_str(reason),
-            charged=int(charged), balance=int(balance), duplicate=bool(int(duplicate)),
-            submitted_at=request.submitted_at, processed_at=int(processed_at),
-        )
-        if request.op == "charge":
-            return outcome
-        held, reserved, expires_at = session
-        return replace(outcome, op=request.op, reservation=request.reservation_id, held=int(held),
-                       reserved=int(reserved), expires_at=_int(_str(expires_at)))
-
     def as_dict(self) -> dict[str, Any]:
         return {
             "request_id": self.request_id, "account": self.account, "status": self.status,
@@ -358,10 +344,6 @@ class Outcome:
             "op": self.op, "reservation": self.reservation, "held": self.held, "available": self.available,
             "reserved": self.reserved, "expires_at": self.expires_at,
         })
-
-
-def _str(value: bytes | str | int) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _int(value: str | None) -> int | None:

@@ -12,11 +12,12 @@ from typing import Any
 import redis
 import structlog
 
-from charging import functions
-from charging.connection import read_streams, replicated_pipeline, with_functions
-from charging.keys import Keys, partition_of
+from charging import codec
+from charging.connection import replicated_pipeline, with_functions
+from charging.keys import Keys, keys_of, partition_of
 from charging.schema import ChargeRequest, Invalid, Outcome, account_of, parse_request
 from charging.settings import Settings
+from charging.streams import read_streams
 from charging.tariff import price
 
 log = structlog.get_logger("charging.producer")
@@ -148,12 +149,12 @@ class Producer:
         request = self.prepare(data)
         amount = price(request, self.settings)
         if self.settings.wait_replicas:
-            [reply] = with_functions(self.client, lambda: replicated_pipeline(
+            [raw] = with_functions(self.client, lambda: replicated_pipeline(
                 self.client, self.settings, self._keys(request.account).balances,
-                lambda pipe: functions.settle(pipe, self.settings, request, amount)))
+                lambda pipe: codec.settle(pipe, self.settings, request, amount)))
         else:
-            reply = with_functions(self.client, lambda: functions.settle(self.client, self.settings, request, amount))
-        outcome = Outcome.from_reply(request, reply)
+            raw = with_functions(self.client, lambda: codec.settle(self.client, self.settings, request, amount))
+        outcome = codec.outcome(request, codec.settled(raw))
         log.debug("authorized", request_id=outcome.request_id, account=outcome.account, op=request.op,
                   partition=partition_of(outcome.account, self.settings.partitions), status=outcome.status)
         return outcome
@@ -180,4 +181,4 @@ class Producer:
         return self.authorize({**data, "op": "release"})
 
     def _keys(self, account: str) -> Keys:
-        return Keys(self.settings.namespace, partition_of(account, self.settings.partitions))
+        return keys_of(account, self.settings)

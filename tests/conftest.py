@@ -16,8 +16,8 @@ import pytest
 import redis
 
 from charging.connection import connect
-from charging.redis_server import LocalCluster, RedisServer
 from charging.settings import Settings
+from charging.tools.redis_server import LocalCluster, RedisServer
 from producer import Producer
 from worker.loop import Worker
 

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import redis
 
-from charging import functions
+from charging import codec
+from charging.app.status import partition_status
 from charging.connection import connect, library_source
 from charging.keys import Keys
-from charging.redis_server import RedisServer
 from charging.settings import Settings
-from charging.status import partition_status
+from charging.tools.redis_server import RedisServer
 from producer import Producer
 from tests.conftest import cli, drain
 
@@ -50,7 +50,7 @@ def role(server: RedisServer, user: str) -> Settings:
 @pytest.fixture
 def clients(server) -> dict[str, redis.Redis]:
     admin = connect(role(server, "admin"))  # loads the library
-    functions.set_balances(admin, role(server, "admin"), [("account1", 100)])
+    codec.set_balances(admin, role(server, "admin"), [("account1", 100)])
     return {"admin": admin, **{user: connect(role(server, user)) for user in ROLES if user != "admin"}}
 
 
@@ -88,14 +88,14 @@ def test_each_role_does_its_job_with_its_own_credentials(server, clients):
     # maintenance the burst worker had no cause to run: results trimming; trim is exact-
     # by-node ('~'), so four outcomes in one node stay
     few = role(server, "worker").model_copy(update={"results_maxlen": 1})
-    assert functions.trim_results(clients["worker"], few, KEYS) == 0
+    assert codec.trim_results(clients["worker"], few, KEYS) == 0
     # what the worker reads for its metrics gauges
     seen_by_worker = partition_status(clients["worker"], role(server, "worker"), KEYS)
     assert seen_by_worker["deadletter_reasons"] == {"missing_field": 1} and seen_by_worker["pending"] == 0
     authorized = Producer(clients["authorizer"], role(server, "authorizer")).authorize(
         {"request_id": "auth-1", "account": "account1", "amount": 5})
     assert authorized.approved and authorized.balance == 100 - 30 - 5
-    functions.top_up(clients["admin"], role(server, "admin"), "account1", 45)
+    codec.top_up(clients["admin"], role(server, "admin"), "account1", 45)
     assert balance(clients) == 110
     status = cli(role(server, "admin"), "status", "--json")
     assert status.returncode == 0, status.stderr
@@ -109,11 +109,11 @@ def test_a_producer_gets_noperm_setting_or_changing_a_balance(server, clients):
     attempts = {
         "HSET": lambda: producer.hset(KEYS.balances, "account1", 10**9),
         "HINCRBY": lambda: producer.hincrby(KEYS.balances, "account1", 10**9),
-        "set_balances": lambda: functions.set_balances(producer, settings, [("account1", 10**9)]),
-        "top_up": lambda: functions.top_up(producer, settings, "account1", 10**6),
+        "set_balances": lambda: codec.set_balances(producer, settings, [("account1", 10**9)]),
+        "top_up": lambda: codec.top_up(producer, settings, "account1", 10**6),
         "charge": lambda: Producer(producer, settings).authorize({"account": "account1", "amount": 1}),
         "reserve": lambda: Producer(producer, settings).reserve({"account": "account1", "amount": 1}),
-        "expire_reservations": lambda: functions.expire_reservations(producer, settings, KEYS),
+        "expire_reservations": lambda: codec.expire_reservations(producer, settings, KEYS),
         "EVAL": lambda: producer.eval("return redis.call('HSET', KEYS[1], 'account1', 1)", 1, KEYS.balances),
         "DEL": lambda: producer.delete(KEYS.balances),
     }
@@ -165,8 +165,8 @@ def test_the_cli_prints_noperm_for_a_producer_that_tries_to_top_up_or_authorize(
 def test_worker_and_authorizer_cannot_set_balances_or_run_server_commands(server, clients):
     for user in ("worker", "authorizer"):
         client, settings = clients[user], role(server, user)
-        assert denied(lambda: functions.set_balances(client, settings, [("account1", 1)])), user
-        assert denied(lambda: functions.top_up(client, settings, "account1", 1)), user
+        assert denied(lambda: codec.set_balances(client, settings, [("account1", 1)])), user
+        assert denied(lambda: codec.top_up(client, settings, "account1", 1)), user
         assert denied(lambda: client.hset(KEYS.balances, "account1", 1)), user
         assert denied(lambda: client.config_get("requirepass")), user
         assert denied(lambda: client.function_flush()), user
@@ -232,6 +232,6 @@ def test_authorizer_and_worker_run_sessions_and_the_sweep_with_their_own_roles(s
     drain(role(server, "worker"))
     assert producer.wait(ended, timeout=10)[ended[0]].approved
     time.sleep(1.1)  # call-2 expires; the worker's sweep releases it
-    assert functions.expire_reservations(clients["worker"], role(server, "worker"), KEYS) == 1
+    assert codec.expire_reservations(clients["worker"], role(server, "worker"), KEYS) == 1
     assert balance(clients) == 75
     assert clients["admin"].hlen(KEYS.held) == 0

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from charging import functions
-from charging.audit import audit, audit_deadletters
+from charging import codec
+from charging.app.audit import audit, audit_deadletters
 from charging.keys import Keys
 from tests.conftest import drain
 
 
 def test_audit_passes_a_clean_run_and_counts_outcomes(client, settings, producer):
-    functions.set_balances(client, settings, [("a1", 30)])
+    codec.set_balances(client, settings, [("a1", 30)])
     ids = producer.submit([{"account": "a1", "service": "voice", "units": 2} for _ in range(4)])
     producer.submit([{"account": "a1", "service": "voice", "units": 2, "request_id": ids[0]}])
     drain(settings)
@@ -21,7 +21,7 @@ def test_audit_passes_a_clean_run_and_counts_outcomes(client, settings, producer
 
 def test_audit_reports_missing_outcomes_money_drift_and_negative_balances(client, settings, producer):
     keys = Keys(settings.namespace, 0)
-    functions.set_balances(client, settings, [("a1", 30), ("a2", 5)])
+    codec.set_balances(client, settings, [("a1", 30), ("a2", 5)])
     producer.authorize({"account": "a1", "service": "sms", "units": 1, "request_id": "seen"})
     client.hincrby(keys.balances, "a2", -10)  # corruption from outside the engine, on purpose
     report = audit(client, settings, {"a1": 30, "a2": 5}, ["seen", "never-sent"])
@@ -33,7 +33,7 @@ def test_audit_reports_missing_outcomes_money_drift_and_negative_balances(client
 
 def test_audit_reports_a_request_settled_twice(client, settings):
     keys = Keys(settings.namespace, 0)
-    functions.set_balances(client, settings, [("a1", 30)])
+    codec.set_balances(client, settings, [("a1", 30)])
     fields = {"request_id": "twice", "account": "a1", "status": "rejected", "reason": "unknown_account",
               "charged": 0, "balance": 0, "duplicate": 0, "submitted_at": "", "processed_at": 1, "entry_id": ""}
     client.xadd(keys.results, fields)
@@ -49,7 +49,7 @@ def _outcome(request_id: str, entry_id: str, duplicate: int = 0, status: str = "
 
 def test_audit_reports_an_entry_settled_twice_and_a_replay_not_answered_with_the_stored_outcome(client, settings):
     keys = Keys(settings.namespace, 0)
-    functions.set_balances(client, settings, [("a1", 30)])
+    codec.set_balances(client, settings, [("a1", 30)])
     client.xadd(keys.results, _outcome("r1", "1-1"))
     client.xadd(keys.results, _outcome("r1", "1-1", duplicate=1))  # the same entry settled again: a stalled worker
     client.xadd(keys.results, _outcome("r2", "1-2", status="rejected", reason="insufficient_funds"))

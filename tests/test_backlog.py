@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from charging import functions
+from charging import codec
 from charging.keys import Keys
 from producer import BacklogFull, Producer
 from tests.conftest import cli, drain
@@ -19,7 +19,7 @@ def sms(n: int, prefix: str) -> list[dict]:
 
 def test_a_full_request_stream_refuses_the_whole_batch_until_workers_catch_up(client, settings):
     settings = settings.model_copy(update={"max_backlog": 10})
-    functions.set_balances(client, settings, [("account1", 100)])
+    codec.set_balances(client, settings, [("account1", 100)])
     producer = Producer(client, settings)
     requests = Keys(settings.namespace, 0).requests
     producer.submit(sms(8, "first"))

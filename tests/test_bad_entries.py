@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from charging import functions
+from charging import codec
 from charging.keys import Keys
 from tests.conftest import drain, results
 
@@ -77,7 +77,7 @@ BAD_ENTRIES = [
 @pytest.mark.parametrize("name,fields,reason", BAD_ENTRIES, ids=[b[0] for b in BAD_ENTRIES])
 def test_bad_entry_is_dead_lettered_with_reason_and_next_entry_still_charged(client, settings, name, fields, reason):
     keys = Keys(settings.namespace, 0)
-    functions.set_balances(client, settings, [("account1", 100)])
+    codec.set_balances(client, settings, [("account1", 100)])
     bad_id = client.xadd(keys.requests, fields).decode()
     client.xadd(keys.requests, {**GOOD, "request_id": "good-after-bad"})
 
@@ -98,7 +98,7 @@ def test_dead_letter_keeps_original_fields_but_caps_their_size(client, settings)
     drain(settings)
     [(_, dead)] = client.xrange(keys.deadletter)
     assert dead[b"request_id"] == b"r-bad-x"
-    assert dead[b"account"] == b"a" * functions.DEADLETTER_FIELD_BYTES
+    assert dead[b"account"] == b"a" * codec.DEADLETTER_FIELD_BYTES
 
 
 @pytest.mark.parametrize("reader", ["w0", "dead-consumer"], ids=["own-pending", "reclaimed"])
@@ -122,7 +122,7 @@ def test_entry_deleted_while_pending_is_dead_lettered(client, settings, reader):
 
 def test_entry_delivered_more_than_max_deliveries_is_dead_lettered(client, settings):
     keys = Keys(settings.namespace, 0)
-    functions.set_balances(client, settings, [("account1", 100)])
+    codec.set_balances(client, settings, [("account1", 100)])
     client.xgroup_create(keys.requests, settings.group, id="0", mkstream=True)
     entry_id = client.xadd(keys.requests, GOOD)
     client.xreadgroup(settings.group, "crashing", {keys.requests: ">"}, count=10)
@@ -140,7 +140,7 @@ def test_entry_delivered_more_than_max_deliveries_is_dead_lettered(client, setti
 def test_rated_amount_over_the_maximum_charge_is_dead_lettered(client, settings):
     settings = settings.model_copy(update={"max_amount": 1000})
     keys = Keys(settings.namespace, 0)
-    functions.set_balances(client, settings, [("account1", 10**6)])
+    codec.set_balances(client, settings, [("account1", 10**6)])
     client.xadd(keys.requests, {**GOOD, "service": "data", "units": "101"})  # 1010 > 1000
     drain(settings)
     [(_, dead)] = client.xrange(keys.deadletter)

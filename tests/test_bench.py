@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from bench.naive import check_naive
+from charging.tools.bench.naive import check_naive
 from tests.conftest import cli
 
 pytestmark = pytest.mark.slow
@@ -50,7 +50,7 @@ def test_clean_modes_lose_nothing_repeat_nothing_and_overdraw_nothing(bench_run)
             assert check["missing"] == 0 and check["double_charged"] == 0
             assert check["outcomes"] == mode["extra"]["calls"] >= 3 * mode["charges"] > 0
             assert (check["held_mismatches"], check["negative_available"], check["overcommitted"]) == (0, 0, 0)
-        elif name != "ceiling":  # redis-benchmark cannot give each call its own request id (see bench/ceiling.py)
+        elif name != "ceiling":  # redis-benchmark cannot give each call its own request id (see charging/tools/bench/ceiling.py)
             assert check["missing"] == 0 and check["double_charged"] == 0 and check["replay_mismatches"] == 0, name
             assert check["outcomes"] == mode["charges"] > 0, name
             assert check["duplicates"] > 0 or name.startswith("memory"), f"{name}: the load replays request ids"
@@ -98,9 +98,9 @@ def test_ceiling_without_redis_benchmark_is_a_labelled_python_estimate(client, s
     from rich.console import Console
     from rich.progress import Progress
 
-    from bench import ceiling
-    from bench.context import Context
-    from bench.profile import PROFILES
+    from charging.tools.bench import ceiling
+    from charging.tools.bench.context import Context
+    from charging.tools.bench.profile import PROFILES
 
     real_which = shutil.which
     monkeypatch.setattr(ceiling.shutil, "which", lambda name: None if name == "redis-benchmark" else real_which(name))

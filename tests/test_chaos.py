@@ -11,13 +11,13 @@ import subprocess
 
 import pytest
 
-from chaos import hostile
-from chaos.faults import KINDS, LONG_OUTAGE_S, REDIS_KILL, WORKER_KILL, WORKER_STALL, plan
-from chaos.profile import FULL, QUICK
-from charging import functions
-from charging.accounts import all_balances
-from charging.audit import audit_deadletters
+from charging import codec
+from charging.app.accounts import all_balances
+from charging.app.audit import audit_deadletters
 from charging.connection import connect
+from charging.tools.chaos import hostile
+from charging.tools.chaos.faults import KINDS, LONG_OUTAGE_S, REDIS_KILL, WORKER_KILL, WORKER_STALL, plan
+from charging.tools.chaos.profile import FULL, QUICK
 from tests.conftest import CHARGING, drain
 
 REDIS_PY_RETRIES_S = 9.1  # connection.py: 8 attempts, jittered backoff capped at 2 s, summed at the caps
@@ -70,7 +70,7 @@ def test_every_kind_of_bad_entry_is_dead_lettered_with_its_reason_and_charges_no
     settings = settings.model_copy(update={"partitions": 2})  # so an entry can sit in the wrong partition
     client = connect(settings)
     accounts = [f"acct{i}" for i in range(10)]
-    functions.set_balances(client, settings, [(a, 100) for a in accounts])
+    codec.set_balances(client, settings, [(a, 100) for a in accounts])
     expected = {hostile.write(client, settings, kind, f"bad-{i}", accounts[i % len(accounts)]): kind.reason
                 for i, kind in enumerate(hostile.KINDS)}
 

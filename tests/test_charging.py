@@ -6,9 +6,10 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from charging import accounts, functions
+from charging import codec
+from charging.app import accounts
+from charging.app.audit import audit
 from charging.connection import connect
-from charging.audit import audit
 from charging.keys import partition_of
 from producer import Producer
 from tests.conftest import BOTH_BACKENDS, drain, results
@@ -39,7 +40,7 @@ def at_once(settings, callers: int, call) -> list:
 
 
 def test_forty_concurrent_voice_charges_through_workers_approve_exactly_ten(client, settings):
-    functions.set_balances(client, settings, [("account1", 100)])
+    codec.set_balances(client, settings, [("account1", 100)])
     at_once(settings, 40, lambda producer, i: producer.submit([voice(f"w-{i}")]))
     drain(settings, consumers=4)
 
@@ -52,7 +53,7 @@ def test_forty_concurrent_voice_charges_through_workers_approve_exactly_ten(clie
 
 
 def test_forty_concurrent_authorize_calls_approve_exactly_ten(client, settings):
-    functions.set_balances(client, settings, [("account1", 100)])
+    codec.set_balances(client, settings, [("account1", 100)])
     outcomes = at_once(settings, 40, lambda producer, i: producer.authorize(voice(f"a-{i}")))
 
     assert sum(o.approved for o in outcomes) == 10
@@ -62,7 +63,7 @@ def test_forty_concurrent_authorize_calls_approve_exactly_ten(client, settings):
 
 
 def test_workers_and_authorize_at_once_share_one_balance_without_overdraft(client, settings):
-    functions.set_balances(client, settings, [("account1", 100)])
+    codec.set_balances(client, settings, [("account1", 100)])
     workers = []
 
     def run_worker(i):
@@ -95,7 +96,7 @@ def test_workers_and_authorize_at_once_share_one_balance_without_overdraft(clien
 
 
 def test_same_request_id_submitted_three_times_is_charged_once(client, settings, producer):
-    functions.set_balances(client, settings, [("account1", 100)])
+    codec.set_balances(client, settings, [("account1", 100)])
     for _ in range(3):
         producer.submit([voice("same-id")])
     drain(settings)
@@ -107,7 +108,7 @@ def test_same_request_id_submitted_three_times_is_charged_once(client, settings,
 
 
 def test_replayed_request_id_through_authorize_returns_stored_outcome(client, settings, producer):
-    functions.set_balances(client, settings, [("account1", 100)])
+    codec.set_balances(client, settings, [("account1", 100)])
     first = producer.authorize(voice("auth-replay"))
     again = producer.authorize(voice("auth-replay"))
     assert (first.status, first.charged, first.duplicate) == ("approved", 10, False)
@@ -119,7 +120,7 @@ def test_replayed_request_id_with_different_content_is_a_conflict_and_charges_no
     # Request ids are scoped to a partition (README): the other account shares account1's.
     other = next(a for a in (f"account{i}" for i in range(2, 1000))
                  if partition_of(a, settings.partitions) == partition_of("account1", settings.partitions))
-    functions.set_balances(client, settings, [("account1", 100), (other, 100)])
+    codec.set_balances(client, settings, [("account1", 100), (other, 100)])
     producer.authorize(voice("conflict"))
     for changed in (voice("conflict", units=3), voice("conflict", account=other),
                     {"request_id": "conflict", "account": "account1", "amount": 10}):
@@ -130,9 +131,9 @@ def test_replayed_request_id_with_different_content_is_a_conflict_and_charges_no
 
 
 def test_stored_rejection_is_returned_on_replay_even_after_a_top_up(client, settings, producer):
-    functions.set_balances(client, settings, [("account1", 5)])
+    codec.set_balances(client, settings, [("account1", 5)])
     assert producer.authorize(voice("poor")).reason == "insufficient_funds"
-    functions.top_up(client, settings, "account1", 100)
+    codec.top_up(client, settings, "account1", 100)
     replay = producer.authorize(voice("poor"))
     assert (replay.status, replay.reason, replay.duplicate) == ("rejected", "insufficient_funds", True)
     assert producer.authorize(voice("poor-retry")).approved  # a new judgement needs a new request id
@@ -146,13 +147,13 @@ def test_unknown_account_is_rejected_with_reason(client, settings, producer):
 
 
 def test_explicit_amount_is_charged_as_given(client, settings, producer):
-    functions.set_balances(client, settings, [("account1", 100)])
+    codec.set_balances(client, settings, [("account1", 100)])
     outcome = producer.authorize({"request_id": "amt", "account": "account1", "amount": 37})
     assert (outcome.charged, outcome.balance) == (37, 63)
 
 
 def test_producer_waits_for_its_own_outcome_through_the_reply_stream(client, settings, producer):
-    functions.set_balances(client, settings, [("account1", 100)])
+    codec.set_balances(client, settings, [("account1", 100)])
     ids = producer.submit([voice(f"wait-{i}") for i in range(3)], reply=True)
     drain(settings)
     outcomes = producer.wait(ids, timeout=5)
@@ -165,7 +166,7 @@ def test_stalled_worker_settling_an_entry_already_settled_by_another_changes_not
     settled by another consumer: its late function calls are refused as stale."""
     from worker.loop import Worker
 
-    functions.set_balances(client, settings, [("account1", 100)])
+    codec.set_balances(client, settings, [("account1", 100)])
     Producer(client, settings).submit([voice("stall-1")])
     stalled = Worker(connect(settings), settings, "stalled")
     from worker.recovery import ensure_groups
@@ -182,7 +183,7 @@ def test_stalled_worker_settling_an_entry_already_settled_by_another_changes_not
 
 def test_a_replay_returns_a_balance_of_fifteen_digits_exactly(client, settings, producer):
     """Dedupe records are written with every digit (Lua's own number formatting keeps 14)."""
-    functions.set_balances(client, settings, [("account1", 10**15 - 1)])
+    codec.set_balances(client, settings, [("account1", 10**15 - 1)])
     first = producer.authorize({"request_id": "big", "account": "account1", "amount": 2})
     again = producer.authorize({"request_id": "big", "account": "account1", "amount": 2})
     assert (first.balance, again.balance, again.duplicate) == (10**15 - 3, 10**15 - 3, True)

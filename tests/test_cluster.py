@@ -11,12 +11,13 @@ import time
 
 import pytest
 
-from charging import accounts, functions
-from charging.audit import audit
+from charging import codec
+from charging.app import accounts
+from charging.app.audit import audit
 from charging.connection import PartitionsChanged, connect
 from charging.keys import Keys, parse_partitions, partition_of
-from charging.redis_server import LocalCluster
 from charging.settings import Settings
+from charging.tools.redis_server import LocalCluster
 from producer import Producer
 from tests.conftest import CHARGING, cli, drain, environment, results
 
@@ -45,7 +46,7 @@ def test_parse_partitions_accepts_ranges_and_refuses_partitions_that_do_not_exis
 def test_entry_in_the_wrong_partition_stream_is_dead_lettered(redis_url):
     settings = Settings(redis_url=redis_url, partitions=4, namespace=f"wp{os.getpid()}", block_ms=200)
     client = connect(settings)
-    functions.set_balances(client, settings, [("account1", 100)])
+    codec.set_balances(client, settings, [("account1", 100)])
     wrong = Keys(settings.namespace, (partition_of("account1", 4) + 1) % 4)
     client.xadd(wrong.requests, {"request_id": "r1", "account": "account1", "service": "sms", "units": "1"})
     drain(settings)
@@ -58,7 +59,7 @@ def test_worker_consumes_only_its_partitions(redis_url):
     settings = Settings(redis_url=redis_url, partitions=4, namespace=f"sub{os.getpid()}", block_ms=200)
     client = connect(settings)
     names = [f"account{i}" for i in range(1, 41)]
-    functions.set_balances(client, settings, [(a, 100) for a in names])
+    codec.set_balances(client, settings, [(a, 100) for a in names])
     Producer(client, settings).submit([{"account": a, "amount": 1} for a in names])
 
     done = cli(settings, "worker", "--burst", "--partitions", "0-1", timeout=60)
@@ -72,7 +73,7 @@ def test_worker_consumes_only_its_partitions(redis_url):
 
 @pytest.mark.parametrize("backend", ["cluster"], indirect=True)
 def test_status_reports_every_partition(settings, client, producer):
-    functions.set_balances(client, settings, [("account1", 100)])
+    codec.set_balances(client, settings, [("account1", 100)])
     producer.submit([{"account": "account1", "amount": 1}])
     import json
 
@@ -96,7 +97,7 @@ def test_primary_killed_under_load_fails_over_and_the_money_still_adds_up(tmp_pa
                             reclaim_idle_ms=1000, maintenance_interval_s=0.5, wait_replicas=wait_replicas)
         client = connect(settings)
         names = [f"account{i}" for i in range(1, 201)]
-        functions.set_balances(client, settings, [(a, 1000) for a in names])
+        codec.set_balances(client, settings, [(a, 1000) for a in names])
         env = {**os.environ, **environment(settings), "CHARGING_LOG_LEVEL": "warning"}
         workers = [subprocess.Popen([CHARGING, "worker", "--consumer", f"fo-{i}"], env=env,
                                     stderr=open(tmp_path / f"worker{i}.log", "w")) for i in range(2)]

@@ -11,12 +11,12 @@ import time
 
 import pytest
 
-from charging import functions
-from charging.audit import audit
+from charging import codec
+from charging.app.audit import audit
 from charging.connection import connect
-from worker.loop import Worker
 from charging.keys import all_partitions
 from tests.conftest import BOTH_BACKENDS, CHARGING, cli, environment
+from worker.loop import Worker
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +25,7 @@ START = 500
 
 
 def load(client, settings, producer, n: int) -> list[str]:
-    functions.set_balances(client, settings, [(a, START) for a in ACCOUNTS])
+    codec.set_balances(client, settings, [(a, START) for a in ACCOUNTS])
     rng = random.Random(1)
     requests = [{"request_id": f"k-{i}", "account": rng.choice(ACCOUNTS), "service": rng.choice(["sms", "voice", "data"]),
                  "units": rng.randint(1, 5)} for i in range(n)]
@@ -88,7 +88,7 @@ def test_entries_of_a_killed_worker_are_reclaimed_by_another_consumer(client, se
 def test_worker_reloads_the_function_library_a_server_lost(client, settings, producer):
     """A server restarted without its AOF, or a failover to an empty node, has no library:
     the first function call of any kind (maintenance included) reloads it and goes on."""
-    functions.set_balances(client, settings, [("acct1", 100)])
+    codec.set_balances(client, settings, [("acct1", 100)])
     [request_id] = producer.submit([{"account": "acct1", "amount": 7}])
     worker = Worker(connect(settings), settings, "after-flush", burst=True)  # connected: library loaded
     client.function_flush("SYNC")

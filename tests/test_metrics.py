@@ -14,9 +14,9 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from charging import functions
+from charging import codec
 from charging.keys import Keys
-from charging.redis_server import free_port
+from charging.tools.redis_server import free_port
 from tests.conftest import CHARGING
 
 pytestmark = pytest.mark.slow
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 def traffic(client, settings, producer) -> int:
     """5 approved, 3 insufficient_funds, 2 unknown_account, 2 replays, 1 idempotency
     conflict, 2 dead letters: 15 entries."""
-    functions.set_balances(client, settings, [("rich", 50), ("poor", 0)])
+    codec.set_balances(client, settings, [("rich", 50), ("poor", 0)])
     approved = [{"request_id": f"ok-{i}", "account": "rich", "amount": 10} for i in range(5)]
     producer.submit(approved
                     + [{"request_id": f"poor-{i}", "account": "poor", "amount": 1} for i in range(3)]

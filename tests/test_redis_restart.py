@@ -11,12 +11,12 @@ import time
 
 import pytest
 
-from charging import functions
-from charging.audit import audit
+from charging import codec
+from charging.app.audit import audit
 from charging.connection import connect
 from charging.keys import Keys
-from charging.redis_server import RedisServer
 from charging.settings import Settings
+from charging.tools.redis_server import RedisServer
 from producer import Producer
 from tests.conftest import CHARGING, environment
 
@@ -52,7 +52,7 @@ def wait_for(condition, timeout: float = 60) -> None:
 
 def test_redis_restarted_from_its_aof_keeps_every_confirmed_charge(server, private):
     client = connect(private)
-    functions.set_balances(client, private, [(a, START) for a in ACCOUNTS])
+    codec.set_balances(client, private, [(a, START) for a in ACCOUNTS])
     producer = Producer(client, private)
     approved = [producer.authorize(c) for c in charges(50, "auth")]
     queued = producer.submit(charges(200, "queued"))
@@ -69,7 +69,7 @@ def test_redis_restarted_from_its_aof_keeps_every_confirmed_charge(server, priva
 
 def test_worker_started_while_redis_is_down_waits_for_it_then_settles(server, private):
     client = connect(private)
-    functions.set_balances(client, private, [(a, START) for a in ACCOUNTS])
+    codec.set_balances(client, private, [(a, START) for a in ACCOUNTS])
     server.kill()
     worker = subprocess.Popen([CHARGING, "worker", "--consumer", "early"], env={**os.environ, **environment(private), "CHARGING_RETRY_ATTEMPTS": "1"},
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

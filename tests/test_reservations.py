@@ -14,10 +14,11 @@ from contextlib import contextmanager
 import pytest
 import redis
 
-from charging import accounts, functions
-from charging.audit import audit
+from charging import codec
+from charging.app import accounts
+from charging.app.audit import audit
 from charging.connection import connect
-from charging.keys import Keys, all_partitions, partition_of
+from charging.keys import Keys, all_partitions, keys_of
 from producer import Producer, run_session
 from tests.conftest import BOTH_BACKENDS, cli, drain, results
 from worker.loop import Worker
@@ -55,7 +56,7 @@ def running_workers(settings, count: int = 2):
 
 @BOTH_BACKENDS
 def test_voice_call_reserve_extend_commit_charges_what_was_used_and_releases_the_rest(client, settings, producer):
-    functions.set_balances(client, settings, [("account1", 1000)])
+    codec.set_balances(client, settings, [("account1", 1000)])
 
     reserved = producer.reserve({"request_id": "call-1", "account": "account1", "service": "voice", "units": 60,
                                  "ttl": 120})
@@ -77,7 +78,7 @@ def test_voice_call_reserve_extend_commit_charges_what_was_used_and_releases_the
 
 @BOTH_BACKENDS
 def test_the_same_session_through_the_request_stream(client, settings, producer):
-    functions.set_balances(client, settings, [("account1", 1000)])
+    codec.set_balances(client, settings, [("account1", 1000)])
     with running_workers(settings):
         reserved = producer.charge(voice_reserve("call-s"), timeout=30)
         extended = producer.charge({"op": "extend", "reservation": reserved.reservation, "units": 30}, timeout=30)
@@ -92,7 +93,7 @@ def test_the_same_session_through_the_request_stream(client, settings, producer)
 
 
 def test_release_returns_everything_and_charges_nothing(client, settings, producer):
-    functions.set_balances(client, settings, [("account1", 100)])
+    codec.set_balances(client, settings, [("account1", 100)])
     producer.reserve({"request_id": "r", "account": "account1", "amount": 70})
     released = producer.release({"reservation": "account1/r"})
     assert (released.status, released.charged, released.reserved, released.held) == ("approved", 0, 70, 0)
@@ -102,7 +103,7 @@ def test_release_returns_everything_and_charges_nothing(client, settings, produc
 
 
 def test_commit_in_units_uses_the_unit_price_of_the_reserve_even_after_a_tariff_change(client, settings, producer):
-    functions.set_balances(client, settings, [("account1", 1000)])
+    codec.set_balances(client, settings, [("account1", 1000)])
     producer.reserve(voice_reserve("priced", units=10))  # voice at 5: 50 held
     dearer = settings.model_copy(update={"tariff": {"sms": 1, "voice": 7, "data": 10}})
     committed = Producer(client, dearer).commit({"reservation": "account1/priced", "units": 8})
@@ -110,7 +111,7 @@ def test_commit_in_units_uses_the_unit_price_of_the_reserve_even_after_a_tariff_
 
 
 def test_commit_of_an_amount_reservation_counts_units_as_minor_units(client, settings, producer):
-    functions.set_balances(client, settings, [("account1", 1000)])
+    codec.set_balances(client, settings, [("account1", 1000)])
     producer.reserve({"request_id": "amt", "account": "account1", "amount": 90})
     assert producer.commit({"reservation": "account1/amt", "units": 33}).charged == 33
 
@@ -119,7 +120,7 @@ def test_commit_of_an_amount_reservation_counts_units_as_minor_units(client, set
 
 @BOTH_BACKENDS
 def test_a_charge_cannot_spend_funds_held_by_a_reservation(client, settings, producer):
-    functions.set_balances(client, settings, [("account1", 100)])
+    codec.set_balances(client, settings, [("account1", 100)])
     producer.reserve({"request_id": "hold", "account": "account1", "amount": 80})
     poor = producer.authorize({"account": "account1", "amount": 30})
     assert (poor.status, poor.reason, poor.balance) == ("rejected", "insufficient_funds", 100)
@@ -131,7 +132,7 @@ def test_a_charge_cannot_spend_funds_held_by_a_reservation(client, settings, pro
 
 
 def test_commit_of_more_than_reserved_is_rejected_and_leaves_the_reservation_open(client, settings, producer):
-    functions.set_balances(client, settings, [("account1", 1000)])
+    codec.set_balances(client, settings, [("account1", 1000)])
     producer.reserve(voice_reserve("over", units=10))
     over = producer.commit({"reservation": "account1/over", "units": 11})
     assert (over.status, over.reason, over.charged, over.reserved, over.held) == (
@@ -141,7 +142,7 @@ def test_commit_of_more_than_reserved_is_rejected_and_leaves_the_reservation_ope
 
 
 def test_extend_short_of_available_funds_is_rejected_and_the_reservation_stays(client, settings, producer):
-    functions.set_balances(client, settings, [("account1", 400)])
+    codec.set_balances(client, settings, [("account1", 400)])
     producer.reserve(voice_reserve("ext", units=60))
     short = producer.extend({"reservation": "account1/ext", "units": 30})
     assert (short.status, short.reason, short.reserved, short.held) == ("rejected", "insufficient_funds", 300, 300)
@@ -151,7 +152,7 @@ def test_extend_short_of_available_funds_is_rejected_and_the_reservation_stays(c
 
 @BOTH_BACKENDS
 def test_repeated_commits_with_the_same_request_id_charge_once(client, settings, producer):
-    functions.set_balances(client, settings, [("account1", 1000)])
+    codec.set_balances(client, settings, [("account1", 1000)])
     producer.reserve(voice_reserve("sync"))
     first, *replays = [producer.commit({"request_id": "c-1", "reservation": "account1/sync", "units": 42})
                        for _ in range(3)]
@@ -170,7 +171,7 @@ def test_repeated_commits_with_the_same_request_id_charge_once(client, settings,
 
 
 def test_a_replayed_reserve_returns_the_same_reservation_and_holds_once(client, settings, producer):
-    functions.set_balances(client, settings, [("account1", 1000)])
+    codec.set_balances(client, settings, [("account1", 1000)])
     first = producer.reserve(voice_reserve("twice"))
     again = producer.reserve(voice_reserve("twice"))
     assert (again.reservation, again.reserved, again.expires_at, again.duplicate) == (
@@ -179,7 +180,7 @@ def test_a_replayed_reserve_returns_the_same_reservation_and_holds_once(client, 
 
 
 def test_a_request_id_reused_for_another_op_is_an_idempotency_conflict(client, settings, producer):
-    functions.set_balances(client, settings, [("account1", 1000)])
+    codec.set_balances(client, settings, [("account1", 1000)])
     producer.authorize({"request_id": "same", "account": "account1", "service": "voice", "units": 60})
     conflict = producer.reserve(voice_reserve("same"))
     assert (conflict.status, conflict.reason, conflict.held) == ("rejected", "idempotency_conflict", 0)
@@ -193,7 +194,7 @@ def test_a_request_id_reused_for_another_op_is_an_idempotency_conflict(client, s
 def test_an_old_reserve_replayed_after_the_dedupe_window_cannot_replace_the_open_reservation(client, settings):
     short = settings.model_copy(update={"dedupe_window_s": 1})
     producer = Producer(client, short)
-    functions.set_balances(client, settings, [("account1", 1000)])
+    codec.set_balances(client, settings, [("account1", 1000)])
     producer.reserve(voice_reserve("long", ttl=60))
     time.sleep(1.1)  # the reserve's dedupe record is gone, the reservation is still open
     replay = producer.reserve(voice_reserve("long", ttl=60))
@@ -204,7 +205,7 @@ def test_an_old_reserve_replayed_after_the_dedupe_window_cannot_replace_the_open
 # ---- expiry -------------------------------------------------------------------------------
 
 def test_an_expired_reservation_is_released_never_charged_and_a_late_commit_says_so(client, settings, producer):
-    functions.set_balances(client, settings, [("account1", 100)])
+    codec.set_balances(client, settings, [("account1", 100)])
     producer.reserve({"request_id": "short", "account": "account1", "amount": 60, "ttl": 1})
     time.sleep(1.1)
     late = producer.commit({"reservation": "account1/short", "units": 10})
@@ -214,7 +215,7 @@ def test_an_expired_reservation_is_released_never_charged_and_a_late_commit_says
 
 
 def test_the_next_touch_of_the_account_releases_its_expired_reservation(client, settings, producer):
-    functions.set_balances(client, settings, [("account1", 100)])
+    codec.set_balances(client, settings, [("account1", 100)])
     producer.reserve({"request_id": "lazy", "account": "account1", "amount": 60, "ttl": 1})
     time.sleep(1.1)
     assert funds(client, settings) == (100, 60)  # nobody touched it yet
@@ -225,7 +226,7 @@ def test_the_next_touch_of_the_account_releases_its_expired_reservation(client, 
 
 
 def test_an_extend_pushes_the_expiry_back(client, settings, producer):
-    functions.set_balances(client, settings, [("account1", 1000)])
+    codec.set_balances(client, settings, [("account1", 1000)])
     producer.reserve(voice_reserve("kept", ttl=1))
     producer.extend({"reservation": "account1/kept", "units": 1, "ttl": 30})
     time.sleep(1.1)
@@ -235,18 +236,18 @@ def test_an_extend_pushes_the_expiry_back(client, settings, producer):
 def test_the_sweep_releases_expired_reservations_in_bounded_batches(client, settings, producer):
     settings = settings.model_copy(update={"sweep_batch": 3})
     keys = Keys(settings.namespace, 0)
-    functions.set_balances(client, settings, [("account1", 1000)])
+    codec.set_balances(client, settings, [("account1", 1000)])
     for i in range(5):
         producer.reserve({"request_id": f"s{i}", "account": "account1", "amount": 10, "ttl": 1})
     producer.reserve({"request_id": "lives", "account": "account1", "amount": 10, "ttl": 60})
     time.sleep(1.1)
-    assert [functions.expire_reservations(client, settings, keys) for _ in range(3)] == [3, 2, 0]
+    assert [codec.expire_reservations(client, settings, keys) for _ in range(3)] == [3, 2, 0]
     assert funds(client, settings) == (1000, 10)
     assert client.zcard(keys.expiries) == 1
 
 
 def test_a_worker_sweeps_expired_reservations_of_idle_accounts(client, settings, producer):
-    functions.set_balances(client, settings, [("account1", 100)])
+    codec.set_balances(client, settings, [("account1", 100)])
     producer.reserve({"request_id": "idle", "account": "account1", "amount": 60, "ttl": 1})
     time.sleep(1.1)
     drain(settings)  # a burst worker runs its maintenance first
@@ -259,8 +260,8 @@ def test_expired_reservations_are_released_exactly_once_when_sweeps_and_commits_
     each reservation ends exactly once, committed (charged its use) or released (charged
     nothing), and no release is applied twice (the held total would go below the sum of
     the open reservations)."""
-    functions.set_balances(client, settings, [("account1", 10_000)])
-    keys = Keys(settings.namespace, partition_of("account1", settings.partitions))
+    codec.set_balances(client, settings, [("account1", 10_000)])
+    keys = keys_of("account1", settings)
     producer = Producer(client, settings)
     made = [producer.reserve({"request_id": f"race-{i}", "account": "account1", "amount": 100, "ttl": 1})
             for i in range(40)]
@@ -278,7 +279,7 @@ def test_expired_reservations_are_released_exactly_once_when_sweeps_and_commits_
         start.wait()
         released = 0
         while time.time() < expiry + 0.3:
-            released += functions.expire_reservations(own, settings.model_copy(update={"sweep_batch": 2}), keys)
+            released += codec.expire_reservations(own, settings.model_copy(update={"sweep_batch": 2}), keys)
         return released
 
     with ThreadPoolExecutor(48) as pool:
@@ -303,7 +304,7 @@ def test_concurrent_sessions_and_charges_on_one_account_never_overdraw_or_overch
     or release), through the stream and synchronously, and plain charges of 50. Every
     outcome shows available funds >= 0, nothing is charged beyond what was committed, and
     the money adds up."""
-    functions.set_balances(client, settings, [("account1", 1000)])
+    codec.set_balances(client, settings, [("account1", 1000)])
     start = threading.Barrier(60)
 
     def caller(i):
@@ -340,7 +341,7 @@ def test_concurrent_sessions_and_charges_on_one_account_never_overdraw_or_overch
 
 
 def test_run_session_plays_reserve_extends_commit_and_caps_use_at_what_was_granted(client, settings, producer):
-    functions.set_balances(client, settings, [("account1", 550)])
+    codec.set_balances(client, settings, [("account1", 550)])
     outcomes = run_session(producer, "account1", "voice", 60, extends=[30, 30], used=100, session_id="call-9")
     assert [(o.op, o.status, o.reason) for o in outcomes] == [
         ("reserve", "approved", ""), ("extend", "approved", ""), ("extend", "rejected", "insufficient_funds"),
@@ -351,7 +352,7 @@ def test_run_session_plays_reserve_extends_commit_and_caps_use_at_what_was_grant
 
 
 def test_run_session_through_the_stream(client, settings, producer):
-    functions.set_balances(client, settings, [("account1", 600)])
+    codec.set_balances(client, settings, [("account1", 600)])
     with running_workers(settings, 1):
         outcomes = run_session(producer, "account1", "data", 5, extends=[5], used=0, via_stream=True, timeout=30)
     assert [(o.op, o.status) for o in outcomes] == [("reserve", "approved"), ("extend", "approved"),
@@ -363,7 +364,7 @@ def test_run_session_through_the_stream(client, settings, producer):
 
 def test_audit_reports_held_funds_that_do_not_match_the_open_reservations(client, settings, producer):
     keys = Keys(settings.namespace, 0)
-    functions.set_balances(client, settings, [("a1", 100), ("a2", 100)])
+    codec.set_balances(client, settings, [("a1", 100), ("a2", 100)])
     producer.reserve({"request_id": "h", "account": "a1", "amount": 40})
     assert audit(client, settings, {"a1": 100}).ok
     client.hincrby(keys.held, "a1", -40)  # a release applied twice, simulated from outside
@@ -376,7 +377,7 @@ def test_audit_reports_held_funds_that_do_not_match_the_open_reservations(client
 
 def test_audit_reports_a_commit_that_charged_more_than_was_reserved(client, settings):
     keys = Keys(settings.namespace, 0)
-    functions.set_balances(client, settings, [("a1", 100)])
+    codec.set_balances(client, settings, [("a1", 100)])
     client.xadd(keys.results, {"request_id": "c", "account": "a1", "status": "approved", "reason": "", "charged": 70,
                                "balance": 30, "duplicate": 0, "submitted_at": "", "processed_at": 1, "entry_id": "",
                                "op": "commit", "reservation": "a1/r", "held": 0, "reserved": 50, "expires_at": 2})
@@ -414,7 +415,7 @@ def test_a_call_in_the_layout_of_an_older_version_changes_nothing_and_leaves_its
     """During an upgrade a worker of the previous version may still call charge with its
     4 or 5 keys: refused before the ack, so an upgraded worker settles the entry later."""
     keys = Keys(settings.namespace, 0)
-    functions.set_balances(client, settings, [("account1", 100)])
+    codec.set_balances(client, settings, [("account1", 100)])
     client.xgroup_create(keys.requests, settings.group, id="0", mkstream=True)
     entry_id = client.xadd(keys.requests, {"request_id": "old", "account": "account1", "amount": "5"})
     client.xreadgroup(settings.group, "old-version", {keys.requests: ">"})
@@ -438,7 +439,7 @@ def test_the_worker_counts_reservation_operations_and_swept_expiries(client, set
     before = {k: count(ops, op=k[0], result=k[1]) for k in keys}
     before_charges = count("charging_charges_approved_total")
     before_expired = count("charging_reservations_expired_total")
-    functions.set_balances(client, settings, [("account1", 100)])
+    codec.set_balances(client, settings, [("account1", 100)])
     producer.reserve({"request_id": "expiring", "account": "account1", "amount": 10, "ttl": 1})
     time.sleep(1.1)
     producer.submit([{"op": "reserve", "request_id": "m1", "account": "account1", "amount": 60},

@@ -5,7 +5,7 @@ defaults), so lengths here are checked to within one node."""
 
 from __future__ import annotations
 
-from charging import functions
+from charging import codec
 from charging.keys import Keys
 from producer import Producer
 from worker import recovery
@@ -16,11 +16,11 @@ NODE = 100  # stream-node-max-entries: no node holds more
 
 def outcomes(client, settings, n: int) -> list[str]:
     """n outcomes on the results stream (authorize writes one each); returns their ids."""
-    functions.set_balances(client, settings, [("account1", n)])
+    codec.set_balances(client, settings, [("account1", n)])
     producer = Producer(client, settings)
     pipe = client.pipeline(transaction=False)
     for i in range(n):
-        functions.settle(pipe, settings, producer.prepare({"request_id": f"o-{i}", "account": "account1",
+        codec.settle(pipe, settings, producer.prepare({"request_id": f"o-{i}", "account": "account1",
                                                            "amount": 1}), 1)
     pipe.execute()
     return [eid.decode() for eid, _ in client.xrange(Keys(settings.namespace, 0).results)]

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import redis
 
-from charging import functions
-from charging.audit import audit
+from charging import codec
+from charging.app.audit import audit
 from charging.keys import Keys
 from charging.schema import parse_request
 from charging.tariff import price
@@ -51,10 +51,10 @@ def test_one_settle_batch_call_answers_exactly_as_the_entries_own_functions(clie
     one_by_one = settings.model_copy(update={"namespace": settings.namespace + "a"})
     batched = settings.model_copy(update={"namespace": settings.namespace + "b"})
     for s in (one_by_one, batched):
-        functions.set_balances(client, s, [("rich", 1000), ("poor", 25)])
+        codec.set_balances(client, s, [("rich", 1000), ("poor", 25)])
 
-    singles = [functions.settle(client, one_by_one, request, amount) for request, amount, _ in _plan(one_by_one)]
-    batch = functions.settle_batch(client, batched, Keys(batched.namespace, 0), _plan(batched))
+    singles = [codec.settle(client, one_by_one, request, amount) for request, amount, _ in _plan(one_by_one)]
+    batch = codec.settle_batch(client, batched, Keys(batched.namespace, 0), _plan(batched))
 
     assert [_timeless(r) for r in batch] == [_timeless(r) for r in singles]
     assert [(r[0], r[1]) for r in batch] == [
@@ -70,28 +70,28 @@ def test_one_settle_batch_call_answers_exactly_as_the_entries_own_functions(clie
 
 def test_a_failing_entry_gets_its_own_error_and_the_rest_of_the_call_is_settled(client, settings):
     keys = Keys(settings.namespace, 0)
-    functions.set_balances(client, settings, [("rich", 1000)])
+    codec.set_balances(client, settings, [("rich", 1000)])
     broken_reply = keys.reply("broken")
     client.set(broken_reply, "not a stream")  # XADD to it fails with WRONGTYPE
     requests = [{"request_id": f"f{i}", "account": "rich", "amount": "10"} for i in range(3)]
     requests[1]["reply_to"] = broken_reply
 
-    replies = functions.settle_batch(client, settings, keys, _plan(settings, requests))
+    replies = codec.settle_batch(client, settings, keys, _plan(settings, requests))
 
     assert replies[0][0] == b"approved" and replies[2][0] == b"approved"
     assert isinstance(replies[1], redis.ResponseError) and "WRONGTYPE" in str(replies[1])
-    again = functions.settle(client, settings, parse_request(requests[2], settings), 10)
+    again = codec.settle(client, settings, parse_request(requests[2], settings), 10)
     assert again[4] == 1  # settled once: a replay is answered as a duplicate
 
 
 def test_an_amount_that_is_not_a_whole_number_above_zero_is_refused_for_that_entry_only(client, settings):
     """A client allowed to FCALL settle_batch directly cannot turn a charge into a top-up."""
     keys = Keys(settings.namespace, 0)
-    functions.set_balances(client, settings, [("rich", 100)])
+    codec.set_balances(client, settings, [("rich", 100)])
     plan = [(parse_request({"request_id": f"n{i}", "account": "rich", "amount": "10"}, settings), amount, "")
             for i, amount in enumerate((10, -50, "2.5", 0, 10))]
 
-    replies = functions.settle_batch(client, settings, keys, plan)
+    replies = codec.settle_batch(client, settings, keys, plan)
 
     assert [replies[0][0], replies[4][0]] == [b"approved", b"approved"]
     assert all(isinstance(r, redis.ResponseError) and "invalid_amount" in str(r) for r in replies[1:4])
@@ -101,7 +101,7 @@ def test_an_amount_that_is_not_a_whole_number_above_zero_is_refused_for_that_ent
 
 def test_a_call_whose_keys_do_not_match_its_entries_is_refused_before_anything_is_written(client, settings):
     keys = Keys(settings.namespace, 0)
-    functions.set_balances(client, settings, [("rich", 100)])
+    codec.set_balances(client, settings, [("rich", 100)])
     args = ["charge", 0, "m1", "rich", "rich|amount|10", "", "", 60_000, "", 60_000, 10, "", "", "", ""]
     shared = [keys.balances, keys.results, keys.requests, keys.held, keys.reservations, keys.expiries]
 
@@ -118,7 +118,7 @@ def test_a_call_whose_keys_do_not_match_its_entries_is_refused_before_anything_i
 def test_workers_settle_every_entry_once_in_every_partition(client, settings, producer):
     """On a cluster (12 partitions) each settle_batch call must keep to one partition's slot."""
     accounts = {f"acct{i}": 300 for i in range(40)}
-    functions.set_balances(client, settings, accounts.items())
+    codec.set_balances(client, settings, accounts.items())
     ids = producer.submit([{"account": f"acct{i % 40}", "service": "voice", "units": 7} for i in range(400)])
     producer.submit([{"request_id": ids[0], "account": "acct0", "service": "voice", "units": 7}])
 
@@ -136,7 +136,7 @@ def test_worker_reloads_the_library_when_the_server_lost_it_and_settles_the_batc
     from worker.loop import Worker
     from worker.recovery import ensure_groups
 
-    functions.set_balances(client, settings, [("acct", 100)])
+    codec.set_balances(client, settings, [("acct", 100)])
     worker = Worker(connect(settings), settings, "w-reload")  # connect() loaded the library
     ensure_groups(worker)
     ids = producer.submit([{"account": "acct", "service": "voice", "units": 2} for _ in range(5)])

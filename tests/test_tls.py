@@ -11,11 +11,11 @@ import pydantic
 import pytest
 import redis
 
-from charging import functions
+from charging import codec
 from charging.connection import connect
 from charging.keys import Keys
-from charging.redis_server import RedisServer, free_port
 from charging.settings import Settings
+from charging.tools.redis_server import RedisServer, free_port
 from producer import Producer
 from tests.conftest import cli
 
@@ -67,7 +67,7 @@ def test_a_charge_runs_through_tls_with_a_client_certificate(tls_port, certifica
     settings = tls_settings(tls_port, certificates)
     client = connect(settings)
     assert client.connection_pool.connection_class is redis.SSLConnection
-    functions.set_balances(client, settings, [("account1", 100)])
+    codec.set_balances(client, settings, [("account1", 100)])
     producer = Producer(client, settings)
     [request_id] = producer.submit([{"account": "account1", "service": "voice", "units": 3}], reply=True)
 

@@ -10,11 +10,12 @@ from collections.abc import Iterable
 import redis
 import structlog
 
-from charging import functions
-from charging.connection import TRANSIENT_ERRORS, load_functions, missing_function, read_streams, text
+from charging import codec
+from charging.connection import TRANSIENT_ERRORS, Backoff, missing_function, reload_functions, with_functions
 from charging.keys import Keys, partition_of
 from charging.schema import Invalid, parse_request
 from charging.settings import Settings
+from charging.streams import read_streams, text
 from charging.tariff import price
 from worker import metrics, recovery
 from worker.entry import Entry
@@ -50,7 +51,7 @@ class Worker:
         self.log.info("worker_started", partitions=[k.partition for k in self.partitions], burst=self.burst)
         next_maintenance = 0.0
         own_pending_done = False
-        backoff = 0.1
+        backoff = Backoff()
         while not self.stopping:
             try:
                 if not own_pending_done:
@@ -61,26 +62,22 @@ class Worker:
                     recovery.maintain(self)
                     next_maintenance = time.monotonic() + self.settings.maintenance_interval_s
                 entries = self.read()
-                if entries:
-                    if self.settle(entries):
-                        own_pending_done = False
-                        time.sleep(backoff)
-                elif self.burst and recovery.drained(self):
+                if entries and self.settle(entries):
+                    own_pending_done = False  # what failed stays pending: settle it first
+                    time.sleep(0.1)
+                elif not entries and self.burst and recovery.drained(self):
                     break
-                backoff = 0.1
+                backoff.reset()
             except TRANSIENT_ERRORS as exc:
                 # Entries read but not settled stay pending: settle them first once back.
-                self.log.warning("redis_unavailable", error=str(exc), retry_in_s=backoff)
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                backoff.wait(self.log, exc)
                 own_pending_done = False
             except redis.ResponseError as exc:
                 if not missing_function(exc):
                     raise
                 # The server lost the library (restarted empty, failed over to an empty node):
                 # load it and go on; whatever step failed runs again.
-                self.log.warning("functions_reloaded", error=str(exc))
-                load_functions(self.client)
+                reload_functions(self.client, exc)
         self.log.info("worker_stopped", settled=self.settled)
         return 0
 
@@ -106,25 +103,24 @@ class Worker:
             by_partition: dict[Keys, list[int]] = defaultdict(list)
             for i, (entry, work) in enumerate(zip(entries, plan)):
                 if isinstance(work, Invalid):
-                    functions.dead_letter(pipe, self.settings, entry.keys, entry.entry_id, work, entry.fields)
+                    codec.dead_letter(pipe, self.settings, entry.keys, entry.entry_id, work, entry.fields)
                     calls.append(([i], False))
                 else:
                     by_partition[entry.keys].append(i)
             for keys, indices in by_partition.items():
                 for start in range(0, len(indices), ENTRIES_PER_CALL):
                     chunk = indices[start:start + ENTRIES_PER_CALL]
-                    functions.settle_batch(pipe, self.settings, keys, [(*plan[i], entries[i].entry_id) for i in chunk])
+                    codec.settle_batch(pipe, self.settings, keys, [(*plan[i], entries[i].entry_id) for i in chunk])
                     calls.append((chunk, True))
             replies = [None] * len(entries)
-            for (indices, batch), reply in zip(calls, pipe.execute(raise_on_error=False)):
-                for j, i in enumerate(indices):
-                    replies[i] = reply[j] if batch and not isinstance(reply, Exception) else reply
+            for (indices, batch), answer in zip(calls, pipe.execute(raise_on_error=False)):
+                for i, result in zip(indices, codec.batch_replies(answer, len(indices)) if batch else [answer]):
+                    replies[i] = result
+            if lost := next((r for r in replies if missing_function(r)), None):
+                raise lost  # nothing of this pipeline ran: load the library and send it again
             return replies
 
-        replies = send()
-        if any(missing_function(r) for r in replies):
-            load_functions(self.client)
-            replies = send()
+        replies = with_functions(self.client, send)
         failed = 0
         for entry, work, reply in zip(entries, plan, replies):
             if isinstance(reply, Exception):
@@ -161,13 +157,12 @@ class Worker:
                                  account=_field(entry.fields, b"account"), partition=entry.keys.partition)
             return
         request, amount = work
-        status = reply[0].decode()
-        event = "entry_already_settled" if status == "stale" else f"{request.op}_{status}"  # charge_approved ...
-        level = self.log.debug if status == "approved" else self.log.info
+        event = "entry_already_settled" if reply.stale else f"{request.op}_{reply.status}"  # charge_approved ...
+        level = self.log.debug if reply.status == "approved" else self.log.info
         session = {} if request.op == "charge" else {"reservation": request.reservation_id}
         level(event, request_id=request.request_id, account=request.account, entry_id=entry.entry_id,
-              partition=entry.keys.partition, amount=amount, reason=reply[1].decode() if len(reply) > 1 else "",
-              duplicate=len(reply) > 4 and bool(reply[4]), **session)
+              partition=entry.keys.partition, amount=amount, reason=reply.reason, duplicate=reply.duplicate,
+              **session)
 
 
 def _field(fields: dict[bytes, bytes] | None, name: bytes) -> str | None:

@@ -126,11 +126,10 @@ def _kind(work: Any, reply: Any) -> tuple[str, ...]:
         return ("error",)
     if isinstance(work, Invalid):
         return ("dead", work.reason) if reply else ("stale",)
-    status = reply[0].decode()
-    if status == "stale":
+    if reply.stale:
         return ("stale",)
-    reason = reply[1].decode()
-    result = "duplicate" if reply[4] and reason != "idempotency_conflict" else (reason or "approved")
+    reason = reply.reason
+    result = "duplicate" if reply.replayed else (reason or "approved")
     op = work[0].op
     if op != "charge":
         return "reservation", op, result
@@ -144,7 +143,7 @@ def dead_lettered(reason: str) -> None:
 
 
 def record_partition(status: dict) -> None:
-    """Gauges from charging.status.partition_status."""
+    """Gauges from charging.streams.partition_status."""
     partition = str(status["partition"])
     LAG.labels(partition).set(math.nan if status["lag"] is None else status["lag"])
     PENDING.labels(partition).set(status["pending"])

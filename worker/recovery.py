@@ -7,12 +7,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import redis
-
-from charging import functions
-from charging.connection import text
+from charging import codec
 from charging.schema import Invalid
-from charging.status import partition_status
+from charging.streams import ensure_group, partition_status, text
 from worker import metrics
 from worker.entry import Entry
 
@@ -24,12 +21,7 @@ IDLE_CONSUMER_MS = 3_600_000  # a consumer silent for an hour with nothing pendi
 
 def ensure_groups(worker: Worker) -> None:
     for keys in worker.partitions:
-        try:
-            # id 0: a group made after producers started still sees every entry.
-            worker.client.xgroup_create(keys.requests, worker.settings.group, id="0", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        ensure_group(worker.client, keys.requests, worker.settings.group)
 
 
 def settle_own_pending(worker: Worker) -> None:
@@ -37,12 +29,11 @@ def settle_own_pending(worker: Worker) -> None:
     for keys in worker.partitions:
         start = "0"
         while not worker.stopping:
-            reply = worker.client.xreadgroup(worker.settings.group, worker.consumer, {keys.requests: start},
-                                             count=worker.settings.batch)
-            messages = reply[0][1] if reply else []
-            if not messages:
+            read = worker.client.xreadgroup(worker.settings.group, worker.consumer, {keys.requests: start},
+                                            count=worker.settings.batch)
+            entries = [Entry(keys, eid.decode(), fields or None) for _, messages in read for eid, fields in messages]
+            if not entries:
                 break
-            entries = [Entry(keys, eid.decode(), fields or None) for eid, fields in messages]
             _count_deliveries(worker, keys, entries)
             worker.settle(entries)
             start = entries[-1].entry_id  # failed entries stay pending; move past them
@@ -60,7 +51,7 @@ def reclaim(worker: Worker) -> int:
                 min_idle_time=worker.settings.reclaim_idle_ms, start_id=cursor, count=worker.settings.batch)
             for entry_id in deleted:
                 # Already dropped from the pending list by Redis; record it, never lose it silently.
-                if functions.dead_letter(worker.client, worker.settings, keys, entry_id.decode(),
+                if codec.dead_letter(worker.client, worker.settings, keys, entry_id.decode(),
                                          Invalid("entry_deleted", "deleted before it was settled"), None, ack=False):
                     metrics.dead_lettered("entry_deleted")
                     worker.log.warning("entry_dead_lettered", entry_id=entry_id.decode(), reason="entry_deleted",
@@ -91,14 +82,14 @@ def _count_deliveries(worker: Worker, keys, entries: list) -> None:
 def maintain(worker: Worker) -> None:
     reclaim(worker)
     for keys in worker.partitions:
-        released = functions.expire_reservations(worker.client, worker.settings, keys)
+        released = codec.expire_reservations(worker.client, worker.settings, keys)
         if released:
             worker.log.info("reservations_expired", partition=keys.partition, count=released)
             metrics.RESERVATIONS_EXPIRED.inc(released)
-        trimmed = functions.trim_requests(worker.client, keys)
+        trimmed = codec.trim_requests(worker.client, keys)
         if trimmed:
             worker.log.debug("requests_trimmed", partition=keys.partition, count=trimmed)
-        trimmed = functions.trim_results(worker.client, worker.settings, keys)
+        trimmed = codec.trim_results(worker.client, worker.settings, keys)
         if trimmed:
             worker.log.debug("results_trimmed", partition=keys.partition, count=trimmed)
         _forget_idle_consumers(worker, keys)

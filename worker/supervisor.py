@@ -15,7 +15,7 @@ import structlog
 from redis.exceptions import RedisClusterException
 
 from charging import log as logging_setup
-from charging.connection import TRANSIENT_ERRORS, connect
+from charging.connection import TRANSIENT_ERRORS, Backoff, connect
 from charging.settings import Settings
 from worker import metrics
 from worker.loop import Worker
@@ -52,14 +52,12 @@ def run_one(settings: Settings, consumer: str, burst: bool, partitions: list[int
 def connect_when_up(settings: Settings):
     """A worker started while Redis is down or a cluster is failing over waits for it
     instead of exiting; an orchestrator restart loop is not needed for that."""
-    backoff = 0.1
+    backoff = Backoff()
     while True:
         try:
             return connect(settings)
         except (*TRANSIENT_ERRORS, RedisClusterException) as exc:
-            log.warning("redis_unavailable", error=str(exc), retry_in_s=backoff)
-            time.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
+            backoff.wait(log, exc)
 
 
 def _child(settings_dump: dict, consumer: str, burst: bool, partitions: list[int] | None,

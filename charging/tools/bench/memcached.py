@@ -15,12 +15,12 @@ from collections import defaultdict
 
 from pymemcache.client.base import Client
 
-from bench import load as loads
-from bench.clients import run_clients
-from bench.context import Context
-from bench.profile import Profile
-from bench.result import ModeResult
-from charging.redis_server import free_port
+from charging.tools.bench import load as loads
+from charging.tools.bench.clients import run_clients
+from charging.tools.bench.context import Context
+from charging.tools.bench.profile import Profile
+from charging.tools.bench.result import ModeResult
+from charging.tools.redis_server import free_port
 
 INSTALL_HINT = ("memcached is not on PATH (Debian/Ubuntu: `sudo apt-get install memcached`; "
                 "macOS: `brew install memcached`)")

@@ -11,6 +11,7 @@ import redis
 from charging.keys import all_partitions
 from charging.schema import Outcome
 from charging.settings import Settings
+from charging.streams import ensure_group
 
 
 def subscribe(client: redis.Redis, settings: Settings, follow: bool = False, group: str | None = None,
@@ -42,11 +43,7 @@ def _group_reader(client: redis.Redis, streams: list[str], group: str):
 
     def read(follow: bool) -> Iterator[Outcome]:
         for stream in streams:
-            try:
-                client.xgroup_create(stream, group, id="0", mkstream=True)
-            except redis.ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
+            ensure_group(client, stream, group)
         while True:
             reply = client.xreadgroup(group, consumer, {s: ">" for s in streams}, count=1000,
                                       block=1000 if follow else None)

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import redis
 
-from charging.keys import Keys, all_partitions, partition_of
+from charging.keys import all_partitions, keys_of
 from charging.settings import Settings
 
 
@@ -15,7 +15,7 @@ class UnknownAccount(LookupError):
 
 
 def balance(client: redis.Redis, settings: Settings, account: str) -> int:
-    keys = Keys(settings.namespace, partition_of(account, settings.partitions))
+    keys = keys_of(account, settings)
     value = client.hget(keys.balances, account)
     if value is None:
         raise UnknownAccount(f"unknown account {account!r}")
@@ -24,7 +24,7 @@ def balance(client: redis.Redis, settings: Settings, account: str) -> int:
 
 def funds(client: redis.Redis, settings: Settings, account: str) -> tuple[int, int]:
     """(balance, held) read together; available = balance - held."""
-    keys = Keys(settings.namespace, partition_of(account, settings.partitions))
+    keys = keys_of(account, settings)
     pipe = client.pipeline(transaction=False)
     pipe.hget(keys.balances, account)
     pipe.hget(keys.held, account)

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from bench import load as loads
-from bench.clients import run_clients
-from bench.context import Context
-from bench.profile import Profile
-from bench.result import ModeResult
 from charging.connection import connect
 from charging.settings import Settings
+from charging.tools.bench import load as loads
+from charging.tools.bench.clients import run_clients
+from charging.tools.bench.context import Context
+from charging.tools.bench.profile import Profile
+from charging.tools.bench.result import ModeResult
 
 
 def key_prefix(settings: Settings) -> str:

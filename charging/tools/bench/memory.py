@@ -4,15 +4,15 @@ the dedupe record. Everything lives in RAM, so this is the capacity budget (READ
 
 from __future__ import annotations
 
-from bench import load as loads
-from bench.context import Context
-from bench.profile import Profile
-from bench.result import ModeResult
-from bench.workers import WorkerProcesses
-from charging import functions
-from charging.audit import audit
+from charging import codec
+from charging.app.audit import audit
 from charging.keys import all_partitions
 from charging.settings import Settings
+from charging.tools.bench import load as loads
+from charging.tools.bench.context import Context
+from charging.tools.bench.profile import Profile
+from charging.tools.bench.result import ModeResult
+from charging.tools.bench.workers import WorkerProcesses
 from producer import Producer
 
 CHUNK = 5000
@@ -24,7 +24,7 @@ def run(ctx: Context, profile: Profile) -> ModeResult:
     settings = ctx.settings_for("memory").model_copy(update={"maintenance_interval_s": 10**6})
     # No replays: every charge leaves exactly one request entry, one result entry, one dedupe record.
     load = loads.mixed(profile.accounts, profile.memory_charges, seed=6, prefix=f"{settings.namespace}-", replays=0)
-    functions.set_balances(ctx.client, settings, load.balances.items())
+    codec.set_balances(ctx.client, settings, load.balances.items())
     n = len(load)
     with ctx.task("memory: bytes/charge", 3) as advance:
         before = _used(ctx)
@@ -40,7 +40,7 @@ def run(ctx: Context, profile: Profile) -> ModeResult:
         streams = _stream_bytes(ctx, settings)
         advance(1)
         for keys in all_partitions(settings.namespace, settings.partitions):
-            functions.trim_requests(ctx.client, keys)  # what maintenance does in steady operation
+            codec.trim_requests(ctx.client, keys)  # what maintenance does in steady operation
         trimmed = _used(ctx)
         advance(1)
     check = audit(ctx.client, settings, load.balances, load.expected)

@@ -10,18 +10,18 @@ import time
 
 import redis
 
-from bench import load as loads
-from bench.context import POLL_S, Context
-from bench.outcomes import cpu_per_charge, timings, wait_for_outcomes
-from bench.profile import Profile
-from bench.result import ModeResult
-from bench.workers import WorkerProcesses
-from charging import functions
+from charging import codec
 from charging import log as logging_setup
-from charging.audit import audit
+from charging.app.audit import audit
 from charging.connection import connect
 from charging.keys import Keys
 from charging.settings import Settings
+from charging.tools.bench import load as loads
+from charging.tools.bench.context import POLL_S, Context
+from charging.tools.bench.outcomes import cpu_per_charge, timings, wait_for_outcomes
+from charging.tools.bench.profile import Profile
+from charging.tools.bench.result import ModeResult
+from charging.tools.bench.workers import WorkerProcesses
 from producer import Producer
 
 START_DELAY_S = 1.5  # producers import and connect before the clock starts
@@ -38,7 +38,7 @@ def _run(ctx: Context, profile: Profile, rate: int, seed: int) -> ModeResult:
     settings = ctx.settings_for(f"steady{rate}")
     load = loads.mixed(profile.accounts, int(rate * profile.steady_seconds), seed=seed,
                        prefix=f"{settings.namespace}-")
-    functions.set_balances(ctx.client, settings, load.balances.items())
+    codec.set_balances(ctx.client, settings, load.balances.items())
     workers = WorkerProcesses(settings, profile.workers, ctx.out / f"worker-steady{rate}.log").start()
     try:
         _wait_until_consuming(ctx, settings, workers, profile.workers)

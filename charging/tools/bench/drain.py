@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import time
 
-from bench import load as loads
-from bench.context import Context
-from bench.outcomes import cpu_per_charge, timings, wait_for_outcomes
-from bench.profile import Profile
-from bench.result import ModeResult
-from bench.workers import WorkerProcesses
-from charging import functions
-from charging.audit import audit
+from charging import codec
+from charging.app.audit import audit
+from charging.tools.bench import load as loads
+from charging.tools.bench.context import Context
+from charging.tools.bench.outcomes import cpu_per_charge, timings, wait_for_outcomes
+from charging.tools.bench.profile import Profile
+from charging.tools.bench.result import ModeResult
+from charging.tools.bench.workers import WorkerProcesses
 from producer import Producer
 
 CHUNK = 5000
@@ -22,7 +22,7 @@ CHUNK = 5000
 def run(ctx: Context, profile: Profile) -> ModeResult:
     settings = ctx.settings_for("drain")
     load = loads.mixed(profile.accounts, profile.drain_charges, seed=1, prefix=f"{settings.namespace}-")
-    functions.set_balances(ctx.client, settings, load.balances.items())
+    codec.set_balances(ctx.client, settings, load.balances.items())
     producer = Producer(ctx.client, settings)
     began = time.perf_counter()
     with ctx.task("drain: preload", len(load)) as advance:

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import random
 
-from bench.clients import run_clients
-from bench.context import Context
-from bench.profile import Profile
-from bench.result import ModeResult
-from charging import functions
-from charging.audit import audit
+from charging import codec
+from charging.app.audit import audit
 from charging.connection import connect
 from charging.settings import Settings
+from charging.tools.bench.clients import run_clients
+from charging.tools.bench.context import Context
+from charging.tools.bench.profile import Profile
+from charging.tools.bench.result import ModeResult
 from producer import Producer, run_session
 
 START_BALANCE = 2_000  # about four sessions' worth: later sessions of busy accounts are refused
@@ -40,7 +40,7 @@ def run(ctx: Context, profile: Profile) -> ModeResult:
     settings = ctx.settings_for("sessions")
     accounts = [f"account{i}" for i in range(1, profile.accounts + 1)]
     balances = {a: START_BALANCE for a in accounts}
-    functions.set_balances(ctx.client, settings, balances.items())
+    codec.set_balances(ctx.client, settings, balances.items())
     jobs = sessions(accounts, profile.client_charges // CALLS_PER_SESSION, random.Random(6), f"{settings.namespace}-")
     with ctx.task("sessions", len(jobs)) as advance:
         run_ = run_clients(SessionClient, (settings.model_dump(),), jobs, profile.clients, profile.client_processes,

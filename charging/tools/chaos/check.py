@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 
 import redis
 
-from chaos import hostile
-from chaos.faults import REDIS_KILL, WORKER_KILL, WORKER_STALL
-from chaos.load import Record
-from chaos.profile import Profile
-from charging.audit import Audit, DeadLetterAudit, audit, audit_deadletters
+from charging.app.audit import Audit, DeadLetterAudit, audit, audit_deadletters
 from charging.settings import Settings
+from charging.tools.chaos import hostile
+from charging.tools.chaos.faults import REDIS_KILL, WORKER_KILL, WORKER_STALL
+from charging.tools.chaos.load import Record
+from charging.tools.chaos.profile import Profile
 
 REASONS = {kind.name: kind.reason for kind in hostile.KINDS}
 

@@ -6,15 +6,15 @@ machine is not saturated."""
 
 from __future__ import annotations
 
-from bench import load as loads
-from bench.clients import run_clients
-from bench.context import Context
-from bench.profile import Profile
-from bench.result import ModeResult
-from charging import functions
-from charging.audit import audit
+from charging import codec
+from charging.app.audit import audit
 from charging.connection import connect
 from charging.settings import Settings
+from charging.tools.bench import load as loads
+from charging.tools.bench.clients import run_clients
+from charging.tools.bench.context import Context
+from charging.tools.bench.profile import Profile
+from charging.tools.bench.result import ModeResult
 from producer import Producer
 
 
@@ -35,7 +35,7 @@ def _run(ctx: Context, profile: Profile, rate: int | None, seed: int) -> ModeRes
     ctx.reset()
     settings = ctx.settings_for(f"authorize{rate or ''}")
     load = loads.mixed(profile.accounts, profile.client_charges, seed=seed, prefix=f"{settings.namespace}-")
-    functions.set_balances(ctx.client, settings, load.balances.items())
+    codec.set_balances(ctx.client, settings, load.balances.items())
     label = "closed loop" if rate is None else f"paced {rate:,.0f}/s"
     with ctx.task(f"authorize: {label}", len(load)) as advance:
         run = run_clients(AuthorizeClient, (settings.model_dump(),), load.requests, profile.clients,

@@ -13,15 +13,14 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from bench import authorize, ceiling, drain, memcached, memory, naive, report, sessions, steady
-from bench.context import Context
-from bench.memcached import INSTALL_HINT as MEMCACHED_HINT
-from bench.profile import Profile
-from bench.result import ModeResult
 from charging.connection import connect
-from charging.redis_server import RedisServer
 from charging.settings import Settings
-
+from charging.tools.bench import authorize, ceiling, drain, memcached, memory, naive, report, sessions, steady
+from charging.tools.bench.context import Context
+from charging.tools.bench.memcached import INSTALL_HINT as MEMCACHED_HINT
+from charging.tools.bench.profile import Profile
+from charging.tools.bench.result import ModeResult
+from charging.tools.redis_server import RedisServer
 
 MODES = (ceiling, drain, steady, authorize, sessions, naive, memcached, memory)
 # On a cluster only the engine's own paths: redis-benchmark, the naive handler and the

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 import redis
 
-from charging.accounts import all_balances
+from charging import codec
+from charging.app.accounts import all_balances
 from charging.keys import all_partitions, partition_of
 from charging.settings import Settings
 
@@ -143,16 +144,15 @@ def _tally(report: Audit, outcomes: Iterable[dict[str, str]], partitions: int) -
 
 
 def _check_holds(client: redis.Redis, settings: Settings, balances: Mapping[str, int], report: Audit) -> None:
-    """Per account: the held total against the sum of its open reservations (each packed
-    as account, amount, ... separated by \\x1f; see lua/charging.lua), and balance - held >= 0."""
+    """Per account: the held total against the sum of its open reservations, and balance - held >= 0."""
     held: Counter = Counter()
     reserved: Counter = Counter()
     for keys in all_partitions(settings.namespace, settings.partitions):
         for account, value in client.hscan_iter(keys.held, count=1000):
             held[account.decode()] += int(value)
         for _, packed in client.hscan_iter(keys.reservations, count=1000):
-            account, amount = packed.decode().split("\x1f")[:2]
-            reserved[account] += int(amount)
+            record = codec.reservation(packed)
+            reserved[record.account] += record.amount
             report.open_reservations += 1
     report.held = sum(held.values())
     report.held_mismatch = {a: (held[a], reserved[a]) for a in held.keys() | reserved.keys() if held[a] != reserved[a]}

@@ -15,14 +15,14 @@ import shutil
 import subprocess
 import time
 
-from bench.context import POLL_S, Context
-from bench.profile import Profile
-from bench.result import ModeResult
-from charging import functions
-from charging.audit import audit
-from charging.keys import Keys, partition_of
+from charging import codec
+from charging.app.audit import audit
+from charging.keys import keys_of
 from charging.schema import parse_request
 from charging.settings import Settings
+from charging.tools.bench.context import POLL_S, Context
+from charging.tools.bench.profile import Profile
+from charging.tools.bench.result import ModeResult
 
 ACCOUNT = "ceiling"
 BALANCE = 10**14
@@ -35,7 +35,7 @@ ESTIMATE_CHUNK = 1000
 
 def run(ctx: Context, profile: Profile) -> ModeResult:
     settings = ctx.settings_for("ceiling")
-    functions.set_balances(ctx.client, settings, [(ACCOUNT, BALANCE)])
+    codec.set_balances(ctx.client, settings, [(ACCOUNT, BALANCE)])
     if shutil.which("redis-benchmark"):
         result = _redis_benchmark(ctx, settings, profile.ceiling_requests)
     else:
@@ -48,7 +48,6 @@ def run(ctx: Context, profile: Profile) -> ModeResult:
 
 
 def _redis_benchmark(ctx: Context, settings: Settings, requests: int) -> ModeResult:
-    keys = Keys(settings.namespace, partition_of(ACCOUNT, settings.partitions))
     conn = ctx.client.connection_pool.connection_kwargs
     args = ["redis-benchmark", "-h", str(conn.get("host", "127.0.0.1")), "-p", str(conn.get("port", 6379)),
             "--dbnum", str(conn.get("db", 0)), "-n", str(requests), "-c", str(CLIENTS), "-P", str(PIPELINE),
@@ -56,11 +55,10 @@ def _redis_benchmark(ctx: Context, settings: Settings, requests: int) -> ModeRes
     if conn.get("password"):
         args += ["-a", conn["password"]] + (["--user", conn["username"]] if conn.get("username") else [])
     request = parse_request({"request_id": ACCOUNT, "account": ACCOUNT, "amount": PRICE}, settings)
-    names = [keys.balances, keys.seen("__rand_int__"), keys.results, keys.requests, keys.held, keys.reservations,
-             keys.expiries]
-    # The arguments of lua/charging.lua `settle` for a charge, in the authorize form (no entry to ack).
-    args += ["FCALL", "charge", str(len(names)), *names, ACCOUNT, ACCOUNT, request.fingerprint, "", "",
-             str(settings.dedupe_window_ms), "", str(settings.reply_ttl_s * 1000), str(PRICE), "", "", "", ""]
+    # A charge in the authorize form (no entry to ack), with a random dedupe key per call.
+    names = codec.settle_keys(keys_of(ACCOUNT, settings), "__rand_int__")
+    arguments = codec.settle_arguments(settings, request, PRICE)
+    args += ["FCALL", "charge", str(len(names)), *names, *(str(a) for a in arguments)]
     with ctx.task(f"ceiling: redis-benchmark -c {CLIENTS} -P {PIPELINE}", requests) as advance:
         proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         done = 0
@@ -93,7 +91,7 @@ def _python_estimate(ctx: Context, settings: Settings, requests: int) -> ModeRes
             pipe = ctx.client.pipeline(transaction=False)
             for i in range(start, min(start + ESTIMATE_CHUNK, requests)):
                 request = parse_request({"request_id": f"ceiling-{i}", "account": ACCOUNT, "amount": PRICE}, settings)
-                functions.settle(pipe, settings, request, PRICE)
+                codec.settle(pipe, settings, request, PRICE)
             pipe.execute()
             advance(min(ESTIMATE_CHUNK, requests - start))
     seconds = time.perf_counter() - began

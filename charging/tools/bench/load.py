@@ -7,11 +7,11 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from charging.accounts import numbered
-from charging.demo import mixed_load
+from charging.app.accounts import numbered
 from charging.schema import parse_request
 from charging.settings import Settings
 from charging.tariff import price
+from charging.tools.demo import mixed_load
 
 RICH = 10**9  # never runs out during a bench
 POOR = 400  # a couple of charges, then insufficient_funds

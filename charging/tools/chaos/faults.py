@@ -15,10 +15,10 @@ from functools import partial
 
 import redis
 
-from chaos.profile import Profile
-from chaos.workers import Fleet, held
-from charging.redis_server import RedisServer
 from charging.settings import Settings
+from charging.tools.chaos.profile import Profile
+from charging.tools.chaos.workers import Fleet, held
+from charging.tools.redis_server import RedisServer
 
 WORKER_KILL, WORKER_STALL, REDIS_KILL = "worker_kill", "worker_stall", "redis_kill"
 KINDS = (WORKER_KILL, WORKER_STALL, REDIS_KILL)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from bench.result import ModeResult
+from charging.tools.bench.result import ModeResult
 
 TARGETS = {"drain_vs_ceiling": 0.6, "steady_rate": 60_000, "steady_p99_ms": 10.0, "authorize_p99_ms": 2.0,
            "worker_rss_mb": 80.0}

@@ -12,18 +12,18 @@ from pathlib import Path
 
 import redis
 
-from chaos import load, report
-from chaos.check import judge
-from chaos.faults import Injector, plan
-from chaos.profile import FULL, QUICK, Profile
-from chaos.workers import Fleet
-from charging import functions
+from charging import codec
 from charging import log as logging_setup
-from charging.accounts import numbered
+from charging.app.accounts import numbered
 from charging.connection import connect
 from charging.keys import all_partitions
-from charging.redis_server import RedisServer, RedisServerMissing
 from charging.settings import Settings
+from charging.tools.chaos import load, report
+from charging.tools.chaos.check import judge
+from charging.tools.chaos.faults import Injector, plan
+from charging.tools.chaos.profile import FULL, QUICK, Profile
+from charging.tools.chaos.workers import Fleet
+from charging.tools.redis_server import RedisServer, RedisServerMissing
 
 # Short reclaim and maintenance intervals, so a stalled worker's entries are taken over within
 # the run; two partitions, so a wrong-partition entry is possible and workers read two streams;
@@ -71,7 +71,7 @@ def _run(settings: Settings, profile: Profile, seed: int, fsync: str, server: Re
          out: Path) -> dict:
     client = connect(settings)
     start_balances = {account: profile.balance for account in numbered(profile.accounts)}
-    functions.set_balances(client, settings, start_balances.items())
+    codec.set_balances(client, settings, start_balances.items())
     fleet.start_all()
     faults = plan(profile, seed, settings.reclaim_idle_ms / 1000)
     injector = Injector(faults, fleet, server, client, settings)

@@ -18,13 +18,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from charging import accounts as accounts_mod
-from charging import functions
+from charging import codec
+from charging.app import accounts as accounts_mod
 from charging.connection import connect
 from charging.keys import all_partitions
-from charging.redis_server import RedisServer, RedisServerMissing
 from charging.schema import Outcome
 from charging.settings import Settings
+from charging.tools.redis_server import RedisServer, RedisServerMissing
 
 console = Console()
 CHUNK = 1000
@@ -58,7 +58,7 @@ def run_demo(state, charges: int, workers: int, accounts: int, balance: int, dat
     try:
         client = connect(settings)
         names = accounts_mod.numbered(accounts)
-        functions.set_balances(client, settings, ((a, balance) for a in names))
+        codec.set_balances(client, settings, ((a, balance) for a in names))
         console.print(f"{accounts} accounts reset to {balance}")
         worker_proc = _start_workers(settings, workers, log_dir)
         return _run_load(client, settings, names, charges, accounts * balance)

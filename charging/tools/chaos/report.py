@@ -10,11 +10,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from chaos import hostile
-from chaos.check import Verdict
-from chaos.faults import KINDS, Fault
-from chaos.load import Record
-from chaos.profile import Profile
+from charging.tools.chaos import hostile
+from charging.tools.chaos.check import Verdict
+from charging.tools.chaos.faults import KINDS, Fault
+from charging.tools.chaos.load import Record
+from charging.tools.chaos.profile import Profile
 
 console = Console()
 

@@ -6,10 +6,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from bench.context import POLL_S, Context
-from bench.workers import WorkerProcesses
-from charging.audit import read_outcomes
+from charging.app.audit import read_outcomes
 from charging.settings import Settings
+from charging.tools.bench.context import POLL_S, Context
+from charging.tools.bench.workers import WorkerProcesses
 
 STALL_TIMEOUT_S = 60  # no new outcome for this long: stop waiting, the checker reports what is missing
 

@@ -16,13 +16,13 @@ from typing import TypeVar
 
 import redis
 
-from chaos import hostile
-from chaos.profile import Profile
 from charging import log as logging_setup
-from charging.accounts import numbered
+from charging.app.accounts import numbered
 from charging.connection import connect
-from charging.demo import mixed_load
 from charging.settings import Settings
+from charging.tools.chaos import hostile
+from charging.tools.chaos.profile import Profile
+from charging.tools.demo import mixed_load
 from producer import Producer, run_session
 
 CHUNK = 50  # requests per submit: one pipeline, confirmed or not as a whole

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import redis
 
-from charging.audit import entry_key
-from charging.keys import Keys, partition_of
+from charging.app.audit import entry_key
+from charging.keys import Keys, keys_of, partition_of
 from charging.settings import Settings
 
 Fields = dict[str | bytes, str | bytes]
@@ -39,7 +39,7 @@ def _amount(value: Callable[[Settings], str]) -> Callable[[dict[str, str], Setti
 
 def _reply_to_balances(good: dict[str, str], settings: Settings) -> Fields:
     """Tries to make the worker XADD outcomes into the balances hash of the account's own slot."""
-    keys = Keys(settings.namespace, partition_of(good["account"], settings.partitions))
+    keys = keys_of(good["account"], settings)
     return {**good, "reply_to": keys.balances}
 
 

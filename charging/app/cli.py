@@ -1,0 +1,369 @@
+"""The app's commands of `charging` (the tools add theirs: charging/cli.py). Exit codes: 0 done (or approved), 1 rejected or a runtime
+error (unknown account, Redis unreachable), 2 invalid input."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import pydantic
+import redis
+import typer
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+
+from charging import codec
+from charging import log as logging_setup
+from charging.app import accounts as accounts_mod
+from charging.app.status import status as read_status
+from charging.connection import PartitionsChanged, RedisTooOld, connect, redacted
+from charging.keys import parse_partitions
+from charging.schema import Invalid, Outcome, parse_top_up
+from charging.settings import Settings
+from producer import BacklogFull, Producer, WaitTimeout
+from producer.subscriber import subscribe
+from worker import supervisor
+from worker.metrics import MetricsPortUnavailable
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Prepaid charging engine on Redis.")
+accounts_app = typer.Typer(no_args_is_help=True, help="Create, inspect and top up accounts.")
+app.add_typer(accounts_app, name="accounts")
+out = Console()
+err = Console(stderr=True, soft_wrap=True)
+
+
+class State:
+    redis_url: str | None = None
+    _settings: Settings | None = None
+    _client: redis.Redis | None = None
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            overrides = {"redis_url": self.redis_url} if self.redis_url else {}
+            try:
+                self._settings = Settings(**overrides)
+            except pydantic.ValidationError as exc:
+                fail(2, f"invalid settings: {exc}")
+            # One-shot commands log only warnings unless debugging; the worker sets its own level.
+            logging_setup.configure("debug" if self._settings.log_level == "debug" else "warning")
+        return self._settings
+
+    @property
+    def client(self) -> redis.Redis:
+        if self._client is None:
+            self._client = connect(self.settings)
+        return self._client
+
+
+state = State()
+
+
+def say_error(message: str) -> None:
+    """One line on stderr; the message is text, never rich markup (it may hold [brackets])."""
+    err.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False)
+
+
+def fail(code: int, message: str):
+    say_error(message)
+    raise typer.Exit(code)
+
+
+@app.callback()
+def root(redis_url: Annotated[str | None, typer.Option(help="Overrides CHARGING_REDIS_URL.")] = None):
+    state.redis_url = redis_url
+
+
+def emit(data: dict[str, Any] | list, as_json: bool, human: str | Table | Group) -> None:
+    if as_json:
+        typer.echo(json.dumps(data))
+    else:
+        out.print(human, highlight=False)
+
+
+def show_outcome(outcome: Outcome, as_json: bool) -> None:
+    line = (f"{outcome.request_id}: {outcome.status}"
+            f"{' (' + outcome.reason + ')' if outcome.reason else ''} charged={outcome.charged} "
+            f"balance={outcome.balance}{' duplicate' if outcome.duplicate else ''}")
+    if outcome.op is not None:
+        expires = "" if outcome.expires_at is None else datetime.fromtimestamp(
+            outcome.expires_at / 1000, UTC).strftime(" expires_at=%Y-%m-%dT%H:%M:%SZ")
+        line += (f"\n  {outcome.op} {outcome.reservation}: reserved={outcome.reserved}{expires}"
+                 f"\n  held={outcome.held} available={outcome.available}")
+    emit(outcome.as_dict(), as_json, line)
+    if not outcome.approved:
+        raise typer.Exit(1)
+
+
+# ---- accounts -------------------------------------------------------------------------
+
+@accounts_app.command("reset")
+def accounts_reset(count: Annotated[int, typer.Option(min=1, max=1_000_000)] = 100,
+                   balance: Annotated[int, typer.Option(min=0)] = 100):
+    """Set account1..accountN to BALANCE, creating missing ones."""
+    if balance > state.settings.max_balance:
+        fail(2, f"balance {balance} is over the maximum of {state.settings.max_balance}")
+    done = codec.set_balances(state.client, state.settings,
+                                  ((a, balance) for a in accounts_mod.numbered(count)))
+    out.print(f"{done} accounts set to {balance}")
+
+
+@accounts_app.command("show")
+def accounts_show(account: str, as_json: Annotated[bool, typer.Option("--json")] = False):
+    """Show one account's balance, what its reservations hold, and what is available."""
+    try:
+        value, held = accounts_mod.funds(state.client, state.settings, account)
+    except accounts_mod.UnknownAccount as exc:
+        fail(1, str(exc))
+    emit({"account": account, "balance": value, "held": held, "available": value - held}, as_json,
+         f"{account}: {value} (held {held}, available {value - held})")
+
+
+@accounts_app.command("top-up")
+def accounts_top_up(account: str, amount: str):
+    """Add AMOUNT (minor units) to an existing account."""
+    account, value = parse_top_up(account, amount, state.settings)
+    try:
+        new = codec.top_up(state.client, state.settings, account, value)
+    except redis.exceptions.NoPermissionError:
+        raise  # an ACL refusal, reported by main()
+    except redis.ResponseError as exc:
+        fail(1, f"{exc} (account {account!r})")
+    out.print(f"{account}: {new}")
+
+
+@accounts_app.command("list")
+def accounts_list(as_json: Annotated[bool, typer.Option("--json")] = False):
+    """List every account: balance, held by open reservations, available."""
+    rows = sorted(accounts_mod.all_balances(state.client, state.settings))
+    held = accounts_mod.all_held(state.client, state.settings)
+    listed = [{"account": a, "balance": b, "held": held.get(a, 0), "available": b - held.get(a, 0)} for a, b in rows]
+    table = Table("account", "balance", "held", "available")
+    for row in listed:
+        table.add_row(row["account"], str(row["balance"]), str(row["held"]), str(row["available"]))
+    emit(listed, as_json, table)
+
+
+# ---- charging -------------------------------------------------------------------------
+
+Account = Annotated[str | None, typer.Option(help="Account id.")]
+Service = Annotated[str | None, typer.Option(help="sms, voice or data.")]
+Units = Annotated[str | None, typer.Option(help="Whole number of units, rated by the tariff.")]
+Amount = Annotated[str | None, typer.Option(help="Explicit amount in minor units, instead of service/units.")]
+RequestId = Annotated[str | None, typer.Option(help="Idempotency key; a new one is made if omitted.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+
+def _request(account, service, units, amount, request_id) -> dict[str, Any]:
+    return {"account": account, "service": service, "units": units, "amount": amount, "request_id": request_id}
+
+
+@app.command()
+def produce(account: Account = None, service: Service = None, units: Units = None, amount: Amount = None,
+            request_id: RequestId = None,
+            file: Annotated[str | None, typer.Option(help="JSON lines file of requests; - for stdin.")] = None,
+            skip_invalid: Annotated[bool, typer.Option(help="With --file: submit the valid lines anyway.")] = False,
+            wait: Annotated[bool, typer.Option(help="Wait for the outcome.")] = False,
+            timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait.")] = 10.0,
+            as_json: AsJson = False):
+    """Publish charge requests to the request stream."""
+    producer = Producer(state.client, state.settings)
+    if file is not None:
+        requests = _read_jsonl(file, producer, skip_invalid)
+    else:
+        requests = [_prepare(producer, _request(account, service, units, amount, request_id), wait)]
+    try:
+        ids = producer.submit(requests, reply=wait)
+    except BacklogFull as exc:
+        fail(1, str(exc))
+    if not wait:
+        emit({"submitted": len(ids), "request_ids": ids}, as_json,
+             f"submitted {len(ids)} request(s)" + (f": {ids[0]}" if len(ids) == 1 else ""))
+        return
+    try:
+        outcomes = producer.wait(ids, timeout)
+    except WaitTimeout as exc:
+        fail(1, f"{exc}. The charges may still be settled; resubmitting with the same request id is safe.")
+    if len(ids) == 1:
+        show_outcome(outcomes[ids[0]], as_json)
+        return
+    for outcome in outcomes.values():
+        emit(outcome.as_dict(), as_json, f"{outcome.request_id}: {outcome.status} {outcome.reason}")
+    if any(not o.approved for o in outcomes.values()):
+        raise typer.Exit(1)
+
+
+def _prepare(producer, data: dict, reply: bool = False):
+    try:
+        return producer.prepare(data, reply)
+    except Invalid as exc:
+        fail(2, str(exc))
+
+
+def _read_jsonl(file: str, producer, skip_invalid: bool) -> list:
+    """Validate every line first; report all bad ones with their line numbers."""
+    try:
+        text = sys.stdin.read() if file == "-" else Path(file).read_text()
+    except OSError as exc:
+        fail(2, f"cannot read {file}: {exc}")
+    requests, problems = [], []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+            if not isinstance(data, dict):
+                raise Invalid("invalid_json", "each line must be a JSON object")
+            requests.append(producer.prepare(data))
+        except json.JSONDecodeError as exc:
+            problems.append(f"line {number}: invalid_json: {exc.msg}")
+        except Invalid as exc:
+            problems.append(f"line {number}: {exc}")
+    for problem in problems:
+        err.print(problem, highlight=False, markup=False)
+    if problems and not skip_invalid:
+        fail(2, f"{len(problems)} invalid line(s); nothing submitted (use --skip-invalid to submit the rest)")
+    if not requests:
+        fail(2, "no valid requests")
+    return requests
+
+
+@app.command()
+def authorize(account: Account = None, service: Service = None, units: Units = None, amount: Amount = None,
+              request_id: RequestId = None, as_json: AsJson = False):
+    """Charge synchronously (no stream) and print the outcome. Exit 1 when rejected."""
+    producer = Producer(state.client, state.settings)
+    data = _request(account, service, units, amount, request_id)
+    try:
+        outcome = producer.authorize(data)
+    except Invalid as exc:
+        fail(2, str(exc))
+    show_outcome(outcome, as_json)
+
+
+# ---- reservations (sessions) ------------------------------------------------------------
+
+Reservation = Annotated[str, typer.Option(help="Reservation id, <account>/<request id of the reserve>.")]
+Ttl = Annotated[str | None, typer.Option(help="Seconds until an uncommitted reservation is released.")]
+
+
+def _settle(op: str, data: dict[str, Any], as_json: bool) -> None:
+    """One synchronous reservation operation; exit 1 when rejected, 2 when invalid."""
+    try:
+        outcome = Producer(state.client, state.settings).authorize({**data, "op": op})
+    except Invalid as exc:
+        fail(2, str(exc))
+    show_outcome(outcome, as_json)
+
+
+@app.command()
+def reserve(account: Account = None, service: Service = None, units: Units = None, amount: Amount = None,
+            ttl: Ttl = None, request_id: RequestId = None, as_json: AsJson = False):
+    """Hold funds for a session; the reservation id is <account>/<request id>."""
+    _settle("reserve", {**_request(account, service, units, amount, request_id), "ttl": ttl}, as_json)
+
+
+@app.command()
+def extend(reservation: Reservation, units: Units = None, amount: Amount = None, ttl: Ttl = None,
+           request_id: RequestId = None, as_json: AsJson = False):
+    """Hold more for an open reservation (units at its unit price, or an amount)."""
+    _settle("extend", {"reservation": reservation, "units": units, "amount": amount, "ttl": ttl,
+                       "request_id": request_id}, as_json)
+
+
+@app.command()
+def commit(reservation: Reservation, units: Units = None, amount: Amount = None, request_id: RequestId = None,
+           as_json: AsJson = False):
+    """Charge what was used (at most what is held) and release the rest."""
+    _settle("commit", {"reservation": reservation, "units": units, "amount": amount, "request_id": request_id},
+            as_json)
+
+
+@app.command()
+def release(reservation: Reservation, request_id: RequestId = None, as_json: AsJson = False):
+    """Release everything a reservation holds, charging nothing."""
+    _settle("release", {"reservation": reservation, "request_id": request_id}, as_json)
+
+
+# ---- operations -----------------------------------------------------------------------
+
+@app.command()
+def worker(processes: Annotated[int, typer.Option(min=1, max=256)] = 1,
+           batch: Annotated[int | None, typer.Option(min=1, max=10_000, help="Entries per read.")] = None,
+           consumer: Annotated[str | None, typer.Option(help="Stable consumer name (default: hostname).")] = None,
+           burst: Annotated[bool, typer.Option(help="Exit 0 once drained and nothing is pending.")] = False,
+           partitions: Annotated[str | None, typer.Option(help="Partitions to consume, e.g. 0-5,8 (default all).")]
+           = None,
+           metrics_port: Annotated[int | None, typer.Option(min=1, max=65535, help="Serve Prometheus metrics "
+                                                            "on this port (all processes summed).")] = None):
+    """Run consumer-group workers until SIGTERM / SIGINT (or, with --burst, until drained)."""
+    settings = state.settings if batch is None else state.settings.model_copy(update={"batch": batch})
+    try:
+        chosen = None if partitions is None else parse_partitions(partitions, settings.partitions)
+    except ValueError as exc:
+        fail(2, str(exc))
+    try:
+        code = supervisor.run(settings, processes, consumer, burst, chosen, metrics_port=metrics_port)
+    except MetricsPortUnavailable as exc:
+        fail(1, str(exc))
+    raise typer.Exit(code)
+
+
+@app.command()
+def status(as_json: AsJson = False):
+    """Stream lengths, pending entries, lag, consumers, dead letters and held funds."""
+    data = read_status(state.client, state.settings)
+    table = Table("partition", "requests", "pending", "lag", "oldest pending ms", "results", "dead letters",
+                  "consumers")
+    for p in data["partitions"]:
+        table.add_row(str(p["partition"]), str(p["length"]), str(p["pending"]),
+                      "unknown" if p["lag"] is None else str(p["lag"]),
+                      "-" if p["oldest_pending_age_ms"] is None else str(p["oldest_pending_age_ms"]),
+                      str(p["results"]), str(p["deadletters"]), str(len(p["consumers"])))
+    per_consumer: Counter = Counter()
+    for p in data["partitions"]:
+        per_consumer.update({c["name"]: c["pending"] for c in p["consumers"]})
+    summary = Text(f"pending per consumer: {_pairs(per_consumer) or '-'}\n"
+                   f"dead letters by reason (ever): {_pairs(data['deadletter_reasons']) or '-'}\n"
+                   f"open reservations: {data['open_reservations']}, holding {data['held']}")
+    emit(data, as_json, Group(table, summary))
+
+
+def _pairs(counts: dict[str, int]) -> str:
+    return " ".join(f"{name}={n}" for name, n in sorted(counts.items()))
+
+
+@app.command()
+def results(follow: Annotated[bool, typer.Option(help="Keep printing new outcomes.")] = False,
+            group: Annotated[str | None, typer.Option(help="Read as this consumer group (acks what it read).")] = None,
+            count: Annotated[int | None, typer.Option(min=1, help="Stop after this many.")] = None,
+            as_json: AsJson = False):
+    """Print outcomes from the results streams."""
+    for outcome in subscribe(state.client, state.settings, follow=follow, group=group, limit=count):
+        emit(outcome.as_dict(), as_json,
+             f"{outcome.request_id} {outcome.account} {outcome.status} {outcome.reason} "
+             f"charged={outcome.charged} balance={outcome.balance}{' duplicate' if outcome.duplicate else ''}")
+
+
+def main() -> None:
+    try:
+        app()
+    except redis.ConnectionError as exc:
+        say_error(f"cannot reach Redis at {redacted(state.settings.redis_url)}: {exc}")
+        sys.exit(1)
+    except redis.exceptions.NoPermissionError as exc:
+        say_error(f"Redis refused: NOPERM {exc} (the ACL user of CHARGING_REDIS_URL lacks this right; see "
+                  "deploy/users.acl)")
+        sys.exit(1)
+    except (RedisTooOld, PartitionsChanged) as exc:
+        say_error(str(exc))
+        sys.exit(1)
+    except Invalid as exc:
+        say_error(str(exc))
+        sys.exit(2)

@@ -1,0 +1,203 @@
+"""The Lua contract in Python: the only place that knows the keys, the arguments and the
+reply of every function in lua/charging.lua, by position.
+
+Each call helper queues one FCALL on ``target``, a client or a pipeline, so a worker can put
+a whole batch in one round trip and authorize can make a single call with the same code.
+Each parser turns a raw reply into a named value; nothing outside this module indexes one.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import redis
+
+from charging.keys import Keys, keys_of
+from charging.schema import ChargeRequest, Invalid, Outcome
+from charging.settings import Settings
+from charging.streams import text
+from charging.tariff import unit_price
+
+DEADLETTER_FIELD_BYTES = 1024  # an oversized field is kept only up to this, so dead letters stay small
+SET_BALANCES_CHUNK = 1000  # accounts per set_balances call: bounded argument lists
+RESERVATION_SEP = "\x1f"  # lua/charging.lua packs records with this separator
+
+
+# ---- settling: charge, reserve, commit, extend, release, settle_batch ---------------------
+
+def settle_keys(keys: Keys, request_id: str, reply_to: str | None = None) -> list[str]:
+    """The KEYS of a settling function, in the order lua/charging.lua `settle` reads them."""
+    names = [keys.balances, keys.seen(request_id), keys.results, keys.requests, keys.held, keys.reservations,
+             keys.expiries]
+    return names + [reply_to] if reply_to else names
+
+
+def settle_arguments(settings: Settings, request: ChargeRequest, amount: int | None, entry_id: str = "") -> list:
+    """The 13 ARGV of a settling function. amount: the rated price (tariff.price), None for a
+    commit or extend in units and for a release; entry_id '' for a synchronous call."""
+    reserve = request.op == "reserve"
+    ttl_s = request.ttl or (settings.reservation_ttl_s if reserve else None)
+    return [
+        request.request_id, request.account, request.fingerprint, entry_id, settings.group,
+        settings.dedupe_window_ms, request.submitted_at or "", settings.reply_ttl_s * 1000,
+        "" if amount is None else amount,
+        request.units if amount is None and request.units is not None else "",
+        unit_price(request, settings) if reserve else "",
+        request.reservation_id or "",
+        "" if ttl_s is None else ttl_s * 1000,
+    ]
+
+
+def settle(target, settings: Settings, request: ChargeRequest, amount: int | None, entry_id: str = ""):
+    """Queue the function of the request's op (charge, reserve, commit, extend, release)."""
+    names = settle_keys(keys_of(request.account, settings), request.request_id, request.reply_to)
+    return target.fcall(request.op, len(names), *names, *settle_arguments(settings, request, amount, entry_id))
+
+
+def settle_batch(target, settings: Settings, keys: Keys, items: Sequence[tuple[ChargeRequest, int | None, str]]):
+    """Queue one FCALL that settles (request, amount, entry_id) items of one partition, in
+    order, each exactly as settle() would (the same keys and arguments per entry). Read its
+    reply with batch_replies()."""
+    names = [keys.balances, keys.results, keys.requests, keys.held, keys.reservations, keys.expiries]
+    args: list = []
+    for request, amount, entry_id in items:
+        names.append(keys.seen(request.request_id))
+        if request.reply_to:
+            names.append(request.reply_to)
+        args += (request.op, 1 if request.reply_to else 0, *settle_arguments(settings, request, amount, entry_id))
+    return target.fcall("settle_batch", len(names), *names, *args)
+
+
+@dataclass(frozen=True)
+class Settled:
+    """The reply of a settling function for one request. status 'stale': the entry had
+    already been settled by another consumer and this call changed nothing."""
+
+    status: str
+    reason: str = ""
+    charged: int = 0
+    balance: int = 0
+    duplicate: bool = False
+    processed_at: int = 0
+    # Reservation operations only: the account's held total after, and the reservation.
+    held: int | None = None
+    reserved: int | None = None
+    expires_at: int | None = None
+
+    @property
+    def stale(self) -> bool:
+        return self.status == "stale"
+
+    @property
+    def replayed(self) -> bool:
+        """Answered from the dedupe record (an idempotency conflict is a rejection, not a replay)."""
+        return self.duplicate and self.reason != "idempotency_conflict"
+
+
+def settled(reply: Sequence[Any]) -> Settled:
+    """Parse {status, reason, charged, balance, duplicate, processed_at[, held, reserved,
+    expires_at]} or {'stale'}."""
+    if len(reply) == 1:
+        return Settled(text(reply[0]))
+    status, reason, charged, balance, duplicate, processed_at, *session = reply
+    parsed = Settled(text(status), text(reason), int(charged), int(balance), bool(int(duplicate)),
+                     int(processed_at))
+    if not session:
+        return parsed
+    held, reserved, expires_at = session
+    return replace(parsed, held=int(held), reserved=int(reserved), expires_at=_number(text(expires_at)))
+
+
+def batch_replies(reply: Any, count: int) -> list[Any]:
+    """settle_batch's reply, one item per entry: a Settled, or the error of that entry. An
+    error of the whole call (a lost connection, a missing library) is every entry's error."""
+    if isinstance(reply, Exception):
+        return [reply] * count
+    return [item if isinstance(item, Exception) else settled(item) for item in reply]
+
+
+def outcome(request: ChargeRequest, result: Settled) -> Outcome:
+    """The outcome of a request settled synchronously, as a worker would post it."""
+    made = Outcome(
+        request_id=request.request_id, account=request.account, status=result.status, reason=result.reason,
+        charged=result.charged, balance=result.balance, duplicate=result.duplicate,
+        submitted_at=request.submitted_at, processed_at=result.processed_at,
+    )
+    if request.op == "charge":
+        return made
+    return replace(made, op=request.op, reservation=request.reservation_id, held=result.held,
+                   reserved=result.reserved, expires_at=result.expires_at)
+
+
+# ---- dead letters, balances, upkeep --------------------------------------------------------
+
+def dead_letter(target, settings: Settings, keys: Keys, entry_id: str, invalid: Invalid,
+                fields: Mapping[bytes, bytes] | None, ack: bool = True):
+    """Queue the move of a bad entry to the dead-letter stream. Replies 1, or 0 when another
+    consumer had settled the entry. ack=False records an entry that is no longer pending
+    (XAUTOCLAIM found it deleted)."""
+    pairs = [part[:DEADLETTER_FIELD_BYTES] for item in (fields or {}).items() for part in item]
+    return target.fcall(
+        "dead_letter", 3, keys.deadletter, keys.requests, keys.deadletter_reasons,
+        entry_id, settings.group if ack else "", invalid.reason, invalid.detail, settings.deadletter_maxlen, *pairs,
+    )
+
+
+def top_up(client: redis.Redis, settings: Settings, account: str, amount: int) -> int:
+    """Add amount to an existing account; the new balance. Raises redis.ResponseError
+    unknown_account / balance_too_large."""
+    return int(client.fcall("top_up", 1, keys_of(account, settings).balances, account, amount, settings.max_balance))
+
+
+def set_balances(client: redis.Redis, settings: Settings, balances: Iterable[tuple[str, int]]) -> int:
+    """Create or overwrite accounts, one pipeline; how many were set."""
+    by_partition: dict[Keys, list] = defaultdict(list)
+    for account, balance in balances:
+        by_partition[keys_of(account, settings)].extend((account, balance))
+    pipe = client.pipeline(transaction=False)
+    for keys, pairs in by_partition.items():
+        for start in range(0, len(pairs), 2 * SET_BALANCES_CHUNK):
+            pipe.fcall("set_balances", 1, keys.balances, *pairs[start:start + 2 * SET_BALANCES_CHUNK])
+    return sum(int(n) for n in pipe.execute())
+
+
+def expire_reservations(target, settings: Settings, keys: Keys) -> int:
+    """Release up to sweep_batch reservations of the partition whose expiry has passed."""
+    return target.fcall("expire_reservations", 3, keys.held, keys.reservations, keys.expiries,
+                        settings.sweep_batch)
+
+
+def trim_requests(target, keys: Keys):
+    """Drop request entries every group has acked."""
+    return target.fcall("trim", 1, keys.requests, 0)
+
+
+def trim_results(target, settings: Settings, keys: Keys):
+    """Keep about results_maxlen outcomes, never dropping one a group named in
+    results_groups has not read and acked."""
+    return target.fcall("trim", 1, keys.results, settings.results_maxlen, *settings.results_group_names)
+
+
+# ---- stored records ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Reservation:
+    """An open reservation as lua/charging.lua stores it (write_reservation)."""
+
+    account: str
+    amount: int
+    expires_at: int
+    unit_price: int
+    ttl_ms: int
+
+
+def reservation(packed: bytes | str) -> Reservation:
+    account, amount, expires_at, price, ttl_ms = text(packed).split(RESERVATION_SEP)[:5]
+    return Reservation(account, int(amount), int(expires_at), int(price), int(ttl_ms))
+
+
+def _number(value: str) -> int | None:
+    return int(value) if value else None
