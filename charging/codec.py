@@ -16,7 +16,7 @@ from typing import Any
 import redis
 
 from charging.keys import Keys, keys_of
-from charging.schema import ChargeRequest, Invalid, Outcome
+from charging.schema import ChargeRequest, Invalid, Outcome, field_pairs
 from charging.settings import Settings
 from charging.streams import text
 from charging.tariff import unit_price
@@ -28,40 +28,61 @@ RESERVATION_SEP = "\x1f"  # lua/charging.lua packs records with this separator
 
 # ---- settling: charge, reserve, commit, extend, release, settle_batch ---------------------
 
+# The 13 ARGV of a settling function by name, in the order lua/charging.lua `settle` reads them.
+SETTLE_ARGUMENTS = ("request_id", "account", "fingerprint", "entry_id", "group", "window_ms", "submitted_at",
+                    "reply_ttl_ms", "amount", "units", "unit_price", "reservation", "ttl_ms")
+
+
+def partition_keys(keys: Keys) -> list[str]:
+    """The partition's keys every settling call shares, in the order settle_batch takes them."""
+    return [keys.balances, keys.results, keys.requests, keys.held, keys.reservations, keys.expiries, keys.holds]
+
+
 def settle_keys(keys: Keys, request_id: str, reply_to: str | None = None) -> list[str]:
     """The KEYS of a settling function, in the order lua/charging.lua `settle` reads them."""
-    names = [keys.balances, keys.seen(request_id), keys.results, keys.requests, keys.held, keys.reservations,
-             keys.expiries]
+    balances, *shared = partition_keys(keys)
+    names = [balances, keys.seen(request_id), *shared]
     return names + [reply_to] if reply_to else names
 
 
-def settle_arguments(settings: Settings, request: ChargeRequest, amount: int | None, entry_id: str = "") -> list:
+def settle_arguments(settings: Settings, request: ChargeRequest, amount: int | None, entry_id: str = "",
+                     **given: Any) -> list:
     """The 13 ARGV of a settling function. amount: the rated price (tariff.price), None for a
-    commit or extend in units and for a release; entry_id '' for a synchronous call."""
+    commit or extend in units and for a release; entry_id '' for a synchronous call. given:
+    values by name (SETTLE_ARGUMENTS) in place of those the settings and the request make,
+    for tests that drive the library with millisecond ttls or malformed values."""
     reserve = request.op == "reserve"
     ttl_s = request.ttl or (settings.reservation_ttl_s if reserve else None)
-    return [
-        request.request_id, request.account, request.fingerprint, entry_id, settings.group,
-        settings.dedupe_window_ms, request.submitted_at or "", settings.reply_ttl_s * 1000,
-        "" if amount is None else amount,
-        request.units if amount is None and request.units is not None else "",
-        unit_price(request, settings) if reserve else "",
-        request.reservation_id or "",
-        "" if ttl_s is None else ttl_s * 1000,
-    ]
+    values = {
+        "request_id": request.request_id, "account": request.account, "fingerprint": request.fingerprint,
+        "entry_id": entry_id, "group": settings.group, "window_ms": settings.dedupe_window_ms,
+        "submitted_at": request.submitted_at or "", "reply_ttl_ms": settings.reply_ttl_s * 1000,
+        "amount": "" if amount is None else amount,
+        "units": request.units if amount is None and request.units is not None else "",
+        "unit_price": unit_price(request, settings) if reserve else "",
+        "reservation": request.reservation_id or "",
+        "ttl_ms": "" if ttl_s is None else ttl_s * 1000,
+    }
+    if unknown := set(given) - set(values):
+        raise TypeError(f"not arguments of a settling function: {sorted(unknown)}")
+    values.update(given)
+    return [values[name] for name in SETTLE_ARGUMENTS]
 
 
-def settle(target, settings: Settings, request: ChargeRequest, amount: int | None, entry_id: str = ""):
-    """Queue the function of the request's op (charge, reserve, commit, extend, release)."""
+def settle(target, settings: Settings, request: ChargeRequest, amount: int | None, entry_id: str = "",
+           **given: Any):
+    """Queue the function of the request's op (charge, reserve, commit, extend, release).
+    given: see settle_arguments."""
     names = settle_keys(keys_of(request.account, settings), request.request_id, request.reply_to)
-    return target.fcall(request.op, len(names), *names, *settle_arguments(settings, request, amount, entry_id))
+    return target.fcall(request.op, len(names), *names,
+                        *settle_arguments(settings, request, amount, entry_id, **given))
 
 
 def settle_batch(target, settings: Settings, keys: Keys, items: Sequence[tuple[ChargeRequest, int | None, str]]):
     """Queue one FCALL that settles (request, amount, entry_id) items of one partition, in
     order, each exactly as settle() would (the same keys and arguments per entry). Read its
     reply with batch_replies()."""
-    names = [keys.balances, keys.results, keys.requests, keys.held, keys.reservations, keys.expiries]
+    names = partition_keys(keys)
     args: list = []
     for request, amount, entry_id in items:
         names.append(keys.seen(request.request_id))
@@ -136,10 +157,10 @@ def outcome(request: ChargeRequest, result: Settled) -> Outcome:
 
 def dead_letter(target, settings: Settings, keys: Keys, entry_id: str, invalid: Invalid,
                 fields: Mapping[bytes, bytes] | None, ack: bool = True):
-    """Queue the move of a bad entry to the dead-letter stream. Replies 1, or 0 when another
-    consumer had settled the entry. ack=False records an entry that is no longer pending
-    (XAUTOCLAIM found it deleted)."""
-    pairs = [part[:DEADLETTER_FIELD_BYTES] for item in (fields or {}).items() for part in item]
+    """Queue the move of a bad entry to the dead-letter stream, with every pair it has (a
+    repeated name included). Replies 1, or 0 when another consumer had settled the entry.
+    ack=False records an entry that is no longer pending (XAUTOCLAIM found it deleted)."""
+    pairs = [part[:DEADLETTER_FIELD_BYTES] for item in field_pairs(fields) for part in item]
     return target.fcall(
         "dead_letter", 3, keys.deadletter, keys.requests, keys.deadletter_reasons,
         entry_id, settings.group if ack else "", invalid.reason, invalid.detail, settings.deadletter_maxlen, *pairs,
@@ -148,12 +169,14 @@ def dead_letter(target, settings: Settings, keys: Keys, entry_id: str, invalid: 
 
 def top_up(client: redis.Redis, settings: Settings, account: str, amount: int) -> int:
     """Add amount to an existing account; the new balance. Raises redis.ResponseError
-    unknown_account / balance_too_large."""
-    return int(client.fcall("top_up", 1, keys_of(account, settings).balances, account, amount, settings.max_balance))
+    unknown_account / balance_too_large (over the library's limit, 10^15)."""
+    return int(client.fcall("top_up", 1, keys_of(account, settings).balances, account, amount))
 
 
 def set_balances(client: redis.Redis, settings: Settings, balances: Iterable[tuple[str, int]]) -> int:
-    """Create or overwrite accounts, one pipeline; how many were set."""
+    """Create or overwrite accounts, one pipeline; how many were set. Raises
+    redis.ResponseError invalid_account / invalid_balance / balance_too_large, and a call
+    so refused sets none of its accounts."""
     by_partition: dict[Keys, list] = defaultdict(list)
     for account, balance in balances:
         by_partition[keys_of(account, settings)].extend((account, balance))
@@ -166,7 +189,7 @@ def set_balances(client: redis.Redis, settings: Settings, balances: Iterable[tup
 
 def expire_reservations(target, settings: Settings, keys: Keys) -> int:
     """Release up to sweep_batch reservations of the partition whose expiry has passed."""
-    return target.fcall("expire_reservations", 3, keys.held, keys.reservations, keys.expiries,
+    return target.fcall("expire_reservations", 4, keys.held, keys.reservations, keys.expiries, keys.holds,
                         settings.sweep_batch)
 
 

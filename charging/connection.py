@@ -14,6 +14,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 
+from charging.schema import EntryFields
 from charging.settings import Settings
 
 log = structlog.get_logger("charging.connection")
@@ -74,6 +75,7 @@ def connect(settings: Settings, load: bool = True) -> redis.Redis:
         client = redis.Redis.from_url(
             settings.server_url, retry_on_error=[redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError],
             **options)
+    _keep_entry_pairs(client)
     if load:
         try:
             check_version(client)
@@ -104,6 +106,46 @@ def _parse_keys_locally(client: RedisCluster) -> None:
         return generic(conn, *args)
 
     parser.get_keys = get_keys
+
+
+def _entries(raw: list | None) -> list:
+    """[id, [name, value, ...]] entries as (id, EntryFields); a deleted entry (no fields) has none."""
+    return [(entry[0], EntryFields(entry[1])) for entry in raw or []]
+
+
+def _read_keeping_pairs(response, **options):
+    """XREADGROUP's reply in redis-py's shape ([[stream, [(id, fields)]]]), fields as EntryFields;
+    from RESP2 (a list of [stream, entries]) or RESP3 (a map of stream -> entries)."""
+    streams = response.items() if isinstance(response, dict) else response or []
+    return [[stream, _entries(entries)] for stream, entries in streams]
+
+
+def _autoclaim_keeping_pairs(response, **options):
+    """XAUTOCLAIM's reply in redis-py's shape ([cursor, [(id, fields)], deleted ids])."""
+    if options.get("parse_justid", False):
+        return response[1]
+    return [response[0], _entries(response[1]), *response[2:]]
+
+
+def _keep_entry_pairs(client: redis.Redis) -> None:
+    """Request entries are read with XREADGROUP and XAUTOCLAIM; redis-py turns each entry's
+    fields into a dict, which hides a field name given twice. Read them as EntryFields
+    instead, so the schema sees every pair. A cluster parses replies in its node clients:
+    each one gets the callbacks, those made later too."""
+    def register(node_client: redis.Redis) -> redis.Redis:
+        node_client.set_response_callback("XREADGROUP", _read_keeping_pairs)
+        node_client.set_response_callback("XAUTOCLAIM", _autoclaim_keeping_pairs)
+        return node_client
+
+    if not is_cluster(client):
+        register(client)
+        return
+    manager = client.nodes_manager
+    make = manager.create_redis_node
+    manager.create_redis_node = lambda *args, **kwargs: register(make(*args, **kwargs))
+    for node in [*manager.nodes_cache.values(), *manager.startup_nodes.values()]:
+        if node.redis_connection is not None:
+            register(node.redis_connection)
 
 
 def is_cluster(client: redis.Redis) -> bool:

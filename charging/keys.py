@@ -55,6 +55,10 @@ class Keys:
         return f"{self.tag}:expiries"
 
     @property
+    def holds(self) -> str:
+        return f"{self.tag}:holds"
+
+    @property
     def deadletter(self) -> str:
         return f"{self.tag}:deadletter"
 

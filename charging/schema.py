@@ -9,7 +9,8 @@ Every way a request can be wrong maps to one stable reason code (see README).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -248,18 +249,47 @@ def _in_range(value: int | None, low: int, high: int) -> int | None:
     return value
 
 
-def parse_request(fields: Mapping[Any, Any], settings: Settings) -> ChargeRequest:
-    """Validate a request from a stream entry (bytes) or from JSON / keyword arguments.
+class EntryFields(dict):
+    """A stream entry's fields as this project's clients read them (charging/connection.py): a
+    dict, as redis-py gives them, that also keeps ``pairs``, the (name, value) pairs as Redis
+    sent them. XADD takes a field name twice; a dict keeps its last value and hides the rest."""
+
+    def __init__(self, flat: list | None = None):
+        pairs = list(zip(flat[::2], flat[1::2])) if flat else []
+        super().__init__(pairs)
+        self.pairs = pairs
+
+
+def field_pairs(fields: Mapping[Any, Any] | Iterable[tuple[Any, Any]] | None) -> list[tuple[Any, Any]]:
+    """The (name, value) pairs of an entry: every pair of a stream entry (EntryFields), a repeated
+    name included, or the items of a mapping (JSON, keyword arguments)."""
+    if fields is None:
+        return []
+    if isinstance(fields, EntryFields):
+        return fields.pairs
+    if isinstance(fields, Mapping):
+        return list(fields.items())
+    return list(fields)
+
+
+def parse_request(fields: Mapping[Any, Any] | Iterable[tuple[Any, Any]] | None, settings: Settings) -> ChargeRequest:
+    """Validate a request from a stream entry (bytes, EntryFields or its pairs) or from JSON /
+    keyword arguments. The field-count limit counts pairs, and a name given twice is refused:
+    the entry does not say which value it means.
 
     Raises Invalid with a reason code; never anything else for bad input.
     """
-    if not fields:
+    pairs = field_pairs(fields)
+    if not pairs:
         raise Invalid("entry_deleted", "the entry has no fields (deleted or trimmed before it was read)")
-    if len(fields) > MAX_FIELDS:
-        raise Invalid("too_many_fields", f"{len(fields)} fields, at most {MAX_FIELDS}")
+    if len(pairs) > MAX_FIELDS:
+        raise Invalid("too_many_fields", f"{len(pairs)} fields, at most {MAX_FIELDS}")
     data = {}
-    for key, value in fields.items():
+    for key, value in pairs:
         name = _text(key, "field name")
+        if name in data:
+            times = Counter(_text(k, "field name") for k, _ in pairs)[name]
+            raise Invalid("duplicate_field", f"field '{name}' is given {times} times")
         data[name] = _text(value, name)
     try:
         return ChargeRequest.model_validate(data, context={"settings": settings})

@@ -9,6 +9,10 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SERVICES = ("sms", "voice", "data")
+# The limits of lua/charging.lua (MAX_BALANCE, MAX_DURATION_MS), which it applies to every
+# caller: no setting may ask for more. A balance never exceeds LIBRARY_MAX_BALANCE.
+LIBRARY_MAX_BALANCE = 10**15
+LIBRARY_MAX_DURATION_S = 315_360_000  # ten years
 DEFAULT_TARIFF = {"sms": 1, "voice": 5, "data": 10}
 
 
@@ -27,9 +31,8 @@ class Settings(BaseSettings):
     tariff_file: Path | None = None
 
     # Limits every request is checked against before it touches a balance.
-    max_units: int = Field(1_000_000, ge=1)
-    max_amount: int = Field(10**12, ge=1)
-    max_balance: int = Field(10**15, ge=1, le=2**53 - 1)  # Lua numbers are exact below 2**53
+    max_units: int = Field(1_000_000, ge=1, le=LIBRARY_MAX_BALANCE)
+    max_amount: int = Field(10**12, ge=1, le=LIBRARY_MAX_BALANCE)
 
     # Worker behaviour.
     batch: int = Field(500, ge=1, le=10_000)
@@ -39,10 +42,10 @@ class Settings(BaseSettings):
     maintenance_interval_s: float = Field(5.0, gt=0)
 
     # Retention.
-    dedupe_window_s: int = Field(86_400, ge=1)
+    dedupe_window_s: int = Field(86_400, ge=1, le=LIBRARY_MAX_DURATION_S)
     results_maxlen: int = Field(1_000_000, ge=1)
     deadletter_maxlen: int = Field(1_000_000, ge=1)
-    reply_ttl_s: int = Field(300, ge=1)
+    reply_ttl_s: int = Field(300, ge=1, le=LIBRARY_MAX_DURATION_S)
 
     # Connection.
     socket_timeout_s: float = Field(10.0, gt=0)
@@ -72,7 +75,7 @@ class Settings(BaseSettings):
     # none, the longest ttl a reserve or extend may ask for, and how many expired
     # reservations one sweep call (worker maintenance) releases per partition.
     reservation_ttl_s: int = Field(300, ge=1)
-    max_reservation_ttl_s: int = Field(86_400, ge=1)
+    max_reservation_ttl_s: int = Field(86_400, ge=1, le=LIBRARY_MAX_DURATION_S)
     sweep_batch: int = Field(1000, ge=1, le=100_000)
 
     @field_validator("tariff")

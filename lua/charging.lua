@@ -7,7 +7,8 @@ holds the commands of the functions it calls (README, "Security").
 
 Keys. <ns> is the namespace (CHARGING_NAMESPACE, default "ch"); {pN} is the partition
 hash tag, so every key one call touches lives in one Redis Cluster slot. Every key a
-function touches is passed to it in KEYS, none is made up inside.
+function touches is passed to it in KEYS, none is made up inside; each is checked against
+the name its role gives it before anything is written.
 
   <ns>:{pN}:balances       hash    account -> balance in minor units (held funds included:
                                    available = balance - held). Written by charge, commit,
@@ -20,9 +21,15 @@ function touches is passed to it in KEYS, none is made up inside.
                                    (ms, server time), unit price, ttl ms. The field goes
                                    when the reservation is committed, released or expired.
                                    A reservation id is <account>/<request id of the reserve>.
-  <ns>:{pN}:expiries       zset    reservation id -> expires_at; the index the expiry
-                                   release walks (lazily in every call, and the worker's
-                                   sweep, expire_reservations). Same lifetime as the field.
+  <ns>:{pN}:expiries       zset    reservation id -> expires_at; the index the worker's
+                                   sweep (expire_reservations) walks, oldest first. Same
+                                   lifetime as the field.
+  <ns>:{pN}:holds          zset    reservation id, every score 0: ordered by name, so an
+                                   account's reservations (<account>/...) sit side by side
+                                   and one ZRANGE BYLEX finds them. Every settling call
+                                   releases the expired ones of its own account through it
+                                   before it decides, so an expired hold never counts.
+                                   Same lifetime as the field.
   <ns>:{pN}:seen:<rid>     string  outcome of request id <rid>, packed (see record()).
                                    Written by charge and the reservation operations.
                                    Expires after the dedupe window.
@@ -45,14 +52,34 @@ function touches is passed to it in KEYS, none is made up inside.
   <ns>:partitions          string  the partition count, recorded by the first process
                                    (charging/connection.py); no hash tag, never touched here.
 
-Reservations live in two partition-wide structures (a hash and a zset) rather than a key
-each, because the expiry release finds them through the zset: a key per reservation would
-be a key the function was not given.
+Reservations live in partition-wide structures (two hashes and two zsets) rather than
+keys of their own, because the sweep finds them through the expiries zset: a key per
+reservation or per account would be a key the function was not given.
+
+Nothing after the ack can fail. A function that errors half way keeps every write it
+made (there is no rollback, and settle_batch's pcall only hides the error), so each one
+first reads and checks every argument and every stored value its decision needs, then
+writes: the ack first, then only commands that cannot fail on what was checked. A call
+that is refused writes nothing and its entry stays pending.
 ]]
 local SEP = '\31'
--- Expired reservations every settling call releases before its own work, oldest first:
--- bounded work per call; the worker's sweep (expire_reservations) releases the rest.
-local LAZY_RELEASE = 16
+
+-- The library's limits, the same for every caller (never an argument). Balances, held
+-- totals, amounts, unit prices and unit counts stay within MAX_BALANCE, so every sum of
+-- two stays exact (Lua numbers are exact below 2^53); durations (ttls, the dedupe
+-- window, the reply ttl) within ten years; timestamps below 10^14 ms (year 5138).
+local MAX_BALANCE = 1000000000000000
+local MAX_DURATION_MS = 315360000000
+local MAX_TIME_MS = 100000000000000
+local MAX_BATCH = 1000 -- entries per settle_batch call
+local MAX_SWEEP = 100000 -- reservations per expire_reservations call
+local READ_CHUNK = 500 -- reservation ids per HMGET
+
+local REQUEST_ID = '^[\33-\126]+$' -- visible ASCII, as on the wire
+local ACCOUNT = '^[A-Za-z0-9_.:%-]+$'
+local NAME = '^[A-Za-z0-9_.%-]+$' -- a consumer group, a reply stream id
+local ENTRY_ID = '^[0-9]+%-[0-9]+$'
+local REASON = '^[a-z_]+$'
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -80,10 +107,56 @@ local function split(packed)
   return parts
 end
 
--- A whole number >= 1 (what every amount, unit count, price and ttl must be), or nil.
-local function whole(value)
+-- ---- checking ------------------------------------------------------------------------
+
+-- A count: decimal digits alone (tonumber would also take '1e3', '0x10', ' 5', 'inf' and
+-- '1.5') whose value lies within low..high, as a number; else nil. For arguments and for
+-- stored values alike.
+local function count(value, low, high)
+  if type(value) ~= 'string' or #value < 1 or #value > 16 or not string.find(value, '^[0-9]+$') then
+    return nil
+  end
   local n = tonumber(value)
-  if n and n >= 1 and n == math.floor(n) and n < 2 ^ 53 then return n end
+  if n < low or n > high then return nil end
+  return n
+end
+
+local function text(value, pattern, longest)
+  return type(value) == 'string' and #value >= 1 and #value <= longest and string.find(value, pattern) ~= nil
+end
+
+local function refuse(reason, detail)
+  return redis.error_reply(reason .. (detail and (': ' .. detail) or ''))
+end
+
+-- The partition's keys, each the name its role gives it (roles in order, the first one
+-- gives the partition's tag): a caller of another layout (an older version during an
+-- upgrade) or one mixing partitions is refused before anything is written.
+local function partition_keys(names, roles)
+  local tag = type(names[1]) == 'string' and string.match(names[1], '^(.+):' .. roles[1] .. '$')
+  if not tag then return nil end
+  local k = {tag = tag}
+  for i, role in ipairs(roles) do
+    if names[i] ~= tag .. ':' .. role then return nil end
+    k[role] = names[i]
+  end
+  return k
+end
+
+-- A key another client made of another type would fail the write after the ack.
+local function wrong_type(key, wanted)
+  local found = redis.call('TYPE', key)['ok']
+  if found ~= wanted and found ~= 'none' then
+    return refuse('WRONGTYPE', key .. ' holds a ' .. found .. ', not a ' .. wanted)
+  end
+  return nil
+end
+
+local function wrong_types(k, wanted)
+  for role, kind in pairs(wanted) do
+    local err = wrong_type(k[role], kind)
+    if err then return err end
+  end
   return nil
 end
 
@@ -98,102 +171,156 @@ end
 
 -- ---- reservations --------------------------------------------------------------------
 
-local function read_reservation(k, id)
-  local packed = redis.call('HGET', k.reservations, id)
-  if not packed then return nil end
+-- A stored reservation, checked; nil when it is not one the library wrote.
+local function parse_reservation(packed, id)
   local p = split(packed)
-  return {account = p[1], amount = tonumber(p[2]), expires_at = tonumber(p[3]),
-          unit_price = tonumber(p[4]), ttl_ms = tonumber(p[5])}
+  local r = {account = p[1], amount = count(p[2], 1, MAX_BALANCE), expires_at = count(p[3], 0, MAX_TIME_MS),
+             unit_price = count(p[4], 1, MAX_BALANCE), ttl_ms = count(p[5], 1, MAX_DURATION_MS)}
+  if #p ~= 5 or not text(r.account, ACCOUNT, 64) or string.sub(id, 1, #r.account + 1) ~= r.account .. '/'
+      or not (r.amount and r.expires_at and r.unit_price and r.ttl_ms) then
+    return nil
+  end
+  return r
 end
 
 local function write_reservation(k, id, r)
   redis.call('HSET', k.reservations, id, pack({r.account, r.amount, r.expires_at, r.unit_price, r.ttl_ms}))
-  redis.call('ZADD', k.expiries, r.expires_at, id)
+  redis.call('ZADD', k.expiries, digits(r.expires_at), id)
+  redis.call('ZADD', k.holds, 0, id)
 end
 
--- Changes an account's held total; returns the new total. A total that reaches 0 loses
--- its field. A negative total is left visible on purpose: it could only come from a
--- release applied twice, and the audit reports it.
-local function hold(k, account, delta)
-  local held = redis.call('HINCRBY', k.held, account, delta)
-  if held == 0 then redis.call('HDEL', k.held, account) end
-  return held
-end
-
--- Ends a reservation: what it held is available again. Returns the account's held total.
-local function close(k, id, r)
+local function remove_reservation(k, id)
   redis.call('HDEL', k.reservations, id)
   redis.call('ZREM', k.expiries, id)
-  return hold(k, r.account, -r.amount)
+  redis.call('ZREM', k.holds, id)
 end
 
--- Releases up to limit reservations whose expiry has passed (expires_at <= now), oldest
--- first, charging none of them, except keep: the one a commit, extend or release acts
--- on, which its own call releases and answers reservation_expired. Returns how many it
--- released.
-local function release_expired(k, now, limit, keep)
+-- The stored held total of an account, checked: 0 when there is no field, nil when the
+-- field is not a count.
+local function stored_held(k, account)
+  local held = redis.call('HGET', k.held, account)
+  if not held then return 0 end
+  return count(held, 0, MAX_BALANCE)
+end
+
+local function write_held(k, account, before, after)
+  if after == before then return end
+  if after == 0 then
+    redis.call('HDEL', k.held, account)
+  else
+    redis.call('HSET', k.held, account, digits(after))
+  end
+end
+
+-- What a settling call knows about an account before it writes anything, all of it
+-- checked: its balance (false when unknown), its open reservations by id, those past
+-- their expiry (released by this call, whatever the sweep has reached), and held: what
+-- the ones not expired hold, the held total this call decides on. O(reservations of the
+-- account). Returns nil and a reason for a stored value the library did not write.
+local function read_account(k, account, now)
+  local s = {account = account, open = {}, expired = {}, expired_ids = {}, gone = {}}
+  local balance = redis.call('HGET', k.balances, account)
+  s.balance = balance and count(balance, 0, MAX_BALANCE)
+  if balance and not s.balance then return nil, 'corrupt_balance' end
+  s.stored_held = stored_held(k, account)
+  if not s.stored_held then return nil, 'corrupt_held' end
+  local ids = redis.call('ZRANGE', k.holds, '[' .. account .. '/', '(' .. account .. '0', 'BYLEX')
   local released = 0
-  for _, id in ipairs(redis.call('ZRANGE', k.expiries, '-inf', now, 'BYSCORE', 'LIMIT', 0, limit)) do
-    if id ~= keep then
-      local r = read_reservation(k, id)
-      if r then
-        close(k, id, r)
-        released = released + 1
+  for first = 1, #ids, READ_CHUNK do
+    local chunk = {unpack(ids, first, math.min(#ids, first + READ_CHUNK - 1))}
+    local packed = redis.call('HMGET', k.reservations, unpack(chunk))
+    for i, id in ipairs(chunk) do
+      if not packed[i] then
+        s.gone[#s.gone + 1] = id -- its reservation ended; the index entry goes with this call
       else
-        redis.call('ZREM', k.expiries, id)
+        local r = parse_reservation(packed[i], id)
+        if not r then return nil, 'corrupt_reservation' end
+        if r.expires_at <= now then
+          s.expired[id] = r
+          s.expired_ids[#s.expired_ids + 1] = id
+          released = released + r.amount
+        else
+          s.open[id] = r
+        end
       end
     end
   end
-  return released
+  s.held = s.stored_held - released
+  if s.held < 0 then return nil, 'corrupt_held' end
+  return s
+end
+
+-- The reservation a commit, extend or release names that the index did not list (one made
+-- before the index existed), read the same way.
+local function read_named(k, s, id, now)
+  if s.open[id] or s.expired[id] then return true end
+  local packed = redis.call('HGET', k.reservations, id)
+  if not packed then return true end
+  local r = parse_reservation(packed, id)
+  if not r then return false end
+  if r.expires_at <= now then
+    s.expired[id] = r
+    s.expired_ids[#s.expired_ids + 1] = id
+    s.held = s.held - r.amount
+    if s.held < 0 then return false end
+  else
+    s.open[id] = r
+  end
+  return true
+end
+
+-- Writes what the decision left in s: the expired reservations released, the index
+-- entries of ended ones dropped, the charge, the reservation made, changed or closed, and
+-- the held total. Every value here was checked before the ack: none of these can fail.
+local function apply(k, s)
+  for _, id in ipairs(s.expired_ids) do remove_reservation(k, id) end
+  for _, id in ipairs(s.gone) do redis.call('ZREM', k.holds, id) end
+  if s.charge then redis.call('HINCRBY', k.balances, s.account, digits(-s.charge)) end
+  if s.put then write_reservation(k, s.put.id, s.put) end
+  if s.close then remove_reservation(k, s.close) end
+  write_held(k, s.account, s.stored_held, s.held)
 end
 
 -- ---- deciding one request ------------------------------------------------------------
--- Each decide function judges a request that has no dedupe record yet, applies it, and
--- returns its outcome: status, reason, charged, balance, and for the reservation
+-- Each decide function judges a request that has no dedupe record yet, against the state
+-- read_account gave, and leaves its effect in that state (charge, put, close, held) for
+-- apply. It returns the outcome: status, reason, charged, balance, and for the reservation
 -- operations held (the account's total after), reserved and expires_at (the reservation
 -- as this request left it, or as it was when it closed).
-
-local function funds(k, account)
-  local balance = redis.call('HGET', k.balances, account)
-  return balance and tonumber(balance), tonumber(redis.call('HGET', k.held, account) or 0)
-end
 
 local function outcome(status, reason, charged, balance, held, r)
   return {status = status, reason = reason, charged = charged, balance = balance or 0, held = held,
           reserved = r and r.amount or 0, expires_at = r and r.expires_at or ''}
 end
 
-local function decide_charge(k, a)
-  local balance, held = funds(k, a.account)
-  if not balance then return outcome('rejected', 'unknown_account', 0, 0, held) end
-  if balance - held < a.amount then return outcome('rejected', 'insufficient_funds', 0, balance, held) end
-  balance = redis.call('HINCRBY', k.balances, a.account, -a.amount)
-  return outcome('approved', '', a.amount, balance, held)
-end
-
-local function decide_reserve(k, a, now)
-  local balance, held = funds(k, a.account)
-  if not balance then return outcome('rejected', 'unknown_account', 0, 0, held) end
-  -- Only when the reserve's dedupe record expired while extends kept it open.
-  local open = read_reservation(k, a.reservation)
-  if open then return outcome('rejected', 'reservation_exists', 0, balance, held, open) end
-  if balance - held < a.amount then return outcome('rejected', 'insufficient_funds', 0, balance, held) end
-  local r = {account = a.account, amount = a.amount, expires_at = now + a.ttl_ms, unit_price = a.unit_price,
-             ttl_ms = a.ttl_ms}
-  write_reservation(k, a.reservation, r)
-  return outcome('approved', '', 0, balance, hold(k, a.account, a.amount), r)
-end
-
--- The open reservation a commit, extend or release acts on; else nil and the rejection.
--- One found past its expiry is released here, like the sweep would.
-local function open_reservation(k, a, now)
-  local r = read_reservation(k, a.reservation)
-  if not r or r.account ~= a.account then return nil, 'unknown_reservation' end
-  if r.expires_at <= now then
-    close(k, a.reservation, r)
-    return nil, 'reservation_expired', r
+local function decide_charge(s, a)
+  if not s.balance then return outcome('rejected', 'unknown_account', 0, 0, s.held) end
+  if s.balance < a.amount or s.balance - s.held < a.amount then
+    return outcome('rejected', 'insufficient_funds', 0, s.balance, s.held)
   end
-  return r
+  s.charge = a.amount
+  return outcome('approved', '', a.amount, s.balance - a.amount, s.held)
+end
+
+local function decide_reserve(s, a, now)
+  if not s.balance then return outcome('rejected', 'unknown_account', 0, 0, s.held) end
+  -- Only when the reserve's dedupe record expired while extends kept it open.
+  local open = s.open[a.reservation]
+  if open then return outcome('rejected', 'reservation_exists', 0, s.balance, s.held, open) end
+  if s.balance - s.held < a.amount then return outcome('rejected', 'insufficient_funds', 0, s.balance, s.held) end
+  s.put = {id = a.reservation, account = a.account, amount = a.amount, expires_at = now + a.ttl_ms,
+           unit_price = a.unit_price, ttl_ms = a.ttl_ms}
+  s.held = s.held + a.amount
+  return outcome('approved', '', 0, s.balance, s.held, s.put)
+end
+
+-- The open reservation a commit, extend or release acts on; else nil and the rejection
+-- (reservation_expired, with the reservation, when this call released it).
+local function open_reservation(s, a)
+  local r = s.open[a.reservation]
+  if r then return r end
+  if s.expired[a.reservation] then return nil, 'reservation_expired', s.expired[a.reservation] end
+  return nil, 'unknown_reservation'
 end
 
 -- What a commit or extend is worth: its amount, or its units at the reservation's unit
@@ -202,74 +329,104 @@ local function worth(a, r)
   return a.amount or a.units * r.unit_price
 end
 
-local function not_open(k, a, reason, r)
-  local balance, held = funds(k, a.account)
-  return outcome('rejected', reason, 0, balance, held, r)
-end
-
-local function decide_commit(k, a, now)
-  local r, reason, closed = open_reservation(k, a, now)
-  if not r then return not_open(k, a, reason, closed) end
+local function decide_commit(s, a)
+  local r, reason, closed = open_reservation(s, a)
+  if not r then return outcome('rejected', reason, 0, s.balance, s.held, closed) end
   local used = worth(a, r)
-  local balance, held = funds(k, a.account)
-  if used > r.amount then return outcome('rejected', 'exceeds_reservation', 0, balance, held, r) end
+  if used > r.amount then return outcome('rejected', 'exceeds_reservation', 0, s.balance, s.held, r) end
   -- Cannot happen through the engine (a hold is always covered); an operator's
   -- set_balances can lower a balance under its holds, and no balance goes below zero.
-  if not balance or balance < used then return outcome('rejected', 'insufficient_funds', 0, balance, held, r) end
-  balance = redis.call('HINCRBY', k.balances, a.account, -used)
-  return outcome('approved', '', used, balance, close(k, a.reservation, r), r)
+  if not s.balance or s.balance < used then
+    return outcome('rejected', 'insufficient_funds', 0, s.balance, s.held, r)
+  end
+  s.charge, s.close, s.held = used, a.reservation, s.held - r.amount
+  return outcome('approved', '', used, s.balance - used, s.held, r)
 end
 
-local function decide_extend(k, a, now)
-  local r, reason, closed = open_reservation(k, a, now)
-  if not r then return not_open(k, a, reason, closed) end
+local function decide_extend(s, a, now)
+  local r, reason, closed = open_reservation(s, a)
+  if not r then return outcome('rejected', reason, 0, s.balance, s.held, closed) end
   local more = worth(a, r)
-  local balance, held = funds(k, a.account)
-  if not balance or balance - held < more then
-    return outcome('rejected', 'insufficient_funds', 0, balance, held, r)
+  if not s.balance or s.balance - s.held < more then
+    return outcome('rejected', 'insufficient_funds', 0, s.balance, s.held, r)
   end
-  r.amount = r.amount + more
-  r.expires_at = now + (a.ttl_ms or r.ttl_ms)
-  write_reservation(k, a.reservation, r)
-  return outcome('approved', '', 0, balance, hold(k, a.account, more), r)
+  s.put = {id = a.reservation, account = r.account, amount = r.amount + more,
+           expires_at = now + (a.ttl_ms or r.ttl_ms), unit_price = r.unit_price, ttl_ms = r.ttl_ms}
+  s.held = s.held + more
+  return outcome('approved', '', 0, s.balance, s.held, s.put)
 end
 
-local function decide_release(k, a, now)
-  local r, reason, closed = open_reservation(k, a, now)
-  if not r then return not_open(k, a, reason, closed) end
-  local held = close(k, a.reservation, r)
-  local balance = funds(k, a.account)
-  return outcome('approved', '', 0, balance, held, r)
+local function decide_release(s, a)
+  local r, reason, closed = open_reservation(s, a)
+  if not r then return outcome('rejected', reason, 0, s.balance, s.held, closed) end
+  s.close, s.held = a.reservation, s.held - r.amount
+  return outcome('approved', '', 0, s.balance, s.held, r)
 end
 
--- ---- the one settling path: ack, dedupe, decide, record, post -------------------------
+-- ---- the one settling path: check, read, decide, ack, write, post ---------------------
 
--- Per operation: how to decide, and which numeric arguments it needs ('usage' is exactly
--- one of amount and units). Checked before anything is written, so no caller allowed to
--- FCALL directly can, say, extend by a negative amount.
+-- Per operation: how to decide, and how it uses each optional argument: 'required',
+-- 'optional', or absent (the argument must be ''). 'usage' is exactly one of amount and
+-- units; 'own' is a reservation id that must be <account>/<request_id>, 'named' one that
+-- must be of the account.
 local OPS = {
-  charge = {decide = decide_charge, needs = {amount = true}},
-  reserve = {decide = decide_reserve, needs = {amount = true, unit_price = true, ttl_ms = true, reservation = true}},
-  commit = {decide = decide_commit, needs = {usage = true, reservation = true}},
-  extend = {decide = decide_extend, needs = {usage = true, reservation = true}},
-  release = {decide = decide_release, needs = {reservation = true}},
+  charge = {decide = decide_charge, amount = 'required'},
+  reserve = {decide = decide_reserve, amount = 'required', unit_price = 'required', ttl_ms = 'required',
+             reservation = 'own'},
+  commit = {decide = decide_commit, amount = 'optional', units = 'optional', usage = true, reservation = 'named'},
+  extend = {decide = decide_extend, amount = 'optional', units = 'optional', usage = true, reservation = 'named',
+            ttl_ms = 'optional'},
+  release = {decide = decide_release, reservation = 'named'},
 }
-local NUMBERS = {amount = 'invalid_amount', units = 'invalid_units', unit_price = 'invalid_unit_price',
-                 ttl_ms = 'invalid_ttl'}
+-- The numeric arguments an operation may use: position, reason when malformed, range.
+local NUMBERS = {
+  {name = 'amount', at = 9, err = 'invalid_amount', high = MAX_BALANCE},
+  {name = 'units', at = 10, err = 'invalid_units', high = MAX_BALANCE},
+  {name = 'unit_price', at = 11, err = 'invalid_unit_price', high = MAX_BALANCE},
+  {name = 'ttl_ms', at = 13, err = 'invalid_ttl', high = MAX_DURATION_MS},
+}
 
+-- Whether the reservation argument suits the operation; if not, the reason and a detail.
+local function reservation_ok(a, rule)
+  local value = a.reservation
+  if value == '' then return rule.reservation == nil, 'invalid_reservation' end
+  if not rule.reservation then return false, 'field_not_allowed', 'reservation' end
+  if rule.reservation == 'own' then return value == a.account .. '/' .. a.request_id, 'invalid_reservation' end
+  local prefix = a.account .. '/'
+  return string.sub(value, 1, #prefix) == prefix and text(string.sub(value, #prefix + 1), REQUEST_ID, 128),
+      'invalid_reservation'
+end
+
+-- The 13 arguments of a settling call, every one checked as the wire format would check
+-- it; nil, a reason and a detail when one is not.
 local function read_args(op, args)
+  local rule = OPS[op]
   local a = {op = op, request_id = args[1], account = args[2], fingerprint = args[3], entry_id = args[4],
-             group = args[5], window_ms = args[6], submitted_at = args[7], reply_ttl_ms = args[8],
-             reservation = args[12] ~= '' and args[12] or nil}
-  local raw = {amount = args[9], units = args[10], unit_price = args[11], ttl_ms = args[13]}
-  local needs = OPS[op].needs
-  for name, err in pairs(NUMBERS) do
-    local given = raw[name] ~= nil and raw[name] ~= ''
-    a[name] = given and whole(raw[name]) or nil
-    if (given and not a[name]) or (needs[name] and not given) then return nil, err end
+             group = args[5], window_ms = count(args[6], 1, MAX_DURATION_MS), submitted_at = args[7],
+             reply_ttl_ms = count(args[8], 1, MAX_DURATION_MS), reservation = args[12]}
+  if not text(a.request_id, REQUEST_ID, 128) then return nil, 'invalid_request_id' end
+  if not text(a.account, ACCOUNT, 64) then return nil, 'invalid_account' end
+  -- The fingerprint opens the packed dedupe record, so it must not hold the separator.
+  if not text(a.fingerprint, '^[^' .. SEP .. ']+$', 1024) then return nil, 'invalid_fingerprint' end
+  if a.entry_id ~= '' and not text(a.entry_id, ENTRY_ID, 41) then return nil, 'invalid_entry_id' end
+  if a.group ~= '' and not text(a.group, NAME, 64) then return nil, 'invalid_group' end
+  if not a.window_ms then return nil, 'invalid_window', 'the dedupe window must be 1..' .. MAX_DURATION_MS .. ' ms' end
+  if a.submitted_at ~= '' and not count(a.submitted_at, 0, MAX_TIME_MS) then return nil, 'invalid_submitted_at' end
+  if not a.reply_ttl_ms then return nil, 'invalid_reply_ttl' end
+  for _, number in ipairs(NUMBERS) do
+    local value = args[number.at]
+    if value ~= '' then
+      if not rule[number.name] then return nil, 'field_not_allowed', number.name end
+      a[number.name] = count(value, 1, number.high)
+      if not a[number.name] then return nil, number.err end
+    elseif rule[number.name] == 'required' then
+      return nil, number.err
+    end
   end
-  if needs.usage and (a.amount == nil) == (a.units == nil) then return nil, 'invalid_amount' end
-  if needs.reservation and not a.reservation then return nil, 'invalid_reservation' end
+  if rule.usage and (a.amount == nil) == (a.units == nil) then return nil, 'invalid_amount', 'give amount or units' end
+  local ok, err, detail = reservation_ok(a, rule)
+  if not ok then return nil, err, detail end
+  if a.reservation == '' then a.reservation = nil end
   return a
 end
 
@@ -283,19 +440,33 @@ local function record(a, o)
   return pack(values)
 end
 
--- The stored outcome of a request id already settled, marked duplicate; nil if none.
-local function replay(k, a)
-  local stored = redis.call('GET', k.seen)
-  if not stored then return nil end
+-- The dedupe record of a request id, checked: false when there is none, nil when it is not
+-- one the library wrote.
+local function read_record(seen)
+  local stored = redis.call('GET', seen)
+  if not stored then return false end
   local r = split(stored)
-  if r[1] ~= a.fingerprint then
-    local balance, held = funds(k, a.account)
-    local o = outcome('rejected', 'idempotency_conflict', 0, balance, held)
+  if #r == 5 then r[6], r[7], r[8] = '0', '0', '' end -- a charge's record
+  local o = {fingerprint = r[1], status = r[2], reason = r[3], charged = count(r[4], 0, MAX_BALANCE),
+             balance = count(r[5], 0, MAX_BALANCE), held = count(r[6], 0, MAX_BALANCE),
+             reserved = count(r[7], 0, MAX_BALANCE), expires_at = r[8], duplicate = 1}
+  if #r ~= 8 or not (o.status == 'approved' or o.status == 'rejected') or not (o.reason == '' or text(o.reason, REASON, 64))
+      or not (o.charged and o.balance and o.held and o.reserved)
+      or not (o.expires_at == '' or count(o.expires_at, 0, MAX_TIME_MS)) then
+    return nil
+  end
+  return o
+end
+
+-- The answer to a request id already settled: the stored outcome, marked duplicate, or an
+-- idempotency conflict when the request is not the one that was settled.
+local function replay(s, a, stored)
+  if stored.fingerprint ~= a.fingerprint then
+    local o = outcome('rejected', 'idempotency_conflict', 0, s.balance, s.held)
     o.duplicate = 1
     return o
   end
-  return {status = r[2], reason = r[3], charged = tonumber(r[4]), balance = tonumber(r[5]), duplicate = 1,
-          held = tonumber(r[6] or 0), reserved = tonumber(r[7] or 0), expires_at = r[8] or ''}
+  return stored
 end
 
 local function post(k, a, o, now)
@@ -315,16 +486,20 @@ local function post(k, a, o, now)
   redis.call('XADD', k.results, '*', unpack(fields))
   if k.reply_to then
     redis.call('XADD', k.reply_to, 'MAXLEN', '~', 10000, '*', unpack(fields))
-    redis.call('PEXPIRE', k.reply_to, a.reply_ttl_ms)
+    redis.call('PEXPIRE', k.reply_to, digits(a.reply_ttl_ms))
   end
 end
 
+local SETTLE_ROLES = {'balances', 'results', 'requests', 'held', 'reservations', 'expiries', 'holds'}
+local SETTLE_TYPES = {balances = 'hash', results = 'stream', requests = 'stream', held = 'hash',
+                      reservations = 'hash', expiries = 'zset', holds = 'zset'}
+
 --[[
 charge, reserve, commit, extend, release: settle one request exactly once.
-KEYS: balances, seen, results, requests, held, reservations, expiries, [reply_to]
+KEYS: balances, seen, results, requests, held, reservations, expiries, holds, [reply_to]
 ARGV: request_id, account, fingerprint, entry_id ('' for a synchronous call), group,
       window_ms, submitted_at, reply_ttl_ms, amount, units, unit_price, reservation, ttl_ms
-      ('' for what an operation does not use):
+      ('' for what an operation does not use; a value it does not use is refused):
   charge   amount                      takes amount from the available funds
   reserve  amount, unit_price, ttl_ms, reservation (<account>/<request_id>)
                                        holds amount until now + ttl_ms
@@ -336,33 +511,59 @@ ARGV: request_id, account, fingerprint, entry_id ('' for a synchronous call), gr
                                        holds that much more, until now + ttl_ms (default:
                                        the reserve's ttl)
   release  reservation                 releases all of it
+Every number is decimal digits within the library's limits; request_id, account and
+reservation as on the wire. Before deciding, the call releases the account's own
+reservations past their expiry: available = balance - what its unexpired ones hold.
 Returns {status, reason, charged, balance, duplicate, processed_at}, then for the
 reservation operations {held, reserved, expires_at}; or {'stale'} when the entry had
-already been settled by another consumer.
+already been settled by another consumer. A refused call (an error) writes nothing.
 ]]
-local function settle(op, keys, args)
+local function settle(op, keys, args, types_checked)
   -- A caller of another layout (a process of an older version during an upgrade) is
   -- refused before anything is written: nothing acked, so its entry stays pending.
-  if #keys < 7 or #keys > 8 or #args ~= 13 then
-    return redis.error_reply('wrong_arguments: ' .. op .. ' takes 7 or 8 keys and 13 arguments')
+  local k = (#keys == 8 or #keys == 9) and #args == 13
+      and partition_keys({keys[1], keys[3], keys[4], keys[5], keys[6], keys[7], keys[8]}, SETTLE_ROLES)
+  if not k then
+    return refuse('wrong_arguments', op .. ' takes 8 or 9 keys of one partition (balances, seen, results, '
+                  .. 'requests, held, reservations, expiries, holds, [reply_to]) and 13 arguments')
   end
-  local k = {balances = keys[1], seen = keys[2], results = keys[3], requests = keys[4], held = keys[5],
-             reservations = keys[6], expiries = keys[7], reply_to = keys[8]}
   -- Callers validate; this guards the balances against any client allowed to FCALL
   -- directly, for whom a negative amount would be a top-up.
-  local a, err = read_args(op, args)
-  if not a then return redis.error_reply(err) end
-
-  if not ack(k.requests, a.group, a.entry_id) then return {'stale'} end
+  local a, err, detail = read_args(op, args)
+  if not a then return refuse(err, detail) end
+  k.seen, k.reply_to = keys[2], keys[9]
+  if string.sub(k.seen, 1, #k.tag + 6) ~= k.tag .. ':seen:' then return refuse('wrong_arguments', 'seen key') end
+  if k.reply_to then
+    local prefix = k.tag .. ':reply:'
+    if string.sub(k.reply_to, 1, #prefix) ~= prefix or not text(string.sub(k.reply_to, #prefix + 1), NAME, 64) then
+      return refuse('invalid_reply_to', k.reply_to)
+    end
+    err = wrong_type(k.reply_to, 'stream')
+    if err then return err end
+  end
+  if not types_checked then
+    err = wrong_types(k, SETTLE_TYPES)
+    if err then return err end
+  end
 
   local now = now_ms()
-  local o = replay(k, a)
-  if not o then
-    release_expired(k, now, LAZY_RELEASE, op ~= 'reserve' and a.reservation or nil)
-    o = OPS[op].decide(k, a, now)
-    o.duplicate = 0
-    redis.call('SET', k.seen, record(a, o), 'PX', a.window_ms)
+  local stored = read_record(k.seen)
+  if stored == nil then return refuse('corrupt_record', k.seen) end
+  local s, bad = read_account(k, a.account, now)
+  if s and a.reservation and not read_named(k, s, a.reservation, now) then
+    s, bad = nil, 'corrupt_reservation'
   end
+  if not s then return refuse(bad, a.account) end
+  local o = stored and replay(s, a, stored)
+  if not o then
+    o = OPS[op].decide(s, a, now)
+    o.duplicate = 0
+  end
+
+  -- Everything is read and checked: from the ack on, nothing can fail.
+  if not ack(k.requests, a.group, a.entry_id) then return {'stale'} end
+  apply(k, s)
+  if not stored then redis.call('SET', k.seen, record(a, o), 'PX', digits(a.window_ms)) end
   post(k, a, o, now)
   local reply = {o.status, o.reason, o.charged, o.balance, o.duplicate, now}
   if op ~= 'charge' then
@@ -374,40 +575,50 @@ end
 --[[
 settle_batch: settle many entries of one partition in one call, each exactly as its own
 function (charge, reserve, commit, extend, release) would: the same settle, given the same
-keys and the same 13 arguments, in the given order. An entry that fails gets its own error
-reply and the others go on, as in a pipeline of per-entry calls. One call settling many
-costs Redis and the worker far less than one call each; the worker keeps each call short
-(a bounded number of entries), since Redis serves no one else while a function runs.
-KEYS: balances, results, requests, held, reservations, expiries, then per entry: seen, and
-      reply_to if it has one
+keys and the same 13 arguments, in the given order. An entry that is refused gets its own
+error reply (and wrote nothing) and the others go on, as in a pipeline of per-entry calls.
+One call settling many costs Redis and the worker far less than one call each; the worker
+keeps each call short (a bounded number of entries), since Redis serves no one else while
+a function runs.
+KEYS: balances, results, requests, held, reservations, expiries, holds, then per entry:
+      seen, and reply_to if it has one
 ARGV: per entry 15 values: op, has_reply ('1' or '0'), then its 13 arguments of settle
 Returns one reply per entry, in order: what the entry's own function returns, or an error.
 ]]
-local BATCH_SHARED_KEYS, BATCH_ENTRY_ARGS = 6, 15
+local BATCH_SHARED_KEYS, BATCH_ENTRY_ARGS = 7, 15
 
 local function settle_batch(keys, args)
-  local entries, replies_to = #args / BATCH_ENTRY_ARGS, 0
+  local entries, replies_to, flags_ok = #args / BATCH_ENTRY_ARGS, 0, true
   for a = 2, #args, BATCH_ENTRY_ARGS do
     if args[a] == '1' then replies_to = replies_to + 1 end
+    flags_ok = flags_ok and (args[a] == '1' or args[a] == '0')
   end
-  if entries ~= math.floor(entries) or #keys ~= BATCH_SHARED_KEYS + entries + replies_to then
-    return redis.error_reply('wrong_arguments: settle_batch takes 15 arguments and 1 or 2 keys per entry')
+  local k = partition_keys({unpack(keys, 1, BATCH_SHARED_KEYS)}, SETTLE_ROLES)
+  if not (k and flags_ok) or entries ~= math.floor(entries) or entries > MAX_BATCH
+      or #keys ~= BATCH_SHARED_KEYS + entries + replies_to then
+    return refuse('wrong_arguments', 'settle_batch takes the 7 keys of one partition, then 1 or 2 keys and 15 '
+                  .. 'arguments per entry, at most ' .. MAX_BATCH .. ' entries')
   end
-  local replies, k = {}, BATCH_SHARED_KEYS + 1
+  -- The shared keys are checked once for the whole call.
+  local err = wrong_types(k, SETTLE_TYPES)
+  if err then return err end
+  local replies, at = {}, BATCH_SHARED_KEYS + 1
   for a = 1, #args, BATCH_ENTRY_ARGS do
     local op = args[a]
-    local entry_keys = {keys[1], keys[k], keys[2], keys[3], keys[4], keys[5], keys[6]}
-    k = k + 1
+    local entry_keys = {keys[1], keys[at], keys[2], keys[3], keys[4], keys[5], keys[6], keys[7]}
+    at = at + 1
     if args[a + 1] == '1' then
-      entry_keys[8] = keys[k]
-      k = k + 1
+      entry_keys[9] = keys[at]
+      at = at + 1
     end
     local reply
     if OPS[op] then
-      local ok, result = pcall(settle, op, entry_keys, {unpack(args, a + 2, a + BATCH_ENTRY_ARGS - 1)})
+      -- A refused entry wrote nothing (settle checks before it writes); pcall turns an
+      -- error into that entry's own reply.
+      local ok, result = pcall(settle, op, entry_keys, {unpack(args, a + 2, a + BATCH_ENTRY_ARGS - 1)}, true)
       reply = ok and result or {err = type(result) == 'table' and result.err or tostring(result)}
     else
-      reply = redis.error_reply('unknown_op: ' .. tostring(op))
+      reply = refuse('unknown_op', tostring(op))
     end
     replies[#replies + 1] = reply
   end
@@ -415,59 +626,133 @@ local function settle_batch(keys, args)
 end
 
 --[[
-expire_reservations: the worker's sweep. Releases up to limit reservations whose expiry
-has passed, oldest first, charging none; every settling call also releases a few
-(LAZY_RELEASE) before its own work. A commit racing the sweep is safe: each call is
+expire_reservations: the worker's sweep, the background cleaner. Releases up to limit
+reservations whose expiry has passed, oldest first, charging none. Settling calls never
+count an expired reservation and release those of their own account; this gives back the
+held funds of accounts nobody touches. A commit racing the sweep is safe: each call is
 atomic, and whichever runs second finds the reservation gone.
-KEYS: held, reservations, expiries. ARGV: limit. Returns how many it released.
+KEYS: held, reservations, expiries, holds. ARGV: limit (1..100000).
+Returns how many it released. A reservation that is not one the library wrote leaves the
+expiries index (so the sweep moves on) and stays for the audit to report.
 ]]
+local SWEEP_ROLES = {'held', 'reservations', 'expiries', 'holds'}
+local SWEEP_TYPES = {held = 'hash', reservations = 'hash', expiries = 'zset', holds = 'zset'}
+
 local function expire_reservations(keys, args)
-  local limit = whole(args[1])
-  if not limit then return redis.error_reply('invalid_limit') end
-  local k = {held = keys[1], reservations = keys[2], expiries = keys[3]}
-  return release_expired(k, now_ms(), limit)
+  local k = #keys == 4 and partition_keys(keys, SWEEP_ROLES)
+  if not k then return refuse('wrong_arguments', 'expire_reservations takes the keys ' .. table.concat(SWEEP_ROLES, ', ')) end
+  local limit = count(args[1], 1, MAX_SWEEP)
+  if not limit then return refuse('invalid_limit', '1..' .. MAX_SWEEP) end
+  local err = wrong_types(k, SWEEP_TYPES)
+  if err then return err end
+  local now = now_ms()
+  -- Read and check everything first: the expired reservations, and the held total of each
+  -- account they belong to, which must cover them.
+  local due, dropped, held, released = {}, {}, {}, {}
+  for _, id in ipairs(redis.call('ZRANGE', k.expiries, '-inf', now, 'BYSCORE', 'LIMIT', 0, limit)) do
+    local packed = redis.call('HGET', k.reservations, id)
+    local r = packed and parse_reservation(packed, id)
+    if r and held[r.account] == nil then held[r.account] = stored_held(k, r.account) or false end
+    if r and held[r.account] then
+      released[r.account] = (released[r.account] or 0) + r.amount
+      due[#due + 1] = id
+    else
+      dropped[#dropped + 1] = id -- gone already, or not one the library wrote
+    end
+  end
+  for account, amount in pairs(released) do
+    if held[account] < amount then
+      -- A held total smaller than its reservations: leave the account for the audit.
+      for i = #due, 1, -1 do
+        if string.sub(due[i], 1, #account + 1) == account .. '/' then
+          dropped[#dropped + 1] = table.remove(due, i)
+        end
+      end
+      released[account] = nil
+    end
+  end
+  for _, id in ipairs(due) do remove_reservation(k, id) end
+  for _, id in ipairs(dropped) do redis.call('ZREM', k.expiries, id) end
+  for account, amount in pairs(released) do write_held(k, account, held[account], held[account] - amount) end
+  return #due
 end
 
 --[[
 dead_letter: move an entry that cannot be read to the dead-letter stream and ack it,
 atomically, so a bad entry is never lost and never blocks the group, and count it
 by reason.
-KEYS: deadletter, requests, reasons
+KEYS: deadletter, requests, reasons (deadletter:reasons)
 ARGV: entry_id, group ('' to record without acking), error, detail, maxlen, then the
       entry's own field/value pairs
 Returns 1, or 0 when another consumer had already settled the entry.
 ]]
+local DEAD_ROLES = {'deadletter', 'requests', 'deadletter:reasons'}
+local DEAD_TYPES = {deadletter = 'stream', requests = 'stream', ['deadletter:reasons'] = 'hash'}
+
 local function dead_letter(keys, args)
-  if not ack(keys[2], args[2], args[1]) then return 0 end
+  local k = #keys == 3 and partition_keys(keys, DEAD_ROLES)
+  if not k or #args < 5 or (#args - 5) % 2 ~= 0 then
+    return refuse('wrong_arguments', 'dead_letter takes the keys deadletter, requests, deadletter:reasons and '
+                  .. '5 arguments, then field/value pairs')
+  end
+  if not text(args[1], ENTRY_ID, 41) then return refuse('invalid_entry_id') end
+  if args[2] ~= '' and not text(args[2], NAME, 64) then return refuse('invalid_group') end
+  if not text(args[3], REASON, 64) then return refuse('invalid_reason') end
+  if not count(args[5], 1, MAX_BALANCE) then return refuse('invalid_maxlen') end
+  local err = wrong_types(k, DEAD_TYPES)
+  if err then return err end
+  if not ack(k.requests, args[2], args[1]) then return 0 end
   local fields = {}
   for i = 6, #args do fields[#fields + 1] = args[i] end
   for _, v in ipairs({'error', args[3], 'detail', args[4], 'entry_id', args[1]}) do
     fields[#fields + 1] = v
   end
-  redis.call('XADD', keys[1], 'MAXLEN', '~', args[5], '*', unpack(fields))
-  redis.call('HINCRBY', keys[3], args[3], 1)
+  redis.call('XADD', k.deadletter, 'MAXLEN', '~', args[5], '*', unpack(fields))
+  redis.call('HINCRBY', k['deadletter:reasons'], args[3], 1)
   return 1
 end
 
+-- A balance as set_balances and top_up take it: digits, at most MAX_BALANCE.
+local function balance_arg(value)
+  local n = count(value, 0, MAX_BALANCE)
+  if n then return n end
+  if type(value) == 'string' and string.find(value, '^[0-9]+$') then return nil, 'balance_too_large' end
+  return nil, 'invalid_balance'
+end
+
 --[[
-top_up: add to an existing account. KEYS: balances. ARGV: account, amount, max_balance.
-Returns the new balance, or an error for an unknown account or a balance over the cap.
+top_up: add to an existing account. KEYS: balances. ARGV: account, amount (1..10^15).
+Returns the new balance, or an error for an unknown account or a balance over the
+library's limit (10^15), before anything is written.
 ]]
 local function top_up(keys, args)
-  local current = redis.call('HGET', keys[1], args[1])
-  if not current then return redis.error_reply('unknown_account') end
-  if tonumber(current) + tonumber(args[2]) > tonumber(args[3]) then
-    return redis.error_reply('balance_too_large')
-  end
-  return redis.call('HINCRBY', keys[1], args[1], args[2])
+  local k = #keys == 1 and #args == 2 and partition_keys(keys, {'balances'})
+  if not k then return refuse('wrong_arguments', 'top_up takes the key balances and account, amount') end
+  if not text(args[1], ACCOUNT, 64) then return refuse('invalid_account') end
+  local amount = count(args[2], 1, MAX_BALANCE)
+  if not amount then return refuse('invalid_amount', 'a whole number 1..' .. MAX_BALANCE) end
+  local current = redis.call('HGET', k.balances, args[1])
+  if not current then return refuse('unknown_account') end
+  current = count(current, 0, MAX_BALANCE)
+  if not current then return refuse('corrupt_balance', args[1]) end
+  if current + amount > MAX_BALANCE then return refuse('balance_too_large', 'at most ' .. MAX_BALANCE) end
+  return redis.call('HINCRBY', k.balances, args[1], amount)
 end
 
 --[[
 set_balances: create or overwrite accounts (operator reset).
-KEYS: balances. ARGV: account, balance, account, balance, ...  Returns the count set.
+KEYS: balances. ARGV: account, balance, account, balance, ...  Every pair is checked
+before any is written (balances 0..10^15). Returns the count set.
 ]]
 local function set_balances(keys, args)
-  redis.call('HSET', keys[1], unpack(args))
+  local k = #keys == 1 and #args >= 2 and #args % 2 == 0 and partition_keys(keys, {'balances'})
+  if not k then return refuse('wrong_arguments', 'set_balances takes the key balances and account/balance pairs') end
+  for i = 1, #args, 2 do
+    if not text(args[i], ACCOUNT, 64) then return refuse('invalid_account', args[i]) end
+    local ok, reason = balance_arg(args[i + 1])
+    if not ok then return refuse(reason, args[i] .. ' ' .. args[i + 1]) end
+  end
+  redis.call('HSET', k.balances, unpack(args))
   return #args / 2
 end
 
@@ -522,10 +807,13 @@ ARGV: maxlen, then group names.
 Returns the number of entries removed.
 ]]
 local function trim(keys, args)
-  local stream, maxlen = keys[1], tonumber(args[1])
+  local stream, maxlen = keys[1], count(args[1], 0, MAX_BALANCE)
+  if #keys ~= 1 or not maxlen then return refuse('wrong_arguments', 'trim takes one stream, maxlen, group names') end
   local names = {}
   for i = 2, #args do names[#names + 1] = args[i] end
-  if redis.call('EXISTS', stream) == 0 then return 0 end
+  local kind = redis.call('TYPE', stream)['ok']
+  if kind == 'none' then return 0 end
+  if kind ~= 'stream' then return refuse('WRONGTYPE', stream .. ' holds a ' .. kind .. ', not a stream') end
   local excess = 0
   if maxlen > 0 then
     excess = redis.call('XLEN', stream) - maxlen

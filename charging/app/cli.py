@@ -24,7 +24,7 @@ from charging.app.status import status as read_status
 from charging.connection import PartitionsChanged, RedisTooOld, connect, redacted
 from charging.keys import parse_partitions
 from charging.schema import Invalid, Outcome, parse_top_up
-from charging.settings import Settings
+from charging.settings import LIBRARY_MAX_BALANCE, Settings
 from producer import BacklogFull, Producer, WaitTimeout
 from producer.subscriber import subscribe
 from worker import supervisor
@@ -107,8 +107,8 @@ def show_outcome(outcome: Outcome, as_json: bool) -> None:
 def accounts_reset(count: Annotated[int, typer.Option(min=1, max=1_000_000)] = 100,
                    balance: Annotated[int, typer.Option(min=0)] = 100):
     """Set account1..accountN to BALANCE, creating missing ones."""
-    if balance > state.settings.max_balance:
-        fail(2, f"balance {balance} is over the maximum of {state.settings.max_balance}")
+    if balance > LIBRARY_MAX_BALANCE:
+        fail(2, f"balance {balance} is over the maximum of {LIBRARY_MAX_BALANCE}")
     done = codec.set_balances(state.client, state.settings,
                                   ((a, balance) for a in accounts_mod.numbered(count)))
     out.print(f"{done} accounts set to {balance}")
