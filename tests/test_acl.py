@@ -185,7 +185,7 @@ def test_admin_manages_accounts_but_not_the_server_or_other_keys(server, clients
 def direct_fcall(client, op: str, request_id: str, amount="", units="", unit_price="", reservation="", ttl_ms=""):
     """FCALL one settling function by hand, as a client holding the role could."""
     names = [KEYS.balances, KEYS.seen(request_id), KEYS.results, KEYS.requests, KEYS.held, KEYS.reservations,
-             KEYS.expiries]
+             KEYS.expiries, KEYS.holds]
     return client.fcall(op, len(names), *names, request_id, "account1", f"account1|{op}|{request_id}", "", "",
                          60_000, "", 60_000, amount, units, unit_price, reservation, ttl_ms)
 
