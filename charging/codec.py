@@ -46,7 +46,7 @@ def settle_keys(keys: Keys, request_id: str, reply_to: str | None = None) -> lis
 
 
 def settle_arguments(settings: Settings, request: ChargeRequest, amount: int | None, entry_id: str = "",
-                     **given: Any) -> list:
+                     given: Mapping[str, Any] | None = None) -> list:
     """The 13 ARGV of a settling function. amount: the rated price (tariff.price), None for a
     commit or extend in units and for a release; entry_id '' for a synchronous call. given:
     values by name (SETTLE_ARGUMENTS) in place of those the settings and the request make,
@@ -63,19 +63,19 @@ def settle_arguments(settings: Settings, request: ChargeRequest, amount: int | N
         "reservation": request.reservation_id or "",
         "ttl_ms": "" if ttl_s is None else ttl_s * 1000,
     }
-    if unknown := set(given) - set(values):
+    if unknown := set(given or ()) - set(values):
         raise TypeError(f"not arguments of a settling function: {sorted(unknown)}")
-    values.update(given)
+    values.update(given or ())
     return [values[name] for name in SETTLE_ARGUMENTS]
 
 
 def settle(target, settings: Settings, request: ChargeRequest, amount: int | None, entry_id: str = "",
-           **given: Any):
+           given: Mapping[str, Any] | None = None):
     """Queue the function of the request's op (charge, reserve, commit, extend, release).
     given: see settle_arguments."""
     names = settle_keys(keys_of(request.account, settings), request.request_id, request.reply_to)
     return target.fcall(request.op, len(names), *names,
-                        *settle_arguments(settings, request, amount, entry_id, **given))
+                        *settle_arguments(settings, request, amount, entry_id, given))
 
 
 def settle_batch(target, settings: Settings, keys: Keys, items: Sequence[tuple[ChargeRequest, int | None, str]]):

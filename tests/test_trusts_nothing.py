@@ -52,8 +52,8 @@ def test_an_expired_hold_never_blocks_a_charge_whatever_the_sweep_has_reached(cl
     others = [f"account{i}" for i in range(1, 21)]
     codec.set_balances(client, settings, [(a, 100) for a in others] + [("account30", 100)])
     for account in others:
-        codec.settle(client, settings, reserve(settings, account, 10, f"h-{account}"), 10, ttl_ms=SHORT_TTL_MS)
-    codec.settle(client, settings, reserve(settings, "account30", 100, "h-30"), 100, ttl_ms=SHORT_TTL_MS)
+        codec.settle(client, settings, reserve(settings, account, 10, f"h-{account}"), 10, given={"ttl_ms": SHORT_TTL_MS})
+    codec.settle(client, settings, reserve(settings, "account30", 100, "h-30"), 100, given={"ttl_ms": SHORT_TTL_MS})
     time.sleep(3 * SHORT_TTL_MS / 1000)
 
     first = producer.authorize({"request_id": "after-expiry", "account": "account30", "amount": 50})
@@ -71,7 +71,7 @@ def test_an_expired_hold_never_blocks_a_charge_whatever_the_sweep_has_reached(cl
 
 def test_an_extend_and_a_reserve_see_only_unexpired_holds_of_their_account(client, settings, producer):
     codec.set_balances(client, settings, [("account1", 100)])
-    codec.settle(client, settings, reserve(settings, "account1", 90, "gone"), 90, ttl_ms=SHORT_TTL_MS)
+    codec.settle(client, settings, reserve(settings, "account1", 90, "gone"), 90, given={"ttl_ms": SHORT_TTL_MS})
     long = producer.reserve({"request_id": "long", "account": "account1", "amount": 10})
     time.sleep(3 * SHORT_TTL_MS / 1000)
 
@@ -148,7 +148,7 @@ def test_a_malformed_dedupe_window_is_refused_before_anything_is_charged(client,
     before = snapshot(client, settings)
     for _ in range(5):
         message = refused(lambda: codec.settle(client, settings, charge(settings, "acct", 100, "w1"), 100,
-                                               window_ms=window))
+                                               given={"window_ms": window}))
         assert "invalid_window" in message
     assert snapshot(client, settings) == before
     assert client.hget(keys.balances, "acct") == b"1000"

@@ -1,0 +1,316 @@
+"""Stateful property tests: random sequences of operations drive the real functions of
+lua/charging.lua on a real Redis, next to the reference model in tests/model.py, and after
+every step the money rules are checked:
+
+- no balance and no held total below zero;
+- held = what the open holds not yet expired hold, and the stored held total of an account
+  = what its stored reservations hold; available = balance - held;
+- money is conserved: start + top-ups - charged = balance, per account;
+- every answer is the model's, and a replay returns the stored outcome field for field;
+- every call answered posts exactly one outcome, and a refused call writes nothing;
+- through a worker killed with SIGKILL between steps: every acked entry has exactly one
+  outcome or dead letter, and no request is charged twice.
+
+The model's clock is the processed_at each answer carries; holds and dedupe records live for
+milliseconds, so expiry happens within a sequence without sleeping a whole second.
+CHARGING_MODEL_EXAMPLES=N runs N sequences (CI: 200 of 30 steps, about a minute).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import time
+from collections import Counter, defaultdict
+
+import pytest
+import redis
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (Bundle, RuleBasedStateMachine, initialize, invariant, precondition, rule,
+                                 run_state_machine_as_test)
+
+from charging import codec
+from charging.connection import connect
+from charging.keys import Keys
+from charging.schema import ChargeRequest, Outcome, parse_request
+from charging.settings import Settings
+from charging.tariff import price, unit_price
+from tests.model import Answer, Ledger, Request
+from worker.loop import Worker
+
+EXAMPLES = int(os.environ.get("CHARGING_MODEL_EXAMPLES", "200"))
+STEPS = 30
+WORKER_EXAMPLES = max(12, EXAMPLES // 16)
+WORKER_STEPS = 10
+
+ACCOUNTS = ("alice", "bob", "carol")
+CROWD = tuple(f"crowd{i}" for i in range(20))  # a busy partition: many holds of other accounts
+REQUEST_IDS = ("r0", "r1", "r2", "r3")  # reused ids, besides fresh ones: replays and conflicts
+MALFORMED = ("1e3", "0x10", " 5", "5 ", "-5", "0", "1.5", "inf", "abc", "9" * 17)
+# (argument, value) pairs no settling call may accept, whatever its operation.
+BAD_ARGUMENTS = ([("window_ms", v) for v in (*MALFORMED, "")] + [("reply_ttl_ms", v) for v in (*MALFORMED, "")]
+                 + [("amount", v) for v in MALFORMED] + [("ttl_ms", v) for v in MALFORMED]
+                 + [("units", v) for v in MALFORMED] + [("submitted_at", v) for v in ("abc", "-5", "1.5", "1e3")]
+                 + [("request_id", v) for v in ("has space", "r" * 129)] + [("account", "a b")])
+MAX_BALANCE = 10**15
+
+_namespaces = itertools.count()
+
+prices = st.one_of(st.builds(lambda a: {"amount": a}, st.integers(1, 200)),
+                   st.builds(lambda s, u: {"service": s, "units": u}, st.sampled_from(("sms", "voice", "data")),
+                             st.integers(1, 20)))
+usages = st.one_of(st.builds(lambda a: {"amount": a}, st.integers(1, 150)),
+                   st.builds(lambda u: {"units": u}, st.integers(1, 30)))
+ttls = st.one_of(st.integers(1, 60), st.just(60_000))
+request_ids = st.one_of(st.none(), st.sampled_from(REQUEST_IDS))  # None: a fresh id
+
+
+def profile(examples: int, steps: int) -> settings:
+    return settings(max_examples=examples, stateful_step_count=steps, deadline=None, database=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def answer_of(reply: codec.Settled) -> Answer:
+    return Answer(reply.status, reply.reason, reply.charged, reply.balance, reply.duplicate, reply.held,
+                  reply.reserved, reply.expires_at)
+
+
+class LedgerMachine(RuleBasedStateMachine):
+    """Synchronous calls, one at a time, checked against the model after every step."""
+
+    reservations = Bundle("reservations")
+
+    def __init__(self, client: redis.Redis, url: str):
+        super().__init__()
+        self.client = client
+        self.settings = Settings(redis_url=url, namespace=f"model{os.getpid()}x{next(_namespaces)}")
+        self.keys = Keys(self.settings.namespace, 0)
+        self.ledger = Ledger()
+        self.clock = 0  # the latest server time an answer or the sweep reported
+        self.window_ms = 60_000
+        self.history: list[tuple[dict, int | None]] = []
+        self.request_ids: set[str] = set()
+        self.fresh = itertools.count()
+        self.start: dict[str, int] = {}
+        self.topped_up: Counter = Counter()
+        self.charged: Counter = Counter()
+        self.taken_reply = self.keys.reply("taken")  # a reply stream name someone made a string
+
+    def teardown(self):
+        names = [*codec.partition_keys(self.keys), self.keys.deadletter, self.keys.deadletter_reasons,
+                 self.taken_reply, *(self.keys.seen(rid) for rid in self.request_ids)]
+        for start in range(0, len(names), 500):
+            self.client.delete(*names[start:start + 500])
+
+    # ---- the calls ----------------------------------------------------------------------
+
+    def settle(self, data: dict, ttl_ms: int | None = None) -> ChargeRequest:
+        """One settling call through the codec, checked against the model and the results stream."""
+        if data["request_id"] is None:
+            data = {**data, "request_id": f"f{next(self.fresh)}"}
+        request = parse_request(data, self.settings)
+        amount = price(request, self.settings)
+        given = {"window_ms": self.window_ms} | ({} if ttl_ms is None else {"ttl_ms": ttl_ms})
+        self.history.append((data, ttl_ms))
+        self.request_ids.add(request.request_id)
+        posted = self.client.xlen(self.keys.results)
+        reply = codec.settled(codec.settle(self.client, self.settings, request, amount, given=given))
+        seen = answer_of(reply)
+        expected = self.ledger.settle(self.model_request(request, amount, ttl_ms), reply.processed_at, seen)
+        assert seen == expected, f"{request.op} {data}: library {seen}, model {expected}"
+        self.clock = max(self.clock, reply.processed_at)
+        assert self.client.xlen(self.keys.results) == posted + 1
+        [(_, fields)] = self.client.xrevrange(self.keys.results, count=1)
+        assert Outcome.from_fields(fields) == codec.outcome(request, reply)
+        if reply.status == "approved" and not reply.duplicate:
+            self.charged[request.account] += reply.charged
+        return request
+
+    def model_request(self, request, amount: int | None, ttl_ms: int | None) -> Request:
+        reserve = request.op == "reserve"
+        if ttl_ms is None and request.ttl is not None:
+            ttl_ms = request.ttl * 1000
+        if reserve and ttl_ms is None:
+            ttl_ms = self.settings.reservation_ttl_s * 1000
+        return Request(request.op, request.request_id, request.account, request.fingerprint, self.window_ms,
+                       amount=amount, units=request.units if amount is None else None,
+                       unit_price=unit_price(request, self.settings) if reserve else 1,
+                       reservation=request.reservation_id, ttl_ms=ttl_ms)
+
+    def refused(self, call, reason: str, request_id: str | None = None) -> None:
+        """call must fail with reason and change nothing."""
+        before = self.snapshot()
+        with pytest.raises(redis.ResponseError, match=reason):
+            call()
+        assert self.snapshot() == before
+        if request_id is not None:
+            assert self.client.exists(self.keys.seen(request_id)) == 0
+
+    def snapshot(self) -> list:
+        pipe = self.client.pipeline(transaction=False)
+        for name in (self.keys.balances, self.keys.held, self.keys.reservations):
+            pipe.hgetall(name)
+        for name in (self.keys.expiries, self.keys.holds):
+            pipe.zrange(name, 0, -1, withscores=True)
+        pipe.xrange(self.keys.results)
+        pipe.get(self.taken_reply)
+        return pipe.execute()
+
+    # ---- rules ----------------------------------------------------------------------------
+
+    @initialize(balances=st.lists(st.integers(0, 1000), min_size=len(ACCOUNTS), max_size=len(ACCOUNTS)),
+                window_ms=st.one_of(st.just(60_000), st.integers(10, 200)))
+    def open_accounts(self, balances, window_ms):
+        self.window_ms = window_ms
+        opening = dict(zip(ACCOUNTS, balances)) | dict.fromkeys(CROWD, 1000)
+        codec.set_balances(self.client, self.settings, opening.items())
+        self.client.set(self.taken_reply, "not a stream")
+        self.ledger.balances.update(opening)
+        self.start.update(opening)
+
+    @rule(account=st.sampled_from((*ACCOUNTS, "nobody")), cost=prices, request_id=request_ids)
+    def charge(self, account, cost, request_id):
+        self.settle({"request_id": request_id, "account": account, **cost})
+
+    @rule(target=reservations, account=st.sampled_from((*ACCOUNTS, "nobody")), cost=prices,
+          request_id=request_ids, ttl_ms=ttls)
+    def reserve(self, account, cost, request_id, ttl_ms):
+        request = self.settle({"op": "reserve", "request_id": request_id, "account": account, **cost}, ttl_ms)
+        return request.reservation_id
+
+    @rule(reservation=reservations, usage=usages, request_id=request_ids,
+          ttl_ms=st.one_of(st.none(), ttls))
+    def extend(self, reservation, usage, request_id, ttl_ms):
+        self.settle({"op": "extend", "request_id": request_id, "reservation": reservation, **usage}, ttl_ms)
+
+    @rule(reservation=reservations, usage=usages, request_id=request_ids)
+    def commit(self, reservation, usage, request_id):
+        self.settle({"op": "commit", "request_id": request_id, "reservation": reservation, **usage})
+
+    @rule(reservation=reservations, request_id=request_ids)
+    def release(self, reservation, request_id):
+        self.settle({"op": "release", "request_id": request_id, "reservation": reservation})
+
+    @precondition(lambda self: self.history)
+    @rule(data=st.data())
+    def replay(self, data):
+        """A request sent again, the same in every field (a producer's retry)."""
+        self.settle(*data.draw(st.sampled_from(self.history), label="replayed"))
+
+    @rule(count=st.integers(1, 20), ttl_ms=st.integers(1, 30))
+    def busy_partition(self, count, ttl_ms):
+        """Other accounts of the partition hold funds for a few milliseconds."""
+        for account in CROWD[:count]:
+            self.settle({"op": "reserve", "request_id": f"crowd-{next(self.fresh)}", "account": account,
+                         "amount": 10}, ttl_ms)
+
+    @rule(ms=st.integers(0, 40))
+    def wait(self, ms):
+        time.sleep(ms / 1000)
+
+    @rule(limit=st.integers(1, 5))
+    def sweep(self, limit):
+        before = self.stored_reservations()
+        released = codec.expire_reservations(self.client, self.settings.model_copy(update={"sweep_batch": limit}),
+                                             self.keys)
+        now = self.server_ms()
+        gone = before.keys() - self.stored_reservations().keys()
+        assert released == len(gone) <= limit
+        assert all(before[rid].expires_at <= now for rid in gone), "the sweep released a hold not yet expired"
+        self.ledger.forget(gone)
+        self.clock = max(self.clock, now)
+
+    @rule(account=st.sampled_from((*ACCOUNTS, "nobody")),
+          amount=st.one_of(st.integers(1, 500), st.just(MAX_BALANCE), st.sampled_from(MALFORMED)))
+    def top_up(self, account, amount):
+        balance = self.ledger.balances.get(account)
+        top_up = lambda: codec.top_up(self.client, self.settings, account, amount)  # noqa: E731
+        if isinstance(amount, str):
+            self.refused(top_up, "invalid_amount")
+        elif balance is None:
+            self.refused(top_up, "unknown_account")
+        elif balance + amount > MAX_BALANCE:
+            self.refused(top_up, "balance_too_large")
+        else:
+            assert top_up() == balance + amount
+            self.ledger.balances[account] = balance + amount
+            self.topped_up[account] += amount
+
+    @rule(account=st.sampled_from(ACCOUNTS),
+          balance=st.one_of(st.integers(0, 500), st.sampled_from((*MALFORMED, "-77", "9" * 20, ""))))
+    def set_balance(self, account, balance):
+        set_balance = lambda: codec.set_balances(self.client, self.settings, [(account, balance)])  # noqa: E731
+        if isinstance(balance, str) and not (balance.isdigit() and balance.isascii() and int(balance) <= MAX_BALANCE):
+            self.refused(set_balance, "invalid_balance|balance_too_large")
+            return
+        assert set_balance() == 1
+        self.ledger.balances[account] = self.start[account] = int(balance)
+        self.topped_up[account] = self.charged[account] = 0
+
+    @rule(op=st.sampled_from(("charge", "reserve", "extend", "commit", "release")), account=st.sampled_from(ACCOUNTS),
+          bad=st.sampled_from(BAD_ARGUMENTS))
+    def malformed_call(self, op, account, bad):
+        """A direct FCALL with one argument no caller may pass: refused, nothing written."""
+        request_id = f"bad-{next(self.fresh)}"
+        data = {"op": op, "request_id": request_id}
+        data |= {"account": account, "amount": 5} if op in ("charge", "reserve") else {"reservation": f"{account}/r0"}
+        data |= {"amount": 5} if op in ("extend", "commit") else {}
+        request = parse_request(data, self.settings)
+        given = {"window_ms": self.window_ms} | dict([bad])
+        self.refused(lambda: codec.settle(self.client, self.settings, request, price(request, self.settings),
+                                          given=given),
+                     "invalid_|field_not_allowed", request_id)
+
+    @rule(account=st.sampled_from(ACCOUNTS), cost=prices)
+    def reply_to_another_type(self, account, cost):
+        request_id = f"taken-{next(self.fresh)}"
+        request = parse_request({"request_id": request_id, "account": account, "reply_to": self.taken_reply, **cost},
+                                self.settings)
+        self.refused(lambda: codec.settle(self.client, self.settings, request, price(request, self.settings)),
+                     "WRONGTYPE", request_id)
+
+    # ---- after every step -------------------------------------------------------------------
+
+    def stored_reservations(self) -> dict[str, codec.Reservation]:
+        return {rid.decode(): codec.reservation(packed)
+                for rid, packed in self.client.hgetall(self.keys.reservations).items()}
+
+    def server_ms(self) -> int:
+        seconds, micros = self.client.time()
+        return seconds * 1000 + micros // 1000
+
+    @invariant()
+    def money_rules_hold(self):
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hgetall(self.keys.balances)
+        pipe.hgetall(self.keys.held)
+        pipe.zrange(self.keys.expiries, 0, -1, withscores=True)
+        pipe.zrange(self.keys.holds, 0, -1)
+        raw_balances, raw_held, expiries, index = pipe.execute()
+        stored = self.stored_reservations()
+        balances = {a.decode(): v.decode() for a, v in raw_balances.items()}
+        held = {a.decode(): v.decode() for a, v in raw_held.items()}
+        assert all(v.isdigit() for v in (*balances.values(), *held.values())), (balances, held)  # never below 0
+        assert {a: int(v) for a, v in balances.items()} == self.ledger.balances
+        for account, start in self.start.items():
+            assert int(balances[account]) == start + self.topped_up[account] - self.charged[account], account
+        # The stored held total is what the stored reservations hold, and they are all indexed.
+        holding: Counter = Counter()
+        for reservation in stored.values():
+            holding[reservation.account] += reservation.amount
+        assert {a: int(v) for a, v in held.items()} == {a: n for a, n in holding.items() if n}
+        assert {rid.decode(): int(at) for rid, at in expiries} == {rid: r.expires_at for rid, r in stored.items()}
+        assert {rid.decode() for rid in index} == stored.keys()
+        # held = what the holds not yet expired hold: the same holds as the model's.
+        unexpired = {rid: (r.account, r.amount, r.expires_at, r.unit_price, r.ttl_ms) for rid, r in stored.items()
+                     if r.expires_at > self.clock}
+        assert unexpired == {rid: (h.account, h.amount, h.expires_at, h.unit_price, h.ttl_ms)
+                             for rid, h in self.ledger.open_holds(self.clock).items()}
+
+
+@pytest.mark.slow
+def test_every_money_rule_holds_after_every_step_of_random_sequences(redis_url):
+    client = connect(Settings(redis_url=redis_url, namespace="model"))
+    run_state_machine_as_test(lambda: LedgerMachine(client, redis_url), settings=profile(EXAMPLES, STEPS))
