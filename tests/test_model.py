@@ -22,27 +22,35 @@ import itertools
 import os
 import signal
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 
 import pytest
 import redis
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import (Bundle, RuleBasedStateMachine, initialize, invariant, precondition, rule,
-                                 run_state_machine_as_test)
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 from charging import codec
 from charging.connection import connect
 from charging.keys import Keys
 from charging.schema import ChargeRequest, Outcome, parse_request
 from charging.settings import Settings
+from charging.streams import ensure_group
 from charging.tariff import price, unit_price
 from tests.model import Answer, Ledger, Request
 from worker.loop import Worker
 
 EXAMPLES = int(os.environ.get("CHARGING_MODEL_EXAMPLES", "200"))
 STEPS = 30
-WORKER_EXAMPLES = max(12, EXAMPLES // 16)
+WORKER_EXAMPLES = max(25, EXAMPLES // 8)
 WORKER_STEPS = 10
 
 ACCOUNTS = ("alice", "bob", "carol")
@@ -314,3 +322,170 @@ class LedgerMachine(RuleBasedStateMachine):
 def test_every_money_rule_holds_after_every_step_of_random_sequences(redis_url):
     client = connect(Settings(redis_url=redis_url, namespace="model"))
     run_state_machine_as_test(lambda: LedgerMachine(client, redis_url), settings=profile(EXAMPLES, STEPS))
+
+
+# ---- settle_batch through a worker killed between steps ------------------------------------
+
+CONSUMER = "model-worker"  # one stable name: a restarted worker settles its own pending entries first
+WORKER_ACCOUNTS = ("alice", "bob")
+WORKER_REQUEST_IDS = tuple(f"w{i}" for i in range(6))
+DRAIN_TIMEOUT_S = 60
+
+
+def entry(kind: str, request_id: str, account: str, amount: int) -> tuple[list[str], str | None]:
+    """An entry as raw field/value pairs (XADD takes a name twice), and the dead-letter
+    reason it must get (None: a good charge)."""
+    good = ["request_id", request_id, "account", account, "amount", str(amount)]
+    return {
+        "good": (good, None),
+        "duplicate_field": (good + ["amount", "777"], "duplicate_field"),
+        "too_many_fields": (good + ["request_id", request_id] * 14, "too_many_fields"),
+        "invalid_amount": (good[:-1] + [f"{amount}e3"], "invalid_amount"),
+    }[kind]
+
+
+entries = st.builds(entry, st.sampled_from(("good",) * 5 + ("duplicate_field", "too_many_fields", "invalid_amount")),
+                    st.sampled_from(WORKER_REQUEST_IDS), st.sampled_from(WORKER_ACCOUNTS), st.integers(1, 60))
+
+
+def stream_id(entry_id: bytes | str) -> tuple[int, int]:
+    ms, seq = (entry_id.decode() if isinstance(entry_id, bytes) else entry_id).split("-")
+    return int(ms), int(seq)
+
+
+def start_worker(settings: Settings) -> int:
+    """A burst worker in a process of its own (forked: no interpreter start-up), to be killed."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            code = Worker(connect(settings), settings, CONSUMER, burst=True).run()
+        finally:
+            os._exit(code)
+    return pid
+
+
+class WorkerMachine(RuleBasedStateMachine):
+    """Entries XADDed raw (good charges, replays, conflicts and bad entries) and settled by
+    worker processes that are SIGKILLed at random moments, or left to drain."""
+
+    def __init__(self, client: redis.Redis, url: str):
+        super().__init__()
+        self.client = client
+        # Two entries per read, so that a kill usually finds a batch in hand; kills must not
+        # dead-letter a good entry for its deliveries.
+        self.settings = Settings(redis_url=url, namespace=f"model{os.getpid()}x{next(_namespaces)}",
+                                 reclaim_idle_ms=500, maintenance_interval_s=0.2, block_ms=100, batch=2,
+                                 max_deliveries=1000)
+        self.keys = Keys(self.settings.namespace, 0)
+        self.entries: list[tuple[str, list[str], str | None]] = []  # entry id, pairs, dead-letter reason
+        self.start: dict[str, int] = {}
+
+    def teardown(self):
+        names = [*codec.partition_keys(self.keys), self.keys.deadletter, self.keys.deadletter_reasons,
+                 *(self.keys.seen(rid) for rid in WORKER_REQUEST_IDS)]
+        self.client.delete(*names)
+
+    @initialize(balances=st.lists(st.integers(0, 300), min_size=len(WORKER_ACCOUNTS), max_size=len(WORKER_ACCOUNTS)))
+    def open_accounts(self, balances):
+        self.start = dict(zip(WORKER_ACCOUNTS, balances))
+        codec.set_balances(self.client, self.settings, self.start.items())
+        ensure_group(self.client, self.keys.requests, self.settings.group)
+
+    @rule(batch=st.lists(entries, min_size=1, max_size=20))
+    def submit(self, batch):
+        for pairs, reason in batch:
+            entry_id = self.client.execute_command("XADD", self.keys.requests, "*", *pairs).decode()
+            self.entries.append((entry_id, pairs, reason))
+
+    def settled(self) -> int:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.xlen(self.keys.results)
+        pipe.xlen(self.keys.deadletter)
+        return sum(pipe.execute())
+
+    @precondition(lambda self: self.settled() < len(self.entries))
+    @rule(share=st.integers(0, 100))
+    def worker_killed(self, share):
+        """SIGKILL once the worker has settled share % of the entries left (or 2 s passed)."""
+        settled = self.settled()
+        goal, deadline = settled + (len(self.entries) - settled) * share // 100, time.monotonic() + 2
+        pid = start_worker(self.settings)
+        while self.settled() < goal and time.monotonic() < deadline:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return  # drained before the goal: nothing to kill
+            time.sleep(0.0005)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+    @rule()
+    def drain(self):
+        """A worker left to finish: then every entry has its outcome, the model's, in stream order."""
+        pid = start_worker(self.settings)
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if done[0] == 0:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        assert done[0] == pid and os.waitstatus_to_exitcode(done[1]) == 0, "the burst worker did not drain"
+        assert self.client.xpending(self.keys.requests, self.settings.group)["pending"] == 0
+        self.outcomes_are_the_models()
+
+    def outcomes_are_the_models(self):
+        """One worker consumer settles entries in stream order (its own pending ones first after
+        a restart, and they are the oldest), so the model replays them in that order."""
+        ledger = Ledger()
+        ledger.balances.update(self.start)
+        outcomes = {f[b"entry_id"].decode(): Outcome.from_fields(f) for _, f in self.client.xrange(self.keys.results)}
+        for entry_id, pairs, reason in self.entries:
+            if reason is not None:
+                continue
+            request = parse_request(list(zip(pairs[::2], pairs[1::2])), self.settings)
+            done = outcomes[entry_id]
+            seen = Answer(done.status, done.reason, done.charged, done.balance, done.duplicate)
+            expected = ledger.settle(Request("charge", request.request_id, request.account, request.fingerprint,
+                                             self.settings.dedupe_window_ms, amount=request.amount),
+                                     done.processed_at, seen)
+            assert seen == expected, f"entry {entry_id} {pairs}: worker {seen}, model {expected}"
+
+    @invariant()
+    def every_acked_entry_has_exactly_one_outcome_or_dead_letter(self):
+        results = [f for _, f in self.client.xrange(self.keys.results)]
+        dead = {f[b"entry_id"].decode(): f[b"error"].decode() for _, f in self.client.xrange(self.keys.deadletter)}
+        settled = Counter(f[b"entry_id"].decode() for f in results)
+        settled.update(dead.keys())
+        pending = {p["message_id"].decode() for p in self.client.xpending_range(
+            self.keys.requests, self.settings.group, "-", "+", count=10_000)}
+        [group] = self.client.xinfo_groups(self.keys.requests)
+        delivered = stream_id(group["last-delivered-id"])
+        for entry_id, pairs, reason in self.entries:
+            acked = stream_id(entry_id) <= delivered and entry_id not in pending
+            assert settled[entry_id] == (1 if acked else 0), (entry_id, pairs, acked, settled[entry_id])
+            if acked:
+                assert dead.get(entry_id) == reason, (entry_id, pairs, dead.get(entry_id))
+        # Charged once: one first outcome per request id, and replays answer with it.
+        firsts = {}
+        for f in results:
+            if f[b"duplicate"] == b"0":
+                assert f[b"request_id"] not in firsts, f"request {f[b'request_id']} settled twice"
+                firsts[f[b"request_id"]] = f
+        for f in results:
+            if f[b"duplicate"] == b"1" and f[b"reason"] != b"idempotency_conflict":
+                first = firsts[f[b"request_id"]]
+                assert [f[k] for k in (b"status", b"reason", b"charged", b"balance")] == [
+                    first[k] for k in (b"status", b"reason", b"charged", b"balance")]
+        # No overdraft, and the money adds up: start - charged = balance.
+        balances = {a.decode(): int(v) for a, v in self.client.hgetall(self.keys.balances).items()}
+        charged = Counter()
+        for f in firsts.values():
+            if f[b"status"] == b"approved":
+                charged[f[b"account"].decode()] += int(f[b"charged"])
+        assert balances == {a: start - charged[a] for a, start in self.start.items()}
+        assert all(b >= 0 for b in balances.values())
+
+
+@pytest.mark.slow
+def test_a_worker_killed_between_steps_settles_every_entry_once(redis_url):
+    client = connect(Settings(redis_url=redis_url, namespace="model"))
+    run_state_machine_as_test(lambda: WorkerMachine(client, redis_url), settings=profile(WORKER_EXAMPLES, WORKER_STEPS))
