@@ -212,20 +212,31 @@ local function write_held(k, account, before, after)
   end
 end
 
+-- Sorts one stored reservation into the account's open or expired ones.
+local function count_reservation(s, id, r, now)
+  s.counted = s.counted + r.amount
+  if r.expires_at <= now then
+    s.expired[id] = r
+    s.expired_ids[#s.expired_ids + 1] = id
+    s.released = s.released + r.amount
+  else
+    s.open[id] = r
+  end
+end
+
 -- What a settling call knows about an account before it writes anything, all of it
 -- checked: its balance (false when unknown), its open reservations by id, those past
 -- their expiry (released by this call, whatever the sweep has reached), and held: what
 -- the ones not expired hold, the held total this call decides on. O(reservations of the
 -- account). Returns nil and a reason for a stored value the library did not write.
 local function read_account(k, account, now)
-  local s = {account = account, open = {}, expired = {}, expired_ids = {}, gone = {}}
+  local s = {account = account, open = {}, expired = {}, expired_ids = {}, gone = {}, counted = 0, released = 0}
   local balance = redis.call('HGET', k.balances, account)
   s.balance = balance and count(balance, 0, MAX_BALANCE)
   if balance and not s.balance then return nil, 'corrupt_balance' end
   s.stored_held = stored_held(k, account)
   if not s.stored_held then return nil, 'corrupt_held' end
   local ids = redis.call('ZRANGE', k.holds, '[' .. account .. '/', '(' .. account .. '0', 'BYLEX')
-  local released = 0
   for first = 1, #ids, READ_CHUNK do
     local chunk = {unpack(ids, first, math.min(#ids, first + READ_CHUNK - 1))}
     local packed = redis.call('HMGET', k.reservations, unpack(chunk))
@@ -235,38 +246,30 @@ local function read_account(k, account, now)
       else
         local r = parse_reservation(packed[i], id)
         if not r then return nil, 'corrupt_reservation' end
-        if r.expires_at <= now then
-          s.expired[id] = r
-          s.expired_ids[#s.expired_ids + 1] = id
-          released = released + r.amount
-        else
-          s.open[id] = r
-        end
+        count_reservation(s, id, r, now)
       end
     end
   end
-  s.held = s.stored_held - released
-  if s.held < 0 then return nil, 'corrupt_held' end
+  -- The stored total covers every reservation of the account (those made before the index
+  -- existed too); one smaller than what was read is not a total the library wrote.
+  if s.stored_held < s.counted then return nil, 'corrupt_held' end
+  s.held = s.stored_held - s.released
   return s
 end
 
--- The reservation a commit, extend or release names that the index did not list (one made
--- before the index existed), read the same way.
+-- The reservation a request names when the index did not list it (one made before the
+-- index existed), read and checked the same way. Returns nil and a reason when it is not
+-- one the library wrote.
 local function read_named(k, s, id, now)
-  if s.open[id] or s.expired[id] then return true end
+  if s.open[id] or s.expired[id] then return s end
   local packed = redis.call('HGET', k.reservations, id)
-  if not packed then return true end
+  if not packed then return s end
   local r = parse_reservation(packed, id)
-  if not r then return false end
-  if r.expires_at <= now then
-    s.expired[id] = r
-    s.expired_ids[#s.expired_ids + 1] = id
-    s.held = s.held - r.amount
-    if s.held < 0 then return false end
-  else
-    s.open[id] = r
-  end
-  return true
+  if not r then return nil, 'corrupt_reservation' end
+  count_reservation(s, id, r, now)
+  if s.stored_held < s.counted then return nil, 'corrupt_held' end
+  s.held = s.stored_held - s.released
+  return s
 end
 
 -- Writes what the decision left in s: the expired reservations released, the index
@@ -550,9 +553,7 @@ local function settle(op, keys, args, types_checked)
   local stored = read_record(k.seen)
   if stored == nil then return refuse('corrupt_record', k.seen) end
   local s, bad = read_account(k, a.account, now)
-  if s and a.reservation and not read_named(k, s, a.reservation, now) then
-    s, bad = nil, 'corrupt_reservation'
-  end
+  if s and a.reservation then s, bad = read_named(k, s, a.reservation, now) end
   if not s then return refuse(bad, a.account) end
   local o = stored and replay(s, a, stored)
   if not o then

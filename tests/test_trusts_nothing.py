@@ -182,6 +182,33 @@ def test_a_negative_held_total_never_lets_a_charge_below_zero(client, settings, 
     assert client.hget(keys.balances, "acct") == b"100" and client.xlen(keys.results) == 0
 
 
+def test_a_held_total_smaller_than_its_reservations_is_refused(client, settings, producer):
+    keys = Keys(settings.namespace, 0)
+    codec.set_balances(client, settings, [("acct", 100)])
+    producer.reserve({"request_id": "h", "account": "acct", "amount": 60})
+    client.hset(keys.held, "acct", 10)  # would leave 90 available: refused instead
+    assert "corrupt_held" in refused(lambda: producer.authorize({"account": "acct", "amount": 80}))
+    assert client.hget(keys.balances, "acct") == b"100"
+
+
+def test_a_reservation_made_before_the_holds_index_counts_until_it_ends(client, settings, producer):
+    """After an upgrade, a reservation the index does not list keeps its funds held: a
+    charge cannot spend them, its commit finds it by id, and the sweep releases it."""
+    keys = Keys(settings.namespace, 0)
+    codec.set_balances(client, settings, [("acct", 100)])
+    old = producer.reserve({"request_id": "old", "account": "acct", "amount": 60})
+    stale = producer.reserve({"request_id": "stale", "account": "acct", "amount": 30, "ttl": 1})
+    client.zrem(keys.holds, old.reservation, stale.reservation)  # as the previous version left them
+
+    assert producer.authorize({"account": "acct", "amount": 20}).reason == "insufficient_funds"
+    assert producer.commit({"reservation": old.reservation, "amount": 50}).charged == 50
+    time.sleep(1.1)
+    assert producer.authorize({"account": "acct", "amount": 21}).reason == "insufficient_funds"  # still held
+    assert codec.expire_reservations(client, settings, keys) == 1
+    assert producer.authorize({"account": "acct", "amount": 50}).approved
+    assert (client.hget(keys.balances, "acct"), client.hget(keys.held, "acct")) == (b"0", None)
+
+
 # ---- 5. numbers are digits, a field is given once ------------------------------------------
 
 @pytest.mark.parametrize("amount", ["1e3", "0x10", " 5", "5 ", "+5", "1.0", "inf", "nan"])
