@@ -9,14 +9,15 @@ from pathlib import Path
 from typing import TypeVar
 
 import redis
-import structlog
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 
+from charging.errors import ChargingError
+from charging.log import logger
 from charging.settings import Settings
 
-log = structlog.get_logger("charging.connection")
+log = logger("charging.connection")
 
 # Errors that pass: a server restarting or loading, a cluster failing over. Callers back
 # off and retry; every retried call is safe because it is keyed by request id or entry id.
@@ -46,11 +47,11 @@ class Backoff:
         self._failures = 0
 
 
-class RedisTooOld(RuntimeError):
+class RedisTooOld(ChargingError, RuntimeError):
     pass
 
 
-class PartitionsChanged(RuntimeError):
+class PartitionsChanged(ChargingError, RuntimeError):
     pass
 
 
@@ -203,7 +204,7 @@ def missing_function(reply: object) -> bool:
     return isinstance(reply, redis.ResponseError) and "Function not found" in str(reply)
 
 
-class NotReplicated(RuntimeError):
+class NotReplicated(ChargingError, RuntimeError):
     """The write reached the primary but not CHARGING_WAIT_REPLICAS replicas in time. It
     may still be applied: retry with the same request id, which is always safe."""
 

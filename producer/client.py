@@ -10,17 +10,17 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import redis
-import structlog
 
 from charging import codec
 from charging.connection import replicated_pipeline, with_functions
 from charging.keys import Keys, keys_of, partition_of
+from charging.log import logger
 from charging.schema import ChargeRequest, Invalid, Outcome, account_of, parse_request
 from charging.settings import Settings
 from charging.streams import read_streams
 from charging.tariff import price
 
-log = structlog.get_logger("charging.producer")
+log = logger("charging.producer")
 
 PIPELINE_CHUNK = 1000
 

@@ -8,11 +8,11 @@ from collections import defaultdict
 from collections.abc import Iterable
 
 import redis
-import structlog
 
 from charging import codec
 from charging.connection import TRANSIENT_ERRORS, Backoff, missing_function, reload_functions, with_functions
 from charging.keys import Keys, partition_of
+from charging.log import logger
 from charging.schema import Invalid, parse_request
 from charging.settings import Settings
 from charging.streams import read_streams, text
@@ -20,7 +20,7 @@ from charging.tariff import price
 from worker import metrics, recovery
 from worker.entry import Entry
 
-log = structlog.get_logger("charging.worker")
+log = logger("charging.worker")
 
 # Redis serves no one else while a function runs, about 18 us per entry (README, "Benchmark"):
 # 25 entries hold it for under half a millisecond, so authorize callers barely wait, and
