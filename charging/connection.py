@@ -78,6 +78,7 @@ def client_options(settings: Settings, retry: type[Retry] | type[AsyncRetry]) ->
 
 # A single node's client also retries these on its own (a cluster client knows its errors).
 RETRY_ON = [redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError]
+ASYNC_POOL_SIZE = 50  # connections of an asyncio client; concurrent waits share one (producer/requests.py)
 
 
 def connect(settings: Settings, load: bool = True) -> Client:
@@ -104,10 +105,18 @@ async def connect_async(settings: Settings, load: bool = True) -> AsyncClient:
     client: AsyncClient
     if settings.cluster:
         seeds = [AsyncClusterNode(host, port) for host, port in settings.cluster_seeds]
-        client = AsyncRedisCluster.from_url(settings.server_url, startup_nodes=seeds, **options)
+        # Its nodes' pools cannot make a task wait for a free connection (they fail with
+        # "Too many connections"): unbounded, as the sync cluster client's are.
+        client = AsyncRedisCluster.from_url(settings.server_url, startup_nodes=seeds, max_connections=2**31,
+                                            **options)
         _parse_keys_locally_async(client)
     else:
-        client = redis.asyncio.Redis.from_url(settings.server_url, retry_on_error=RETRY_ON, **options)
+        # Tasks beyond the pool's size wait for a connection instead of failing with "Too many
+        # connections" (the default pool's answer), as a busy web backend needs.
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
+            settings.server_url, retry_on_error=RETRY_ON, max_connections=ASYNC_POOL_SIZE,
+            timeout=settings.socket_timeout_s, **options)
+        client = redis.asyncio.Redis.from_pool(pool)
     if load:
         await run_async(client, prepare_server(settings))
     return client
