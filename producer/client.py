@@ -18,8 +18,8 @@ from producer.requests import Request, Requests
 
 
 class Producer(Requests[Outcome]):
-    """Producer(connect(settings), settings). Not shared between threads: one per thread,
-    on the process's one client (its pool is thread-safe)."""
+    """Producer(connect(settings), settings). Give each thread a producer of its own, on
+    the process's one client (its pool is thread-safe)."""
 
     client: Client
 
