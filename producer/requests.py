@@ -30,6 +30,7 @@ READ_BLOCK_MS = 1000  # a waiter looks at the clock at least this often
 ARRIVAL_POLL_S = 0.01
 
 Request = Mapping[str, Any] | ChargeRequest
+C = TypeVar("C")  # the client: redis.Redis (or RedisCluster), or a redis.asyncio one
 O = TypeVar("O")  # what an operation that settles one request returns: an Outcome, or a coroutine of one
 
 
@@ -52,12 +53,12 @@ class BacklogFull(ChargingError, RuntimeError):
         self.stream = stream
 
 
-class Requests(Generic[O]):
+class Requests(Generic[C, O]):
     """The state and the plans a Producer and an AsyncProducer share. The operations that
     settle one request (charge, authorize, reserve, extend, commit, release) are defined
     here once: O is Outcome for the sync producer, a coroutine of one for the asyncio one."""
 
-    def __init__(self, client: Any, settings: Settings, producer_id: str | None = None):
+    def __init__(self, client: C, settings: Settings, producer_id: str | None = None):
         self.client = client
         self.settings = settings
         self.id = producer_id or uuid.uuid4().hex

@@ -17,7 +17,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from charging.connection import AsyncClient, Client
 from charging.keys import all_partitions
@@ -39,7 +39,10 @@ def results_streams(settings: Settings) -> list[str]:
     return [k.results for k in all_partitions(settings.namespace, settings.partitions)]
 
 
-class Subscription:
+C = TypeVar("C")  # the client: redis.Redis (or RedisCluster), or a redis.asyncio one
+
+
+class Subscription(Generic[C]):
     """What Subscriber and AsyncSubscriber share: the group, this member, and the plan.
 
     group: the consumer group; it is made on first use, reading from the oldest outcome
@@ -56,7 +59,7 @@ class Subscription:
     batch: outcomes per read; block_ms: how long a read waits (default CHARGING_BLOCK_MS),
     so how long stop() may take."""
 
-    def __init__(self, client: Any, settings: Settings, group: str, consumer: str | None = None, *,
+    def __init__(self, client: C, settings: Settings, group: str, consumer: str | None = None, *,
                  streams: Sequence[str] | None = None, start: Start = "start", claim_idle_ms: int | None = None,
                  claim_interval_s: float | None = None, batch: int = 100, block_ms: int | None = None):
         self.client = client
@@ -158,18 +161,10 @@ class Subscription:
         return self.batch if limit is None else max(1, min(self.batch, limit - self.handled))
 
 
-class Subscriber(Subscription):
+class Subscriber(Subscription[Client]):
     """Subscriber(connect(settings), settings, group): run(handler) hands each outcome to
     handler(outcome) and acks it after the handler returned (see the module's notes on at
     least once)."""
-
-    client: Client
-
-    def __init__(self, client: Client, settings: Settings, group: str, consumer: str | None = None, *,
-                 streams: Sequence[str] | None = None, start: Start = "start", claim_idle_ms: int | None = None,
-                 claim_interval_s: float | None = None, batch: int = 100, block_ms: int | None = None):
-        super().__init__(client, settings, group, consumer, streams=streams, start=start, claim_idle_ms=claim_idle_ms,
-                         claim_interval_s=claim_interval_s, batch=batch, block_ms=block_ms)
 
     def run(self, handler: Handler, *, limit: int | None = None, follow: bool = True) -> int:
         """handler(outcome) for each outcome, until stop(), limit outcomes, or (follow=False)
@@ -184,17 +179,9 @@ class Subscriber(Subscription):
         return run(self.client, self._subscribing(handler, False, limit, follow))
 
 
-class AsyncSubscriber(Subscription):
+class AsyncSubscriber(Subscription[AsyncClient]):
     """Subscriber for asyncio: AsyncSubscriber(await connect_async(settings), settings,
     group); handlers may be coroutine functions (awaited) or plain ones."""
-
-    client: AsyncClient
-
-    def __init__(self, client: AsyncClient, settings: Settings, group: str, consumer: str | None = None, *,
-                 streams: Sequence[str] | None = None, start: Start = "start", claim_idle_ms: int | None = None,
-                 claim_interval_s: float | None = None, batch: int = 100, block_ms: int | None = None):
-        super().__init__(client, settings, group, consumer, streams=streams, start=start, claim_idle_ms=claim_idle_ms,
-                         claim_interval_s=claim_interval_s, batch=batch, block_ms=block_ms)
 
     async def run(self, handler: Handler, *, limit: int | None = None, follow: bool = True) -> int:
         """Subscriber.run."""

@@ -20,7 +20,7 @@ from charging import codec
 from charging.connection import connect, connect_async
 from charging.keys import all_partitions
 from producer import AsyncSubscriber, Outcome, Producer, Subscriber
-from tests.conftest import cli, environment
+from tests.conftest import BOTH_BACKENDS, cli, environment
 
 
 def settled(client, settings, n: int, prefix: str = "o") -> list[str]:
@@ -130,6 +130,7 @@ def test_subscriber_killed_mid_batch_loses_nothing_and_repeats_only_what_it_had_
     assert pending(client, settings, "billing") == []
 
 
+@BOTH_BACKENDS
 def test_a_handler_that_raises_leaves_its_outcome_and_the_rest_for_the_next_run(client, settings):
     ids = settled(client, settings, 10)
     handled: list[str] = []
@@ -141,13 +142,15 @@ def test_a_handler_that_raises_leaves_its_outcome_and_the_rest_for_the_next_run(
 
     with pytest.raises(RuntimeError):
         Subscriber(client, settings, "billing", "m1").run(fail_on_the_fourth, follow=False)
-    assert sorted(pending(client, settings, "billing", "m1")) == sorted(ids[3:])
+    assert len(handled) == 3
+    assert sorted(pending(client, settings, "billing", "m1")) == sorted(set(ids) - set(handled))
 
     Subscriber(client, settings, "billing", "m1").run(lambda o: handled.append(o.request_id), follow=False)
-    assert handled == ids
+    assert sorted(handled) == sorted(ids)
     assert pending(client, settings, "billing") == []
 
 
+@BOTH_BACKENDS
 def test_async_subscriber_hands_each_outcome_once_to_an_async_batch_handler(client, settings):
     ids = settled(client, settings, 30)
     batches: list[list[str]] = []
@@ -169,5 +172,6 @@ def test_async_subscriber_hands_each_outcome_once_to_an_async_batch_handler(clie
     first, second = asyncio.run(main())
 
     assert (first, second) == (30, 0)
-    assert [len(b) for b in batches] == [8, 8, 8, 6]
-    assert [rid for batch in batches for rid in batch] == ids
+    assert all(len(batch) <= 8 for batch in batches)
+    assert sorted(rid for batch in batches for rid in batch) == sorted(ids)
+    assert pending(client, settings, "audit") == []
