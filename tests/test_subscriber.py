@@ -20,7 +20,7 @@ from charging import codec
 from charging.connection import connect, connect_async
 from charging.keys import all_partitions
 from producer import AsyncSubscriber, Outcome, Producer, Subscriber
-from tests.conftest import BOTH_BACKENDS, cli, environment
+from tests.conftest import BOTH_BACKENDS, CHARGING, cli, environment
 
 
 def settled(client, settings, n: int, prefix: str = "o") -> list[str]:
@@ -73,6 +73,27 @@ def test_results_group_from_now_skips_what_was_settled_before_the_group(client, 
 
     assert first.stdout == "" and before
     assert [json.loads(line)["request_id"] for line in second.stdout.splitlines()] == after
+
+
+@pytest.mark.parametrize("stop, code", [(signal.SIGINT, 130), (signal.SIGTERM, 0)], ids=["ctrl-c", "sigterm"])
+def test_results_follow_stopped_by_a_signal_acks_what_it_printed_and_the_next_call_goes_on(client, settings, stop,
+                                                                                          code):
+    first = settled(client, settings, 5, "first")
+    follower = subprocess.Popen([CHARGING, "results", "--group", "billing", "--follow", "--json"], text=True,
+                                stdout=subprocess.PIPE, env={**os.environ, **environment(settings)})
+    printed: list[str] = []
+    reading = threading.Thread(target=lambda: printed.extend(
+        json.loads(follower.stdout.readline())["request_id"] for _ in first))
+    reading.start()
+    reading.join(timeout=60)
+    follower.send_signal(stop)
+    assert follower.wait(timeout=60) == code
+    later = settled(client, settings, 3, "later")
+    second = cli(settings, "results", "--group", "billing", "--json")
+
+    assert printed == first
+    assert [json.loads(line)["request_id"] for line in second.stdout.splitlines()] == later
+    assert pending(client, settings, "billing") == []
 
 
 MEMBER = textwrap.dedent("""
