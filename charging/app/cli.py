@@ -364,10 +364,17 @@ def results(follow: Annotated[bool, typer.Option(help="Keep printing new outcome
             show(outcome)
         return
     subscriber = Subscriber(state.client, state.settings, group, start=start)
-    signal.signal(signal.SIGTERM, lambda *_: subscriber.stop())  # finish the outcomes in hand, exit 0
+
+    def stop(*_: object) -> None:
+        """Print and ack the outcomes in hand, then exit 0; a second Ctrl-C stops at once."""
+        subscriber.stop()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     try:
         subscriber.run(show, limit=count, follow=follow)
-    except KeyboardInterrupt:  # what was printed is acked; the rest stays pending for the next call
+    except KeyboardInterrupt:  # the second Ctrl-C: what was acked stays acked, the rest is pending for next time
         raise typer.Exit(130) from None
 
 
