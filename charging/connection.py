@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -54,36 +53,93 @@ class PartitionsChanged(RuntimeError):
     pass
 
 
+class RedisRefused(RuntimeError):
+    """Redis answered and said no: a wrong user or password, a database it does not have.
+    Trying again cannot help, so nothing retries it."""
+
+
+# Errors that waiting does not fix: a worker stops on them instead of retrying.
+FATAL_ERRORS = (RedisRefused, RedisTooOld, PartitionsChanged, redis.exceptions.NoPermissionError)
+
+
+class _RetryBackoff(ExponentialWithJitterBackoff):
+    """redis-py's backoff between the retries of one command, logging each: a process that
+    lost Redis says so at every try, not only once the retries are spent."""
+
+    def compute(self, failures: int) -> float:
+        pause = super().compute(failures)
+        log.warning("redis_unavailable", attempt=failures, retry_in_s=round(pause, 3))
+        return pause
+
+
+class _TlsConnection(redis.SSLConnection):
+    """The TLS handshake is part of connecting, so it has the connect timeout: a server
+    that speaks no TLS is reported in seconds, not after a socket timeout per retry."""
+
+    def _connect(self):
+        timeout, self.socket_timeout = self.socket_timeout, self.socket_connect_timeout
+        try:
+            sock = super()._connect()
+        finally:
+            self.socket_timeout = timeout
+        sock.settimeout(timeout)
+        return sock
+
+
 def connect(settings: Settings, load: bool = True) -> redis.Redis:
     """Return the process's client: a single-node client, or a cluster client for a
-    cluster URL. Retries with backoff are explicit (the library's defaults changed between
-    versions); a retried command may run twice, which every function call tolerates
-    because it is keyed by request id or entry id."""
+    cluster URL. With load, the first round trips (version, library, partition count)
+    are made here and are not retried: a server that is down, refuses the login or has
+    no such database fails at once (RedisRefused for the last two). After them, retries
+    with backoff are explicit (the library's defaults changed between versions); a
+    retried command may run twice, which every function call tolerates because it is
+    keyed by request id or entry id."""
+    retry = Retry(_RetryBackoff(base=0.05, cap=2.0), 0 if load else settings.retry_attempts)
+    try:
+        client = _client(settings, retry)
+        if load:
+            _first_contact(client, settings)
+    except (redis.AuthenticationError, redis.exceptions.AuthenticationWrongNumberOfArgsError) as exc:
+        raise RedisRefused(f"Redis at {settings.redis_url} refused the login: {exc}") from None
+    except redis.ResponseError as exc:
+        if "DB index is out of range" not in str(exc):
+            raise
+        raise RedisRefused(f"Redis at {settings.redis_url} has no such database ({exc}); "
+                           "it has 16 (0 to 15) unless its `databases` setting says otherwise") from None
+    retry.update_retries(settings.retry_attempts)
+    client.set_retry(retry)  # the connections made so far took a copy of the no-retry policy
+    return client
+
+
+def _client(settings: Settings, retry: Retry) -> redis.Redis:
     options = dict(
         socket_timeout=settings.socket_timeout_s,
-        socket_connect_timeout=settings.socket_timeout_s,
+        socket_connect_timeout=settings.connect_timeout_s,
         health_check_interval=30,
-        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=2.0), settings.retry_attempts),
+        retry=retry,
         **tls_options(settings),
     )
     if settings.cluster:
         seeds = [ClusterNode(host, port) for host, port in settings.cluster_seeds]
         client = RedisCluster.from_url(settings.server_url, startup_nodes=seeds, **options)
         _parse_keys_locally(client)
-    else:
-        client = redis.Redis.from_url(
-            settings.server_url, retry_on_error=[redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError],
-            **options)
-    if load:
-        try:
-            check_version(client)
-            load_functions(client)
-        except redis.exceptions.NoPermissionError as exc:
-            # A producer's ACL role (deploy/users.acl) may neither read INFO nor load
-            # functions; workers and admins do both, so the library is there for it.
-            log.info("functions_not_loaded", reason=str(exc))
-        check_partitions(client, settings)
-    return client
+        return client
+    if settings.server_url.startswith("rediss://"):
+        options["connection_class"] = _TlsConnection
+    return redis.Redis.from_url(
+        settings.server_url, retry_on_error=[redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError],
+        **options)
+
+
+def _first_contact(client: redis.Redis, settings: Settings) -> None:
+    try:
+        check_version(client)
+        load_functions(client)
+    except redis.exceptions.NoPermissionError as exc:
+        # A producer's ACL role (deploy/users.acl) may neither read INFO nor load
+        # functions; workers and admins do both, so the library is there for it.
+        log.info("functions_not_loaded", reason=str(exc))
+    check_partitions(client, settings)
 
 
 def _parse_keys_locally(client: RedisCluster) -> None:
@@ -140,11 +196,6 @@ def tls_options(settings: Settings) -> dict[str, str | bool]:
     if settings.tls_cert_file and settings.tls_key_file:
         options.update(ssl_certfile=str(settings.tls_cert_file), ssl_keyfile=str(settings.tls_key_file))
     return options
-
-
-def redacted(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    return re.sub(r"(//[^:/@]*:)[^@]*@", r"\1***@", url)
 
 
 def check_version(client: redis.Redis) -> None:

@@ -134,5 +134,5 @@ def test_unreachable_redis_is_a_clear_error(settings):
 def _env(settings):
     import os
 
-    return {**os.environ, "CHARGING_REDIS_URL": settings.redis_url, "CHARGING_NAMESPACE": settings.namespace,
+    return {**os.environ, "CHARGING_REDIS_URL": settings.redis_url.get_secret_value(), "CHARGING_NAMESPACE": settings.namespace,
             "CHARGING_BLOCK_MS": "200", "CHARGING_RETRY_ATTEMPTS": "0"}
