@@ -48,18 +48,18 @@ accounts_app = typer.Typer(no_args_is_help=True, help="Create, inspect and top u
 app.add_typer(accounts_app, name="accounts")
 
 
-def _console(stderr: bool = False) -> Console:
-    """Human output: text is never read as markup (an account may hold [brackets]), and
-    nothing wraps or is cut when the output is not a terminal (rich would assume 80
-    columns for a pipe or a file)."""
-    console = Console(stderr=stderr, soft_wrap=True, highlight=False, markup=False)
+def make_console(stderr: bool = False, markup: bool = False) -> Console:
+    """Human output that never wraps or cuts a line when it is not a terminal (rich would
+    assume 80 columns for a pipe or a file). Without markup, text is printed as it is (an
+    account may hold [brackets])."""
+    console = Console(stderr=stderr, soft_wrap=True, highlight=False, markup=markup)
     if not console.is_terminal:
         console.width = 10_000
     return console
 
 
-out = _console()
-err = _console(stderr=True)
+out = make_console()
+err = make_console(stderr=True)
 
 
 class State:

@@ -7,9 +7,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-from charging.app.cli import fail, out, state, talks_to_redis
+from charging.app.cli import fail, make_console, state, talks_to_redis
 from charging.tools.chaos.run import run_chaos
 from charging.tools.demo import run_demo
 from charging.tools.redis_server import RedisServerMissing
@@ -59,9 +58,8 @@ def bench(profile: Annotated[str, typer.Argument(help="standard, quick or tiny."
         fail(2, f"unknown profile {name!r}; choose one of {', '.join(PROFILES)}")
     url = redis_url or state.redis_url
     settings = state.settings if url is None else state.settings.model_copy(update={"redis_url": url})
-    # The summary is wide: give it room when the output is a file or a pipe (rich assumes 80 columns).
-    console = Console() if out.is_terminal else Console(width=130)
-    raise typer.Exit(run_bench(settings, PROFILES[name], out_dir, own_server=url is None, console=console))
+    raise typer.Exit(run_bench(settings, PROFILES[name], out_dir, own_server=url is None,
+                               console=make_console(markup=True)))
 
 
 def chaos(quick: Annotated[bool, typer.Option(help="About 10k charges and fewer faults (CI).")] = False,

@@ -15,19 +15,19 @@ from collections import Counter
 from pathlib import Path
 
 import redis
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from charging import codec
 from charging.app import accounts as accounts_mod
+from charging.app.cli import make_console
 from charging.connection import connect
 from charging.keys import all_partitions
 from charging.schema import Outcome
 from charging.settings import Settings
 from charging.tools.redis_server import RedisServer
 
-console = Console()
+console = make_console(markup=True)
 CHUNK = 1000
 SETTLE_TIMEOUT_S = 300
 
