@@ -296,4 +296,6 @@ def _problem(error: dict[str, Any]) -> tuple[str | None, str]:
     value = error["input"]
     if isinstance(value, SecretStr) or field == "redis_url":  # quoted without its password
         value = redacted(value.get_secret_value() if isinstance(value, SecretStr) else str(value))
-    return field, f"={value!r}: {message[0].lower()}{message[1:]}"
+    if error["type"] != "value_error":  # pydantic's own sentence, made part of ours
+        message = message[0].lower() + message[1:]
+    return field, f"={value!r}: {message}"
