@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -59,21 +59,59 @@ class PartitionsChanged(ChargingError, RuntimeError):
     pass
 
 
+class RedisRefused(ChargingError, RuntimeError):
+    """Redis answered and said no: a wrong user or password, a database it does not have.
+    Trying again cannot help, so nothing retries it."""
+
+
+# Errors that waiting does not fix: a worker stops on them instead of retrying.
+FATAL_ERRORS = (RedisRefused, RedisTooOld, PartitionsChanged, redis.exceptions.NoPermissionError)
+
+
+class _RetryBackoff(ExponentialWithJitterBackoff):
+    """redis-py's backoff between the retries of one command, logging each: a process that
+    lost Redis says so at every try, not only once the retries are spent."""
+
+    def compute(self, failures: int) -> float:
+        pause = super().compute(failures)
+        log.warning("redis_unavailable", attempt=failures, retry_in_s=round(pause, 3))
+        return pause
+
+
+class _TlsConnection(redis.SSLConnection):
+    """The TLS handshake is part of connecting, so it has the connect timeout: a server
+    that speaks no TLS is reported in seconds, not after a socket timeout per retry."""
+
+    def _connect(self):
+        timeout, self.socket_timeout = self.socket_timeout, self.socket_connect_timeout
+        try:
+            sock = super()._connect()
+        finally:
+            self.socket_timeout = timeout
+        sock.settimeout(timeout)
+        return sock
+
+
 Client = redis.Redis | RedisCluster
 AsyncClient = redis.asyncio.Redis | AsyncRedisCluster
 
 
-def client_options(settings: Settings, retry: type[Retry] | type[AsyncRetry]) -> dict[str, Any]:
-    """The options of every client, sync or asyncio. Retries with backoff are explicit (the
-    library's defaults changed between versions); a retried command may run twice, which
-    every function call tolerates because it is keyed by request id or entry id."""
+def client_options(settings: Settings, retry: Retry | AsyncRetry) -> dict[str, Any]:
+    """The options of every client, sync or asyncio."""
     return dict(
         socket_timeout=settings.socket_timeout_s,
-        socket_connect_timeout=settings.socket_timeout_s,
+        socket_connect_timeout=settings.connect_timeout_s,
         health_check_interval=30,
-        retry=retry(ExponentialWithJitterBackoff(base=0.05, cap=2.0), settings.retry_attempts),
+        retry=retry,
         **tls_options(settings),
     )
+
+
+def _retry(kind: type[Retry] | type[AsyncRetry], attempts: int) -> Retry | AsyncRetry:
+    """Retries with backoff are explicit (the library's defaults changed between versions);
+    a retried command may run twice, which every function call tolerates because it is
+    keyed by request id or entry id."""
+    return kind(_RetryBackoff(base=0.05, cap=2.0), attempts)
 
 
 # A single node's client also retries these on its own (a cluster client knows its errors).
@@ -84,24 +122,33 @@ ASYNC_POOL_SIZE = 50  # connections of an asyncio client; concurrent waits share
 def connect(settings: Settings, load: bool = True) -> Client:
     """Return the process's client: a single-node client, or a cluster client for a
     cluster URL. load: check the server's version, load the functions if missing and
-    check the partition count (see prepare_server)."""
-    options = client_options(settings, Retry)
+    check the partition count (see prepare_server). Those first round trips are not
+    retried: a server that is down, refuses the login or has no such database fails at
+    once (RedisRefused for the last two)."""
+    retry = _retry(Retry, 0 if load else settings.retry_attempts)
+    options = client_options(settings, retry)
     client: Client
-    if settings.cluster:
-        seeds = [ClusterNode(host, port) for host, port in settings.cluster_seeds]
-        client = RedisCluster.from_url(settings.server_url, startup_nodes=seeds, **options)
-        _parse_keys_locally(client)
-    else:
-        client = redis.Redis.from_url(settings.server_url, retry_on_error=RETRY_ON, **options)
-    if load:
-        run(client, prepare_server(settings))
+    with _refusals(settings):
+        if settings.cluster:
+            seeds = [ClusterNode(host, port) for host, port in settings.cluster_seeds]
+            client = RedisCluster.from_url(settings.server_url, startup_nodes=seeds, **options)
+            _parse_keys_locally(client)
+        else:
+            if settings.server_url.startswith("rediss://"):
+                options["connection_class"] = _TlsConnection
+            client = redis.Redis.from_url(settings.server_url, retry_on_error=RETRY_ON, **options)
+        if load:
+            run(client, prepare_server(settings))
+    retry.update_retries(settings.retry_attempts)
+    client.set_retry(retry)  # the connections made so far took a copy of the no-retry policy
     return client
 
 
 async def connect_async(settings: Settings, load: bool = True) -> AsyncClient:
     """connect() for asyncio (redis.asyncio): the same options and the same checks, with
     no blocking I/O. Close it with ``await client.aclose()``."""
-    options = client_options(settings, AsyncRetry)
+    retry = _retry(AsyncRetry, 0 if load else settings.retry_attempts)
+    options = client_options(settings, retry)
     client: AsyncClient
     if settings.cluster:
         seeds = [AsyncClusterNode(host, port) for host, port in settings.cluster_seeds]
@@ -118,8 +165,25 @@ async def connect_async(settings: Settings, load: bool = True) -> AsyncClient:
             timeout=settings.socket_timeout_s, **options)
         client = redis.asyncio.Redis.from_pool(pool)
     if load:
-        await run_async(client, prepare_server(settings))
+        with _refusals(settings):
+            await run_async(client, prepare_server(settings))
+    retry.update_retries(settings.retry_attempts)
+    client.set_retry(retry)
     return client
+
+
+@contextmanager
+def _refusals(settings: Settings) -> Iterator[None]:
+    """A refused login or a database the server does not have, as RedisRefused."""
+    try:
+        yield
+    except (redis.AuthenticationError, redis.exceptions.AuthenticationWrongNumberOfArgsError) as exc:
+        raise RedisRefused(f"Redis at {settings.redis_url} refused the login: {exc}") from None
+    except redis.ResponseError as exc:
+        if "DB index is out of range" not in str(exc):
+            raise
+        raise RedisRefused(f"Redis at {settings.redis_url} has no such database ({exc}); "
+                           "it has 16 (0 to 15) unless its `databases` setting says otherwise") from None
 
 
 def prepare_server(settings: Settings) -> Plan[None]:
@@ -207,11 +271,6 @@ def tls_options(settings: Settings) -> dict[str, str | bool]:
     if settings.tls_cert_file and settings.tls_key_file:
         options.update(ssl_certfile=str(settings.tls_cert_file), ssl_keyfile=str(settings.tls_key_file))
     return options
-
-
-def redacted(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    return re.sub(r"(//[^:/@]*:)[^@]*@", r"\1***@", url)
 
 
 def check_version() -> Plan[None]:

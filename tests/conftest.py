@@ -124,7 +124,7 @@ def cli(settings: Settings, *args: str, input: str | None = None, timeout: float
 
 def environment(settings: Settings) -> dict[str, str]:
     """The CHARGING_* variables that make a subprocess use these settings."""
-    return {"CHARGING_REDIS_URL": settings.redis_url, "CHARGING_NAMESPACE": settings.namespace,
+    return {"CHARGING_REDIS_URL": settings.redis_url.get_secret_value(), "CHARGING_NAMESPACE": settings.namespace,
             "CHARGING_PARTITIONS": str(settings.partitions),
             "CHARGING_RECLAIM_IDLE_MS": str(settings.reclaim_idle_ms), "CHARGING_BLOCK_MS": str(settings.block_ms),
             "CHARGING_MAINTENANCE_INTERVAL_S": str(settings.maintenance_interval_s)}
