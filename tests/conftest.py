@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -99,6 +100,21 @@ def drain(settings: Settings, consumers: int = 1, prefix: str = "w") -> list[Wor
     return workers
 
 
+@contextmanager
+def worker_running(settings: Settings, consumer: str = "live") -> Iterator[Worker]:
+    """A worker (not burst) in a thread for the duration of the block: what `charging
+    worker` is to an application that charges through the stream."""
+    worker = Worker(connect(settings), settings, consumer)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        thread.join(timeout=60)
+        assert not thread.is_alive(), "the worker did not stop"
+
+
 def cli(settings: Settings, *args: str, input: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
     """Run `charging ARGS` as a user would type it, configured only through the environment."""
     env = {**os.environ, **environment(settings)}
@@ -108,7 +124,7 @@ def cli(settings: Settings, *args: str, input: str | None = None, timeout: float
 
 def environment(settings: Settings) -> dict[str, str]:
     """The CHARGING_* variables that make a subprocess use these settings."""
-    return {"CHARGING_REDIS_URL": settings.redis_url, "CHARGING_NAMESPACE": settings.namespace,
+    return {"CHARGING_REDIS_URL": settings.redis_url.get_secret_value(), "CHARGING_NAMESPACE": settings.namespace,
             "CHARGING_PARTITIONS": str(settings.partitions),
             "CHARGING_RECLAIM_IDLE_MS": str(settings.reclaim_idle_ms), "CHARGING_BLOCK_MS": str(settings.block_ms),
             "CHARGING_MAINTENANCE_INTERVAL_S": str(settings.maintenance_interval_s)}

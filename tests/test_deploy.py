@@ -1,12 +1,16 @@
 """docker-compose.yml and the Dockerfile cannot run here (no Docker engine); this checks
 them against the real console script, its commands and options, the settings, and the
-ACL users of deploy/users.acl (which test_acl.py loads into a real redis-server)."""
+ACL users of deploy/users.acl (which test_acl.py loads into a real redis-server), and
+runs README's "Run with Docker Compose" against a redis-server with that very ACL file."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import shlex
+import subprocess
 import tomllib
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -123,3 +127,74 @@ def test_the_metrics_port_is_exposed_by_the_image_and_the_service():
     port = worker["command"][worker["command"].index("--metrics-port") + 1]
     assert port in worker["expose"]
     assert port in dockerfile_instruction("EXPOSE").split()
+
+
+# README "Run with Docker Compose": its passwords, its commands, and its CLI lines run
+# against a redis-server that loads deploy/users.acl as shipped, as the compose Redis does.
+
+def readme_section(title: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    return text.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def code_blocks(text: str) -> list[list[str]]:
+    """The lines of each ```sh block, comments dropped."""
+    return [[line.split("  #")[0].strip() for line in block.splitlines() if line.strip()]
+            for block in re.findall(r"```sh\n(.*?)```", text, re.S)]
+
+
+def readme_passwords() -> dict[str, str]:
+    rows = re.findall(r"^\| `(\w+)` \| `([^`]+)` \|", readme_section("Run with Docker Compose"), re.M)
+    return dict(rows)
+
+
+def test_readme_gives_each_role_its_dev_password_as_the_acl_file_and_compose_hold_it():
+    passwords = readme_passwords()
+    assert set(passwords) == set(acl_users()) - {"default"}
+    for user, password in passwords.items():
+        assert acl_password_matches(user, password), f"README's password of {user} is not the ACL file's"
+    services = compose()["services"]
+    assert urlsplit(services["worker"]["environment"]["CHARGING_REDIS_URL"]).password == passwords["worker"]
+    assert services["redis"]["environment"]["REDISCLI_AUTH"] == passwords["admin"]
+
+
+def test_readme_compose_commands_name_real_services():
+    [docker, _] = code_blocks(readme_section("Run with Docker Compose"))
+    services = set(compose()["services"])
+    for line in docker:
+        words = line.split()
+        assert words[:2] == ["docker", "compose"], line
+        named = {w for w in words[3:] if not w.startswith("-")}
+        assert named <= services, f"{line}: no such service"
+    published = compose()["services"]["redis"]["ports"]
+    assert published == ["127.0.0.1:6379:6379"], "README points the CLI at 127.0.0.1:6379"
+
+
+def test_readme_cli_lines_run_against_the_compose_redis(tmp_path):
+    from charging.tools.redis_server import RedisServer
+    from tests.conftest import CHARGING
+
+    [_, lines] = code_blocks(readme_section("Run with Docker Compose"))
+    plain = {k: v for k, v in os.environ.items() if not k.startswith("CHARGING_")}
+    with RedisServer(tmp_path / "redis", extra_args=("--aclfile", str(ACL_FILE)),
+                     credentials=("admin", readme_passwords()["admin"])) as server:
+        here = f"127.0.0.1:{server.port}"
+        worker_env = {k: str(v) for k, v in compose()["services"]["worker"]["environment"].items()}
+        worker_env["CHARGING_REDIS_URL"] = worker_env["CHARGING_REDIS_URL"].replace("redis:6379", here)
+        worker = subprocess.Popen([CHARGING, "worker", "--consumer", "compose-worker"], env={**plain, **worker_env},
+                                  stderr=subprocess.DEVNULL)
+        try:
+            env = dict(plain)
+            for line in lines:
+                line = line.replace("127.0.0.1:6379", here)
+                assert "6379" not in line, "never the Redis at 127.0.0.1:6379"
+                if line.startswith("export "):
+                    name, value = line.removeprefix("export ").split("=", 1)
+                    env[name] = value
+                    continue
+                done = subprocess.run([CHARGING, *shlex.split(line)[1:]], env=env, capture_output=True, text=True,
+                                      timeout=60)
+                assert done.returncode == 0, f"{line}: {done.stderr}"
+        finally:
+            worker.terminate()
+            assert worker.wait(30) == 0

@@ -63,8 +63,8 @@ def wait_for(port: int, ready, worker: subprocess.Popen, timeout: float = 60) ->
 @pytest.mark.parametrize("processes", [1, 2])
 def test_scraped_counters_match_the_traffic_sent(client, settings, producer, processes):
     port = free_port()
-    env = {**os.environ, "CHARGING_REDIS_URL": settings.redis_url, "CHARGING_NAMESPACE": settings.namespace,
-           "CHARGING_MAINTENANCE_INTERVAL_S": "0.2", "CHARGING_BLOCK_MS": "200", "CHARGING_LOG_LEVEL": "debug"}
+    env = {**os.environ, "CHARGING_REDIS_URL": settings.redis_url.get_secret_value(),
+           "CHARGING_NAMESPACE": settings.namespace, "CHARGING_MAINTENANCE_INTERVAL_S": "0.2", "CHARGING_BLOCK_MS": "200", "CHARGING_LOG_LEVEL": "debug"}
     worker = subprocess.Popen([CHARGING, "worker", "--processes", str(processes), "--metrics-port", str(port)],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:

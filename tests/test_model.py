@@ -41,6 +41,7 @@ from hypothesis.stateful import (
 from charging import codec
 from charging.connection import connect
 from charging.keys import Keys
+from charging.plan import run
 from charging.schema import ChargeRequest, Outcome, parse_request
 from charging.settings import Settings
 from charging.streams import ensure_group
@@ -390,7 +391,7 @@ class WorkerMachine(RuleBasedStateMachine):
     def open_accounts(self, balances):
         self.start = dict(zip(WORKER_ACCOUNTS, balances))
         codec.set_balances(self.client, self.settings, self.start.items())
-        ensure_group(self.client, self.keys.requests, self.settings.group)
+        run(self.client, ensure_group(self.keys.requests, self.settings.group))
 
     @rule(batch=st.lists(entries, min_size=1, max_size=20))
     def submit(self, batch):

@@ -66,7 +66,7 @@ def tls_settings(tls_port, certificates, **files) -> Settings:
 def test_a_charge_runs_through_tls_with_a_client_certificate(tls_port, certificates, monkeypatch):
     settings = tls_settings(tls_port, certificates)
     client = connect(settings)
-    assert client.connection_pool.connection_class is redis.SSLConnection
+    assert issubclass(client.connection_pool.connection_class, redis.SSLConnection)
     codec.set_balances(client, settings, [("account1", 100)])
     producer = Producer(client, settings)
     [request_id] = producer.submit([{"account": "account1", "service": "voice", "units": 3}], reply=True)

@@ -13,10 +13,13 @@ import os
 import shutil
 import tempfile
 from collections import Counter as Tally
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server
 
+from charging.errors import ChargingError
 from charging.schema import Invalid
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -63,7 +66,7 @@ def enabled() -> bool:
     return _enabled
 
 
-class MetricsPortUnavailable(RuntimeError):
+class MetricsPortUnavailable(ChargingError, RuntimeError):
     pass
 
 
@@ -73,17 +76,21 @@ def serve(port: int) -> None:
     _listen(port, REGISTRY)
 
 
-def prepare_multiprocess() -> str:
-    """A fresh directory for the consumers' metric files; call before starting them."""
+@contextmanager
+def multiprocess_served(port: int) -> Iterator[str]:
+    """Serve the sum of the consumers' metrics on port while the block runs; yields the
+    directory of their metric files (set in the environment: start the consumers inside
+    the block). The directory is removed on every way out, a busy port included."""
     path = tempfile.mkdtemp(prefix="charging-metrics-")
     os.environ[MULTIPROC_ENV] = path
-    return path
-
-
-def serve_multiprocess(port: int, path: str) -> None:
-    registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry, path=path)
-    _listen(port, registry)
+    try:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=path)
+        _listen(port, registry)
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        del os.environ[MULTIPROC_ENV]
 
 
 def _listen(port: int, registry: CollectorRegistry) -> None:
@@ -97,10 +104,6 @@ def process_dead(pid: int) -> None:
     """Forget a dead consumer's gauges (its counters still count)."""
     if os.environ.get(MULTIPROC_ENV):
         multiprocess.mark_process_dead(pid)
-
-
-def remove_multiprocess(path: str) -> None:
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def record_batch(plan: list, replies: list, seconds: float) -> None:

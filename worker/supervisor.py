@@ -10,17 +10,22 @@ import signal
 import socket
 import sys
 import time
+from contextlib import nullcontext
 
-import structlog
 from redis.exceptions import RedisClusterException
 
 from charging import log as logging_setup
-from charging.connection import TRANSIENT_ERRORS, Backoff, connect
+from charging.connection import FATAL_ERRORS, TRANSIENT_ERRORS, Backoff, connect
+from charging.log import logger
 from charging.settings import Settings
 from worker import metrics
 from worker.loop import Worker
 
-log = structlog.get_logger("charging.supervisor")
+log = logger("charging.supervisor")
+
+# A consumer's exit code for an error no restart can fix (a refused login, say): the
+# supervisor stops the others and exits 1 instead of restarting it forever.
+REFUSED_EXIT = 3
 
 
 def consumer_names(base: str | None, processes: int) -> list[str]:
@@ -51,8 +56,10 @@ def run_one(settings: Settings, consumer: str, burst: bool, partitions: list[int
 
 def connect_when_up(settings: Settings):
     """A worker started while Redis is down or a cluster is failing over waits for it
-    instead of exiting; an orchestrator restart loop is not needed for that."""
-    backoff = Backoff()
+    instead of exiting; an orchestrator restart loop is not needed for that. It says so
+    at every try (at most 2 s apart). A refused login or a missing database is no outage:
+    connect raises them (connection.FATAL_ERRORS) and the worker exits."""
+    backoff = Backoff(cap=2.0)
     while True:
         try:
             return connect(settings)
@@ -62,7 +69,12 @@ def connect_when_up(settings: Settings):
 
 def _child(settings_dump: dict, consumer: str, burst: bool, partitions: list[int] | None,
            record_metrics: bool) -> None:
-    raise SystemExit(run_one(Settings(**settings_dump), consumer, burst, partitions, record_metrics=record_metrics))
+    try:
+        code = run_one(Settings(**settings_dump), consumer, burst, partitions, record_metrics=record_metrics)
+    except FATAL_ERRORS as exc:
+        log.error("consumer_refused", consumer=consumer, error=str(exc))
+        code = REFUSED_EXIT
+    raise SystemExit(code)
 
 
 def run(settings: Settings, processes: int = 1, consumer: str | None = None, burst: bool = False,
@@ -71,15 +83,14 @@ def run(settings: Settings, processes: int = 1, consumer: str | None = None, bur
     if processes == 1:
         return run_one(settings, names[0], burst, partitions, metrics_port)
     logging_setup.configure(settings.log_level)
-    metrics_dir = None
-    if metrics_port is not None:
-        metrics_dir = metrics.prepare_multiprocess()  # before the consumers start: they inherit it
-        metrics.serve_multiprocess(metrics_port, metrics_dir)
-    try:
+    # The metrics directory is made before the consumers start (they inherit it) and
+    # removed however the supervisor ends, a busy port included.
+    served = nullcontext() if metrics_port is None else metrics.multiprocess_served(metrics_port)
+    with served as metrics_dir:
+        # One connection first: a refused login or a wrong database ends here, with one
+        # error, instead of in every consumer; the library is loaded once.
+        connect_when_up(settings).close()
         return _supervise(settings, names, burst, partitions, metrics_dir is not None)
-    finally:
-        if metrics_dir:
-            metrics.remove_multiprocess(metrics_dir)
 
 
 def _supervise(settings: Settings, names: list[str], burst: bool, partitions: list[int] | None,
@@ -109,6 +120,10 @@ def _supervise(settings: Settings, names: list[str], burst: bool, partitions: li
             if name in codes or proc.is_alive():
                 continue
             metrics.process_dead(proc.pid)
+            if proc.exitcode == REFUSED_EXIT:
+                codes[name] = 1
+                stop()
+                continue
             if not stopping and not burst and proc.exitcode != 0:
                 log.warning("consumer_died", consumer=name, exitcode=proc.exitcode)
                 children[name] = start(name)

@@ -11,14 +11,18 @@ from charging.settings import Settings
 
 
 class UnknownAccount(LookupError):
-    pass
+    """The one wording of an unknown account, whichever command met it."""
+
+    def __init__(self, account: str):
+        super().__init__(f"unknown account {account!r}")
+        self.account = account
 
 
 def balance(client: redis.Redis, settings: Settings, account: str) -> int:
     keys = keys_of(account, settings)
     value = client.hget(keys.balances, account)
     if value is None:
-        raise UnknownAccount(f"unknown account {account!r}")
+        raise UnknownAccount(account)
     return int(value)
 
 
@@ -30,7 +34,7 @@ def funds(client: redis.Redis, settings: Settings, account: str) -> tuple[int, i
     pipe.hget(keys.held, account)
     value, held = pipe.execute()
     if value is None:
-        raise UnknownAccount(f"unknown account {account!r}")
+        raise UnknownAccount(account)
     return int(value), int(held or 0)
 
 

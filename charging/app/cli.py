@@ -1,56 +1,94 @@
-"""The app's commands of `charging` (the tools add theirs: charging/cli.py). Exit codes: 0 done (or approved), 1 rejected or a runtime
-error (unknown account, Redis unreachable), 2 invalid input."""
+"""The app's commands of `charging` (the tools add theirs: charging/cli.py). Every wrong
+invocation, setting or URL ends in one line on stderr (a traceback only with --debug or
+CHARGING_LOG_LEVEL=debug) and an exit code: 0 done (or approved), 1 rejected or a runtime
+error (Redis unreachable, login refused, unknown account), 2 usage or invalid input."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
+import os
+import signal
 import sys
+import traceback
+import typing
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
-import pydantic
 import redis
 import typer
+from redis.exceptions import RedisClusterException
 from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from charging import codec
+from charging import __version__, codec
 from charging import log as logging_setup
 from charging.app import accounts as accounts_mod
 from charging.app.status import status as read_status
-from charging.connection import PartitionsChanged, RedisTooOld, connect, redacted
+from charging.connection import NotReplicated, PartitionsChanged, RedisRefused, RedisTooOld, connect
 from charging.keys import parse_partitions
 from charging.schema import Invalid, Outcome, parse_top_up
-from charging.settings import LIBRARY_MAX_BALANCE, Settings
+from charging.settings import LIBRARY_MAX_BALANCE, InvalidSettings, Settings, load
 from producer import BacklogFull, Producer, WaitTimeout
-from producer.subscriber import subscribe
+from producer.subscriber import Subscriber, outcomes
 from worker import supervisor
 from worker.metrics import MetricsPortUnavailable
+
+try:  # typer carries its own copy of click since 0.2x
+    from typer._click import exceptions as click_errors
+except ImportError:  # an older typer, on click itself
+    from click import exceptions as click_errors
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Prepaid charging engine on Redis.")
 accounts_app = typer.Typer(no_args_is_help=True, help="Create, inspect and top up accounts.")
 app.add_typer(accounts_app, name="accounts")
-out = Console()
-err = Console(stderr=True, soft_wrap=True)
+
+
+def make_console(stderr: bool = False, markup: bool = False) -> Console:
+    """Human output that never wraps or cuts a line when it is not a terminal (rich would
+    assume 80 columns for a pipe or a file). Without markup, text is printed as it is (an
+    account may hold [brackets])."""
+    console = Console(stderr=stderr, soft_wrap=True, highlight=False, markup=markup)
+    if not console.is_terminal:
+        console.width = 10_000
+    return console
+
+
+out = make_console()
+err = make_console(stderr=True)
 
 
 class State:
-    redis_url: str | None = None
-    _settings: Settings | None = None
-    _client: redis.Redis | None = None
+    """What the command line chose: the Redis URL (from --redis-url, before or after the
+    command), --debug; and the settings and client, made once when a command needs them."""
+
+    def __init__(self) -> None:
+        self.redis_url: str | None = None
+        self.debug = os.environ.get("CHARGING_LOG_LEVEL", "").lower() == "debug"
+        self._settings: Settings | None = None
+        self._client: redis.Redis | None = None
+
+    def use_url(self, url: str | None) -> None:
+        if url is None or url == self.redis_url:
+            return
+        if self.redis_url is not None:
+            fail(2, "--redis-url is given twice, with two different URLs; give it once")
+        self.redis_url = url
+
+    @property
+    def url_source(self) -> str:
+        """Where the URL came from, for a message that says what to change."""
+        return "--redis-url" if self.redis_url else "CHARGING_REDIS_URL"
 
     @property
     def settings(self) -> Settings:
         if self._settings is None:
-            overrides = {"redis_url": self.redis_url} if self.redis_url else {}
-            try:
-                self._settings = Settings(**overrides)
-            except pydantic.ValidationError as exc:
-                fail(2, f"invalid settings: {exc}")
+            self._settings = load(**({"redis_url": self.redis_url} if self.redis_url else {}))
             # One-shot commands log only warnings unless debugging; the worker sets its own level.
             logging_setup.configure("debug" if self._settings.log_level == "debug" else "warning")
         return self._settings
@@ -66,8 +104,8 @@ state = State()
 
 
 def say_error(message: str) -> None:
-    """One line on stderr; the message is text, never rich markup (it may hold [brackets])."""
-    err.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False)
+    """One line on stderr, whatever the message holds (newlines, [brackets])."""
+    err.print(Text.assemble(("error:", "bold red"), " ", " ".join(str(message).split())))
 
 
 def fail(code: int, message: str):
@@ -75,58 +113,106 @@ def fail(code: int, message: str):
     raise typer.Exit(code)
 
 
+def refuse_together(option: str, **given: Any) -> None:
+    """Exit 2 if any of the options in given (name=value, None when not given) was given
+    along with option, which makes them meaningless."""
+    named = [f"--{name.replace('_', '-')}" for name, value in given.items() if value not in (None, False)]
+    if named:
+        fail(2, f"{option} cannot be combined with {', '.join(named)}; drop one or the other")
+
+
+RedisUrl = Annotated[str | None, typer.Option(
+    "--redis-url", metavar="URL", show_default=False,
+    help="The Redis server, e.g. redis://user:password@host:6379/0. Overrides the environment variable "
+         "CHARGING_REDIS_URL (default redis://127.0.0.1:6379/0).")]
+
+
+def talks_to_redis(command):
+    """The command takes --redis-url after its name too (`charging status --redis-url URL`),
+    not only before it."""
+    signature = inspect.signature(command, eval_str=True)
+
+    @functools.wraps(command)
+    def with_url(*args, redis_url: str | None = None, **kwargs):
+        state.use_url(redis_url)
+        return command(*args, **kwargs)
+
+    url = inspect.Parameter("redis_url", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=RedisUrl)
+    with_url.__signature__ = signature.replace(parameters=[*signature.parameters.values(), url])
+    with_url.__annotations__ = {**typing.get_type_hints(command, include_extras=True), "redis_url": RedisUrl}
+    return with_url
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"charging {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def root(redis_url: Annotated[str | None, typer.Option(help="Overrides CHARGING_REDIS_URL.")] = None):
-    state.redis_url = redis_url
+def root(redis_url: RedisUrl = None,
+         debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")] = False,
+         version: Annotated[bool, typer.Option("--version", "-V", callback=_show_version, is_eager=True,
+                                               help="Print the version and exit.")] = False):
+    state.use_url(redis_url)
+    state.debug = state.debug or debug
 
 
 def emit(data: dict[str, Any] | list, as_json: bool, human: str | Table | Group) -> None:
     if as_json:
         typer.echo(json.dumps(data))
     else:
-        out.print(human, highlight=False)
+        out.print(human)
 
 
-def show_outcome(outcome: Outcome, as_json: bool) -> None:
-    line = (f"{outcome.request_id}: {outcome.status}"
+def outcome_text(outcome: Outcome) -> str:
+    """One line; two more for a reservation operation."""
+    text = (f"{outcome.request_id}: {outcome.status}"
             f"{' (' + outcome.reason + ')' if outcome.reason else ''} charged={outcome.charged} "
             f"balance={outcome.balance}{' duplicate' if outcome.duplicate else ''}")
     if outcome.op is not None:
         expires = "" if outcome.expires_at is None else datetime.fromtimestamp(
             outcome.expires_at / 1000, UTC).strftime(" expires_at=%Y-%m-%dT%H:%M:%SZ")
-        line += (f"\n  {outcome.op} {outcome.reservation}: reserved={outcome.reserved}{expires}"
+        text += (f"\n  {outcome.op} {outcome.reservation}: reserved={outcome.reserved}{expires}"
                  f"\n  held={outcome.held} available={outcome.available}")
-    emit(outcome.as_dict(), as_json, line)
+    return text
+
+
+def show_outcome(outcome: Outcome, as_json: bool) -> None:
+    emit(outcome.as_dict(), as_json, outcome_text(outcome))
     if not outcome.approved:
         raise typer.Exit(1)
 
 
 # ---- accounts -------------------------------------------------------------------------
 
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+
 @accounts_app.command("reset")
+@talks_to_redis
 def accounts_reset(count: Annotated[int, typer.Option(min=1, max=1_000_000)] = 100,
-                   balance: Annotated[int, typer.Option(min=0)] = 100):
+                   balance: Annotated[int, typer.Option(min=0)] = 100, as_json: AsJson = False):
     """Set account1..accountN to BALANCE, creating missing ones."""
     if balance > LIBRARY_MAX_BALANCE:
-        fail(2, f"balance {balance} is over the maximum of {LIBRARY_MAX_BALANCE}")
+        fail(2, f"--balance {balance} is over the maximum of {LIBRARY_MAX_BALANCE}")
     done = codec.set_balances(state.client, state.settings,
                                   ((a, balance) for a in accounts_mod.numbered(count)))
-    out.print(f"{done} accounts set to {balance}")
+    emit({"accounts": done, "balance": balance}, as_json, f"{done} accounts set to {balance}")
 
 
 @accounts_app.command("show")
-def accounts_show(account: str, as_json: Annotated[bool, typer.Option("--json")] = False):
+@talks_to_redis
+def accounts_show(account: str, as_json: AsJson = False):
     """Show one account's balance, what its reservations hold, and what is available."""
-    try:
-        value, held = accounts_mod.funds(state.client, state.settings, account)
-    except accounts_mod.UnknownAccount as exc:
-        fail(1, str(exc))
+    value, held = accounts_mod.funds(state.client, state.settings, account)
     emit({"account": account, "balance": value, "held": held, "available": value - held}, as_json,
          f"{account}: {value} (held {held}, available {value - held})")
 
 
 @accounts_app.command("top-up")
-def accounts_top_up(account: str, amount: str):
+@talks_to_redis
+def accounts_top_up(account: str, amount: str, as_json: AsJson = False):
     """Add AMOUNT (minor units) to an existing account."""
     account, value = parse_top_up(account, amount, state.settings)
     try:
@@ -134,12 +220,15 @@ def accounts_top_up(account: str, amount: str):
     except redis.exceptions.NoPermissionError:
         raise  # an ACL refusal, reported by main()
     except redis.ResponseError as exc:
+        if "unknown_account" in str(exc):
+            raise accounts_mod.UnknownAccount(account) from None
         fail(1, f"{exc} (account {account!r})")
-    out.print(f"{account}: {new}")
+    emit({"account": account, "balance": new}, as_json, f"{account}: {new}")
 
 
 @accounts_app.command("list")
-def accounts_list(as_json: Annotated[bool, typer.Option("--json")] = False):
+@talks_to_redis
+def accounts_list(as_json: AsJson = False):
     """List every account: balance, held by open reservations, available."""
     rows = sorted(accounts_mod.all_balances(state.client, state.settings))
     held = accounts_mod.all_held(state.client, state.settings)
@@ -157,7 +246,6 @@ Service = Annotated[str | None, typer.Option(help="sms, voice or data.")]
 Units = Annotated[str | None, typer.Option(help="Whole number of units, rated by the tariff.")]
 Amount = Annotated[str | None, typer.Option(help="Explicit amount in minor units, instead of service/units.")]
 RequestId = Annotated[str | None, typer.Option(help="Idempotency key; a new one is made if omitted.")]
-AsJson = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
 def _request(account, service, units, amount, request_id) -> dict[str, Any]:
@@ -165,14 +253,22 @@ def _request(account, service, units, amount, request_id) -> dict[str, Any]:
 
 
 @app.command()
+@talks_to_redis
 def produce(account: Account = None, service: Service = None, units: Units = None, amount: Amount = None,
             request_id: RequestId = None,
             file: Annotated[str | None, typer.Option(help="JSON lines file of requests; - for stdin.")] = None,
             skip_invalid: Annotated[bool, typer.Option(help="With --file: submit the valid lines anyway.")] = False,
             wait: Annotated[bool, typer.Option(help="Wait for the outcome.")] = False,
-            timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait.")] = 10.0,
+            timeout: Annotated[float | None, typer.Option(min=0.1, help="Seconds to wait (default 10).",
+                                                          show_default=False)] = None,
             as_json: AsJson = False):
     """Publish charge requests to the request stream."""
+    if file is not None:
+        refuse_together("--file", **_request(account, service, units, amount, request_id))
+    elif skip_invalid:
+        fail(2, "--skip-invalid applies to --file only")
+    if timeout is not None and not wait:
+        fail(2, "--timeout applies to --wait only")
     producer = Producer(state.client, state.settings)
     if file is not None:
         requests = _read_jsonl(file, producer, skip_invalid)
@@ -187,14 +283,11 @@ def produce(account: Account = None, service: Service = None, units: Units = Non
              f"submitted {len(ids)} request(s)" + (f": {ids[0]}" if len(ids) == 1 else ""))
         return
     try:
-        outcomes = producer.wait(ids, timeout)
+        outcomes = producer.wait(ids, 10.0 if timeout is None else timeout)
     except WaitTimeout as exc:
         fail(1, f"{exc}. The charges may still be settled; resubmitting with the same request id is safe.")
-    if len(ids) == 1:
-        show_outcome(outcomes[ids[0]], as_json)
-        return
     for outcome in outcomes.values():
-        emit(outcome.as_dict(), as_json, f"{outcome.request_id}: {outcome.status} {outcome.reason}")
+        emit(outcome.as_dict(), as_json, outcome_text(outcome))
     if any(not o.approved for o in outcomes.values()):
         raise typer.Exit(1)
 
@@ -226,7 +319,7 @@ def _read_jsonl(file: str, producer, skip_invalid: bool) -> list:
         except Invalid as exc:
             problems.append(f"line {number}: {exc}")
     for problem in problems:
-        err.print(problem, highlight=False, markup=False)
+        err.print(problem)
     if problems and not skip_invalid:
         fail(2, f"{len(problems)} invalid line(s); nothing submitted (use --skip-invalid to submit the rest)")
     if not requests:
@@ -235,6 +328,7 @@ def _read_jsonl(file: str, producer, skip_invalid: bool) -> list:
 
 
 @app.command()
+@talks_to_redis
 def authorize(account: Account = None, service: Service = None, units: Units = None, amount: Amount = None,
               request_id: RequestId = None, as_json: AsJson = False):
     """Charge synchronously (no stream) and print the outcome. Exit 1 when rejected."""
@@ -263,6 +357,7 @@ def _settle(op: str, data: dict[str, Any], as_json: bool) -> None:
 
 
 @app.command()
+@talks_to_redis
 def reserve(account: Account = None, service: Service = None, units: Units = None, amount: Amount = None,
             ttl: Ttl = None, request_id: RequestId = None, as_json: AsJson = False):
     """Hold funds for a session; the reservation id is <account>/<request id>."""
@@ -270,6 +365,7 @@ def reserve(account: Account = None, service: Service = None, units: Units = Non
 
 
 @app.command()
+@talks_to_redis
 def extend(reservation: Reservation, units: Units = None, amount: Amount = None, ttl: Ttl = None,
            request_id: RequestId = None, as_json: AsJson = False):
     """Hold more for an open reservation (units at its unit price, or an amount)."""
@@ -278,6 +374,7 @@ def extend(reservation: Reservation, units: Units = None, amount: Amount = None,
 
 
 @app.command()
+@talks_to_redis
 def commit(reservation: Reservation, units: Units = None, amount: Amount = None, request_id: RequestId = None,
            as_json: AsJson = False):
     """Charge what was used (at most what is held) and release the rest."""
@@ -286,6 +383,7 @@ def commit(reservation: Reservation, units: Units = None, amount: Amount = None,
 
 
 @app.command()
+@talks_to_redis
 def release(reservation: Reservation, request_id: RequestId = None, as_json: AsJson = False):
     """Release everything a reservation holds, charging nothing."""
     _settle("release", {"reservation": reservation, "request_id": request_id}, as_json)
@@ -294,6 +392,7 @@ def release(reservation: Reservation, request_id: RequestId = None, as_json: AsJ
 # ---- operations -----------------------------------------------------------------------
 
 @app.command()
+@talks_to_redis
 def worker(processes: Annotated[int, typer.Option(min=1, max=256)] = 1,
            batch: Annotated[int | None, typer.Option(min=1, max=10_000, help="Entries per read.")] = None,
            consumer: Annotated[str | None, typer.Option(help="Stable consumer name (default: hostname).")] = None,
@@ -307,15 +406,12 @@ def worker(processes: Annotated[int, typer.Option(min=1, max=256)] = 1,
     try:
         chosen = None if partitions is None else parse_partitions(partitions, settings.partitions)
     except ValueError as exc:
-        fail(2, str(exc))
-    try:
-        code = supervisor.run(settings, processes, consumer, burst, chosen, metrics_port=metrics_port)
-    except MetricsPortUnavailable as exc:
-        fail(1, str(exc))
-    raise typer.Exit(code)
+        fail(2, f"--partitions: {exc}")
+    raise typer.Exit(supervisor.run(settings, processes, consumer, burst, chosen, metrics_port=metrics_port))
 
 
 @app.command()
+@talks_to_redis
 def status(as_json: AsJson = False):
     """Stream lengths, pending entries, lag, consumers, dead letters and held funds."""
     data = read_status(state.client, state.settings)
@@ -340,30 +436,94 @@ def _pairs(counts: dict[str, int]) -> str:
 
 
 @app.command()
+@talks_to_redis
 def results(follow: Annotated[bool, typer.Option(help="Keep printing new outcomes.")] = False,
-            group: Annotated[str | None, typer.Option(help="Read as this consumer group (acks what it read).")] = None,
+            group: Annotated[str | None, typer.Option(
+                help="Read as this consumer group: each outcome is printed once for the group and acked after it "
+                     "was printed; the next call goes on where this one stopped.")] = None,
             count: Annotated[int | None, typer.Option(min=1, help="Stop after this many.")] = None,
+            start: Annotated[str, typer.Option("--from", help="start or now: where a new group (or a read without "
+                                                               "a group) begins.")] = "start",
             as_json: AsJson = False):
     """Print outcomes from the results streams."""
-    for outcome in subscribe(state.client, state.settings, follow=follow, group=group, limit=count):
+    if start not in ("start", "now"):
+        fail(2, f"--from must be start or now, got {start!r}")
+
+    def show(outcome: Outcome) -> None:
         emit(outcome.as_dict(), as_json,
              f"{outcome.request_id} {outcome.account} {outcome.status} {outcome.reason} "
              f"charged={outcome.charged} balance={outcome.balance}{' duplicate' if outcome.duplicate else ''}")
+        sys.stdout.flush()  # out of this process before it is acked
+
+    if group is None:
+        for outcome in outcomes(state.client, state.settings, follow=follow, start=start, limit=count):
+            show(outcome)
+        return
+    subscriber = Subscriber(state.client, state.settings, group, start=start)
+
+    def stop(*_: object) -> None:
+        """Print and ack the outcomes in hand, then exit 0; a second Ctrl-C stops at once."""
+        subscriber.stop()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        subscriber.run(show, limit=count, follow=follow)
+    except KeyboardInterrupt:  # the second Ctrl-C: what was acked stays acked, the rest is pending for next time
+        raise typer.Exit(130) from None
 
 
 def main() -> None:
     try:
-        app()
-    except redis.ConnectionError as exc:
-        say_error(f"cannot reach Redis at {redacted(state.settings.redis_url)}: {exc}")
-        sys.exit(1)
-    except redis.exceptions.NoPermissionError as exc:
-        say_error(f"Redis refused: NOPERM {exc} (the ACL user of CHARGING_REDIS_URL lacks this right; see "
-                  "deploy/users.acl)")
-        sys.exit(1)
-    except (RedisTooOld, PartitionsChanged) as exc:
-        say_error(str(exc))
-        sys.exit(1)
-    except Invalid as exc:
-        say_error(str(exc))
-        sys.exit(2)
+        code = app(standalone_mode=False)
+    except Exception as exc:  # every error ends here, as one line (and a traceback with --debug)
+        code = report(exc)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def report(exc: Exception) -> int:
+    """Say what went wrong in one line on stderr (after the traceback with --debug); the exit code."""
+    if isinstance(exc, getattr(click_errors, "NoArgsIsHelpError", ())):
+        typer.echo(exc.ctx.get_help())  # `charging` or `charging accounts` alone: the help, as before
+        return 2
+    code, message = explain(exc)
+    if state.debug:
+        traceback.print_exception(exc)
+    say_error(message)
+    return code
+
+
+def explain(exc: Exception) -> tuple[int, str]:
+    """The exit code and the one line for an error: one wording per error, whichever
+    command met it, naming what to change."""
+    url = state.url_source
+    if isinstance(exc, click_errors.UsageError):
+        help_hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+        return 2, exc.format_message() + help_hint
+    if isinstance(exc, click_errors.ClickException):
+        return exc.exit_code, exc.format_message()
+    if isinstance(exc, InvalidSettings):
+        return 2, exc.describe({"redis_url": url} if state.redis_url else {})
+    if isinstance(exc, Invalid):
+        return 2, str(exc)
+    if isinstance(exc, RedisRefused):
+        return 1, f"{exc} (check {url})"
+    if isinstance(exc, redis.exceptions.NoPermissionError):
+        return 1, (f"Redis refused: NOPERM {exc} (the ACL user of {url} lacks this right; see deploy/users.acl)")
+    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError, RedisClusterException)):
+        return 1, _unreachable(exc, url)
+    if isinstance(exc, (accounts_mod.UnknownAccount, BacklogFull, NotReplicated, PartitionsChanged, RedisTooOld,
+                        MetricsPortUnavailable)):
+        return 1, str(exc)
+    if isinstance(exc, redis.RedisError):
+        return 1, f"Redis answered with an error: {exc}"
+    return 1, f"unexpected {type(exc).__name__}: {exc} (--debug shows where)"
+
+
+def _unreachable(exc: Exception, url_source: str) -> str:
+    shown = state.settings.redis_url if state._settings else "Redis"
+    message = f"cannot reach Redis at {shown} ({url_source}): {exc}"
+    if str(shown).startswith("rediss") and isinstance(exc, redis.TimeoutError):
+        message += "; a rediss:// URL needs a server that speaks TLS on that port (redis:// for one that does not)"
+    return message

@@ -7,15 +7,15 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-from charging.app.cli import fail, out, state
+from charging.app.cli import fail, make_console, state, talks_to_redis
 from charging.tools.chaos.run import run_chaos
 from charging.tools.demo import run_demo
+from charging.tools.redis_server import RedisServerMissing
 
 
 def register(app: typer.Typer) -> None:
-    for command in (demo, bench, chaos):
+    for command in (talks_to_redis(demo), bench, chaos):
         app.command()(command)
 
 
@@ -23,10 +23,20 @@ def demo(charges: Annotated[int, typer.Option(min=1, max=10_000_000)] = 20_000,
          workers: Annotated[int, typer.Option(min=1, max=64)] = 2,
          accounts: Annotated[int, typer.Option(min=1, max=1_000_000)] = 100,
          balance: Annotated[int, typer.Option(min=1)] = 10_000,
-         data_dir: Annotated[Path | None, typer.Option(help="Where the private redis-server keeps its AOF.")] = None):
+         data_dir: Annotated[Path | None, typer.Option(help="Where the private redis-server keeps its AOF "
+                                                            "(kept; default: a temp dir, removed at the end).")]
+         = None,
+         keep: Annotated[bool, typer.Option(help="Keep the temp dir (AOF, redis.log, worker.log) and say where.")]
+         = False):
     """Spawn a private Redis (unless --redis-url), run workers and a mixed load, check the sums."""
-    raise typer.Exit(run_demo(state, charges=charges, workers=workers, accounts=accounts, balance=balance,
-                              data_dir=data_dir))
+    if data_dir is not None and state.redis_url is not None:
+        fail(2, "--data-dir is the private redis-server's; with --redis-url there is none. Drop one or the other")
+    try:
+        code = run_demo(state, charges=charges, workers=workers, accounts=accounts, balance=balance,
+                        data_dir=data_dir, keep=keep)
+    except RedisServerMissing as exc:
+        fail(1, str(exc))
+    raise typer.Exit(code)
 
 
 def bench(profile: Annotated[str, typer.Argument(help="standard, quick or tiny.")] = "standard",
@@ -48,9 +58,8 @@ def bench(profile: Annotated[str, typer.Argument(help="standard, quick or tiny."
         fail(2, f"unknown profile {name!r}; choose one of {', '.join(PROFILES)}")
     url = redis_url or state.redis_url
     settings = state.settings if url is None else state.settings.model_copy(update={"redis_url": url})
-    # The summary is wide: give it room when the output is a file or a pipe (rich assumes 80 columns).
-    console = out if out.is_terminal else Console(width=130)
-    raise typer.Exit(run_bench(settings, PROFILES[name], out_dir, own_server=url is None, console=console))
+    raise typer.Exit(run_bench(settings, PROFILES[name], out_dir, own_server=url is None,
+                               console=make_console(markup=True)))
 
 
 def chaos(quick: Annotated[bool, typer.Option(help="About 10k charges and fewer faults (CI).")] = False,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,19 +15,19 @@ from collections import Counter
 from pathlib import Path
 
 import redis
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from charging import codec
 from charging.app import accounts as accounts_mod
+from charging.app.cli import make_console
 from charging.connection import connect
 from charging.keys import all_partitions
 from charging.schema import Outcome
 from charging.settings import Settings
-from charging.tools.redis_server import RedisServer, RedisServerMissing
+from charging.tools.redis_server import RedisServer
 
-console = Console()
+console = make_console(markup=True)
 CHUNK = 1000
 SETTLE_TIMEOUT_S = 300
 
@@ -42,41 +43,59 @@ def mixed_load(accounts: list[str], count: int, rng: random.Random, prefix: str)
     return load
 
 
-def run_demo(state, charges: int, workers: int, accounts: int, balance: int, data_dir: Path | None) -> int:
-    server = None
-    settings = state.settings
-    if state.redis_url is None:
-        try:
-            server = RedisServer(data_dir).start()
-        except RedisServerMissing as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False)
-            return 1
-        settings = settings.model_copy(update={"redis_url": server.url})
-        console.print(f"private redis-server on port {server.port}, AOF in {server.data_dir}")
-    log_dir = server.data_dir if server else Path(tempfile.mkdtemp(prefix="charging-demo-"))
-    worker_proc = None
+def run_demo(state, charges: int, workers: int, accounts: int, balance: int, data_dir: Path | None = None,
+             keep: bool = False) -> int:
+    """Raises RedisServerMissing when a private server is needed and there is none. The
+    demo's own directory (the private server's AOF and log, the workers' log) is removed
+    however the demo ends, unless keep; a data_dir given by the user always stays."""
+    own_dir = data_dir is None
+    work_dir = Path(tempfile.mkdtemp(prefix="charging-demo-")) if own_dir else data_dir
+    server = worker_proc = None
+    previous = signal.signal(signal.SIGTERM, _exit)  # a SIGTERM runs the clean-up below too
     try:
+        settings = state.settings
+        if state.redis_url is None:
+            server = RedisServer(work_dir).start()
+            settings = settings.model_copy(update={"redis_url": server.url})
+            console.print(f"private redis-server on port {server.port}, AOF in {work_dir}", markup=False)
         client = connect(settings)
         names = accounts_mod.numbered(accounts)
         codec.set_balances(client, settings, ((a, balance) for a in names))
         console.print(f"{accounts} accounts reset to {balance}")
-        worker_proc = _start_workers(settings, workers, log_dir)
+        worker_proc = _start_workers(settings, workers, work_dir)
         return _run_load(client, settings, names, charges, accounts * balance)
     finally:
         if worker_proc is not None:
-            worker_proc.send_signal(signal.SIGTERM)
-            worker_proc.wait(timeout=30)
-            console.print(f"workers stopped (exit {worker_proc.returncode}); their log: {log_dir / 'worker.log'}")
+            console.print(f"workers stopped (exit {_stop(worker_proc)})")
         if server is not None:
             server.stop()
             console.print("private redis-server stopped")
+        signal.signal(signal.SIGTERM, previous)
+        if keep or not own_dir:
+            console.print(f"kept {work_dir} (the server's AOF and redis.log, the workers' worker.log)", markup=False)
+        else:
+            shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def _exit(signum: int, _frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _start_workers(settings: Settings, workers: int, log_dir: Path) -> subprocess.Popen:
-    env = {**os.environ, "CHARGING_REDIS_URL": settings.redis_url}
+    env = {**os.environ, **settings.environment()}
     with open(log_dir / "worker.log", "ab") as log_file:
         return subprocess.Popen([sys.executable, "-m", "charging", "worker", "--processes", str(workers)],
                                 env=env, stdout=log_file, stderr=log_file)
+
+
+def _stop(worker_proc: subprocess.Popen) -> int:
+    """SIGTERM: the workers finish the batch in hand; SIGKILL if that takes more than 30 s."""
+    worker_proc.send_signal(signal.SIGTERM)
+    try:
+        return worker_proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        worker_proc.kill()
+        return worker_proc.wait()
 
 
 def _run_load(client: redis.Redis, settings: Settings, names: list[str], charges: int, start_total: int) -> int:

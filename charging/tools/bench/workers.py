@@ -3,7 +3,6 @@ subprocess, configured only through the environment; with their resident memory 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -84,11 +83,7 @@ class WorkerProcesses:
 
 def environment(settings: Settings) -> dict[str, str]:
     """The settings as CHARGING_* variables, so the workers run with exactly the bench's settings."""
-    env = {}
-    for name, value in settings.model_dump().items():
-        if value is not None:
-            env[f"CHARGING_{name.upper()}"] = json.dumps(value) if isinstance(value, dict) else str(value)
-    return env
+    return settings.environment()
 
 
 def _children(pid: int) -> list[int]:
