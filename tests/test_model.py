@@ -212,12 +212,19 @@ class LedgerMachine(RuleBasedStateMachine):
         """A request sent again, the same in every field (a producer's retry)."""
         self.settle(*data.draw(st.sampled_from(self.history), label="replayed"))
 
-    @rule(count=st.sampled_from((1, 5, 20, 40)), ttl_ms=ttls)
-    def busy_partition(self, count, ttl_ms):
-        """Other accounts of the partition hold funds for a few milliseconds."""
-        for account in CROWD[:count]:
-            self.settle({"op": "reserve", "request_id": f"crowd-{next(self.fresh)}", "account": account,
-                         "amount": 10}, ttl_ms)
+    @rule(count=st.sampled_from((1, 5, 20, 40)), together=st.booleans())
+    def busy_partition(self, count, together):
+        """Other accounts of the partition hold funds: for a minute, or until a common deadline
+        just after this step, so that many holds are past their expiry at once."""
+        deadline = self.clock + 2 * count + 20
+        made = [self.settle({"op": "reserve", "request_id": f"crowd-{next(self.fresh)}", "account": account,
+                             "amount": 10}, max(1, deadline - self.clock - 1) if together else 60_000)
+                for account in CROWD[:count]]
+        if together:
+            last = max((self.ledger.holds[r.reservation_id].expires_at for r in made
+                        if r.reservation_id in self.ledger.holds), default=0)
+            while self.server_ms() <= last:
+                time.sleep(0.0005)
 
     @rule(ms=st.integers(0, 40))
     def wait(self, ms):
