@@ -193,10 +193,23 @@ def with_functions(client: redis.Redis, call: Callable[[], T]) -> T:
         return call()
 
 
-def reload_functions(client: redis.Redis, error: Exception) -> None:
-    """Load the library again after a call found it missing."""
+def reload_functions(client: redis.Redis, error: Exception) -> bool:
+    """Load the library again after a call found it missing. False when this process's ACL
+    user may not load code (only the maintainer may, deploy/users.acl): the maintainer
+    loads it at its next round; the caller waits and tries again."""
+    try:
+        load_functions(client)
+    except redis.exceptions.NoPermissionError:
+        log.warning("functions_missing", error=str(error), hint="waiting for the maintainer to load them")
+        return False
     log.warning("functions_reloaded", error=str(error))
-    load_functions(client)
+    return True
+
+
+def server_clock_offset_ms(client: redis.Redis) -> int:
+    """How far the Redis server's clock (TIME) is ahead of this host's, in ms."""
+    seconds, micros = client.time()
+    return seconds * 1000 + micros // 1000 - int(time.time() * 1000)
 
 
 def missing_function(reply: object) -> bool:

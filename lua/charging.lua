@@ -1,9 +1,11 @@
 #!lua name=charging
 --[[
 The only place where a balance changes. Loaded with FUNCTION LOAD REPLACE by every
-process that talks to Redis (Redis >= 7.0) and is allowed to (deploy/users.acl). Redis
-checks every command a function runs against the caller's ACL, so each role in that file
-holds the commands of the functions it calls (README, "Security").
+process that talks to Redis (Redis >= 7.0) and is allowed to (in deploy/users.acl only
+the maintainer is). Redis checks every command a function runs against the caller's ACL,
+so each role in that file holds the commands of the functions it calls, each on the keys
+it runs it on (README, "Security"; tests/test_acl_needs.py says which rule is missing
+when a function here changes).
 
 Keys. <ns> is the namespace (CHARGING_NAMESPACE, default "ch"); {pN} is the partition
 hash tag, so every key one call touches lives in one Redis Cluster slot. Every key a
@@ -29,13 +31,16 @@ function touches is passed to it in KEYS, none is made up inside.
   <ns>:{pN}:requests       stream  charge and reservation requests, XADDed by producers,
                                    read by the worker group; acked by the settling
                                    function (or settle_batch, which runs it per entry) or
-                                   dead_letter; trimmed by trim to what every group has acked.
+                                   dead_letter; trimmed by trim to what every group has acked;
+                                   repair finds entries removed unread and rewinds ids a
+                                   client pushed into the future.
   <ns>:{pN}:results        stream  one outcome per settled request. Written by the settling
                                    functions. Trimmed by trim (worker maintenance) to about
                                    CHARGING_RESULTS_MAXLEN, never past an entry a group
                                    in CHARGING_RESULTS_GROUPS has not read and acked.
   <ns>:{pN}:deadletter     stream  entries that could not be read, with the reason.
-                                   Written by dead_letter. Trimmed with MAXLEN ~.
+                                   Written by dead_letter (and repair: entries removed
+                                   before they were read). Trimmed with MAXLEN ~.
   <ns>:{pN}:deadletter:reasons
                            hash    reason -> number of entries ever dead-lettered with
                                    it. Written by dead_letter. Lives forever (one field
@@ -450,16 +455,20 @@ local function dead_letter(keys, args)
 end
 
 --[[
-top_up: add to an existing account. KEYS: balances. ARGV: account, amount, max_balance.
-Returns the new balance, or an error for an unknown account or a balance over the cap.
+top_up: add to an existing account. KEYS: balances. ARGV: account, amount (a whole number
+>= 1), max_balance. Returns the new balance, or an error: invalid_amount, unknown_account,
+balance_too_large.
 ]]
 local function top_up(keys, args)
+  -- A negative amount would be a charge that no outcome records.
+  local amount = whole(args[2])
+  if not amount then return redis.error_reply('invalid_amount') end
   local current = redis.call('HGET', keys[1], args[1])
   if not current then return redis.error_reply('unknown_account') end
-  if tonumber(current) + tonumber(args[2]) > tonumber(args[3]) then
+  if tonumber(current) + amount > tonumber(args[3]) then
     return redis.error_reply('balance_too_large')
   end
-  return redis.call('HINCRBY', keys[1], args[1], args[2])
+  return redis.call('HINCRBY', keys[1], args[1], amount)
 end
 
 --[[
@@ -469,6 +478,13 @@ KEYS: balances. ARGV: account, balance, account, balance, ...  Returns the count
 local function set_balances(keys, args)
   redis.call('HSET', keys[1], unpack(args))
   return #args / 2
+end
+
+-- An XINFO reply (alternating names and values) as a table.
+local function map_of(flat)
+  local t = {}
+  for i = 1, #flat, 2 do t[flat[i]] = flat[i + 1] end
+  return t
 end
 
 local function stream_id_less(a, b)
@@ -497,8 +513,7 @@ local function groups_bound(stream, names)
   end
   local bound = nil
   for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
-    local info = {}
-    for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
+    local info = map_of(g)
     if wanted == nil or wanted[info['name']] then
       missing = missing - 1
       local candidate = group_bound(stream, info)
@@ -541,6 +556,57 @@ local function trim(keys, args)
   return redis.call('XTRIM', stream, 'MINID', bound)
 end
 
+--[[
+repair: undo what a client allowed to XADD to a request stream can do to it that no ACL
+rule can forbid (README, "Threat model"). Maintenance only (the maintainer role).
+ - Entries removed before a group read them (XADD with MAXLEN or MINID, XTRIM): the group
+   never counted them as read, so once it has read what is left, its lag stays too high
+   by their number. Recorded as one dead letter, error entries_removed, naming the group
+   and how many; then the group's read counter is set right, so each loss is recorded once.
+ - Ids pushed into the future (XADD with an explicit id far ahead; the last possible id
+   refuses every later XADD): once every group has read and acked every entry, the
+   entries go and the stream's last id and its groups' go back to the server's time, so
+   XADD * works again. The worker dead-letters such entries (id_in_future) meanwhile.
+KEYS: requests, deadletter, reasons. ARGV: max_skew_ms, deadletter maxlen.
+Returns {entries found removed, 1 if the stream was rewound else 0}.
+]]
+local function repair(keys, args)
+  local stream = keys[1]
+  if redis.call('EXISTS', stream) == 0 then return {0, 0} end
+  local s = map_of(redis.call('XINFO', 'STREAM', stream))
+  local last, first = s['last-generated-id'], s['first-entry'] and s['first-entry'][1]
+  local groups = redis.call('XINFO', 'GROUPS', stream)
+  local removed, settled = 0, #groups > 0
+  for _, g in ipairs(groups) do
+    local group = map_of(g)
+    local read_to, lag = group['last-delivered-id'], group['lag']
+    -- The entries still in the stream that the group has not read, where that is known
+    -- without a scan: none once it has read up to the last id, all when all are past it.
+    local unread = nil
+    if read_to == last then unread = 0
+    elseif first and stream_id_less(read_to, first) then unread = s['length'] end
+    if unread and lag and lag > unread then
+      local lost = lag - unread
+      removed = removed + lost
+      dead_letter({keys[2], stream, keys[3]}, {'', '', 'entries_removed',
+        digits(lost) .. ' entries were removed from the stream before group ' .. group['name'] ..
+        ' read them (XADD with MAXLEN or MINID, or XTRIM, by a client); they were never charged',
+        args[2], 'group', group['name'], 'removed', digits(lost)})
+      redis.call('XGROUP', 'SETID', stream, group['name'], read_to, 'ENTRIESREAD', s['entries-added'] - unread)
+    end
+    settled = settled and group['pending'] == 0 and read_to == last
+  end
+  local now = now_ms()
+  if not (settled and tonumber(string.match(last, '^%d+')) > now + tonumber(args[1])) then return {removed, 0} end
+  local id = digits(now) .. '-0'
+  redis.call('XTRIM', stream, 'MAXLEN', 0)
+  redis.call('XSETID', stream, id, 'MAXDELETEDID', id)
+  for _, g in ipairs(groups) do
+    redis.call('XGROUP', 'SETID', stream, map_of(g)['name'], id, 'ENTRIESREAD', s['entries-added'])
+  end
+  return {removed, 1}
+end
+
 redis.register_function('charge', function(keys, args) return settle('charge', keys, args) end)
 redis.register_function('reserve', function(keys, args) return settle('reserve', keys, args) end)
 redis.register_function('commit', function(keys, args) return settle('commit', keys, args) end)
@@ -552,3 +618,4 @@ redis.register_function('dead_letter', dead_letter)
 redis.register_function('top_up', top_up)
 redis.register_function('set_balances', set_balances)
 redis.register_function('trim', trim)
+redis.register_function('repair', repair)

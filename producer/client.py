@@ -48,7 +48,8 @@ class Producer:
     def __init__(self, client: redis.Redis, settings: Settings, producer_id: str | None = None):
         self.client = client
         self.settings = settings
-        self.id = producer_id or uuid.uuid4().hex
+        # Its reply stream is <ns>:{pN}:reply:<id>; a producer ACL user may read only its own.
+        self.id = producer_id or settings.producer_id or uuid.uuid4().hex
         self._last_reply_id: dict[str, str] = {}  # reply stream -> last id read
         self._outcomes: dict[str, Outcome] = {}  # read from a reply stream, not yet collected
         self._reply_stream: dict[str, str] = {}  # request id -> the reply stream its outcome goes to
@@ -136,7 +137,9 @@ class Producer:
             for stream, messages in reply:
                 for entry_id, fields in messages:
                     outcome = Outcome.from_fields(fields)
-                    self._outcomes[outcome.request_id] = outcome
+                    # Processes sharing a producer id share its reply stream: keep only our own.
+                    if outcome.request_id in self._reply_stream:
+                        self._outcomes[outcome.request_id] = outcome
                     self._last_reply_id[stream.decode()] = entry_id.decode()
         for rid in wanted:
             self._reply_stream.pop(rid, None)

@@ -21,7 +21,7 @@ from charging import codec
 from charging import log as logging_setup
 from charging.app import accounts as accounts_mod
 from charging.app.status import status as read_status
-from charging.connection import PartitionsChanged, RedisTooOld, connect, redacted
+from charging.connection import PartitionsChanged, RedisTooOld, connect, missing_function, redacted
 from charging.keys import parse_partitions
 from charging.schema import Invalid, Outcome, parse_top_up
 from charging.settings import Settings
@@ -316,6 +316,19 @@ def worker(processes: Annotated[int, typer.Option(min=1, max=256)] = 1,
 
 
 @app.command()
+def maintain(once: Annotated[bool, typer.Option(help="One round, then exit.")] = False,
+             partitions: Annotated[str | None, typer.Option(help="Partitions to look after, e.g. 0-5,8 "
+                                                                 "(default all).")] = None):
+    """Load the functions, then every maintenance interval trim the streams, forget idle
+    consumers and repair the request streams (the maintainer ACL role), until SIGTERM / SIGINT."""
+    try:
+        chosen = None if partitions is None else parse_partitions(partitions, state.settings.partitions)
+    except ValueError as exc:
+        fail(2, str(exc))
+    raise typer.Exit(supervisor.run_maintainer(state.settings, chosen, once))
+
+
+@app.command()
 def status(as_json: AsJson = False):
     """Stream lengths, pending entries, lag, consumers, dead letters and held funds."""
     data = read_status(state.client, state.settings)
@@ -363,6 +376,12 @@ def main() -> None:
         sys.exit(1)
     except (RedisTooOld, PartitionsChanged) as exc:
         say_error(str(exc))
+        sys.exit(1)
+    except redis.ResponseError as exc:
+        if not missing_function(exc):
+            raise
+        say_error(f"the charging functions are not loaded on this Redis ({exc}); the maintainer loads them: "
+                  "run `charging maintain` with the maintainer's CHARGING_REDIS_URL")
         sys.exit(1)
     except Invalid as exc:
         say_error(str(exc))
