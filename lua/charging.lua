@@ -560,9 +560,13 @@ end
 repair: undo what a client allowed to XADD to a request stream can do to it that no ACL
 rule can forbid (README, "Threat model"). Maintenance only (the maintainer role).
  - Entries removed before a group read them (XADD with MAXLEN or MINID, XTRIM): the group
-   never counted them as read, so once it has read what is left, its lag stays too high
-   by their number. Recorded as one dead letter, error entries_removed, naming the group
-   and how many; then the group's read counter is set right, so each loss is recorded once.
+   never counted them as read, so its read counter stays behind by their number for good
+   (a group that never read counts nothing: everything ever added is behind it). Found
+   where the entries still unread are known without a scan; recorded as one dead letter,
+   error entries_removed, naming the group and how many; then the group's read counter is
+   set right, so each loss is recorded once. (A group made at 0 on a stream whose head
+   was already trimmed would count that head: request streams get their one group before
+   anything is trimmed.)
  - Ids pushed into the future (XADD with an explicit id far ahead; the last possible id
    refuses every later XADD): once every group has read and acked every entry, the
    entries go and the stream's last id and its groups' go back to the server's time, so
@@ -579,14 +583,15 @@ local function repair(keys, args)
   local removed, settled = 0, #groups > 0
   for _, g in ipairs(groups) do
     local group = map_of(g)
-    local read_to, lag = group['last-delivered-id'], group['lag']
+    local read_to, counted = group['last-delivered-id'], group['entries-read']
+    local behind = counted and s['entries-added'] - counted or (read_to == '0-0' and s['entries-added'])
     -- The entries still in the stream that the group has not read, where that is known
     -- without a scan: none once it has read up to the last id, all when all are past it.
     local unread = nil
     if read_to == last then unread = 0
-    elseif first and stream_id_less(read_to, first) then unread = s['length'] end
-    if unread and lag and lag > unread then
-      local lost = lag - unread
+    elseif not first or stream_id_less(read_to, first) then unread = s['length'] end
+    if unread and behind and behind > unread then
+      local lost = behind - unread
       removed = removed + lost
       dead_letter({keys[2], stream, keys[3]}, {'', '', 'entries_removed',
         digits(lost) .. ' entries were removed from the stream before group ' .. group['name'] ..

@@ -142,7 +142,7 @@ def repair_scene(scene, settings):
     ids to the last one possible; the workers settled what was left."""
     first = pending(scene, settings, [{"n": "1"}])
     scene.xadd(KEYS.requests, {"n": "2"})
-    scene.xadd(KEYS.requests, {"n": "3"}, maxlen=0)
+    scene.xadd(KEYS.requests, {"n": "3"}, maxlen=0, approximate=False)
     scene.xadd(KEYS.requests, {"n": "4"}, id="18446744073709551615-18446744073709551615")
     rest = scene.xreadgroup(settings.group, "w1", {KEYS.requests: ">"})
     scene.xack(KEYS.requests, settings.group, *first, *[eid for _, messages in rest for eid, _ in messages])
