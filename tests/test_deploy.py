@@ -7,10 +7,12 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import subprocess
 import tomllib
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import pytest
 import typer.main
 import yaml
 
@@ -97,10 +99,18 @@ def test_compose_redis_loads_the_shipped_acl_file():
     assert "off" in acl_users()["default"], "no one may connect without a user and password"
 
 
-def test_workers_connect_as_the_worker_acl_user_with_its_password():
-    url = urlsplit(compose()["services"]["worker"]["environment"]["CHARGING_REDIS_URL"])
-    assert url.username == "worker"
-    assert acl_password_matches("worker", url.password)
+@pytest.mark.parametrize("service", ["worker", "maintainer"])
+def test_each_process_connects_as_its_own_acl_user_with_its_password(service):
+    url = urlsplit(compose()["services"][service]["environment"]["CHARGING_REDIS_URL"])
+    assert url.username == service
+    assert acl_password_matches(service, url.password)
+
+
+def test_one_maintainer_runs_beside_the_workers():
+    services = compose()["services"]
+    assert services["maintainer"]["command"] == ["maintain"]
+    assert services["maintainer"].get("deploy", {}).get("replicas", 1) == 1
+    assert services["maintainer"]["depends_on"]["redis"]["condition"] == "service_healthy"
 
 
 def test_the_healthcheck_authenticates_as_an_acl_user():
@@ -123,3 +133,11 @@ def test_the_metrics_port_is_exposed_by_the_image_and_the_service():
     port = worker["command"][worker["command"].index("--metrics-port") + 1]
     assert port in worker["expose"]
     assert port in dockerfile_instruction("EXPOSE").split()
+
+
+def test_the_readme_command_that_moves_the_acl_to_another_namespace_moves_every_pattern():
+    command = re.search(r"`(sed 's/~ch:/~billing:/g')`", (ROOT / "README.md").read_text())[1]
+    moved = subprocess.run(["sh", "-c", f"{command} deploy/users.acl"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout
+    patterns = [rule.split("~", 1)[1] for line in moved.splitlines() for rule in line.split()[2:] if "~" in rule]
+    assert patterns and all(p.startswith("billing:") for p in patterns), patterns
