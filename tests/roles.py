@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
 import redis
 
 from charging.connection import connect
@@ -62,8 +61,7 @@ def role(server: RedisServer, user: str, **changes) -> Settings:
 
 def root(server: RedisServer) -> redis.Redis:
     """The test superuser: loads the library and sets up what a scenario starts from."""
-    client = connect(role(server, ROOT))
-    return client
+    return connect(role(server, ROOT))
 
 
 def denied(call) -> bool:
@@ -73,11 +71,3 @@ def denied(call) -> bool:
     except redis.exceptions.NoPermissionError as refused:
         return "no permissions" in str(refused)
     return False
-
-
-def refused_in_function(call) -> bool:
-    """True when a function stopped at a command the caller's ACL user may not run: Redis
-    answers that with an error of its own, not NOPERM."""
-    with pytest.raises(redis.ResponseError) as refused:
-        call()
-    return "The user executing the script can't" in str(refused.value)
