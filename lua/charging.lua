@@ -35,7 +35,7 @@ function touches is passed to it in KEYS, none is made up inside.
                                    repair finds entries removed unread and rewinds ids a
                                    client pushed into the future.
   <ns>:{pN}:results        stream  one outcome per settled request. Written by the settling
-                                   functions. Trimmed by trim (worker maintenance) to about
+                                   functions. Trimmed by trim (the maintainer) to about
                                    CHARGING_RESULTS_MAXLEN, never past an entry a group
                                    in CHARGING_RESULTS_GROUPS has not read and acked.
   <ns>:{pN}:deadletter     stream  entries that could not be read, with the reason.
