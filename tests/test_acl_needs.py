@@ -319,6 +319,17 @@ def test_every_function_runs_under_the_roles_that_call_it_and_is_refused_to_the_
             row.call(client, role(server, user), given)
 
 
+def rule_to_add(scene: redis.Redis, args: list[str], answer: str) -> str:
+    """What the role's line lacks for this command, from ACL DRYRUN's answer."""
+    refused_key = re.search(r"access the '(.+)' key", answer)
+    keys = [refused_key[1]] if refused_key else keys_of(scene, args)
+    if args[0].upper() == "FCALL":
+        return f"add ~{KINDS[kind_of(keys[0])]} to its selector with +fcall|{args[1]}"
+    if not keys:
+        return f"add +{command_name(args)} to its root rules"
+    return f"add +{command_name(args)} to its selector for {KINDS[kind_of(keys[0])]}"
+
+
 def test_every_command_a_function_runs_is_granted_to_the_roles_that_call_it(scene, measured):
     missing: dict[str, None] = {}  # each rule once, in order
     for row in ROWS:
@@ -327,10 +338,8 @@ def test_every_command_a_function_runs_is_granted_to_the_roles_that_call_it(scen
             for args in run.fcalls + run.inside:
                 answer = dry_run(scene, user, args)
                 if answer != "OK":
-                    keys = keys_of(scene, args)
-                    where = f"its selector for {KINDS[kind_of(keys[0])]}" if keys else "its root permissions"
-                    missing[f"{user} calls {row.name}, which runs {' '.join(args[:2])}: {answer} -> add "
-                            f"+{command_name(args)} to {where} in deploy/users.acl"] = None
+                    missing[f"{user} calls {row.name}, which runs {' '.join(args[:2])}: {answer} -> "
+                            f"{rule_to_add(scene, args, answer)} in deploy/users.acl"] = None
     assert not missing, "\n".join(missing)
 
 

@@ -17,6 +17,7 @@ from worker.entry import Entry
 if TYPE_CHECKING:
     from worker.loop import Worker
 
+
 def ensure_groups(worker: Worker) -> None:
     for keys in worker.partitions:
         ensure_group(worker.client, keys.requests, worker.settings.group)
