@@ -405,11 +405,15 @@ class WorkerMachine(RuleBasedStateMachine):
         pipe.xlen(self.keys.deadletter)
         return sum(pipe.execute())
 
-    @precondition(lambda self: self.settled() < len(self.entries))
     @rule(share=st.integers(0, 100))
     def worker_killed(self, share):
-        """SIGKILL once the worker has settled share % of the entries left (or 2 s passed)."""
+        """SIGKILL once the worker has settled share % of the entries left (or 2 s passed).
+        Nothing left: nothing to do. (Not a precondition: how much a killed worker settled
+        depends on timing, and hypothesis replays a step sequence expecting the same rules
+        to be enabled.)"""
         settled = self.settled()
+        if settled >= len(self.entries):
+            return
         goal, deadline = settled + (len(self.entries) - settled) * share // 100, time.monotonic() + 2
         pid = start_worker(self.settings)
         while self.settled() < goal and time.monotonic() < deadline:
