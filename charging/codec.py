@@ -23,7 +23,7 @@ from charging.tariff import unit_price
 
 DEADLETTER_FIELD_BYTES = 1024  # an oversized field is kept only up to this, so dead letters stay small
 SET_BALANCES_CHUNK = 1000  # accounts per set_balances call: bounded argument lists
-RESERVATION_SEP = "\x1f"  # lua/charging.lua packs records with this separator
+RESERVATION_SEP = "\x1f"  # lua/charging.lua packs records (reservations, dedupe records) with this separator
 
 
 # ---- settling: charge, reserve, commit, extend, release, settle_batch ---------------------
@@ -197,6 +197,37 @@ class Reservation:
 def reservation(packed: bytes | str) -> Reservation:
     account, amount, expires_at, price, ttl_ms = text(packed).split(RESERVATION_SEP)[:5]
     return Reservation(account, int(amount), int(expires_at), int(price), int(ttl_ms))
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """The outcome a dedupe record (``<ns>:{pN}:seen:<request_id>``, lua/charging.lua
+    record()) keeps for the dedupe window: what a replay of the request id is answered with.
+    It keeps no times. op, held, reserved and expires_at for reservation operations only."""
+
+    request_id: str
+    account: str
+    status: str
+    reason: str
+    charged: int
+    balance: int
+    op: str = "charge"
+    held: int | None = None
+    reserved: int | None = None
+    expires_at: int | None = None
+
+
+def recorded(request_id: str, packed: bytes | str) -> Recorded:
+    """Parse a dedupe record: the request's fingerprint (its account first; the op second
+    for a reservation operation), then status, reason, charged, balance[, held, reserved,
+    expires_at]."""
+    fingerprint, status, reason, charged, balance, *session = text(packed).split(RESERVATION_SEP)
+    account, op = fingerprint.split("|")[:2]
+    made = Recorded(request_id, account, status, reason, int(charged), int(balance))
+    if not session:
+        return made
+    held, reserved, expires_at = session
+    return replace(made, op=op, held=int(held), reserved=int(reserved), expires_at=_number(expires_at))
 
 
 def _number(value: str) -> int | None:

@@ -48,14 +48,32 @@ def read_streams(client: redis.Redis, streams: dict[str, str], count: int, block
 
 
 def partition_status(client: redis.Redis, settings: Settings, keys: Keys) -> dict[str, Any]:
+    """What a partition's streams hold and how far the group is, in one round trip."""
     pipe = client.pipeline(transaction=False)
+    queue_partition_status(pipe, settings, keys)
+    return read_partition_status(pipe.execute(raise_on_error=False), settings, keys, int(time.time() * 1000))
+
+
+def queue_partition_status(pipe, settings: Settings, keys: Keys) -> None:
+    """Queue the reads of partition_status on a pipeline, sync or asyncio: the same commands
+    serve both clients, read back with read_partition_status (execute with raise_on_error=False:
+    a stream or group that does not exist yet answers an error)."""
     pipe.xlen(keys.requests)
     pipe.xlen(keys.results)
     pipe.xlen(keys.deadletter)
     pipe.hgetall(keys.deadletter_reasons)
     pipe.hlen(keys.reservations)
     pipe.hvals(keys.held)  # one field per account with funds on hold: as many as live sessions
-    length, results, deadletters, reasons, reservations, held = pipe.execute()
+    pipe.xinfo_groups(keys.requests)
+    pipe.xpending(keys.requests, settings.group)
+    pipe.xinfo_consumers(keys.requests, settings.group)
+
+
+def read_partition_status(replies: list, settings: Settings, keys: Keys, now_ms: int) -> dict[str, Any]:
+    failed = [r for r in replies if isinstance(r, Exception) and not _no_such_group(r)]
+    if failed:  # not a stream or group that does not exist yet: real (NOPERM, a lost connection)
+        raise failed[0]
+    length, results, deadletters, reasons, reservations, held, groups, pending, consumers = replies
     status = {
         "partition": keys.partition,
         "requests_stream": keys.requests, "results_stream": keys.results, "deadletter_stream": keys.deadletter,
@@ -65,25 +83,27 @@ def partition_status(client: redis.Redis, settings: Settings, keys: Keys) -> dic
         "open_reservations": reservations, "held": sum(int(v) for v in held),
         "pending": 0, "lag": None, "oldest_pending_age_ms": None, "consumers": [],
     }
-    group = _group(client, keys.requests, settings.group)
-    if group is None:
+    group = _group(groups, settings.group)
+    if group is None:  # no stream yet, or no group on it
         return status
     # lag is null after trimming or deletion: report it as unknown (None), never as 0.
     status.update(pending=group["pending"], lag=group.get("lag"))
     if group["pending"]:
-        oldest = client.xpending(keys.requests, settings.group)["min"].decode()
-        status["oldest_pending_age_ms"] = max(0, int(time.time() * 1000) - int(oldest.split("-")[0]))
+        oldest = text(pending["min"])
+        status["oldest_pending_age_ms"] = max(0, now_ms - int(oldest.split("-")[0]))
     status["consumers"] = [
         {"name": text(c["name"]), "pending": c["pending"], "idle_ms": c["idle"]}
-        for c in client.xinfo_consumers(keys.requests, settings.group)
+        for c in consumers
     ]
     return status
 
 
-def _group(client: redis.Redis, stream: str, name: str) -> dict | None:
-    try:
-        groups = client.xinfo_groups(stream)
-    except redis.ResponseError:  # no such stream yet
+def _no_such_group(error: Exception) -> bool:
+    return isinstance(error, redis.ResponseError) and str(error).startswith(("no such key", "NOGROUP"))
+
+
+def _group(groups: list | Exception, name: str) -> dict | None:
+    if isinstance(groups, Exception):  # no such stream yet
         return None
     return next((g for g in groups if text(g["name"]) == name), None)
 

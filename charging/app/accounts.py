@@ -24,11 +24,20 @@ def balance(client: redis.Redis, settings: Settings, account: str) -> int:
 
 def funds(client: redis.Redis, settings: Settings, account: str) -> tuple[int, int]:
     """(balance, held) read together; available = balance - held."""
-    keys = keys_of(account, settings)
     pipe = client.pipeline(transaction=False)
+    queue_funds(pipe, settings, account)
+    return read_funds(pipe.execute(), account)
+
+
+def queue_funds(pipe, settings: Settings, account: str) -> None:
+    """Queue the reads of funds on a pipeline, sync or asyncio; read back with read_funds."""
+    keys = keys_of(account, settings)
     pipe.hget(keys.balances, account)
     pipe.hget(keys.held, account)
-    value, held = pipe.execute()
+
+
+def read_funds(replies: list, account: str) -> tuple[int, int]:
+    value, held = replies
     if value is None:
         raise UnknownAccount(f"unknown account {account!r}")
     return int(value), int(held or 0)

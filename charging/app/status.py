@@ -13,9 +13,14 @@ from charging.streams import partition_status
 
 
 def status(client: redis.Redis, settings: Settings) -> dict[str, Any]:
-    """Totals over all partitions at the top level, one entry per partition below.
-    lag is None (unknown) if any partition's lag is unknown."""
-    parts = [partition_status(client, settings, k) for k in all_partitions(settings.namespace, settings.partitions)]
+    """Totals over all partitions at the top level, one entry per partition below."""
+    return summary(settings, [partition_status(client, settings, k)
+                              for k in all_partitions(settings.namespace, settings.partitions)])
+
+
+def summary(settings: Settings, parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The totals of partition_status over every partition (charging.streams), read by
+    whichever client. lag is None (unknown) if any partition's lag is unknown."""
     first = parts[0]
     lags = [p["lag"] for p in parts]
     return {
