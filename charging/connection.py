@@ -6,17 +6,23 @@ import re
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any
 
 import redis
-import structlog
+import redis.asyncio
+from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 
+from charging.errors import ChargingError
+from charging.log import logger
+from charging.plan import Plan, T, run, run_async
 from charging.settings import Settings
 
-log = structlog.get_logger("charging.connection")
+log = logger("charging.connection")
 
 # Errors that pass: a server restarting or loading, a cluster failing over. Callers back
 # off and retry; every retried call is safe because it is keyed by request id or entry id.
@@ -25,7 +31,6 @@ TRANSIENT_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoading
                     redis.exceptions.SlotNotCoveredError)
 
 MIN_REDIS = (7, 0)
-T = TypeVar("T")
 
 
 class Backoff:
@@ -46,44 +51,100 @@ class Backoff:
         self._failures = 0
 
 
-class RedisTooOld(RuntimeError):
+class RedisTooOld(ChargingError, RuntimeError):
     pass
 
 
-class PartitionsChanged(RuntimeError):
+class PartitionsChanged(ChargingError, RuntimeError):
     pass
 
 
-def connect(settings: Settings, load: bool = True) -> redis.Redis:
-    """Return the process's client: a single-node client, or a cluster client for a
-    cluster URL. Retries with backoff are explicit (the library's defaults changed between
-    versions); a retried command may run twice, which every function call tolerates
-    because it is keyed by request id or entry id."""
-    options = dict(
+Client = redis.Redis | RedisCluster
+AsyncClient = redis.asyncio.Redis | AsyncRedisCluster
+
+
+def client_options(settings: Settings, retry: type[Retry] | type[AsyncRetry]) -> dict[str, Any]:
+    """The options of every client, sync or asyncio. Retries with backoff are explicit (the
+    library's defaults changed between versions); a retried command may run twice, which
+    every function call tolerates because it is keyed by request id or entry id."""
+    return dict(
         socket_timeout=settings.socket_timeout_s,
         socket_connect_timeout=settings.socket_timeout_s,
         health_check_interval=30,
-        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=2.0), settings.retry_attempts),
+        retry=retry(ExponentialWithJitterBackoff(base=0.05, cap=2.0), settings.retry_attempts),
         **tls_options(settings),
     )
+
+
+# A single node's client also retries these on its own (a cluster client knows its errors).
+RETRY_ON = [redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError]
+ASYNC_POOL_SIZE = 50  # connections of an asyncio client; concurrent waits share one (producer/requests.py)
+
+
+def connect(settings: Settings, load: bool = True) -> Client:
+    """Return the process's client: a single-node client, or a cluster client for a
+    cluster URL. load: check the server's version, load the functions if missing and
+    check the partition count (see prepare_server)."""
+    options = client_options(settings, Retry)
+    client: Client
     if settings.cluster:
         seeds = [ClusterNode(host, port) for host, port in settings.cluster_seeds]
         client = RedisCluster.from_url(settings.server_url, startup_nodes=seeds, **options)
         _parse_keys_locally(client)
     else:
-        client = redis.Redis.from_url(
-            settings.server_url, retry_on_error=[redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError],
-            **options)
+        client = redis.Redis.from_url(settings.server_url, retry_on_error=RETRY_ON, **options)
     if load:
-        try:
-            check_version(client)
-            load_functions(client)
-        except redis.exceptions.NoPermissionError as exc:
-            # A producer's ACL role (deploy/users.acl) may neither read INFO nor load
-            # functions; workers and admins do both, so the library is there for it.
-            log.info("functions_not_loaded", reason=str(exc))
-        check_partitions(client, settings)
+        run(client, prepare_server(settings))
     return client
+
+
+async def connect_async(settings: Settings, load: bool = True) -> AsyncClient:
+    """connect() for asyncio (redis.asyncio): the same options and the same checks, with
+    no blocking I/O. Close it with ``await client.aclose()``."""
+    options = client_options(settings, AsyncRetry)
+    client: AsyncClient
+    if settings.cluster:
+        seeds = [AsyncClusterNode(host, port) for host, port in settings.cluster_seeds]
+        # Its nodes' pools cannot make a task wait for a free connection (they fail with
+        # "Too many connections"): unbounded, as the sync cluster client's are.
+        client = AsyncRedisCluster.from_url(settings.server_url, startup_nodes=seeds, max_connections=2**31,
+                                            **options)
+        _parse_keys_locally_async(client)
+    else:
+        # Tasks beyond the pool's size wait for a connection instead of failing with "Too many
+        # connections" (the default pool's answer), as a busy web backend needs.
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
+            settings.server_url, retry_on_error=RETRY_ON, max_connections=ASYNC_POOL_SIZE,
+            timeout=settings.socket_timeout_s, **options)
+        client = redis.asyncio.Redis.from_pool(pool)
+    if load:
+        await run_async(client, prepare_server(settings))
+    return client
+
+
+def prepare_server(settings: Settings) -> Plan[None]:
+    """Check the server's version and load the functions unless it has them, then check
+    the partition count."""
+    try:
+        yield from check_version()
+        yield from load_functions()
+    except redis.exceptions.NoPermissionError as exc:
+        # A producer's ACL role (deploy/users.acl) may neither read INFO nor load
+        # functions; workers and admins do both, so the library is there for it.
+        log.info("functions_not_loaded", reason=str(exc))
+    yield from check_partitions(settings)
+
+
+def _command_keys(args: tuple[Any, ...]) -> list[Any] | None:
+    """The keys of FCALL and XREAD(GROUP), by their fixed syntax; None for other commands."""
+    words = [a.decode() if isinstance(a, bytes) else str(a) for a in args]
+    name = words[0].upper()
+    if name in ("FCALL", "FCALL_RO"):
+        return list(args[3:3 + int(words[2])])
+    if name in ("XREAD", "XREADGROUP"):
+        after = [w.upper() for w in words].index("STREAMS") + 1
+        return list(args[after:after + (len(args) - after) // 2])
+    return None
 
 
 def _parse_keys_locally(client: RedisCluster) -> None:
@@ -93,34 +154,40 @@ def _parse_keys_locally(client: RedisCluster) -> None:
     parser = client.commands_parser
     generic = parser.get_keys
 
-    def get_keys(conn, *args):
-        words = [a.decode() if isinstance(a, bytes) else str(a) for a in args]
-        name = words[0].upper()
-        if name in ("FCALL", "FCALL_RO"):
-            return list(args[3:3 + int(words[2])])
-        if name in ("XREAD", "XREADGROUP"):
-            after = [w.upper() for w in words].index("STREAMS") + 1
-            return list(args[after:after + (len(args) - after) // 2])
-        return generic(conn, *args)
+    def get_keys(conn: Any, *args: Any) -> Any:
+        keys = _command_keys(args)
+        return generic(conn, *args) if keys is None else keys
 
-    parser.get_keys = get_keys
+    parser.get_keys = get_keys  # type: ignore[method-assign]
 
 
-def is_cluster(client: redis.Redis) -> bool:
-    return isinstance(client, RedisCluster)
+def _parse_keys_locally_async(client: AsyncRedisCluster) -> None:
+    """_parse_keys_locally for the asyncio cluster client, whose parser is a coroutine."""
+    parser = client.commands_parser
+    generic = parser.get_keys
+
+    async def get_keys(*args: Any) -> Any:
+        keys = _command_keys(args)
+        return await generic(*args) if keys is None else keys
+
+    parser.get_keys = get_keys  # type: ignore[method-assign]
 
 
-def check_partitions(client: redis.Redis, settings: Settings) -> None:
+def is_cluster(client: Any) -> bool:
+    return isinstance(client, RedisCluster | AsyncRedisCluster)
+
+
+def check_partitions(settings: Settings) -> Plan[None]:
     """The partition count is fixed when a deployment first runs: changing it would route
     existing accounts to other partitions, where their balances are not."""
     key = f"{settings.namespace}:partitions"
-    recorded = client.get(key)
+    recorded = yield lambda client: client.get(key)
     if recorded is None:
         try:
-            client.set(key, settings.partitions, nx=True)
+            yield lambda client: client.set(key, settings.partitions, nx=True)
         except redis.exceptions.NoPermissionError:
             return  # a producer may only read it; the first worker or admin records it
-        recorded = client.get(key)
+        recorded = yield lambda client: client.get(key)
     recorded = int(recorded)
     if recorded != settings.partitions:
         raise PartitionsChanged(
@@ -147,8 +214,9 @@ def redacted(url: str) -> str:
     return re.sub(r"(//[^:/@]*:)[^@]*@", r"\1***@", url)
 
 
-def check_version(client: redis.Redis) -> None:
-    info = client.info(target_nodes=RedisCluster.RANDOM) if is_cluster(client) else client.info()
+def check_version() -> Plan[None]:
+    info = yield lambda client: (client.info(target_nodes=RedisCluster.RANDOM) if is_cluster(client)
+                                 else client.info())
     version = tuple(int(p) for p in str(info["redis_version"]).split(".")[:2])
     if version < MIN_REDIS:
         raise RedisTooOld(f"Redis {info['redis_version']} has no Functions; this engine needs Redis >= 7.0")
@@ -165,62 +233,70 @@ def library_source() -> str:
     raise FileNotFoundError("lua/charging.lua not found")
 
 
-def load_functions(client: redis.Redis) -> None:
+def load_functions() -> Plan[None]:
     """FUNCTION LOAD REPLACE unless the server already has this very library: it fixes a
     server that was started empty, without writing the library into the AOF at every
     connect. A cluster gets it on every primary, where the check would cost as much."""
     source = library_source()
-    if not is_cluster(client):
+    cluster = yield is_cluster
+    if not cluster:
         try:
-            loaded = client.function_list(library="charging", withcode=True)
+            loaded = yield lambda client: client.function_list(library="charging", withcode=True)
         except redis.exceptions.NoPermissionError:
             loaded = []
         codes = [dict(zip(lib[::2], lib[1::2])).get(b"library_code") for lib in loaded]
         if source.encode() in codes:
             return
-    client.function_load(source, replace=True)
+    yield lambda client: client.function_load(source, replace=True)
 
 
-def with_functions(client: redis.Redis, call: Callable[[], T]) -> T:
-    """Run call; if the server lost the library (restart without AOF, failover to an empty
-    node), load it and run call once more. Safe because every function is idempotent."""
+def with_functions(attempt: Callable[[], Plan[T]]) -> Plan[T]:
+    """Run the plan attempt() makes; if the server lost the library (restart without AOF,
+    failover to an empty node), load it and run a new attempt once more. Safe because
+    every function is idempotent."""
     try:
-        return call()
+        return (yield from attempt())
     except redis.ResponseError as exc:
         if not missing_function(exc):
             raise
-        reload_functions(client, exc)
-        return call()
+        yield from reload_functions(exc)
+        return (yield from attempt())
 
 
-def reload_functions(client: redis.Redis, error: Exception) -> None:
+def reload_functions(error: Exception) -> Plan[None]:
     """Load the library again after a call found it missing."""
     log.warning("functions_reloaded", error=str(error))
-    load_functions(client)
+    yield from load_functions()
 
 
 def missing_function(reply: object) -> bool:
     return isinstance(reply, redis.ResponseError) and "Function not found" in str(reply)
 
 
-class NotReplicated(RuntimeError):
+class NotReplicated(ChargingError, RuntimeError):
     """The write reached the primary but not CHARGING_WAIT_REPLICAS replicas in time. It
     may still be applied: retry with the same request id, which is always safe."""
 
 
-def node_client(client: redis.Redis, key: str) -> redis.Redis:
+def node_client(client: Any, key: str) -> Any:
     """The client of the node that holds key. WAIT counts replicas that have the writes of
     its own connection, so the writes and their WAIT must go through one node's client."""
+    if isinstance(client, AsyncRedisCluster):
+        # Its nodes have no client of their own to send a pipeline and its WAIT through.
+        raise ChargingError("CHARGING_WAIT_REPLICAS needs the sync client on a cluster")
     return client.get_node_from_key(key).redis_connection if is_cluster(client) else client
 
 
-def replicated_pipeline(client: redis.Redis, settings: Settings, key: str, queue: Callable) -> list:
+def replicated(settings: Settings, key: str, queue: Callable[[Any], object]) -> Plan[list[Any]]:
     """queue(pipe) adds writes for key's node; they run with a WAIT for
     settings.wait_replicas replicas. Returns the writes' replies; raises NotReplicated."""
-    pipe = node_client(client, key).pipeline(transaction=False)
-    queue(pipe)
-    pipe.execute_command("WAIT", settings.wait_replicas, settings.wait_timeout_ms)
-    *replies, acked = pipe.execute()
+    def step(client: Any) -> Any:
+        pipe = node_client(client, key).pipeline(transaction=False)
+        queue(pipe)
+        pipe.execute_command("WAIT", settings.wait_replicas, settings.wait_timeout_ms)
+        return pipe.execute()
+
+    *replies, acked = yield step
     if acked < settings.wait_replicas:
         raise NotReplicated(f"{acked} of {settings.wait_replicas} replicas confirmed within "
                             f"{settings.wait_timeout_ms} ms")

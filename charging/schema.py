@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic.functional_validators import BeforeValidator
 from pydantic_core import PydanticCustomError
 
+from charging.errors import ChargingError
 from charging.keys import keys_of
 from charging.settings import Settings
 
@@ -59,7 +60,7 @@ _FIELD_REASON = {
 _MODEL_REASONS = ("ambiguous_charge", "missing_field", "invalid_reply_to", "invalid_reservation", "field_not_allowed")
 
 
-class Invalid(ValueError):
+class Invalid(ChargingError, ValueError):
     """A request that can never be charged. ``reason`` is the stable code that goes
     into the dead-letter entry's ``error`` field; ``detail`` is for humans."""
 

@@ -1,50 +1,71 @@
 """Reading streams and consumer groups: several streams in one call, a group made once,
-and what a partition's streams hold."""
+entries taken over from dead consumers, and what a partition's streams hold. The reads
+are plans (charging/plan.py), run by the sync and the asyncio client alike."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
 
 from charging.connection import is_cluster
 from charging.keys import Keys
+from charging.plan import Pause, Plan, pipelined
 from charging.settings import Settings
 
 CLUSTER_POLL_MS = 20  # pause between empty polls of several streams on a cluster
 
 
-def ensure_group(client: redis.Redis, stream: str, group: str) -> None:
-    """Create group on stream (and the stream) unless it exists. Id 0: a group made after
-    entries were added still sees every one of them."""
+def ensure_group(stream: str, group: str, start: str = "0") -> Plan[None]:
+    """Create group on stream (and the stream) unless it exists. Id 0 (the default): a group
+    made after entries were added still sees every one of them; "$": only later ones."""
     try:
-        client.xgroup_create(stream, group, id="0", mkstream=True)
+        yield lambda client: client.xgroup_create(stream, group, id=start, mkstream=True)
     except redis.ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise
 
 
-def read_streams(client: redis.Redis, streams: dict[str, str], count: int, block_ms: int,
-                 group: str | None = None, consumer: str | None = None) -> list:
+def read_streams(streams: dict[str, str], count: int, block_ms: int | None, group: str | None = None,
+                 consumer: str | None = None) -> Plan[list[Any]]:
     """XREAD (or XREADGROUP when group is given) over several streams, in XREAD's reply
-    shape. One blocking call on a single node; on a cluster, streams of different slots
-    cannot share a call, so one pipelined non-blocking read per stream, and a short pause
-    when all were empty."""
-    def read(target, names: dict[str, str], block: int | None):
+    shape; block_ms None does not wait. One call on a single node; on a cluster, streams
+    of different slots cannot share a call, so one pipelined non-blocking read per stream,
+    and a short pause when all were empty."""
+    def read(target: Any, names: dict[str, str], block: int | None) -> Any:
         if group is None:
             return target.xread(names, count=count, block=block)
         return target.xreadgroup(group, consumer, names, count=count, block=block)
 
-    if not is_cluster(client) or len(streams) == 1:
-        return read(client, streams, block_ms) or []
-    pipe = client.pipeline(transaction=False)
-    for name, last in streams.items():
-        read(pipe, {name: last}, None)
-    replies = [r for reply in pipe.execute() if reply for r in reply]
-    if not replies:
-        time.sleep(min(block_ms, CLUSTER_POLL_MS) / 1000)
-    return replies
+    cluster = yield is_cluster
+    if not cluster or len(streams) == 1:
+        return (yield lambda client: read(client, streams, block_ms)) or []
+    answers = yield pipelined(lambda pipe: [read(pipe, {name: last}, None) for name, last in streams.items()])
+    found = [item for answer in answers if answer for item in answer]
+    if not found and block_ms:
+        yield Pause(min(block_ms, CLUSTER_POLL_MS) / 1000)
+    return found
+
+
+Claimed = Callable[[list[tuple[bytes, dict[bytes, bytes]]], list[bytes]], Any]
+
+
+def autoclaim(stream: str, group: str, consumer: str, min_idle_ms: int, count: int, claimed: Claimed) -> Plan[None]:
+    """Take over entries of stream idle longer than min_idle_ms from other consumers of
+    group (dead or stalled). XAUTOCLAIM scans a bounded slice per call and may return fewer
+    than count with more to come, so loop on its cursor until 0-0. Each slice goes to
+    claimed(messages, deleted), called as a step (an async callback is awaited): messages
+    are (id, fields) now pending for consumer; deleted are ids of entries deleted while
+    pending, already dropped from the pending list by Redis. claimed returns False to stop."""
+    cursor: bytes | str = "0-0"
+    while True:
+        cursor, messages, deleted = yield lambda client: client.xautoclaim(
+            stream, group, consumer, min_idle_time=min_idle_ms, start_id=cursor, count=count)
+        go_on = yield lambda _client: claimed(messages, deleted)
+        if text(cursor) == "0-0" or go_on is False:
+            return
 
 
 def partition_status(client: redis.Redis, settings: Settings, keys: Keys) -> dict[str, Any]:

@@ -1,7 +1,14 @@
 """Producer library: submit charges and reservation operations, wait for outcomes, or
-settle them synchronously; run_session plays one reserve -> extend -> commit session."""
+settle them synchronously (Producer, AsyncProducer); subscribe to the outcomes as a
+consumer group (Subscriber, AsyncSubscriber); run_session plays one reserve -> extend ->
+commit session. Every error the library raises on purpose is a ChargingError."""
 
-from producer.client import BacklogFull, Producer, WaitTimeout
+from charging.connection import NotReplicated
+from charging.errors import ChargingError
+from charging.schema import Invalid, Outcome
+from producer.client import AsyncProducer, Producer
+from producer.requests import BacklogFull, WaitTimeout
 from producer.session import run_session
 
-__all__ = ["BacklogFull", "Producer", "WaitTimeout", "run_session"]
+__all__ = ["AsyncProducer", "BacklogFull", "ChargingError", "Invalid", "NotReplicated", "Outcome", "Producer",
+           "WaitTimeout", "run_session"]

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -97,6 +98,21 @@ def drain(settings: Settings, consumers: int = 1, prefix: str = "w") -> list[Wor
         t.join(timeout=120)
     assert not any(t.is_alive() for t in threads), "burst workers did not finish"
     return workers
+
+
+@contextmanager
+def worker_running(settings: Settings, consumer: str = "live") -> Iterator[Worker]:
+    """A worker (not burst) in a thread for the duration of the block: what `charging
+    worker` is to an application that charges through the stream."""
+    worker = Worker(connect(settings), settings, consumer)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        thread.join(timeout=60)
+        assert not thread.is_alive(), "the worker did not stop"
 
 
 def cli(settings: Settings, *args: str, input: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:

@@ -8,11 +8,12 @@ from collections import defaultdict
 from collections.abc import Iterable
 
 import redis
-import structlog
 
 from charging import codec
 from charging.connection import TRANSIENT_ERRORS, Backoff, missing_function, reload_functions, with_functions
 from charging.keys import Keys, partition_of
+from charging.log import logger
+from charging.plan import call, run
 from charging.schema import Invalid, parse_request
 from charging.settings import Settings
 from charging.streams import read_streams, text
@@ -20,7 +21,7 @@ from charging.tariff import price
 from worker import metrics, recovery
 from worker.entry import Entry
 
-log = structlog.get_logger("charging.worker")
+log = logger("charging.worker")
 
 # Redis serves no one else while a function runs, about 18 us per entry (README, "Benchmark"):
 # 25 entries hold it for under half a millisecond, so authorize callers barely wait, and
@@ -77,14 +78,14 @@ class Worker:
                     raise
                 # The server lost the library (restarted empty, failed over to an empty node):
                 # load it and go on; whatever step failed runs again.
-                reload_functions(self.client, exc)
+                run(self.client, reload_functions(exc))
         self.log.info("worker_stopped", settled=self.settled)
         return 0
 
     def read(self) -> list[Entry]:
         block = 100 if self.burst else self.settings.block_ms
-        reply = read_streams(self.client, {k.requests: ">" for k in self.partitions}, self.settings.batch, block,
-                             group=self.settings.group, consumer=self.consumer)
+        reply = run(self.client, read_streams({k.requests: ">" for k in self.partitions}, self.settings.batch, block,
+                                              group=self.settings.group, consumer=self.consumer))
         return [Entry(self.by_stream[text(stream)], eid.decode(), fields)
                 for stream, messages in reply for eid, fields in messages]
 
@@ -97,7 +98,7 @@ class Worker:
         started = time.perf_counter()
         plan = [self.judge(entry) for entry in entries]
 
-        def send():
+        def send(_client: object) -> list:
             pipe = self.client.pipeline(transaction=False)
             calls = []  # per queued call: the entries it settles, and whether it is a settle_batch
             by_partition: dict[Keys, list[int]] = defaultdict(list)
@@ -120,7 +121,7 @@ class Worker:
                 raise lost  # nothing of this pipeline ran: load the library and send it again
             return replies
 
-        replies = with_functions(self.client, send)
+        replies = run(self.client, with_functions(lambda: call(send)))
         failed = 0
         for entry, work, reply in zip(entries, plan, replies):
             if isinstance(reply, Exception):

@@ -17,6 +17,7 @@ from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server
 
+from charging.errors import ChargingError
 from charging.schema import Invalid
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -63,7 +64,7 @@ def enabled() -> bool:
     return _enabled
 
 
-class MetricsPortUnavailable(RuntimeError):
+class MetricsPortUnavailable(ChargingError, RuntimeError):
     pass
 
 

@@ -5,11 +5,14 @@ None of this runs per entry."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING
 
 from charging import codec
+from charging.keys import Keys
+from charging.plan import run
 from charging.schema import Invalid
-from charging.streams import ensure_group, partition_status, text
+from charging.streams import autoclaim, ensure_group, partition_status, text
 from worker import metrics
 from worker.entry import Entry
 
@@ -21,7 +24,7 @@ IDLE_CONSUMER_MS = 3_600_000  # a consumer silent for an hour with nothing pendi
 
 def ensure_groups(worker: Worker) -> None:
     for keys in worker.partitions:
-        ensure_group(worker.client, keys.requests, worker.settings.group)
+        run(worker.client, ensure_group(keys.requests, worker.settings.group))
 
 
 def settle_own_pending(worker: Worker) -> None:
@@ -39,34 +42,33 @@ def settle_own_pending(worker: Worker) -> None:
             start = entries[-1].entry_id  # failed entries stay pending; move past them
 
 
-def reclaim(worker: Worker) -> int:
-    """Take over entries idle longer than reclaim_idle_ms from consumers that died or stalled.
-    XAUTOCLAIM scans a bounded slice per call, so loop on its cursor until 0-0."""
-    claimed = 0
+def reclaim(worker: Worker) -> None:
+    """Take over and settle entries idle longer than reclaim_idle_ms from consumers that
+    died or stalled."""
     for keys in worker.partitions:
-        cursor = "0-0"
-        while not worker.stopping:
-            cursor, messages, deleted = worker.client.xautoclaim(
-                keys.requests, worker.settings.group, worker.consumer,
-                min_idle_time=worker.settings.reclaim_idle_ms, start_id=cursor, count=worker.settings.batch)
-            for entry_id in deleted:
-                # Already dropped from the pending list by Redis; record it, never lose it silently.
-                if codec.dead_letter(worker.client, worker.settings, keys, entry_id.decode(),
-                                         Invalid("entry_deleted", "deleted before it was settled"), None, ack=False):
-                    metrics.dead_lettered("entry_deleted")
-                    worker.log.warning("entry_dead_lettered", entry_id=entry_id.decode(), reason="entry_deleted",
-                                       partition=keys.partition)
-            entries = [Entry(keys, eid.decode(), fields or None) for eid, fields in messages]
-            if entries:
-                worker.log.info("entries_reclaimed", partition=keys.partition, count=len(entries))
-                metrics.RECLAIMED.inc(len(entries))
-                _count_deliveries(worker, keys, entries)
-                worker.settle(entries)
-                claimed += len(entries)
-            cursor = text(cursor)
-            if cursor == "0-0":
-                break
-    return claimed
+        if worker.stopping:
+            return
+        run(worker.client, autoclaim(keys.requests, worker.settings.group, worker.consumer,
+                                     worker.settings.reclaim_idle_ms, worker.settings.batch,
+                                     partial(_settle_claimed, worker, keys)))
+
+
+def _settle_claimed(worker: Worker, keys: Keys, messages: list, deleted: list) -> bool:
+    """Settle what one XAUTOCLAIM call took over; False once the worker is stopping."""
+    for entry_id in deleted:
+        # Already dropped from the pending list by Redis; record it, never lose it silently.
+        if codec.dead_letter(worker.client, worker.settings, keys, entry_id.decode(),
+                             Invalid("entry_deleted", "deleted before it was settled"), None, ack=False):
+            metrics.dead_lettered("entry_deleted")
+            worker.log.warning("entry_dead_lettered", entry_id=entry_id.decode(), reason="entry_deleted",
+                               partition=keys.partition)
+    entries = [Entry(keys, eid.decode(), fields or None) for eid, fields in messages]
+    if entries:
+        worker.log.info("entries_reclaimed", partition=keys.partition, count=len(entries))
+        metrics.RECLAIMED.inc(len(entries))
+        _count_deliveries(worker, keys, entries)
+        worker.settle(entries)
+    return not worker.stopping
 
 
 def _count_deliveries(worker: Worker, keys, entries: list) -> None:

@@ -11,16 +11,16 @@ import socket
 import sys
 import time
 
-import structlog
 from redis.exceptions import RedisClusterException
 
 from charging import log as logging_setup
 from charging.connection import TRANSIENT_ERRORS, Backoff, connect
+from charging.log import logger
 from charging.settings import Settings
 from worker import metrics
 from worker.loop import Worker
 
-log = structlog.get_logger("charging.supervisor")
+log = logger("charging.supervisor")
 
 
 def consumer_names(base: str | None, processes: int) -> list[str]:

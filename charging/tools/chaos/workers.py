@@ -12,12 +12,12 @@ from collections import Counter
 from pathlib import Path
 
 import redis
-import structlog
 
 from charging.keys import all_partitions
+from charging.log import logger
 from charging.settings import Settings
 
-log = structlog.get_logger("charging.chaos")
+log = logger("charging.chaos")
 
 STOP_TIMEOUT_S = 30
 # Worker log events the report counts: evidence of what the faults made the workers do.
