@@ -12,7 +12,7 @@ import redis
 
 from charging.connection import is_cluster
 from charging.keys import Keys
-from charging.plan import Pause, Plan, pipelined
+from charging.plan import Pause, Plan, pipelined, run
 from charging.settings import Settings
 
 CLUSTER_POLL_MS = 20  # pause between empty polls of several streams on a cluster
@@ -70,24 +70,26 @@ def autoclaim(stream: str, group: str, consumer: str, min_idle_ms: int, count: i
 
 def partition_status(client: redis.Redis, settings: Settings, keys: Keys) -> dict[str, Any]:
     """What a partition's streams hold and how far the group is, in one round trip."""
-    pipe = client.pipeline(transaction=False)
-    queue_partition_status(pipe, settings, keys)
-    return read_partition_status(pipe.execute(raise_on_error=False), settings, keys, int(time.time() * 1000))
+    return run(client, partition_reading(settings, keys))
 
 
-def queue_partition_status(pipe, settings: Settings, keys: Keys) -> None:
-    """Queue the reads of partition_status on a pipeline, sync or asyncio: the same commands
-    serve both clients, read back with read_partition_status (execute with raise_on_error=False:
-    a stream or group that does not exist yet answers an error)."""
-    pipe.xlen(keys.requests)
-    pipe.xlen(keys.results)
-    pipe.xlen(keys.deadletter)
-    pipe.hgetall(keys.deadletter_reasons)
-    pipe.hlen(keys.reservations)
-    pipe.hvals(keys.held)  # one field per account with funds on hold: as many as live sessions
-    pipe.xinfo_groups(keys.requests)
-    pipe.xpending(keys.requests, settings.group)
-    pipe.xinfo_consumers(keys.requests, settings.group)
+def partition_reading(settings: Settings, keys: Keys) -> Plan[dict[str, Any]]:
+    """partition_status as a plan, for the sync and the asyncio client."""
+    def queue(pipe: Any) -> Any:
+        pipe.xlen(keys.requests)
+        pipe.xlen(keys.results)
+        pipe.xlen(keys.deadletter)
+        pipe.hgetall(keys.deadletter_reasons)
+        pipe.hlen(keys.reservations)
+        pipe.hvals(keys.held)  # one field per account with funds on hold: as many as live sessions
+        pipe.xinfo_groups(keys.requests)
+        pipe.xpending(keys.requests, settings.group)
+        pipe.xinfo_consumers(keys.requests, settings.group)
+        # A stream or group that does not exist yet answers an error, read as such below.
+        return pipe.execute(raise_on_error=False)
+
+    replies = yield lambda client: queue(client.pipeline(transaction=False))
+    return read_partition_status(replies, settings, keys, int(time.time() * 1000))
 
 
 def read_partition_status(replies: list, settings: Settings, keys: Keys, now_ms: int) -> dict[str, Any]:

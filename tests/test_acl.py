@@ -13,10 +13,10 @@ import pytest
 import redis
 
 from charging import codec
-from charging.app.status import partition_status
 from charging.connection import connect, library_source
 from charging.keys import Keys
 from charging.settings import Settings
+from charging.streams import partition_status
 from charging.tools.redis_server import RedisServer
 from producer import Producer
 from tests.conftest import cli, drain

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import redis
 
 from charging.keys import all_partitions, keys_of
+from charging.plan import Plan, pipelined, run
 from charging.settings import Settings
 
 
@@ -24,16 +25,14 @@ def balance(client: redis.Redis, settings: Settings, account: str) -> int:
 
 def funds(client: redis.Redis, settings: Settings, account: str) -> tuple[int, int]:
     """(balance, held) read together; available = balance - held."""
-    pipe = client.pipeline(transaction=False)
-    queue_funds(pipe, settings, account)
-    return read_funds(pipe.execute(), account)
+    return run(client, funds_reading(settings, account))
 
 
-def queue_funds(pipe, settings: Settings, account: str) -> None:
-    """Queue the reads of funds on a pipeline, sync or asyncio; read back with read_funds."""
+def funds_reading(settings: Settings, account: str) -> Plan[tuple[int, int]]:
+    """funds as a plan, for the sync and the asyncio client."""
     keys = keys_of(account, settings)
-    pipe.hget(keys.balances, account)
-    pipe.hget(keys.held, account)
+    replies = yield pipelined(lambda pipe: (pipe.hget(keys.balances, account), pipe.hget(keys.held, account)))
+    return read_funds(replies, account)
 
 
 def read_funds(replies: list, account: str) -> tuple[int, int]:
