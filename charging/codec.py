@@ -16,6 +16,7 @@ from typing import Any
 import redis
 
 from charging.keys import Keys, keys_of
+from charging.plan import Plan, pipelined, run
 from charging.schema import ChargeRequest, Invalid, Outcome
 from charging.settings import Settings
 from charging.streams import text
@@ -154,14 +155,20 @@ def top_up(client: redis.Redis, settings: Settings, account: str, amount: int) -
 
 def set_balances(client: redis.Redis, settings: Settings, balances: Iterable[tuple[str, int]]) -> int:
     """Create or overwrite accounts, one pipeline; how many were set."""
+    return run(client, setting_balances(settings, balances))
+
+
+def setting_balances(settings: Settings, balances: Iterable[tuple[str, int]]) -> Plan[int]:
+    """set_balances as a plan, for the sync and the asyncio client."""
     by_partition: dict[Keys, list] = defaultdict(list)
     for account, balance in balances:
         by_partition[keys_of(account, settings)].extend((account, balance))
-    pipe = client.pipeline(transaction=False)
-    for keys, pairs in by_partition.items():
-        for start in range(0, len(pairs), 2 * SET_BALANCES_CHUNK):
-            pipe.fcall("set_balances", 1, keys.balances, *pairs[start:start + 2 * SET_BALANCES_CHUNK])
-    return sum(int(n) for n in pipe.execute())
+
+    def queue(pipe) -> None:
+        for keys, pairs in by_partition.items():
+            for start in range(0, len(pairs), 2 * SET_BALANCES_CHUNK):
+                pipe.fcall("set_balances", 1, keys.balances, *pairs[start:start + 2 * SET_BALANCES_CHUNK])
+    return sum(int(n) for n in (yield pipelined(queue)))
 
 
 def expire_reservations(target, settings: Settings, keys: Keys) -> int:
