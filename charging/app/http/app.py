@@ -45,7 +45,7 @@ def create_app(settings: Settings, keyring: Keyring | None = None) -> Starlette:
     async def openapi_json(request: Request) -> JSONResponse:
         return JSONResponse(openapi)
 
-    routes = [Route(e.path, e, methods=[e.method], name=f"{e.method} {e.path}") for e in ENDPOINTS]
+    routes = [Route(e.path, e.respond, methods=[e.method], name=f"{e.method} {e.path}") for e in ENDPOINTS]
     routes += [
         Route("/", _page("live.html"), methods=["GET"]),
         Route("/docs", _page("docs.html"), methods=["GET"]),

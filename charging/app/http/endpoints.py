@@ -34,7 +34,7 @@ class Endpoint:
         """The path as OpenAPI writes it."""
         return re.sub(r"\{(\w+)(:\w+)?\}", r"{\1}", self.path)
 
-    async def __call__(self, request: Request) -> Response:
+    async def respond(self, request: Request) -> Response:
         gateway: Gateway = request.app.state.gateway
         if self.scope is None:
             return await self.handler(request, None, gateway)
