@@ -123,3 +123,17 @@ def test_the_metrics_port_is_exposed_by_the_image_and_the_service():
     port = worker["command"][worker["command"].index("--metrics-port") + 1]
     assert port in worker["expose"]
     assert port in dockerfile_instruction("EXPOSE").split()
+
+
+def test_the_gateway_listens_beyond_loopback_only_with_the_keys_file_it_mounts():
+    from charging.app.http.access import Keyring
+
+    gateway = compose()["services"]["gateway"]
+    command, env = gateway["command"], gateway["environment"]
+    assert command[0] == "serve" and command[command.index("--host") + 1] == "0.0.0.0"
+    mounted = {volume.split(":")[1]: volume.split(":")[0] for volume in gateway["volumes"]}
+    keys = Keyring.load(ROOT / mounted[env["CHARGING_HTTP_KEYS_FILE"]])
+    assert keys.identify("chk_gateway-dev-only").scopes == {"charge", "authorize", "reserve", "read", "admin"}
+    assert command[command.index("--port") + 1] in dockerfile_instruction("EXPOSE").split()
+    url = urlsplit(env["CHARGING_REDIS_URL"])
+    assert url.username == "authorizer" and acl_password_matches("authorizer", url.password)
