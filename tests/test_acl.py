@@ -235,3 +235,21 @@ def test_authorizer_and_worker_run_sessions_and_the_sweep_with_their_own_roles(s
     assert codec.expire_reservations(clients["worker"], role(server, "worker"), KEYS) == 1
     assert balance(clients) == 75
     assert clients["admin"].hlen(KEYS.held) == 0
+
+
+def test_the_gateway_as_the_authorizer_role_charges_and_says_what_its_user_lacks(server, clients):
+    """deploy/users.acl's authorizer, as docker-compose.yml runs the gateway (the admin loaded
+    the library and set account1 to 100): settling works; a right the role lacks is a 500
+    redis_refused naming the ACL file."""
+    from tests.gateway import Gateway
+    from tests.test_http import assert_problem
+
+    with Gateway(role(server, "authorizer")) as gateway, gateway.client() as http:
+        assert http.post("/charge-request-redis").json() == {"remainingBalance": 95, "charges": 5,
+                                                              "isAuthorized": True}
+        held = http.post("/v1/reservations", json={"account": "account1", "amount": 10, "request_id": "acl-r"})
+        assert held.json()["held"] == 10
+        refused = http.post("/reset-redis")
+        if refused.status_code != 200:  # an authorizer may not set balances
+            assert_problem(refused, 500, "redis_refused")
+            assert "deploy/users.acl" in refused.json()["detail"]

@@ -19,7 +19,6 @@ from charging.app.http.problems import Problem
 from charging.codec import set_balances
 from tests.conftest import CHARGING, cli, drain, environment
 from tests.gateway import Gateway, Served, keys_file
-from tests.test_acl import clients, role, server  # noqa: F401 - the ACL file's redis-server, as fixtures
 
 pytestmark = pytest.mark.slow
 
@@ -364,17 +363,3 @@ def test_metrics_count_requests_by_route(keyed):
         scrape = ops.get("/metrics").text
     assert 'charging_http_requests_total{method="GET",route="/v1/accounts/{account}",status="200"}' in scrape
 
-
-def test_the_gateway_as_the_authorizer_role_charges_and_says_what_its_user_lacks(server, clients):
-    """deploy/users.acl's authorizer, as docker-compose.yml runs the gateway (the admin loaded
-    the library and set account1 to 100): settling works; a right the role lacks is a 500
-    redis_refused naming the ACL file."""
-    with Gateway(role(server, "authorizer")) as gateway, gateway.client() as http:
-        assert http.post("/charge-request-redis").json() == {"remainingBalance": 95, "charges": 5,
-                                                              "isAuthorized": True}
-        held = http.post("/v1/reservations", json={"account": "account1", "amount": 10, "request_id": "acl-r"})
-        assert held.json()["held"] == 10
-        refused = http.post("/reset-redis")
-        if refused.status_code != 200:  # an authorizer may not set balances
-            assert_problem(refused, 500, "redis_refused")
-            assert "deploy/users.acl" in refused.json()["detail"]
