@@ -49,22 +49,22 @@ def read_streams(streams: dict[str, str], count: int, block_ms: int | None, grou
     return found
 
 
-Claimed = Callable[[list[tuple[bytes, dict[bytes, bytes]]], list[bytes]], Any]
+Claimed = Callable[[list[tuple[bytes, dict[bytes, bytes]]], list[bytes]], Plan[bool]]
 
 
 def autoclaim(stream: str, group: str, consumer: str, min_idle_ms: int, count: int, claimed: Claimed) -> Plan[None]:
     """Take over entries of stream idle longer than min_idle_ms from other consumers of
     group (dead or stalled). XAUTOCLAIM scans a bounded slice per call and may return fewer
-    than count with more to come, so loop on its cursor until 0-0. Each slice goes to
-    claimed(messages, deleted), called as a step (an async callback is awaited): messages
-    are (id, fields) now pending for consumer; deleted are ids of entries deleted while
-    pending, already dropped from the pending list by Redis. claimed returns False to stop."""
+    than count with more to come, so loop on its cursor until 0-0. Each slice goes to the
+    plan claimed(messages, deleted): messages are (id, fields) now pending for consumer;
+    deleted are ids of entries deleted while pending, already dropped from the pending list
+    by Redis. The plan returns False to stop."""
     cursor: bytes | str = "0-0"
     while True:
         cursor, messages, deleted = yield lambda client: client.xautoclaim(
             stream, group, consumer, min_idle_time=min_idle_ms, start_id=cursor, count=count)
-        go_on = yield lambda _client: claimed(messages, deleted)
-        if text(cursor) == "0-0" or go_on is False:
+        go_on = yield from claimed(messages, deleted)
+        if text(cursor) == "0-0" or not go_on:
             return
 
 

@@ -9,6 +9,7 @@ from charging.schema import Invalid, Outcome
 from producer.client import AsyncProducer, Producer
 from producer.requests import BacklogFull, WaitTimeout
 from producer.session import run_session
+from producer.subscriber import AsyncSubscriber, Subscriber
 
-__all__ = ["AsyncProducer", "BacklogFull", "ChargingError", "Invalid", "NotReplicated", "Outcome", "Producer",
-           "WaitTimeout", "run_session"]
+__all__ = ["AsyncProducer", "AsyncSubscriber", "BacklogFull", "ChargingError", "Invalid", "NotReplicated", "Outcome",
+           "Producer", "Subscriber", "WaitTimeout", "run_session"]

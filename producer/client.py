@@ -17,14 +17,9 @@ from charging.settings import Settings
 from producer.requests import Request, Requests
 
 
-class Producer(Requests[Outcome]):
-    """Producer(connect(settings), settings). Not shared between threads: one per thread,
-    on the process's one client (its pool is thread-safe)."""
-
-    client: Client
-
-    def __init__(self, client: Client, settings: Settings, producer_id: str | None = None):
-        super().__init__(client, settings, producer_id)
+class Producer(Requests[Client, Outcome]):
+    """Producer(connect(settings), settings). Give each thread a producer of its own, on
+    the process's one client (its pool is thread-safe)."""
 
     def submit(self, requests: Iterable[Request], reply: bool = False) -> list[str]:
         """Append requests to their partitions' request streams (fire and forget), one round
@@ -42,12 +37,10 @@ class Producer(Requests[Outcome]):
         return run(self.client, plan)
 
 
-class AsyncProducer(Requests[Coroutine[Any, Any, Outcome]]):
+class AsyncProducer(Requests[AsyncClient, Coroutine[Any, Any, Outcome]]):
     """Producer for asyncio: AsyncProducer(await connect_async(settings), settings), the
     same methods as Producer as coroutines. Many calls may run at once on one producer:
     concurrent waits share one reader of the reply streams instead of a connection each."""
-
-    client: AsyncClient
 
     def __init__(self, client: AsyncClient, settings: Settings, producer_id: str | None = None):
         super().__init__(client, settings, producer_id)

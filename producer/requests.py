@@ -17,7 +17,7 @@ from charging.connection import replicated, with_functions
 from charging.errors import ChargingError
 from charging.keys import Keys, keys_of, partition_of
 from charging.log import logger
-from charging.plan import Plan, Step, call, pipelined
+from charging.plan import Pause, Plan, Step, call, pipelined
 from charging.schema import ChargeRequest, Invalid, Outcome, account_of, parse_request
 from charging.settings import Settings
 from charging.streams import read_streams
@@ -27,8 +27,10 @@ log = logger("charging.producer")
 
 PIPELINE_CHUNK = 1000
 READ_BLOCK_MS = 1000  # a waiter looks at the clock at least this often
+ARRIVAL_POLL_S = 0.01
 
 Request = Mapping[str, Any] | ChargeRequest
+C = TypeVar("C")  # the client: redis.Redis (or RedisCluster), or a redis.asyncio one
 O = TypeVar("O")  # what an operation that settles one request returns: an Outcome, or a coroutine of one
 
 
@@ -51,12 +53,12 @@ class BacklogFull(ChargingError, RuntimeError):
         self.stream = stream
 
 
-class Requests(Generic[O]):
+class Requests(Generic[C, O]):
     """The state and the plans a Producer and an AsyncProducer share. The operations that
     settle one request (charge, authorize, reserve, extend, commit, release) are defined
     here once: O is Outcome for the sync producer, a coroutine of one for the asyncio one."""
 
-    def __init__(self, client: Any, settings: Settings, producer_id: str | None = None):
+    def __init__(self, client: C, settings: Settings, producer_id: str | None = None):
         self.client = client
         self.settings = settings
         self.id = producer_id or uuid.uuid4().hex
@@ -195,9 +197,10 @@ class Requests(Generic[O]):
             self._last_reply_id[stream.decode()] = messages[-1][0].decode()
 
     def _arrival(self, timeout: float) -> Step:
-        """A step that returns when the waiter reading the reply streams has stored what it
-        read, or after timeout seconds. Only an asyncio producer has concurrent waiters."""
-        raise AssertionError("a sync producer has one waiter at a time")
+        """A step that returns once the waiter reading the reply streams may have stored
+        what it read (at the latest after timeout seconds). Here a short pause: a sync
+        producer has a second waiter only when threads share it; AsyncProducer is woken."""
+        return Pause(min(timeout, ARRIVAL_POLL_S))
 
     def _arrived(self) -> None:
         """Wake the waiters of _arrival."""

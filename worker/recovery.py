@@ -5,12 +5,11 @@ None of this runs per entry."""
 
 from __future__ import annotations
 
-from functools import partial
 from typing import TYPE_CHECKING
 
 from charging import codec
 from charging.keys import Keys
-from charging.plan import run
+from charging.plan import call, run
 from charging.schema import Invalid
 from charging.streams import autoclaim, ensure_group, partition_status, text
 from worker import metrics
@@ -50,7 +49,8 @@ def reclaim(worker: Worker) -> None:
             return
         run(worker.client, autoclaim(keys.requests, worker.settings.group, worker.consumer,
                                      worker.settings.reclaim_idle_ms, worker.settings.batch,
-                                     partial(_settle_claimed, worker, keys)))
+                                     lambda messages, deleted: call(
+                                         lambda _client: _settle_claimed(worker, keys, messages, deleted))))
 
 
 def _settle_claimed(worker: Worker, keys: Keys, messages: list, deleted: list) -> bool:

@@ -4,6 +4,7 @@ error (unknown account, Redis unreachable), 2 invalid input."""
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from collections import Counter
 from datetime import UTC, datetime
@@ -26,7 +27,7 @@ from charging.keys import parse_partitions
 from charging.schema import Invalid, Outcome, parse_top_up
 from charging.settings import Settings
 from producer import BacklogFull, Producer, WaitTimeout
-from producer.subscriber import subscribe
+from producer.subscriber import Subscriber, outcomes
 from worker import supervisor
 from worker.metrics import MetricsPortUnavailable
 
@@ -341,14 +342,40 @@ def _pairs(counts: dict[str, int]) -> str:
 
 @app.command()
 def results(follow: Annotated[bool, typer.Option(help="Keep printing new outcomes.")] = False,
-            group: Annotated[str | None, typer.Option(help="Read as this consumer group (acks what it read).")] = None,
+            group: Annotated[str | None, typer.Option(
+                help="Read as this consumer group: each outcome is printed once for the group and acked after it "
+                     "was printed; the next call goes on where this one stopped.")] = None,
             count: Annotated[int | None, typer.Option(min=1, help="Stop after this many.")] = None,
+            start: Annotated[str, typer.Option("--from", help="start or now: where a new group (or a read without "
+                                                               "a group) begins.")] = "start",
             as_json: AsJson = False):
     """Print outcomes from the results streams."""
-    for outcome in subscribe(state.client, state.settings, follow=follow, group=group, limit=count):
+    if start not in ("start", "now"):
+        fail(2, f"--from must be start or now, got {start!r}")
+
+    def show(outcome: Outcome) -> None:
         emit(outcome.as_dict(), as_json,
              f"{outcome.request_id} {outcome.account} {outcome.status} {outcome.reason} "
              f"charged={outcome.charged} balance={outcome.balance}{' duplicate' if outcome.duplicate else ''}")
+        sys.stdout.flush()  # out of this process before it is acked
+
+    if group is None:
+        for outcome in outcomes(state.client, state.settings, follow=follow, start=start, limit=count):
+            show(outcome)
+        return
+    subscriber = Subscriber(state.client, state.settings, group, start=start)
+
+    def stop(*_: object) -> None:
+        """Print and ack the outcomes in hand, then exit 0; a second Ctrl-C stops at once."""
+        subscriber.stop()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        subscriber.run(show, limit=count, follow=follow)
+    except KeyboardInterrupt:  # the second Ctrl-C: what was acked stays acked, the rest is pending for next time
+        raise typer.Exit(130) from None
 
 
 @app.command()
