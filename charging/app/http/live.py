@@ -90,9 +90,9 @@ class LiveFeed:
                                count=SAMPLE)
             return pipe.execute(raise_on_error=False)
 
-        replies = yield lambda client: queue(client.pipeline(transaction=False))
+        answers = iter((yield lambda client: queue(client.pipeline(transaction=False))))
         added, latencies = 0, []
-        for stream, info, entries in zip(streams, replies[::2], replies[1::2]):
+        for stream, info, entries in zip(streams, answers, answers):  # two answers per stream
             if isinstance(info, Exception) or isinstance(entries, Exception):
                 continue  # no results stream yet
             added += int(info.get("entries-added", info["length"]))
