@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from charging.app.http.app import ENDPOINTS
 from charging.codec import set_balances
 from charging.keys import keys_of
 from producer import Producer
@@ -105,6 +106,10 @@ def test_the_live_page_follows_the_flow_and_matches_charging_status(settings, cl
             wait_for(lambda: page.evaluate("document.getElementById('balance').textContent") ==
                      f"{ACCOUNTS[0]}: balance {funds['balance']:,}, held 700, available {funds['available']:,}")
             page.screenshot(tmp_path / "live-settled.png")
+
+            page.send("Page.navigate", url=served.url + "/docs")  # the API reference lists every endpoint
+            listed = wait_for(lambda: page.evaluate("[...document.querySelectorAll('.op')].map((op) => op.id)"))
+            assert sorted(listed) == sorted(f"{e.method} {e.template}" for e in ENDPOINTS)
     finally:
         flowing.clear()
         if load.is_alive():

@@ -14,6 +14,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from charging import log as logging_setup
 from charging.app.http import legacy, live, ops, outcomes, rest
 from charging.app.http.access import Keyring
 from charging.app.http.gateway import Gateway, log
@@ -57,8 +58,10 @@ def create_app(settings: Settings, keyring: Keyring | None = None) -> Starlette:
 
 
 def from_environment() -> Starlette:
-    """The app as `charging serve` runs it in each worker process: settings from CHARGING_*."""
-    return create_app(Settings())
+    """The app as `charging serve --workers N` runs it in each process: settings from CHARGING_*."""
+    settings = Settings()
+    logging_setup.configure(settings.log_level)
+    return create_app(settings)
 
 
 def _page(name: str):

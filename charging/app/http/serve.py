@@ -41,8 +41,11 @@ def serve(settings: Settings, host: str, port: int, workers: int) -> None:
         return
     # Worker processes read their settings from the environment (and --redis-url from here).
     os.environ["CHARGING_REDIS_URL"] = settings.redis_url
-    metrics_dir = os.environ.setdefault(MULTIPROC_ENV, tempfile.mkdtemp(prefix="charging-http-metrics-"))
+    if os.environ.get(MULTIPROC_ENV):  # the operator's own directory: kept
+        uvicorn.run(APP, factory=True, workers=workers, **options)
+        return
+    os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="charging-http-metrics-")
     try:
         uvicorn.run(APP, factory=True, workers=workers, **options)
     finally:
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+        shutil.rmtree(os.environ.pop(MULTIPROC_ENV), ignore_errors=True)
