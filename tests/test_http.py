@@ -363,3 +363,12 @@ def test_metrics_count_requests_by_route(keyed):
         scrape = ops.get("/metrics").text
     assert 'charging_http_requests_total{method="GET",route="/v1/accounts/{account}",status="200"}' in scrape
 
+
+
+def test_serve_with_two_workers_sums_their_metrics(settings):
+    with Served(settings, "--workers", "2") as served, httpx.Client(base_url=served.url, timeout=30) as http:
+        assert http.post("/reset-redis").status_code == 200
+        answers = together(lambda i: httpx.post(served.url + "/charge-request-redis", timeout=30), 12)
+        assert sorted(a.json()["remainingBalance"] for a in answers) == list(range(40, 100, 5))
+        scrape = http.get("/metrics").text
+    assert 'charging_http_requests_total{method="POST",route="/charge-request-redis",status="200"} 12.0' in scrape
