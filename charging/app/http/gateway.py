@@ -12,7 +12,14 @@ from redis.backoff import ExponentialWithJitterBackoff
 
 from charging.app.http.access import LOOPBACK, Caller, Keyring, Limiter, is_loopback
 from charging.app.http.problems import Problem, forbidden, unauthorized, unavailable
-from charging.connection import TRANSIENT_ERRORS, NotReplicated, PartitionsChanged, connect_async, prepare_server
+from charging.connection import (
+    TRANSIENT_ERRORS,
+    NotReplicated,
+    PartitionsChanged,
+    RedisTooOld,
+    connect_async,
+    prepare_server,
+)
 from charging.log import logger
 from charging.plan import Plan, run_async
 from charging.schema import ChargeRequest, Invalid
@@ -55,13 +62,15 @@ class Gateway:
                 await run_async(self.client, prepare_server(self.settings))
                 self.prepared = True
                 return
-            except PartitionsChanged as exc:
+            except (PartitionsChanged, RedisTooOld) as exc:
                 self.broken = str(exc)
                 log.error("gateway_misconfigured", error=self.broken)
                 return
             except TRANSIENT_ERRORS as exc:
                 log.warning("redis_unavailable", error=str(exc))
-                await asyncio.sleep(backoff.compute(failures))
+            except redis.RedisError as exc:  # requests report it as they meet it; this check tries again
+                log.error("server_check_failed", error=str(exc))
+            await asyncio.sleep(backoff.compute(failures))
 
     async def run(self, plan: Plan[Any]) -> Any:
         """Run a plan on the pool, its errors as problems."""

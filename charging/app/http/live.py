@@ -112,7 +112,9 @@ def _percentiles(values: list[int]) -> dict[str, Any] | None:
     if not values:
         return None
     ordered = sorted(values)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+
+    def pick(quantile: float) -> int:
+        return ordered[min(len(ordered) - 1, int(quantile * len(ordered)))]
     return {"p50": pick(0.5), "p99": pick(0.99), "samples": len(ordered)}
 
 

@@ -102,7 +102,7 @@ async def _events(gateway: Gateway, caller: Caller, cursor: dict[str, str],
                         yield _event(outcome, None if group else ",".join(cursor.values()))
             if group is not None and sent:  # written to the connection: acked
                 await run_async(gateway.client, pipelined(
-                    lambda pipe: [pipe.xack(s, group, i) for s, i in sent]))
+                    lambda pipe, acked=sent: [pipe.xack(s, group, i) for s, i in acked]))
             if reply and any(entries for _, entries in reply):
                 quiet_s = 0.0
                 continue

@@ -34,8 +34,9 @@ def serve(settings: Settings, host: str, port: int, workers: int) -> None:
               "no API keys: loopback callers may use every endpoint, anyone else is refused")
     log.warning("gateway_listening", url=f"http://{host}:{port}", access=access, workers=workers,
                 redis=redacted(settings.redis_url))
-    options = dict(host=host, port=port, proxy_headers=False, server_header=False, access_log=False,
-                   log_config=None, lifespan="on", timeout_graceful_shutdown=5)
+    # proxy_headers off: the loopback rule judges the socket's peer, never a header a caller sets.
+    options = {"host": host, "port": port, "proxy_headers": False, "server_header": False, "access_log": False,
+               "log_config": None, "lifespan": "on", "timeout_graceful_shutdown": 5}
     if workers == 1:
         uvicorn.run(create_app(settings, keyring), **options)
         return
