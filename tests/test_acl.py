@@ -253,3 +253,7 @@ def test_the_gateway_as_the_authorizer_role_charges_and_says_what_its_user_lacks
         if refused.status_code != 200:  # an authorizer may not set balances
             assert_problem(refused, 500, "redis_refused")
             assert "deploy/users.acl" in refused.json()["detail"]
+        with http.stream("GET", "/v1/outcomes?from=start", timeout=10) as events:
+            first = next(line for line in events.iter_lines() if line.startswith("event: "))
+        # An outcome, or (a role without XREAD) the refusal as a problem event, never a cut stream.
+        assert first in ("event: outcome", "event: problem")

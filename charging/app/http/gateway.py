@@ -82,17 +82,11 @@ class Gateway:
             raise unavailable("misconfigured", self.broken, retry_after_s=60)
         try:
             return await pending
-        except Invalid as exc:
-            raise Problem(422, exc.reason, exc.detail) from None
-        except BacklogFull as exc:
-            raise unavailable("backlog_full", str(exc), retry_after_s=5) from None
-        except NotReplicated as exc:
-            raise unavailable("not_replicated", f"{exc}; retrying with the same request id is safe") from None
-        except redis.exceptions.NoPermissionError as exc:
-            raise Problem(500, "redis_refused", f"the gateway's Redis user may not do this (deploy/users.acl): {exc}") \
-                from None
-        except TRANSIENT_ERRORS as exc:
-            raise unavailable("redis_unavailable", f"Redis is unreachable: {exc}") from None
+        except Exception as exc:
+            problem = problem_of(exc)
+            if problem is None:
+                raise
+            raise problem from None
 
     def prepare(self, data: dict[str, Any]) -> ChargeRequest:
         """Validate and rate a request as the producer would (request_id filled in)."""
@@ -122,6 +116,21 @@ class Gateway:
         if wait_s:
             raise Problem(429, "rate_limited", f"key {caller.name!r} may send {caller.rate:g} requests/s",
                           {"Retry-After": str(max(1, round(wait_s + 0.5)))})
+
+
+def problem_of(error: Exception) -> Problem | None:
+    """What an error of the library or of Redis means to the caller; None for a bug."""
+    if isinstance(error, Invalid):
+        return Problem(422, error.reason, error.detail)
+    if isinstance(error, BacklogFull):
+        return unavailable("backlog_full", str(error), retry_after_s=5)
+    if isinstance(error, NotReplicated):
+        return unavailable("not_replicated", f"{error}; retrying with the same request id is safe")
+    if isinstance(error, redis.exceptions.NoPermissionError):
+        return Problem(500, "redis_refused", f"the gateway's Redis user may not do this (deploy/users.acl): {error}")
+    if isinstance(error, TRANSIENT_ERRORS):
+        return unavailable("redis_unavailable", f"Redis is unreachable: {error}")
+    return None
 
 
 def check_account(caller: Caller, account: str | None) -> None:

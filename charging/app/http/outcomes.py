@@ -17,15 +17,15 @@ import json
 import re
 from collections.abc import AsyncIterator
 
+import redis
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
 from charging.app.http import metrics
 from charging.app.http.access import Caller
 from charging.app.http.endpoints import Endpoint
-from charging.app.http.gateway import Gateway, log
+from charging.app.http.gateway import Gateway, log, problem_of
 from charging.app.http.problems import Problem
-from charging.connection import TRANSIENT_ERRORS
 from charging.keys import all_partitions
 from charging.plan import pipelined, run_async
 from charging.schema import Outcome
@@ -111,8 +111,10 @@ async def _events(gateway: Gateway, caller: Caller, cursor: dict[str, str],
                 quiet_s = 0.0
             await asyncio.sleep(POLL_S)
             quiet_s += POLL_S
-    except TRANSIENT_ERRORS as exc:  # the client reconnects (retry: 1000) and resumes with Last-Event-ID
-        log.warning("outcome_stream_ended", error=str(exc))
+    except redis.RedisError as exc:  # the headers are sent: the problem goes as an event, and the stream ends
+        log.warning("outcome_stream_ended", error=str(exc))  # the client reconnects and resumes (Last-Event-ID)
+        if problem := problem_of(exc):
+            yield f"event: problem\ndata: {problem.response().body.decode()}\n\n"
     finally:
         metrics.STREAMS.dec()
 
