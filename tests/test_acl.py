@@ -18,8 +18,8 @@ import pytest
 import redis
 
 from charging import codec
-from charging.app.status import partition_status
 from charging.connection import connect
+from charging.streams import partition_status
 from producer import Producer
 from tests.conftest import cli, drain
 from tests.roles import KEYS, ROLES, ROOT, acl_server, denied, password_of, role, root, shipped_users
