@@ -74,7 +74,11 @@ def _run(settings: Settings, profile: Profile, seed: int, fsync: str, server: Re
     codec.set_balances(client, settings, start_balances.items())
     fleet.start_all()
     faults = plan(profile, seed, settings.reclaim_idle_ms / 1000)
-    injector = Injector(faults, fleet, server, client, settings)
+    # The injector's probes (what a worker holds before a stall) answer at once while Redis
+    # is down, instead of after the retries every other client rides out an outage with:
+    # a stall planned during an outage would otherwise hold up the plan for minutes.
+    probe = connect(settings.model_copy(update={"retry_attempts": 0}), load=False)
+    injector = Injector(faults, fleet, server, probe, settings)
     (out / "producers").mkdir(exist_ok=True)
     paths = [out / "producers" / f"producer-{i}.json" for i in range(profile.producers)]
     for path in paths:
