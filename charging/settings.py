@@ -80,7 +80,7 @@ class Settings(BaseSettings):
     # with `backlog full` instead of growing Redis without bound.
     max_backlog: int = Field(1_000_000, ge=1)
     # Subscriber groups of the results streams (comma separated) whose unread outcomes
-    # trimming never drops; see lua/charging.lua `trim` and README "Operations".
+    # trimming never drops; see lua/charging.lua `trim` and docs/operations.md, "Retention".
     results_groups: str = Field("", pattern=r"^([A-Za-z0-9_.-]{1,64}(,[A-Za-z0-9_.-]{1,64})*)?$")
 
     # Durability across failover: before a submit or an authorize is confirmed, wait until
@@ -88,7 +88,7 @@ class Settings(BaseSettings):
     wait_replicas: int = Field(0, ge=0, le=16)
     wait_timeout_ms: int = Field(1000, ge=1)
 
-    # Reservations (README "Sessions and reservations"): the ttl of a reserve that gives
+    # Reservations (docs/reservations.md): the ttl of a reserve that gives
     # none, the longest ttl a reserve or extend may ask for, and how many expired
     # reservations one sweep call (worker maintenance) releases per partition.
     reservation_ttl_s: int = Field(300, ge=1)

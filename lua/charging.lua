@@ -3,7 +3,7 @@
 The only place where a balance changes. Loaded with FUNCTION LOAD REPLACE by every
 process that talks to Redis (Redis >= 7.0) and is allowed to (deploy/users.acl). Redis
 checks every command a function runs against the caller's ACL, so each role in that file
-holds the commands of the functions it calls (README, "Security").
+holds the commands of the functions it calls (docs/security.md).
 
 Keys. <ns> is the namespace (CHARGING_NAMESPACE, default "ch"); {pN} is the partition
 hash tag, so every key one call touches lives in one Redis Cluster slot. Every key a
