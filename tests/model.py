@@ -11,17 +11,17 @@ the rules leave the library a choice, the model takes the answer the library gav
 - a hold past its expiry is released by whichever call comes first (the account's next
   call, or the sweep), so a commit, extend or release naming it answers
   ``reservation_expired`` if it was still there, else ``unknown_reservation``;
-- a dedupe record expires by Redis's key clock: it never expires before the first
-  answer's processed_at + the window, but it may outlive that by the time the server spent
-  between starting a call and reading its clock (more on a loaded machine): for SLACK_MS
-  after, either answer is allowed.
+- a dedupe record expires by Redis's key clock, which is read when a call starts, while
+  processed_at is read a little later (more so on a loaded machine): from EARLY_MS before
+  the first answer's processed_at + the window to LATE_MS after it, either answer is
+  allowed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-SLACK_MS = 50
+EARLY_MS, LATE_MS = 5, 50
 SESSION_OPS = ("reserve", "extend", "commit", "release")
 
 
@@ -107,9 +107,9 @@ class Ledger:
 
     def _record(self, request_id: str, now: int, seen: Answer) -> Record | None:
         record = self.records.get(request_id)
-        if record is None or now <= record.expires_at:
+        if record is None or now < record.expires_at - EARLY_MS:
             return record
-        if now > record.expires_at + SLACK_MS or not seen.duplicate:
+        if now > record.expires_at + LATE_MS or not seen.duplicate:
             del self.records[request_id]
             return None
         return record
