@@ -204,6 +204,15 @@ def trim_results(target, settings: Settings, keys: Keys):
     return target.fcall("trim", 1, keys.results, settings.results_maxlen, *settings.results_group_names)
 
 
+def repair(target, settings: Settings, keys: Keys) -> tuple[int, bool]:
+    """Record request entries removed before the workers read them, and rewind a request
+    stream whose ids a client pushed into the future once it is settled: (entries found
+    removed, whether it was rewound)."""
+    removed, rewound = target.fcall("repair", 3, keys.requests, keys.deadletter, keys.deadletter_reasons,
+                                    settings.max_clock_skew_ms, settings.deadletter_maxlen)
+    return int(removed), bool(rewound)
+
+
 # ---- stored records ------------------------------------------------------------------------
 
 @dataclass(frozen=True)

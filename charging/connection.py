@@ -364,10 +364,23 @@ def with_functions(attempt: Callable[[], Plan[T]]) -> Plan[T]:
         return (yield from attempt())
 
 
-def reload_functions(error: Exception) -> Plan[None]:
-    """Load the library again after a call found it missing."""
+def reload_functions(error: Exception) -> Plan[bool]:
+    """Load the library again after a call found it missing. False when this process's ACL
+    user may not load code (only the maintainer may, deploy/users.acl): the maintainer
+    loads it at its next round; the caller waits and tries again."""
+    try:
+        yield from load_functions()
+    except redis.exceptions.NoPermissionError:
+        log.warning("functions_missing", error=str(error), hint="waiting for the maintainer to load them")
+        return False
     log.warning("functions_reloaded", error=str(error))
-    yield from load_functions()
+    return True
+
+
+def server_clock_offset_ms() -> Plan[int]:
+    """How far the Redis server's clock (TIME) is ahead of this host's, in ms."""
+    seconds, micros = yield lambda client: client.time()
+    return seconds * 1000 + micros // 1000 - int(time.time() * 1000)
 
 
 def missing_function(reply: object) -> bool:

@@ -55,6 +55,11 @@ class Settings(BaseSettings):
     reclaim_idle_ms: int = Field(10_000, ge=100)
     max_deliveries: int = Field(5, ge=1)
     maintenance_interval_s: float = Field(5.0, gt=0)
+    # Redis chooses entry ids from its clock; an id further ahead of it than this was chosen
+    # by a client (XADD with an explicit id): the worker dead-letters it (id_in_future) and
+    # the maintainer rewinds the stream (docs/security.md, "Threat model"). Room for the clocks of
+    # cluster nodes and the time since the worker last read the server's clock.
+    max_clock_skew_ms: int = Field(60_000, ge=1000)
 
     # Retention.
     dedupe_window_s: int = Field(86_400, ge=1, le=LIBRARY_MAX_DURATION_S)
@@ -75,6 +80,10 @@ class Settings(BaseSettings):
     tls_ca_file: Path | None = None
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
+
+    # The reply stream this process's producers wait on, <ns>:{pN}:reply:<producer_id>; a
+    # producer ACL user reads only its own (docs/security.md). Unset: a random id per Producer.
+    producer_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
 
     # Backpressure: past this many entries in a request stream, Producer.submit refuses
     # with `backlog full` instead of growing Redis without bound.

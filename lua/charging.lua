@@ -1,9 +1,11 @@
 #!lua name=charging
 --[[
 The only place where a balance changes. Loaded with FUNCTION LOAD REPLACE by every
-process that talks to Redis (Redis >= 7.0) and is allowed to (deploy/users.acl). Redis
-checks every command a function runs against the caller's ACL, so each role in that file
-holds the commands of the functions it calls (docs/security.md).
+process that talks to Redis (Redis >= 7.0) and is allowed to (in deploy/users.acl only
+the maintainer is). Redis checks every command a function runs against the caller's ACL,
+so each role in that file holds the commands of the functions it calls, each on the keys
+it runs it on (docs/security.md; tests/test_acl_needs.py says which rule is missing
+when a function here changes).
 
 Keys. <ns> is the namespace (CHARGING_NAMESPACE, default "ch"); {pN} is the partition
 hash tag, so every key one call touches lives in one Redis Cluster slot. Every key a
@@ -36,13 +38,16 @@ the name its role gives it before anything is written.
   <ns>:{pN}:requests       stream  charge and reservation requests, XADDed by producers,
                                    read by the worker group; acked by the settling
                                    function (or settle_batch, which runs it per entry) or
-                                   dead_letter; trimmed by trim to what every group has acked.
+                                   dead_letter; trimmed by trim to what every group has acked;
+                                   repair finds entries removed unread and rewinds ids a
+                                   client pushed into the future.
   <ns>:{pN}:results        stream  one outcome per settled request. Written by the settling
-                                   functions. Trimmed by trim (worker maintenance) to about
+                                   functions. Trimmed by trim (the maintainer) to about
                                    CHARGING_RESULTS_MAXLEN, never past an entry a group
                                    in CHARGING_RESULTS_GROUPS has not read and acked.
   <ns>:{pN}:deadletter     stream  entries that could not be read, with the reason.
-                                   Written by dead_letter. Trimmed with MAXLEN ~.
+                                   Written by dead_letter (and repair: entries removed
+                                   before they were read). Trimmed with MAXLEN ~.
   <ns>:{pN}:deadletter:reasons
                            hash    reason -> number of entries ever dead-lettered with
                                    it. Written by dead_letter. Lives forever (one field
@@ -690,6 +695,16 @@ Returns 1, or 0 when another consumer had already settled the entry.
 local DEAD_ROLES = {'deadletter', 'requests', 'deadletter:reasons'}
 local DEAD_TYPES = {deadletter = 'stream', requests = 'stream', ['deadletter:reasons'] = 'hash'}
 
+-- Appends a dead letter (fields, then error, detail and entry_id) and counts its reason.
+-- Every argument was checked by the caller: this cannot fail.
+local function write_dead_letter(k, entry_id, reason, detail, maxlen, fields)
+  for _, v in ipairs({'error', reason, 'detail', detail, 'entry_id', entry_id}) do
+    fields[#fields + 1] = v
+  end
+  redis.call('XADD', k.deadletter, 'MAXLEN', '~', digits(maxlen), '*', unpack(fields))
+  redis.call('HINCRBY', k['deadletter:reasons'], reason, 1)
+end
+
 local function dead_letter(keys, args)
   local k = #keys == 3 and partition_keys(keys, DEAD_ROLES)
   if not k or #args < 5 or (#args - 5) % 2 ~= 0 then
@@ -705,11 +720,7 @@ local function dead_letter(keys, args)
   if not ack(k.requests, args[2], args[1]) then return 0 end
   local fields = {}
   for i = 6, #args do fields[#fields + 1] = args[i] end
-  for _, v in ipairs({'error', args[3], 'detail', args[4], 'entry_id', args[1]}) do
-    fields[#fields + 1] = v
-  end
-  redis.call('XADD', k.deadletter, 'MAXLEN', '~', args[5], '*', unpack(fields))
-  redis.call('HINCRBY', k['deadletter:reasons'], args[3], 1)
+  write_dead_letter(k, args[1], args[3], args[4], args[5], fields)
   return 1
 end
 
@@ -757,6 +768,13 @@ local function set_balances(keys, args)
   return #args / 2
 end
 
+-- An XINFO reply (alternating names and values) as a table.
+local function map_of(flat)
+  local t = {}
+  for i = 1, #flat, 2 do t[flat[i]] = flat[i + 1] end
+  return t
+end
+
 local function stream_id_less(a, b)
   local am, as = string.match(a, '(%d+)-(%d+)')
   local bm, bs = string.match(b, '(%d+)-(%d+)')
@@ -783,8 +801,7 @@ local function groups_bound(stream, names)
   end
   local bound = nil
   for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
-    local info = {}
-    for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
+    local info = map_of(g)
     if wanted == nil or wanted[info['name']] then
       missing = missing - 1
       local candidate = group_bound(stream, info)
@@ -830,6 +847,79 @@ local function trim(keys, args)
   return redis.call('XTRIM', stream, 'MINID', bound)
 end
 
+--[[
+repair: undo what a client allowed to XADD to a request stream can do to it that no ACL
+rule can forbid (docs/security.md, "Threat model"). Maintenance only (the maintainer role).
+ - Entries removed before a group read them (XADD with MAXLEN or MINID, XTRIM): the group
+   never counted them as read, so its read counter stays behind by their number for good
+   (a group that never read counts nothing: everything ever added is behind it). Found
+   where the entries still unread are known without a scan; recorded as one dead letter,
+   error entries_removed, naming the group and how many; then the group's read counter is
+   set right, so each loss is recorded once. (A group made at 0 on a stream whose head
+   was already trimmed would count that head: request streams get their one group before
+   anything is trimmed.)
+ - Ids pushed into the future (XADD with an explicit id far ahead; the last possible id
+   refuses every later XADD): once every group has read and acked every entry, the
+   entries go and the stream's last id and its groups' go back to the server's time, so
+   XADD * works again. The worker dead-letters such entries (id_in_future) meanwhile.
+KEYS: requests, deadletter, deadletter:reasons. ARGV: max_skew_ms (1000..10 years),
+deadletter maxlen. Every key and argument is checked before anything is written.
+Returns {entries found removed, 1 if the stream was rewound else 0}.
+]]
+local REPAIR_ROLES = {'requests', 'deadletter', 'deadletter:reasons'}
+
+local function repair(keys, args)
+  local k = #keys == 3 and #args == 2 and partition_keys(keys, REPAIR_ROLES)
+  if not k then
+    return refuse('wrong_arguments', 'repair takes the keys ' .. table.concat(REPAIR_ROLES, ', ') .. ' and max_skew_ms, maxlen')
+  end
+  local max_skew, maxlen = count(args[1], 1000, MAX_DURATION_MS), count(args[2], 1, MAX_BALANCE)
+  if not max_skew then return refuse('invalid_max_skew', '1000..' .. MAX_DURATION_MS) end
+  if not maxlen then return refuse('invalid_maxlen') end
+  local err = wrong_types(k, DEAD_TYPES)
+  if err then return err end
+  local stream = k.requests
+  if redis.call('TYPE', stream)['ok'] == 'none' then return {0, 0} end
+  -- Everything is read first; what follows writes only what was checked here.
+  local s = map_of(redis.call('XINFO', 'STREAM', stream))
+  local last, first = s['last-generated-id'], s['first-entry'] and s['first-entry'][1]
+  local groups = {}
+  for i, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do groups[i] = map_of(g) end
+  local removed, settled, losses = 0, #groups > 0, {}
+  for _, group in ipairs(groups) do
+    local read_to, counted = group['last-delivered-id'], group['entries-read']
+    local behind = counted and s['entries-added'] - counted or (read_to == '0-0' and s['entries-added'])
+    -- The entries still in the stream that the group has not read, where that is known
+    -- without a scan: none once it has read up to the last id, all when all are past it.
+    local unread = nil
+    if read_to == last then unread = 0
+    elseif not first or stream_id_less(read_to, first) then unread = s['length'] end
+    if unread and behind and behind > unread then
+      losses[#losses + 1] = {group = group, lost = behind - unread, unread = unread}
+      removed = removed + behind - unread
+    end
+    settled = settled and group['pending'] == 0 and read_to == last
+  end
+  for _, loss in ipairs(losses) do
+    local name, lost = loss.group['name'], digits(loss.lost)
+    write_dead_letter(k, '', 'entries_removed',
+      lost .. ' entries were removed from the stream before group ' .. name ..
+      ' read them (XADD with MAXLEN or MINID, or XTRIM, by a client); they were never charged',
+      maxlen, {'group', name, 'removed', lost})
+    redis.call('XGROUP', 'SETID', stream, name, loss.group['last-delivered-id'],
+               'ENTRIESREAD', digits(s['entries-added'] - loss.unread))
+  end
+  local now = now_ms()
+  if not (settled and tonumber(string.match(last, '^%d+')) > now + max_skew) then return {removed, 0} end
+  local id = digits(now) .. '-0'
+  redis.call('XTRIM', stream, 'MAXLEN', 0)
+  redis.call('XSETID', stream, id, 'MAXDELETEDID', id)
+  for _, group in ipairs(groups) do
+    redis.call('XGROUP', 'SETID', stream, group['name'], id, 'ENTRIESREAD', digits(s['entries-added']))
+  end
+  return {removed, 1}
+end
+
 redis.register_function('charge', function(keys, args) return settle('charge', keys, args) end)
 redis.register_function('reserve', function(keys, args) return settle('reserve', keys, args) end)
 redis.register_function('commit', function(keys, args) return settle('commit', keys, args) end)
@@ -841,3 +931,4 @@ redis.register_function('dead_letter', dead_letter)
 redis.register_function('top_up', top_up)
 redis.register_function('set_balances', set_balances)
 redis.register_function('trim', trim)
+redis.register_function('repair', repair)

@@ -61,7 +61,8 @@ class Requests(Generic[C, O]):
     def __init__(self, client: C, settings: Settings, producer_id: str | None = None):
         self.client = client
         self.settings = settings
-        self.id = producer_id or uuid.uuid4().hex
+        # Its reply stream is <ns>:{pN}:reply:<id>; a producer ACL user may read only its own.
+        self.id = producer_id or settings.producer_id or uuid.uuid4().hex
         self._last_reply_id: dict[str, str] = {}  # reply stream -> last id read
         self._outcomes: dict[str, Outcome] = {}  # read from a reply stream, not yet collected
         self._reply_stream: dict[str, str] = {}  # request id -> the reply stream its outcome goes to
@@ -192,7 +193,9 @@ class Requests(Generic[C, O]):
         for stream, messages in found:
             for entry_id, fields in messages:
                 outcome = Outcome.from_fields(fields)
-                if outcome.request_id in self._reply_stream:  # not one collected before (a re-read)
+                # Not one collected before (a re-read), nor another process's: processes
+                # sharing a producer id share its reply stream.
+                if outcome.request_id in self._reply_stream:
                     self._outcomes[outcome.request_id] = outcome
             self._last_reply_id[stream.decode()] = messages[-1][0].decode()
 

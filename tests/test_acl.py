@@ -1,79 +1,55 @@
-"""The ACL roles of deploy/users.acl, loaded into a real redis-server: each role can do its
-job and nothing more. Only the passwords are swapped for test ones; every rule is the
-shipped file's, verbatim."""
+"""The ACL roles of deploy/users.acl, loaded into a real redis-server: each role does its job
+with its own credentials, the worker leaves what it may not do to the maintainer, and a
+producer user made by the documented recipe (docs/security.md) reads only its own replies. What each role is refused
+is in test_acl_refusals.py; what each function needs, measured, in test_acl_needs.py."""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
+import subprocess
+import threading
 import time
-from pathlib import Path
 
 import pytest
 import redis
 
 from charging import codec
 from charging.app.status import partition_status
-from charging.connection import connect, library_source
-from charging.keys import Keys
-from charging.settings import Settings
-from charging.tools.redis_server import RedisServer
+from charging.connection import connect
 from producer import Producer
+from tests import documents
 from tests.conftest import cli, drain
-
-ACL_FILE = Path(__file__).resolve().parent.parent / "deploy" / "users.acl"
-NAMESPACE = "ch"  # the key patterns of the shipped file
-KEYS = Keys(NAMESPACE, 0)
-ROLES = ("producer", "authorizer", "worker", "admin")
-
-
-def password_of(user: str) -> str:
-    return f"test-{user}-secret"
+from tests.roles import KEYS, ROLES, ROOT, acl_server, denied, password_of, role, root, shipped_users
+from worker.loop import Worker
 
 
 @pytest.fixture
-def server(tmp_path) -> RedisServer:
-    rules = re.sub(r"^user (\S+) on #[0-9a-f]{64} ", lambda m: f"user {m[1]} on >{password_of(m[1])} ",
-                   ACL_FILE.read_text(), flags=re.M)
-    acl = tmp_path / "users.acl"
-    acl.write_text(rules)
-    with RedisServer(tmp_path / "data", extra_args=("--aclfile", str(acl)),
-                     credentials=("admin", password_of("admin"))) as server:
+def server(tmp_path):
+    with acl_server(tmp_path) as server:
         yield server
-
-
-def role(server: RedisServer, user: str) -> Settings:
-    return Settings(redis_url=f"redis://{user}:{password_of(user)}@127.0.0.1:{server.port}/0", namespace=NAMESPACE,
-                    reclaim_idle_ms=500, maintenance_interval_s=0.2, block_ms=200)
 
 
 @pytest.fixture
 def clients(server) -> dict[str, redis.Redis]:
-    admin = connect(role(server, "admin"))  # loads the library
-    codec.set_balances(admin, role(server, "admin"), [("account1", 100)])
-    return {"admin": admin, **{user: connect(role(server, user)) for user in ROLES if user != "admin"}}
+    """A client per role; the test superuser loads the library and makes account1 (100)."""
+    scene = root(server)
+    codec.set_balances(scene, role(server, ROOT), [("account1", 100)])
+    return {ROOT: scene, **{user: connect(role(server, user)) for user in ROLES}}
 
 
 def balance(clients) -> int:
-    return int(clients["admin"].hget(KEYS.balances, "account1"))
-
-
-def denied(call) -> bool:
-    """True when Redis answers NOPERM (redis-py raises NoPermissionError for it)."""
-    try:
-        call()
-    except redis.exceptions.NoPermissionError as refused:
-        return "no permissions" in str(refused)
-    return False
+    return int(clients[ROOT].hget(KEYS.balances, "account1"))
 
 
 def test_the_shipped_acl_file_has_every_role_and_turns_the_default_user_off(server):
-    users = {line.split()[1]: line for line in ACL_FILE.read_text().splitlines()}
+    users = shipped_users()
     assert set(users) == {"default", *ROLES}
     assert " off " in users["default"]
-    default = redis.Redis(port=server.port)
     with pytest.raises(redis.exceptions.AuthenticationError):
-        default.ping()
+        redis.Redis(port=server.port).ping()
 
 
 def test_each_role_does_its_job_with_its_own_credentials(server, clients):
@@ -85,13 +61,12 @@ def test_each_role_does_its_job_with_its_own_credentials(server, clients):
 
     outcomes = producer.wait(ids, timeout=10)
     assert [o.status for o in outcomes.values()] == ["approved"] * 3
-    # maintenance the burst worker had no cause to run: results trimming; trim is exact-
-    # by-node ('~'), so four outcomes in one node stay
-    few = role(server, "worker").model_copy(update={"results_maxlen": 1})
-    assert codec.trim_results(clients["worker"], few, KEYS) == 0
-    # what the worker reads for its metrics gauges
-    seen_by_worker = partition_status(clients["worker"], role(server, "worker"), KEYS)
+    seen_by_worker = partition_status(clients["worker"], role(server, "worker"), KEYS)  # its metrics gauges
     assert seen_by_worker["deadletter_reasons"] == {"missing_field": 1} and seen_by_worker["pending"] == 0
+    assert clients[ROOT].xlen(KEYS.requests) == 4  # trimming is the maintainer's
+    maintained = cli(role(server, "maintainer"), "maintain", "--once")
+    assert maintained.returncode == 0, maintained.stderr
+    assert clients[ROOT].xlen(KEYS.requests) == 1  # all acked; trimming by MINID keeps its bound
     authorized = Producer(clients["authorizer"], role(server, "authorizer")).authorize(
         {"request_id": "auth-1", "account": "account1", "amount": 5})
     assert authorized.approved and authorized.balance == 100 - 30 - 5
@@ -100,54 +75,46 @@ def test_each_role_does_its_job_with_its_own_credentials(server, clients):
     status = cli(role(server, "admin"), "status", "--json")
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout) | {"partitions": []} == json.loads(status.stdout) | {
-        "partitions": [], "pending": 0, "lag": 0, "results": 4, "deadletters": 1}
+        "partitions": [], "pending": 0, "lag": 0, "results": 4, "deadletters": 1, "length": 1}
+    shown = cli(role(server, "admin"), "accounts", "list", "--json")
+    assert json.loads(shown.stdout) == [{"account": "account1", "balance": 110, "held": 0, "available": 110}]
 
 
-def test_a_producer_gets_noperm_setting_or_changing_a_balance(server, clients):
-    producer = clients["producer"]
-    settings = role(server, "producer")
-    attempts = {
-        "HSET": lambda: producer.hset(KEYS.balances, "account1", 10**9),
-        "HINCRBY": lambda: producer.hincrby(KEYS.balances, "account1", 10**9),
-        "set_balances": lambda: codec.set_balances(producer, settings, [("account1", 10**9)]),
-        "top_up": lambda: codec.top_up(producer, settings, "account1", 10**6),
-        "charge": lambda: Producer(producer, settings).authorize({"account": "account1", "amount": 1}),
-        "reserve": lambda: Producer(producer, settings).reserve({"account": "account1", "amount": 1}),
-        "expire_reservations": lambda: codec.expire_reservations(producer, settings, KEYS),
-        "EVAL": lambda: producer.eval("return redis.call('HSET', KEYS[1], 'account1', 1)", 1, KEYS.balances),
-        "DEL": lambda: producer.delete(KEYS.balances),
-    }
-    for name, attempt in attempts.items():
-        assert denied(attempt), name
-    assert balance(clients) == 100
+def test_a_worker_leaves_trimming_and_idle_consumers_to_the_maintainer_and_keeps_working(server, clients, caplog):
+    caplog.set_level(logging.INFO, logger="charging")
+    producer = Producer(clients["producer"], role(server, "producer"))
+    producer.submit([{"account": "account1", "amount": 1}])
+    [worker] = drain(role(server, "worker"))
+    producer.submit([{"account": "account1", "amount": 1}])
+    drain(role(server, "worker"))  # a second worker process
+
+    refused = [r.duty for r in caplog.records if r.getMessage() == "duty_left_to_maintainer"]
+    assert sorted(refused) == ["repair", "repair", "trim", "trim"]  # once per worker, not per round
+    assert worker.settled == 1 and balance(clients) == 98
+    assert clients[ROOT].xpending(KEYS.requests, "workers")["pending"] == 0
 
 
-def test_a_producer_gets_noperm_reading_any_key_but_its_replies(server, clients):
-    producer = clients["producer"]
-    Producer(producer, role(server, "producer")).submit([{"account": "account1", "amount": 1}])
-    attempts = {
-        "balance": lambda: producer.hget(KEYS.balances, "account1"),
-        "all balances": lambda: producer.hgetall(KEYS.balances),
-        "request stream": lambda: producer.xrange(KEYS.requests),
-        "request stream by XREAD": lambda: producer.xread({KEYS.requests: "0"}),
-        "results stream": lambda: producer.xread({KEYS.results: "0"}),
-        "dead letters": lambda: producer.xread({KEYS.deadletter: "0"}),
-        "dedupe record": lambda: producer.get(KEYS.seen("r1")),
-        "key listing": lambda: producer.scan(),
-        "another namespace": lambda: producer.xread({"other:{p0}:reply:x": "0"}),
-    }
-    for name, attempt in attempts.items():
-        assert denied(attempt), name
-    assert producer.xread({KEYS.reply("someone"): "0"}) == []  # its replies it may read
+def test_a_worker_waits_for_the_maintainer_to_load_the_functions(server, clients):
+    clients[ROOT].function_flush()  # a server that came back without its library
+    Producer(clients["producer"], role(server, "producer")).submit([{"account": "account1", "amount": 7}])
+    worker = Worker(connect(role(server, "worker")), role(server, "worker"), "w1", burst=True)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    time.sleep(0.5)  # the worker finds no library, may not load it, and waits
+    assert thread.is_alive() and balance(clients) == 100
+
+    maintained = cli(role(server, "maintainer"), "maintain", "--once")
+    thread.join(timeout=30)
+
+    assert maintained.returncode == 0, maintained.stderr
+    assert not thread.is_alive() and balance(clients) == 93
 
 
-def test_a_producer_gets_noperm_loading_or_dropping_functions(server, clients):
-    producer = clients["producer"]
-    assert denied(lambda: producer.function_load(library_source(), replace=True))
-    assert denied(lambda: producer.function_delete("charging"))
-    assert denied(lambda: producer.function_flush())
-    assert denied(lambda: producer.config_set("appendonly", "no"))
-    assert clients["admin"].function_list(library="charging")
+def test_the_cli_says_the_maintainer_loads_the_functions_when_they_are_missing(server, clients):
+    clients[ROOT].function_flush()
+    reset = cli(role(server, "admin"), "accounts", "reset", "--count", "2")
+    assert reset.returncode == 1
+    assert "charging maintain" in reset.stderr and "Traceback" not in reset.stderr, reset.stderr
 
 
 def test_the_cli_prints_noperm_for_a_producer_that_tries_to_top_up_or_authorize(server, clients):
@@ -162,32 +129,11 @@ def test_the_cli_prints_noperm_for_a_producer_that_tries_to_top_up_or_authorize(
     assert balance(clients) == 100
 
 
-def test_worker_and_authorizer_cannot_set_balances_or_run_server_commands(server, clients):
-    for user in ("worker", "authorizer"):
-        client, settings = clients[user], role(server, user)
-        assert denied(lambda: codec.set_balances(client, settings, [("account1", 1)])), user
-        assert denied(lambda: codec.top_up(client, settings, "account1", 1)), user
-        assert denied(lambda: client.hset(KEYS.balances, "account1", 1)), user
-        assert denied(lambda: client.config_get("requirepass")), user
-        assert denied(lambda: client.function_flush()), user
-    assert denied(lambda: clients["authorizer"].xrange(KEYS.requests))
-    assert balance(clients) == 100
-
-
-def test_admin_manages_accounts_but_not_the_server_or_other_keys(server, clients):
-    admin = clients["admin"]
-    assert denied(lambda: admin.flushall())
-    assert denied(lambda: admin.config_set("appendfsync", "no"))
-    assert denied(lambda: admin.acl_setuser("producer", enabled=True, commands=["+@all"]))
-    assert denied(lambda: admin.get("someone-elses-key"))
-
-
 def direct_fcall(client, op: str, request_id: str, amount="", units="", unit_price="", reservation="", ttl_ms=""):
     """FCALL one settling function by hand, as a client holding the role could."""
-    names = [KEYS.balances, KEYS.seen(request_id), KEYS.results, KEYS.requests, KEYS.held, KEYS.reservations,
-             KEYS.expiries, KEYS.holds]
+    names = codec.settle_keys(KEYS, request_id)
     return client.fcall(op, len(names), *names, request_id, "account1", f"account1|{op}|{request_id}", "", "",
-                         60_000, "", 60_000, amount, units, unit_price, reservation, ttl_ms)
+                        60_000, "", 60_000, amount, units, unit_price, reservation, ttl_ms)
 
 
 def test_a_direct_fcall_cannot_turn_a_charge_into_a_top_up(server, clients):
@@ -215,7 +161,7 @@ def test_a_direct_fcall_cannot_hold_or_release_negative_or_fractional_amounts(se
         with pytest.raises(redis.ResponseError, match="invalid_"):
             direct_fcall(authorizer, op, f"bad-{number}", **args)
     assert balance(clients) == 100
-    assert clients["admin"].hget(KEYS.held, "account1") == b"40"
+    assert clients[ROOT].hget(KEYS.held, "account1") == b"40"
 
 
 def test_authorizer_and_worker_run_sessions_and_the_sweep_with_their_own_roles(server, clients):
@@ -234,4 +180,52 @@ def test_authorizer_and_worker_run_sessions_and_the_sweep_with_their_own_roles(s
     time.sleep(1.1)  # call-2 expires; the worker's sweep releases it
     assert codec.expire_reservations(clients["worker"], role(server, "worker"), KEYS) == 1
     assert balance(clients) == 75
-    assert clients["admin"].hlen(KEYS.held) == 0
+    assert clients[ROOT].hlen(KEYS.held) == 0
+
+
+# ---- one ACL user per producer, made by the documented recipe ----------------------------
+
+def recipe() -> str:
+    """The shell lines of the per-producer recipe ("A user per producer")."""
+    return re.search(r"```sh\n(.*?)```", documents.section("A user per producer"), re.S)[1]
+
+
+def test_the_documented_recipe_makes_a_producer_user_that_reads_only_its_own_replies(tmp_path):
+    made = subprocess.run(["sh", "-c", recipe()], capture_output=True, text=True, check=True,
+                          cwd=documents.ROOT, env={**os.environ, "PRODUCER": "billing",
+                                                  "PASSWORD": password_of("billing")})
+    line = made.stdout.strip()
+    assert line.startswith("user billing on #") and ":reply:billing)" in line
+    with acl_server(tmp_path, extra_users=(line,)) as server:
+        scene = root(server)
+        codec.set_balances(scene, role(server, ROOT), [("account1", 100)])
+        billing = connect(role(server, "billing"))
+        other = connect(role(server, "producer"))
+        ids = Producer(billing, role(server, "billing")).submit([{"account": "account1", "amount": 3}], reply=True)
+        drain(role(server, "worker"))
+
+        assert Producer(billing, role(server, "billing")).id == "billing"
+        assert billing.xread({KEYS.reply("billing"): "0"})[0][1][0][1][b"request_id"] == ids[0].encode()
+        assert denied(lambda: other.xread({KEYS.reply("billing"): "0"}))
+        assert denied(lambda: billing.xread({KEYS.reply("producer"): "0"}))
+
+
+def test_produce_wait_works_for_a_producer_user_given_its_producer_id(server, clients, monkeypatch):
+    worker = Worker(connect(role(server, "worker")), role(server, "worker"), "w1")
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    monkeypatch.setenv("CHARGING_PRODUCER_ID", "producer")
+    try:
+        produced = cli(role(server, "producer"), "produce", "--account", "account1", "--amount", "4", "--wait",
+                       "--json")
+    finally:
+        worker.stop()
+        thread.join(timeout=30)
+    assert produced.returncode == 0, produced.stderr
+    assert json.loads(produced.stdout)["status"] == "approved"
+
+
+def test_a_producer_user_without_its_producer_id_may_not_read_the_random_reply_stream(server, clients):
+    settings = role(server, "producer").model_copy(update={"producer_id": None})
+    producer = Producer(clients["producer"], settings)
+    assert denied(lambda: producer.charge({"account": "account1", "amount": 1}, timeout=1))

@@ -16,6 +16,7 @@ import tomllib
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import pytest
 import typer.main
 import yaml
 
@@ -103,10 +104,18 @@ def test_compose_redis_loads_the_shipped_acl_file():
     assert "off" in acl_users()["default"], "no one may connect without a user and password"
 
 
-def test_workers_connect_as_the_worker_acl_user_with_its_password():
-    url = urlsplit(compose()["services"]["worker"]["environment"]["CHARGING_REDIS_URL"])
-    assert url.username == "worker"
-    assert acl_password_matches("worker", url.password)
+@pytest.mark.parametrize("service", ["worker", "maintainer"])
+def test_each_process_connects_as_its_own_acl_user_with_its_password(service):
+    url = urlsplit(compose()["services"][service]["environment"]["CHARGING_REDIS_URL"])
+    assert url.username == service
+    assert acl_password_matches(service, url.password)
+
+
+def test_one_maintainer_runs_beside_the_workers():
+    services = compose()["services"]
+    assert services["maintainer"]["command"] == ["maintain"]
+    assert services["maintainer"].get("deploy", {}).get("replicas", 1) == 1
+    assert services["maintainer"]["depends_on"]["redis"]["condition"] == "service_healthy"
 
 
 def test_the_healthcheck_authenticates_as_an_acl_user():
@@ -151,7 +160,8 @@ def test_the_docs_give_each_role_its_dev_password_as_the_acl_file_and_compose_ho
     for user, password in passwords.items():
         assert acl_password_matches(user, password), f"the documented password of {user} is not the ACL file's"
     services = compose()["services"]
-    assert urlsplit(services["worker"]["environment"]["CHARGING_REDIS_URL"]).password == passwords["worker"]
+    for service in ("worker", "maintainer"):
+        assert urlsplit(services[service]["environment"]["CHARGING_REDIS_URL"]).password == passwords[service]
     assert services["redis"]["environment"]["REDISCLI_AUTH"] == passwords["admin"]
 
 
@@ -176,10 +186,13 @@ def test_the_documented_cli_lines_run_against_the_compose_redis(tmp_path):
     with RedisServer(tmp_path / "redis", extra_args=("--aclfile", str(ACL_FILE)),
                      credentials=("admin", compose_passwords()["admin"])) as server:
         here = f"127.0.0.1:{server.port}"
-        worker_env = {k: str(v) for k, v in compose()["services"]["worker"]["environment"].items()}
-        worker_env["CHARGING_REDIS_URL"] = worker_env["CHARGING_REDIS_URL"].replace("redis:6379", here)
-        worker = subprocess.Popen([CHARGING, "worker", "--consumer", "compose-worker"], env={**plain, **worker_env},
-                                  stderr=subprocess.DEVNULL)
+        # The compose services that run the engine, as compose runs them: the maintainer,
+        # which loads the functions (one round done before the CLI lines, as compose's
+        # maintainer is up before anyone charges), and a worker.
+        loaded = service_process(plain, here, "maintainer", ["--once"])
+        assert loaded.wait(60) == 0
+        services = [service_process(plain, here, "maintainer", []),
+                    service_process(plain, here, "worker", ["--consumer", "compose-worker"])]
         try:
             env = dict(plain)
             for line in lines:
@@ -193,5 +206,26 @@ def test_the_documented_cli_lines_run_against_the_compose_redis(tmp_path):
                                       timeout=60)
                 assert done.returncode == 0, f"{line}: {done.stderr}"
         finally:
-            worker.terminate()
-            assert worker.wait(30) == 0
+            for process in services:
+                process.terminate()
+            assert [process.wait(30) for process in services] == [0, 0]
+
+
+def service_process(plain: dict[str, str], here: str, service: str, options: list[str]) -> subprocess.Popen:
+    """The compose service's command (one process, options of its own) with its environment,
+    its Redis at here."""
+    from tests.conftest import CHARGING
+
+    definition = compose()["services"][service]
+    env = {k: str(v) for k, v in definition["environment"].items()}
+    env["CHARGING_REDIS_URL"] = env["CHARGING_REDIS_URL"].replace("redis:6379", here)
+    return subprocess.Popen([CHARGING, definition["command"][0], *options], env={**plain, **env},
+                            stderr=subprocess.DEVNULL)
+
+
+def test_the_documented_command_that_moves_the_acl_to_another_namespace_moves_every_pattern():
+    command = re.search(r"`(sed 's/~ch:/~billing:/g')`", section("Before running anywhere but a laptop"))[1]
+    moved = subprocess.run(["sh", "-c", f"{command} deploy/users.acl"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout
+    patterns = [rule.split("~", 1)[1] for line in moved.splitlines() for rule in line.split()[2:] if "~" in rule]
+    assert patterns and all(p.startswith("billing:") for p in patterns), patterns

@@ -20,6 +20,7 @@ from charging.streams import read_streams, text
 from charging.tariff import price
 from worker import metrics, recovery
 from worker.entry import Entry
+from worker.maintainer import Duties
 
 log = logger("charging.worker")
 
@@ -42,6 +43,8 @@ class Worker:
         self.stopping = False
         self.log = log.bind(consumer=consumer)
         self.settled = 0
+        self.clock_offset_ms = 0  # the server's clock minus this host's (recovery.sync_clock)
+        self.duties = Duties(client, settings, self.log, consumer)
 
     def stop(self, *_) -> None:
         self.stopping = True
@@ -56,6 +59,7 @@ class Worker:
         while not self.stopping:
             try:
                 if not own_pending_done:
+                    recovery.sync_clock(self)
                     recovery.ensure_groups(self)
                     recovery.settle_own_pending(self)
                     own_pending_done = True
@@ -77,8 +81,11 @@ class Worker:
                 if not missing_function(exc):
                     raise
                 # The server lost the library (restarted empty, failed over to an empty node):
-                # load it and go on; whatever step failed runs again.
-                run(self.client, reload_functions(exc))
+                # load it and go on; whatever step failed runs again. A worker whose ACL user
+                # may not load code waits for the maintainer to load it.
+                own_pending_done = False
+                if not run(self.client, reload_functions(exc)):
+                    backoff.wait(self.log, exc)
         self.log.info("worker_stopped", settled=self.settled)
         return 0
 
@@ -139,6 +146,10 @@ class Worker:
     def judge(self, entry: Entry):
         """Validate and rate one entry: (request, amount), or the Invalid that dead-letters it.
         amount is None for a commit or extend in units (rated in lua/) and a release."""
+        ahead = entry_ms(entry.entry_id) - (time.time() * 1000 + self.clock_offset_ms)
+        if ahead > self.settings.max_clock_skew_ms:
+            return Invalid("id_in_future", f"entry id {entry.entry_id} is {ahead:.0f} ms ahead of the Redis clock; "
+                                           "producers must let Redis choose the id (XADD *)")
         if entry.deliveries > self.settings.max_deliveries:
             return Invalid("max_deliveries", f"delivered {entry.deliveries} times without being settled")
         try:
@@ -164,6 +175,11 @@ class Worker:
         level(event, request_id=request.request_id, account=request.account, entry_id=entry.entry_id,
               partition=entry.keys.partition, amount=amount, reason=reply.reason, duplicate=reply.duplicate,
               **session)
+
+
+def entry_ms(entry_id: str) -> int:
+    """The milliseconds part of a stream id: the server's clock when it chose the id."""
+    return int(entry_id.split("-", 1)[0])
 
 
 def _field(fields: dict[bytes, bytes] | None, name: bytes) -> str | None:

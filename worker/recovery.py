@@ -1,24 +1,23 @@
 """Recovery and upkeep around the worker loop: the consumer group, this consumer's own
 pending entries, entries of dead consumers (XAUTOCLAIM), the sweep of expired
-reservations, trimming and idle consumers.
-None of this runs per entry."""
+reservations, the server's clock, and the maintainer's duties while the worker's ACL
+user allows them (worker/maintainer.py). None of this runs per entry."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 from charging import codec
+from charging.connection import server_clock_offset_ms
 from charging.keys import Keys
 from charging.plan import call, run
 from charging.schema import Invalid
-from charging.streams import autoclaim, ensure_group, partition_status, text
+from charging.streams import autoclaim, ensure_group, partition_status
 from worker import metrics
 from worker.entry import Entry
 
 if TYPE_CHECKING:
     from worker.loop import Worker
-
-IDLE_CONSUMER_MS = 3_600_000  # a consumer silent for an hour with nothing pending is gone
 
 
 def ensure_groups(worker: Worker) -> None:
@@ -83,30 +82,20 @@ def _count_deliveries(worker: Worker, keys, entries: list) -> None:
 
 def maintain(worker: Worker) -> None:
     reclaim(worker)
+    sync_clock(worker)
     for keys in worker.partitions:
         released = codec.expire_reservations(worker.client, worker.settings, keys)
         if released:
             worker.log.info("reservations_expired", partition=keys.partition, count=released)
             metrics.RESERVATIONS_EXPIRED.inc(released)
-        trimmed = codec.trim_requests(worker.client, keys)
-        if trimmed:
-            worker.log.debug("requests_trimmed", partition=keys.partition, count=trimmed)
-        trimmed = codec.trim_results(worker.client, worker.settings, keys)
-        if trimmed:
-            worker.log.debug("results_trimmed", partition=keys.partition, count=trimmed)
-        _forget_idle_consumers(worker, keys)
+        worker.duties.run(keys)
         if metrics.enabled():
             metrics.record_partition(partition_status(worker.client, worker.settings, keys))
 
 
-def _forget_idle_consumers(worker: Worker, keys) -> None:
-    """Delete consumers that have been idle for an hour, only once their pending list is
-    empty: XGROUP DELCONSUMER would strand pending entries."""
-    for consumer in worker.client.xinfo_consumers(keys.requests, worker.settings.group):
-        name = text(consumer["name"])
-        if name != worker.consumer and consumer["pending"] == 0 and consumer["idle"] > IDLE_CONSUMER_MS:
-            worker.client.xgroup_delconsumer(keys.requests, worker.settings.group, name)
-            worker.log.info("idle_consumer_removed", removed=name, partition=keys.partition)
+def sync_clock(worker: Worker) -> None:
+    """Read the server's clock: entry ids are in its time (the id_in_future rule)."""
+    worker.clock_offset_ms = run(worker.client, server_clock_offset_ms())
 
 
 def drained(worker: Worker) -> bool:

@@ -20,6 +20,7 @@ from charging.log import logger
 from charging.settings import Settings
 from worker import metrics
 from worker.loop import Worker
+from worker.maintainer import Maintainer
 
 log = logger("charging.supervisor")
 
@@ -52,6 +53,15 @@ def run_one(settings: Settings, consumer: str, burst: bool, partitions: list[int
     except Exception:  # logged as one JSON line like every other; the supervisor restarts it
         log.exception("worker_crashed", consumer=consumer)
         return 1
+
+
+def run_maintainer(settings: Settings, partitions: list[int] | None = None, once: bool = False) -> int:
+    """`charging maintain`: one process; SIGTERM / SIGINT end it after the round in hand."""
+    logging_setup.configure(settings.log_level)
+    maintainer = Maintainer(connect_when_up(settings), settings, partitions, once)
+    signal.signal(signal.SIGTERM, maintainer.stop)
+    signal.signal(signal.SIGINT, maintainer.stop)
+    return maintainer.run()
 
 
 def connect_when_up(settings: Settings):

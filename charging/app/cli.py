@@ -29,7 +29,7 @@ from charging import __version__, codec
 from charging import log as logging_setup
 from charging.app import accounts as accounts_mod
 from charging.app.status import status as read_status
-from charging.connection import NotReplicated, PartitionsChanged, RedisRefused, RedisTooOld, connect
+from charging.connection import NotReplicated, PartitionsChanged, RedisRefused, RedisTooOld, connect, missing_function
 from charging.keys import parse_partitions
 from charging.schema import Invalid, Outcome, parse_top_up
 from charging.settings import LIBRARY_MAX_BALANCE, InvalidSettings, Settings, load
@@ -412,6 +412,20 @@ def worker(processes: Annotated[int, typer.Option(min=1, max=256)] = 1,
 
 @app.command()
 @talks_to_redis
+def maintain(once: Annotated[bool, typer.Option(help="One round, then exit.")] = False,
+             partitions: Annotated[str | None, typer.Option(help="Partitions to look after, e.g. 0-5,8 "
+                                                                 "(default all).")] = None):
+    """Load the functions, then every maintenance interval trim the streams, forget idle
+    consumers and repair the request streams (the maintainer ACL role), until SIGTERM / SIGINT."""
+    try:
+        chosen = None if partitions is None else parse_partitions(partitions, state.settings.partitions)
+    except ValueError as exc:
+        fail(2, f"--partitions: {exc}")
+    raise typer.Exit(supervisor.run_maintainer(state.settings, chosen, once))
+
+
+@app.command()
+@talks_to_redis
 def status(as_json: AsJson = False):
     """Stream lengths, pending entries, lag, consumers, dead letters and held funds."""
     data = read_status(state.client, state.settings)
@@ -511,6 +525,9 @@ def explain(exc: Exception) -> tuple[int, str]:
         return 1, f"{exc} (check {url})"
     if isinstance(exc, redis.exceptions.NoPermissionError):
         return 1, (f"Redis refused: NOPERM {exc} (the ACL user of {url} lacks this right; see deploy/users.acl)")
+    if missing_function(exc):
+        return 1, (f"the charging functions are not loaded on this Redis ({exc}); the maintainer loads them: "
+                   "run `charging maintain` with the maintainer's CHARGING_REDIS_URL")
     if isinstance(exc, (redis.ConnectionError, redis.TimeoutError, RedisClusterException)):
         return 1, _unreachable(exc, url)
     if isinstance(exc, (accounts_mod.UnknownAccount, BacklogFull, NotReplicated, PartitionsChanged, RedisTooOld,
