@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	./scripts/install-system-deps
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[test,bench,docs]"
+	$(BIN)/pip install -q -e ".[test,bench,http,docs]"
 	touch $@
 
 demo: install

@@ -16,6 +16,7 @@ from typing import Any
 import redis
 
 from charging.keys import Keys, keys_of
+from charging.plan import Plan, pipelined, run
 from charging.schema import ChargeRequest, Invalid, Outcome, field_pairs
 from charging.settings import Settings
 from charging.streams import text
@@ -23,7 +24,7 @@ from charging.tariff import unit_price
 
 DEADLETTER_FIELD_BYTES = 1024  # an oversized field is kept only up to this, so dead letters stay small
 SET_BALANCES_CHUNK = 1000  # accounts per set_balances call: bounded argument lists
-RESERVATION_SEP = "\x1f"  # lua/charging.lua packs records with this separator
+RESERVATION_SEP = "\x1f"  # lua/charging.lua packs records (reservations, dedupe records) with this separator
 
 
 # ---- settling: charge, reserve, commit, extend, release, settle_batch ---------------------
@@ -177,14 +178,20 @@ def set_balances(client: redis.Redis, settings: Settings, balances: Iterable[tup
     """Create or overwrite accounts, one pipeline; how many were set. Raises
     redis.ResponseError invalid_account / invalid_balance / balance_too_large, and a call
     so refused sets none of its accounts."""
+    return run(client, setting_balances(settings, balances))
+
+
+def setting_balances(settings: Settings, balances: Iterable[tuple[str, int]]) -> Plan[int]:
+    """set_balances as a plan, for the sync and the asyncio client."""
     by_partition: dict[Keys, list] = defaultdict(list)
     for account, balance in balances:
         by_partition[keys_of(account, settings)].extend((account, balance))
-    pipe = client.pipeline(transaction=False)
-    for keys, pairs in by_partition.items():
-        for start in range(0, len(pairs), 2 * SET_BALANCES_CHUNK):
-            pipe.fcall("set_balances", 1, keys.balances, *pairs[start:start + 2 * SET_BALANCES_CHUNK])
-    return sum(int(n) for n in pipe.execute())
+
+    def queue(pipe) -> None:
+        for keys, pairs in by_partition.items():
+            for start in range(0, len(pairs), 2 * SET_BALANCES_CHUNK):
+                pipe.fcall("set_balances", 1, keys.balances, *pairs[start:start + 2 * SET_BALANCES_CHUNK])
+    return sum(int(n) for n in (yield pipelined(queue)))
 
 
 def expire_reservations(target, settings: Settings, keys: Keys) -> int:
@@ -229,6 +236,37 @@ class Reservation:
 def reservation(packed: bytes | str) -> Reservation:
     account, amount, expires_at, price, ttl_ms = text(packed).split(RESERVATION_SEP)[:5]
     return Reservation(account, int(amount), int(expires_at), int(price), int(ttl_ms))
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """The outcome a dedupe record (``<ns>:{pN}:seen:<request_id>``, lua/charging.lua
+    record()) keeps for the dedupe window: what a replay of the request id is answered with.
+    It keeps no times. op, held, reserved and expires_at for reservation operations only."""
+
+    request_id: str
+    account: str
+    status: str
+    reason: str
+    charged: int
+    balance: int
+    op: str = "charge"
+    held: int | None = None
+    reserved: int | None = None
+    expires_at: int | None = None
+
+
+def recorded(request_id: str, packed: bytes | str) -> Recorded:
+    """Parse a dedupe record: the request's fingerprint (its account first; the op second
+    for a reservation operation), then status, reason, charged, balance[, held, reserved,
+    expires_at]."""
+    fingerprint, status, reason, charged, balance, *session = text(packed).split(RESERVATION_SEP)
+    account, op = fingerprint.split("|")[:2]
+    made = Recorded(request_id, account, status, reason, int(charged), int(balance))
+    if not session:
+        return made
+    held, reserved, expires_at = session
+    return replace(made, op=op, held=int(held), reserved=int(reserved), expires_at=_number(expires_at))
 
 
 def _number(value: str) -> int | None:

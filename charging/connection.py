@@ -129,7 +129,7 @@ def connect(settings: Settings, load: bool = True) -> Client:
     retry = _retry(Retry, 0 if load else settings.retry_attempts)
     options = client_options(settings, retry)
     client: Client
-    with _refusals(settings):
+    with refusals(settings):
         if settings.cluster:
             seeds = [ClusterNode(host, port) for host, port in settings.cluster_seeds]
             client = RedisCluster.from_url(settings.server_url, startup_nodes=seeds, **options)
@@ -167,7 +167,7 @@ async def connect_async(settings: Settings, load: bool = True) -> AsyncClient:
             timeout=settings.socket_timeout_s, **options)
         client = redis.asyncio.Redis.from_pool(pool)
     if load:
-        with _refusals(settings):
+        with refusals(settings):
             await run_async(client, prepare_server(settings))
     retry.update_retries(settings.retry_attempts)
     client.set_retry(retry)
@@ -175,7 +175,7 @@ async def connect_async(settings: Settings, load: bool = True) -> AsyncClient:
 
 
 @contextmanager
-def _refusals(settings: Settings) -> Iterator[None]:
+def refusals(settings: Settings) -> Iterator[None]:
     """A refused login or a database the server does not have, as RedisRefused."""
     try:
         yield

@@ -104,6 +104,10 @@ class Settings(BaseSettings):
     max_reservation_ttl_s: int = Field(86_400, ge=1, le=LIBRARY_MAX_DURATION_S)
     sweep_batch: int = Field(1000, ge=1, le=100_000)
 
+    # The HTTP gateway (`charging serve`, docs/http-api.md): the TOML file of its API keys,
+    # stored as hashes. Without one it listens on loopback only.
+    http_keys_file: Path | None = None
+
     @field_validator("redis_url", mode="before")
     @classmethod
     def _usable_url(cls, url: Any) -> str:

@@ -12,7 +12,7 @@ import redis
 
 from charging.connection import is_cluster
 from charging.keys import Keys
-from charging.plan import Pause, Plan, pipelined
+from charging.plan import Pause, Plan, pipelined, run
 from charging.settings import Settings
 
 CLUSTER_POLL_MS = 20  # pause between empty polls of several streams on a cluster
@@ -69,14 +69,34 @@ def autoclaim(stream: str, group: str, consumer: str, min_idle_ms: int, count: i
 
 
 def partition_status(client: redis.Redis, settings: Settings, keys: Keys) -> dict[str, Any]:
-    pipe = client.pipeline(transaction=False)
-    pipe.xlen(keys.requests)
-    pipe.xlen(keys.results)
-    pipe.xlen(keys.deadletter)
-    pipe.hgetall(keys.deadletter_reasons)
-    pipe.hlen(keys.reservations)
-    pipe.hvals(keys.held)  # one field per account with funds on hold: as many as live sessions
-    length, results, deadletters, reasons, reservations, held = pipe.execute()
+    """What a partition's streams hold and how far the group is, in one round trip."""
+    return run(client, partition_reading(settings, keys))
+
+
+def partition_reading(settings: Settings, keys: Keys) -> Plan[dict[str, Any]]:
+    """partition_status as a plan, for the sync and the asyncio client."""
+    def queue(pipe: Any) -> Any:
+        pipe.xlen(keys.requests)
+        pipe.xlen(keys.results)
+        pipe.xlen(keys.deadletter)
+        pipe.hgetall(keys.deadletter_reasons)
+        pipe.hlen(keys.reservations)
+        pipe.hvals(keys.held)  # one field per account with funds on hold: as many as live sessions
+        pipe.xinfo_groups(keys.requests)
+        pipe.xpending(keys.requests, settings.group)
+        pipe.xinfo_consumers(keys.requests, settings.group)
+        # A stream or group that does not exist yet answers an error, read as such below.
+        return pipe.execute(raise_on_error=False)
+
+    replies = yield lambda client: queue(client.pipeline(transaction=False))
+    return read_partition_status(replies, settings, keys, int(time.time() * 1000))
+
+
+def read_partition_status(replies: list, settings: Settings, keys: Keys, now_ms: int) -> dict[str, Any]:
+    failed = [r for r in replies if isinstance(r, Exception) and not _no_such_group(r)]
+    if failed:  # not a stream or group that does not exist yet: real (NOPERM, a lost connection)
+        raise failed[0]
+    length, results, deadletters, reasons, reservations, held, groups, pending, consumers = replies
     status = {
         "partition": keys.partition,
         "requests_stream": keys.requests, "results_stream": keys.results, "deadletter_stream": keys.deadletter,
@@ -86,25 +106,27 @@ def partition_status(client: redis.Redis, settings: Settings, keys: Keys) -> dic
         "open_reservations": reservations, "held": sum(int(v) for v in held),
         "pending": 0, "lag": None, "oldest_pending_age_ms": None, "consumers": [],
     }
-    group = _group(client, keys.requests, settings.group)
-    if group is None:
+    group = _group(groups, settings.group)
+    if group is None:  # no stream yet, or no group on it
         return status
     # lag is null after trimming or deletion: report it as unknown (None), never as 0.
     status.update(pending=group["pending"], lag=group.get("lag"))
     if group["pending"]:
-        oldest = client.xpending(keys.requests, settings.group)["min"].decode()
-        status["oldest_pending_age_ms"] = max(0, int(time.time() * 1000) - int(oldest.split("-")[0]))
+        oldest = text(pending["min"])
+        status["oldest_pending_age_ms"] = max(0, now_ms - int(oldest.split("-")[0]))
     status["consumers"] = [
         {"name": text(c["name"]), "pending": c["pending"], "idle_ms": c["idle"]}
-        for c in client.xinfo_consumers(keys.requests, settings.group)
+        for c in consumers
     ]
     return status
 
 
-def _group(client: redis.Redis, stream: str, name: str) -> dict | None:
-    try:
-        groups = client.xinfo_groups(stream)
-    except redis.ResponseError:  # no such stream yet
+def _no_such_group(error: Exception) -> bool:
+    return isinstance(error, redis.ResponseError) and str(error).startswith(("no such key", "NOGROUP"))
+
+
+def _group(groups: list | Exception, name: str) -> dict | None:
+    if isinstance(groups, Exception):  # no such stream yet
         return None
     return next((g for g in groups if text(g["name"]) == name), None)
 

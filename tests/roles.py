@@ -20,7 +20,7 @@ from charging.tools.redis_server import RedisServer
 ACL_FILE = Path(__file__).resolve().parent.parent / "deploy" / "users.acl"
 NAMESPACE = "ch"  # the key patterns of the shipped file
 KEYS = Keys(NAMESPACE, 0)
-ROLES = ("producer", "authorizer", "worker", "maintainer", "admin")
+ROLES = ("producer", "authorizer", "gateway", "worker", "maintainer", "admin")
 ROOT = "root"  # test-only: sets the scene and reads what the roles may not
 ROOT_LINE = f"user {ROOT} on >test-{ROOT}-secret ~* &* +@all"
 

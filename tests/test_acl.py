@@ -17,8 +17,8 @@ import pytest
 import redis
 
 from charging import codec
-from charging.app.status import partition_status
 from charging.connection import connect
+from charging.streams import partition_status
 from producer import Producer
 from tests import documents
 from tests.conftest import cli, drain

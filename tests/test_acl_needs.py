@@ -172,7 +172,7 @@ class Row:
 
 
 ROWS = [
-    Row(("charge", "reserve", "extend", "commit", "release"), ("authorizer",), settle_scene, settle_call),
+    Row(("charge", "reserve", "extend", "commit", "release"), ("authorizer", "gateway"), settle_scene, settle_call),
     Row(("settle_batch",), ("worker",), batch_scene, batch_call),
     Row(("expire_reservations",), ("worker",), settle_scene, expire_call),
     Row(("dead_letter",), ("worker",), dead_letter_scene, dead_letter_call),
@@ -185,6 +185,15 @@ ROWS = [
 DIRECT = {
     "producer": {("xadd", "requests"), ("xlen", "requests"), ("xread", "reply:producer"), ("get", "partitions")},
     "authorizer": {("get", "partitions")},
+    # charging serve (charging/app/http): submit (XADD, the backlog's XLEN), stored outcomes
+    # and funds, outcome events (XREAD, or as a group of the results), the live page (what
+    # charging status reads, and XINFO STREAM / XREVRANGE of the results).
+    "gateway": {("xadd", "requests"), ("xlen", "requests"), ("xpending", "requests"), ("xinfo|groups", "requests"),
+                ("xinfo|consumers", "requests"), ("hget", "balances"), ("hget", "held"), ("hvals", "held"),
+                ("hlen", "reservations"), ("get", "seen:*"), ("xlen", "results"), ("xread", "results"),
+                ("xrevrange", "results"), ("xinfo|stream", "results"), ("xreadgroup", "results"),
+                ("xack", "results"), ("xgroup|create", "results"), ("xlen", "deadletter"),
+                ("hgetall", "deadletter:reasons"), ("get", "partitions")},
     "worker": {("xreadgroup", "requests"), ("xack", "requests"), ("xautoclaim", "requests"), ("xpending", "requests"),
                ("xlen", "requests"), ("xgroup|create", "requests"), ("xinfo|groups", "requests"),
                ("xinfo|consumers", "requests"), ("xlen", "results"), ("xlen", "deadletter"),
@@ -198,7 +207,8 @@ DIRECT = {
               ("xack", "results"), ("xgroup|create", "results"), ("xlen", "deadletter"), ("xrange", "deadletter"),
               ("xrevrange", "deadletter"), ("hgetall", "deadletter:reasons"), ("get", "partitions")},
 }
-KEYLESS = {"producer": {"ping", "wait"}, "authorizer": {"ping", "wait", "time"}, "worker": {"ping", "time"},
+KEYLESS = {"producer": {"ping", "wait"}, "authorizer": {"ping", "wait", "time"},
+           "gateway": {"ping", "wait", "time", "function|list"}, "worker": {"ping", "time"},
            "maintainer": {"ping", "time", "info", "function|load", "function|list"}, "admin": {"ping", "info"}}
 
 

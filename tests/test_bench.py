@@ -13,7 +13,7 @@ from tests.conftest import cli
 
 pytestmark = pytest.mark.slow
 
-CLEAN_REDIS_MODES = ("ceiling", "drain", "steady", "authorize", "memory", "sessions")
+CLEAN_REDIS_MODES = ("ceiling", "drain", "steady", "authorize", "http authorize", "memory", "sessions")
 
 
 @pytest.fixture(scope="module")

@@ -160,7 +160,7 @@ def test_the_docs_give_each_role_its_dev_password_as_the_acl_file_and_compose_ho
     for user, password in passwords.items():
         assert acl_password_matches(user, password), f"the documented password of {user} is not the ACL file's"
     services = compose()["services"]
-    for service in ("worker", "maintainer"):
+    for service in ("worker", "maintainer", "gateway"):
         assert urlsplit(services[service]["environment"]["CHARGING_REDIS_URL"]).password == passwords[service]
     assert services["redis"]["environment"]["REDISCLI_AUTH"] == passwords["admin"]
 
@@ -229,3 +229,17 @@ def test_the_documented_command_that_moves_the_acl_to_another_namespace_moves_ev
                            check=True).stdout
     patterns = [rule.split("~", 1)[1] for line in moved.splitlines() for rule in line.split()[2:] if "~" in rule]
     assert patterns and all(p.startswith("billing:") for p in patterns), patterns
+
+
+def test_the_gateway_listens_beyond_loopback_only_with_the_keys_file_it_mounts():
+    from charging.app.http.access import Keyring
+
+    gateway = compose()["services"]["gateway"]
+    command, env = gateway["command"], gateway["environment"]
+    assert command[0] == "serve" and command[command.index("--host") + 1] == "0.0.0.0"
+    mounted = {volume.split(":")[1]: volume.split(":")[0] for volume in gateway["volumes"]}
+    keys = Keyring.load(ROOT / mounted[env["CHARGING_HTTP_KEYS_FILE"]])
+    assert keys.identify("chk_gateway-dev-only").scopes == {"charge", "authorize", "reserve", "read", "admin"}
+    assert command[command.index("--port") + 1] in dockerfile_instruction("EXPOSE").split()
+    url = urlsplit(env["CHARGING_REDIS_URL"])
+    assert url.username == "gateway" and acl_password_matches("gateway", url.password)

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import redis
 
 from charging.keys import all_partitions, keys_of
+from charging.plan import Plan, pipelined, run
 from charging.settings import Settings
 
 
@@ -28,11 +29,18 @@ def balance(client: redis.Redis, settings: Settings, account: str) -> int:
 
 def funds(client: redis.Redis, settings: Settings, account: str) -> tuple[int, int]:
     """(balance, held) read together; available = balance - held."""
+    return run(client, funds_reading(settings, account))
+
+
+def funds_reading(settings: Settings, account: str) -> Plan[tuple[int, int]]:
+    """funds as a plan, for the sync and the asyncio client."""
     keys = keys_of(account, settings)
-    pipe = client.pipeline(transaction=False)
-    pipe.hget(keys.balances, account)
-    pipe.hget(keys.held, account)
-    value, held = pipe.execute()
+    replies = yield pipelined(lambda pipe: (pipe.hget(keys.balances, account), pipe.hget(keys.held, account)))
+    return read_funds(replies, account)
+
+
+def read_funds(replies: list, account: str) -> tuple[int, int]:
+    value, held = replies
     if value is None:
         raise UnknownAccount(account)
     return int(value), int(held or 0)

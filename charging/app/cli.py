@@ -488,6 +488,43 @@ def results(follow: Annotated[bool, typer.Option(help="Keep printing new outcome
         raise typer.Exit(130) from None
 
 
+@app.command()
+@talks_to_redis
+def serve(host: Annotated[str, typer.Option(help="Address to listen on; other than loopback only with API keys.")]
+          = "127.0.0.1",
+          port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+          workers: Annotated[int, typer.Option(min=1, max=64, help="Processes, each with its own pool.")] = 1):
+    """Serve the HTTP API and the live page (docs/http-api.md); needs the [http] extra."""
+    try:
+        from charging.app.http import serve as gateway
+        from charging.app.http.access import KeysFileError
+    except ModuleNotFoundError as exc:
+        fail(1, f"charging serve needs {exc.name}, which comes with the http extra: pip install 'redis-charging[http]'")
+    logging_setup.configure(state.settings.log_level)
+    try:
+        gateway.serve(state.settings, host, port, workers)
+    except (gateway.Refused, KeysFileError) as exc:
+        fail(2, str(exc))
+
+
+@app.command("api-key")
+def api_key(name: Annotated[str, typer.Argument(help="Who holds the key, e.g. partner-a.")],
+            scope: Annotated[list[str], typer.Option(help="charge, authorize, reserve, read or admin; repeat.")],
+            account: Annotated[list[str] | None, typer.Option(help="An account (or pattern, partner-*) it may "
+                                                                   "touch; repeat. Default: every account.")] = None,
+            rate: Annotated[float | None, typer.Option(min=0.001, help="Requests/s per gateway process.")] = None):
+    """Make an API key for `charging serve`: prints the key once, and the table for the keys file."""
+    from charging.app.http.access import KeysFileError, new_key
+
+    try:
+        token, table = new_key(name, scope, account, rate)
+    except KeysFileError as exc:
+        fail(2, str(exc))
+    err.print("the key (shown once; the keys file keeps only its SHA-256):", highlight=False)
+    typer.echo(token, err=True)
+    typer.echo(table, nl=False)
+
+
 def main() -> None:
     try:
         code = app(standalone_mode=False)

@@ -8,14 +8,27 @@ from typing import Any
 import redis
 
 from charging.keys import all_partitions
+from charging.plan import Plan, run
 from charging.settings import Settings
-from charging.streams import partition_status
+from charging.streams import partition_reading
 
 
 def status(client: redis.Redis, settings: Settings) -> dict[str, Any]:
-    """Totals over all partitions at the top level, one entry per partition below.
-    lag is None (unknown) if any partition's lag is unknown."""
-    parts = [partition_status(client, settings, k) for k in all_partitions(settings.namespace, settings.partitions)]
+    """Totals over all partitions at the top level, one entry per partition below."""
+    return run(client, status_reading(settings))
+
+
+def status_reading(settings: Settings) -> Plan[dict[str, Any]]:
+    """status as a plan, for the sync and the asyncio client: a round trip per partition."""
+    parts = []
+    for keys in all_partitions(settings.namespace, settings.partitions):
+        parts.append((yield from partition_reading(settings, keys)))
+    return summary(settings, parts)
+
+
+def summary(settings: Settings, parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The totals of partition_status over every partition (charging.streams), read by
+    whichever client. lag is None (unknown) if any partition's lag is unknown."""
     first = parts[0]
     lags = [p["lag"] for p in parts]
     return {

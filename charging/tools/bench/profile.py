@@ -22,6 +22,7 @@ class Profile:
     hot_accounts: int  # naive and memcached contend on few accounts, so races can show
     ceiling_requests: int  # FCALLs redis-benchmark sends
     memory_charges: int  # charges settled to measure bytes per charge
+    http_rate: int = 1_000  # offered charges/s of the paced http run (all clients together)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -36,5 +37,5 @@ PROFILES = {
                      authorize_rate=2_000, hot_accounts=50, ceiling_requests=300_000, memory_charges=20_000),
     "tiny": Profile("tiny", accounts=50, drain_charges=300, workers=2, steady_rates=(300,), steady_seconds=1,
                     producers=1, clients=8, client_processes=2, client_charges=300, authorize_rate=500,
-                    hot_accounts=5, ceiling_requests=2_000, memory_charges=300),
+                    hot_accounts=5, ceiling_requests=2_000, memory_charges=300, http_rate=250),
 }
