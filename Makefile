@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: install demo test bench chaos clean
+.PHONY: install demo test docs bench chaos clean
 
 install: $(VENV)/.installed
 
@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	./scripts/install-system-deps
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[test,bench,http]"
+	$(BIN)/pip install -q -e ".[test,bench,http,docs]"
 	touch $@
 
 demo: install
@@ -21,13 +21,18 @@ demo: install
 test: install
 	$(BIN)/pytest -q
 
-# The benchmark (README "Benchmark"); BENCH_ARGS=--quick for the short one.
+# The reference site from docs/ into site/ (tests/test_docs.py builds it too, strict);
+# NO_MKDOCS_2_WARNING silences mkdocs-material's banner about its successor.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+# The benchmark (docs/benchmark.md); BENCH_ARGS=--quick for the short one.
 bench: install
 	$(BIN)/charging bench $(BENCH_ARGS)
 
-# The fault-injection run (README "Chaos run"); CHAOS_ARGS=--quick for the short one.
+# The fault-injection run (docs/chaos.md); CHAOS_ARGS=--quick for the short one.
 chaos: install
 	$(BIN)/charging chaos $(CHAOS_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache site

@@ -3,7 +3,7 @@ or an outcome is parsed.
 
 Producers (any language) XADD request entries; workers and the producer library both
 validate them here, so a request the producer accepts is one the worker accepts.
-Every way a request can be wrong maps to one stable reason code (see README).
+Every way a request can be wrong maps to one stable reason code (see docs/wire-format.md).
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     maintenance_interval_s: float = Field(5.0, gt=0)
     # Redis chooses entry ids from its clock; an id further ahead of it than this was chosen
     # by a client (XADD with an explicit id): the worker dead-letters it (id_in_future) and
-    # the maintainer rewinds the stream (README, "Threat model"). Room for the clocks of
+    # the maintainer rewinds the stream (docs/security.md, "Threat model"). Room for the clocks of
     # cluster nodes and the time since the worker last read the server's clock.
     max_clock_skew_ms: int = Field(60_000, ge=1000)
 
@@ -82,14 +82,14 @@ class Settings(BaseSettings):
     tls_key_file: Path | None = None
 
     # The reply stream this process's producers wait on, <ns>:{pN}:reply:<producer_id>; a
-    # producer ACL user reads only its own (README, "Security"). Unset: a random id per Producer.
+    # producer ACL user reads only its own (docs/security.md). Unset: a random id per Producer.
     producer_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
 
     # Backpressure: past this many entries in a request stream, Producer.submit refuses
     # with `backlog full` instead of growing Redis without bound.
     max_backlog: int = Field(1_000_000, ge=1)
     # Subscriber groups of the results streams (comma separated) whose unread outcomes
-    # trimming never drops; see lua/charging.lua `trim` and README "Operations".
+    # trimming never drops; see lua/charging.lua `trim` and docs/operations.md, "Retention".
     results_groups: str = Field("", pattern=r"^([A-Za-z0-9_.-]{1,64}(,[A-Za-z0-9_.-]{1,64})*)?$")
 
     # Durability across failover: before a submit or an authorize is confirmed, wait until
@@ -97,14 +97,14 @@ class Settings(BaseSettings):
     wait_replicas: int = Field(0, ge=0, le=16)
     wait_timeout_ms: int = Field(1000, ge=1)
 
-    # Reservations (README "Sessions and reservations"): the ttl of a reserve that gives
+    # Reservations (docs/reservations.md): the ttl of a reserve that gives
     # none, the longest ttl a reserve or extend may ask for, and how many expired
     # reservations one sweep call (worker maintenance) releases per partition.
     reservation_ttl_s: int = Field(300, ge=1)
     max_reservation_ttl_s: int = Field(86_400, ge=1, le=LIBRARY_MAX_DURATION_S)
     sweep_batch: int = Field(1000, ge=1, le=100_000)
 
-    # The HTTP gateway (`charging serve`, README "HTTP API"): the TOML file of its API keys,
+    # The HTTP gateway (`charging serve`, docs/http-api.md): the TOML file of its API keys,
     # stored as hashes. Without one it listens on loopback only.
     http_keys_file: Path | None = None
 

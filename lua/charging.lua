@@ -4,7 +4,7 @@ The only place where a balance changes. Loaded with FUNCTION LOAD REPLACE by eve
 process that talks to Redis (Redis >= 7.0) and is allowed to (in deploy/users.acl only
 the maintainer is). Redis checks every command a function runs against the caller's ACL,
 so each role in that file holds the commands of the functions it calls, each on the keys
-it runs it on (README, "Security"; tests/test_acl_needs.py says which rule is missing
+it runs it on (docs/security.md; tests/test_acl_needs.py says which rule is missing
 when a function here changes).
 
 Keys. <ns> is the namespace (CHARGING_NAMESPACE, default "ch"); {pN} is the partition
@@ -849,7 +849,7 @@ end
 
 --[[
 repair: undo what a client allowed to XADD to a request stream can do to it that no ACL
-rule can forbid (README, "Threat model"). Maintenance only (the maintainer role).
+rule can forbid (docs/security.md, "Threat model"). Maintenance only (the maintainer role).
  - Entries removed before a group read them (XADD with MAXLEN or MINID, XTRIM): the group
    never counted them as read, so its read counter stays behind by their number for good
    (a group that never read counts nothing: everything ever added is behind it). Found

@@ -95,7 +95,7 @@ class Requests(Generic[C, O]):
         returns the stored outcome."""
         return self._settle(self._authorizing(data))
 
-    # Reservations, synchronously (README "Sessions and reservations"). Through the stream
+    # Reservations, synchronously (docs/reservations.md). Through the stream
     # instead: submit or charge the same data with its "op" field.
 
     def reserve(self, data: Mapping[str, Any]) -> O:

@@ -1,7 +1,7 @@
 """The ACL roles of deploy/users.acl in a real redis-server, for the ACL tests. Only the
 passwords are swapped for test ones; every rule is the shipped file's, verbatim. The tests
 may add users of their own (a superuser that sets the scene, a producer made by the
-README's recipe); the roles under test are never changed."""
+documented recipe); the roles under test are never changed."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def acl_server(directory: Path, extra_users: tuple[str, ...] = ()) -> Iterator[R
 
 def role(server: RedisServer, user: str, **changes) -> Settings:
     """The settings a process of this role runs with. A producer waits on the reply stream
-    its ACL user may read: the one named for the user (README, "Security")."""
+    its ACL user may read: the one named for the user (docs/security.md)."""
     settings = Settings(redis_url=f"redis://{user}:{password_of(user)}@127.0.0.1:{server.port}/0",
                         namespace=NAMESPACE, reclaim_idle_ms=500, maintenance_interval_s=0.2, block_ms=200,
                         producer_id=user)

@@ -1,6 +1,6 @@
 """The ACL roles of deploy/users.acl, loaded into a real redis-server: each role does its job
 with its own credentials, the worker leaves what it may not do to the maintainer, and a
-producer user made by README's recipe reads only its own replies. What each role is refused
+producer user made by the documented recipe (docs/security.md) reads only its own replies. What each role is refused
 is in test_acl_refusals.py; what each function needs, measured, in test_acl_needs.py."""
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import re
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import redis
@@ -21,11 +20,10 @@ from charging import codec
 from charging.connection import connect
 from charging.streams import partition_status
 from producer import Producer
+from tests import documents
 from tests.conftest import cli, drain
 from tests.roles import KEYS, ROLES, ROOT, acl_server, denied, password_of, role, root, shipped_users
 from worker.loop import Worker
-
-README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 @pytest.fixture
@@ -185,17 +183,16 @@ def test_authorizer_and_worker_run_sessions_and_the_sweep_with_their_own_roles(s
     assert clients[ROOT].hlen(KEYS.held) == 0
 
 
-# ---- one ACL user per producer, made by README's recipe ------------------------------------
+# ---- one ACL user per producer, made by the documented recipe ----------------------------
 
-def readme_recipe() -> str:
-    """The shell lines of README's per-producer recipe."""
-    section = README.read_text().split("#### A user per producer", 1)[1]
-    return re.search(r"```sh\n(.*?)```", section, re.S)[1]
+def recipe() -> str:
+    """The shell lines of the per-producer recipe ("A user per producer")."""
+    return re.search(r"```sh\n(.*?)```", documents.section("A user per producer"), re.S)[1]
 
 
-def test_the_readme_recipe_makes_a_producer_user_that_reads_only_its_own_replies(tmp_path):
-    made = subprocess.run(["sh", "-c", readme_recipe()], capture_output=True, text=True, check=True,
-                          cwd=README.parent, env={**os.environ, "PRODUCER": "billing",
+def test_the_documented_recipe_makes_a_producer_user_that_reads_only_its_own_replies(tmp_path):
+    made = subprocess.run(["sh", "-c", recipe()], capture_output=True, text=True, check=True,
+                          cwd=documents.ROOT, env={**os.environ, "PRODUCER": "billing",
                                                   "PASSWORD": password_of("billing")})
     line = made.stdout.strip()
     assert line.startswith("user billing on #") and ":reply:billing)" in line

@@ -1,6 +1,6 @@
 """The HTTP gateway under the gateway role of deploy/users.acl, as docker-compose.yml runs
 `charging serve`: its endpoints work with exactly that role's rights, and what the role
-must not do is refused with NOPERM (README, "Security"). test_acl_needs.py checks that the
+must not do is refused with NOPERM (docs/security.md). test_acl_needs.py checks that the
 role holds nothing its code and its functions do not need."""
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ the commands it runs inside Redis and COMMAND GETKEYS naming their keys. Then:
   change to the Lua library that needs a new rule fails here naming the rule;
 - a matrix of commands by key kind shows each role is granted exactly what its functions
   and its own code need, nothing more;
-- README's table of what each function runs is the measured one.
+- the documented table of what each function runs (docs/security.md) is the measured one.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from pathlib import Path
 
 import pytest
 import redis
@@ -32,9 +31,8 @@ from charging.settings import Settings
 from charging.streams import ensure_group
 from charging.tariff import price
 from producer import Producer
+from tests.documents import section
 from tests.roles import KEYS, ROLES, ROOT, acl_server, role, root
-
-README = Path(__file__).resolve().parent.parent / "README.md"
 
 # Key kinds, as the ACL file spells their patterns; every key a function touches must be one.
 KINDS = {
@@ -425,14 +423,14 @@ def test_each_role_is_granted_exactly_what_its_functions_and_its_code_need(scene
     assert not wrong, f"{user}:\n" + "\n".join(wrong)
 
 
-def readme_row(scene, measured, row: Row) -> str:
+def documented_row(scene, measured, row: Row) -> str:
     found = needs(scene, measured[row.name])
     cells = [f"`{kind}`: {', '.join(sorted(c.upper().replace('|', ' ') for c in found[kind]))}"
              for kind in [*KINDS, NO_KEY] if kind in found]
     return f"| {row.name} | {', '.join(row.roles)} | {'; '.join(cells)} |"
 
 
-def test_the_readme_table_of_what_each_function_runs_is_the_measured_one(scene, measured):
-    text = README.read_text()
-    missing = [line for line in (readme_row(scene, measured, row) for row in ROWS) if line not in text]
-    assert not missing, "README's table should have these rows:\n" + "\n".join(missing)
+def test_the_documented_table_of_what_each_function_runs_is_the_measured_one(scene, measured):
+    text = section("What each function runs, per key")
+    missing = [line for line in (documented_row(scene, measured, row) for row in ROWS) if line not in text]
+    assert not missing, "the table in docs/security.md should have these rows:\n" + "\n".join(missing)

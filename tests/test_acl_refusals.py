@@ -1,5 +1,5 @@
 """Every abuse a role's credentials allowed before the roles were cut per command and key
-(README, "Threat model"): refused by Redis with NOPERM under the shipped deploy/users.acl,
+(docs/security.md, "Threat model"): refused by Redis with NOPERM under the shipped deploy/users.acl,
 or, where no ACL rule can refuse it, the documented mitigation at work."""
 
 from __future__ import annotations
@@ -71,8 +71,8 @@ def test_a_settling_role_gets_noperm_changing_the_partition_count(server, client
 def test_a_forged_outcome_or_raw_hincrby_redis_cannot_refuse_a_settling_role_is_caught_by_the_audit(
         server, clients, user):
     """The functions run XADD on results and HINCRBY on balances as the caller, so Redis
-    must let the caller run them too: these roles are the engine's own (README, "Threat
-    model"). What they change outside the functions, the money check finds."""
+    must let the caller run them too: these roles are the engine's own (docs/security.md,
+    "Threat model"). What they change outside the functions, the money check finds."""
     authorized = Producer(clients["authorizer"], role(server, "authorizer")).authorize(
         {"request_id": "real", "account": "account1", "amount": 10})
     forged = {"request_id": "forged", "account": "account1", "status": "approved", "reason": "", "charged": "50",

@@ -42,7 +42,7 @@ BAD_ENTRIES = [
     ("reply_to outside the reply prefix", {**GOOD, "reply_to": "other:key"}, "invalid_reply_to"),
     ("negative submitted_at", {**GOOD, "submitted_at": "-1"}, "invalid_submitted_at"),
     ("too many fields", {**GOOD, **{f"x{i}": "1" for i in range(20)}}, "too_many_fields"),
-    # reservation operations (README "Sessions and reservations")
+    # reservation operations (docs/reservations.md)
     ("unknown op", {**GOOD, "op": "refund"}, "unknown_op"),
     ("charge with a ttl", {**GOOD, "ttl": "60"}, "field_not_allowed"),
     ("charge with a reservation", {**GOOD, "reservation": "account1/r1"}, "field_not_allowed"),

@@ -117,7 +117,7 @@ def test_replayed_request_id_through_authorize_returns_stored_outcome(client, se
 
 
 def test_replayed_request_id_with_different_content_is_a_conflict_and_charges_nothing(client, settings, producer):
-    # Request ids are scoped to a partition (README): the other account shares account1's.
+    # Request ids are scoped to a partition (docs/wire-format.md): the other account shares account1's.
     other = next(a for a in (f"account{i}" for i in range(2, 1000))
                  if partition_of(a, settings.partitions) == partition_of("account1", settings.partitions))
     codec.set_balances(client, settings, [("account1", 100), (other, 100)])

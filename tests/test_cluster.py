@@ -89,7 +89,7 @@ def test_status_reports_every_partition(settings, client, producer):
 def test_primary_killed_under_load_fails_over_and_the_money_still_adds_up(tmp_path, wait_replicas):
     """A primary dies mid-load; its replica takes over; workers and producers carry on by
     themselves. Asynchronous replication may lose entries the dead primary confirmed just
-    before it died (measured and reported, see README); the money invariants hold for
+    before it died (measured and reported, see docs/scaling.md); the money invariants hold for
     everything the surviving cluster holds, and nothing is charged twice. With
     CHARGING_WAIT_REPLICAS=1 a submit is confirmed only once a replica holds it: none lost."""
     with LocalCluster(tmp_path, node_timeout_ms=1000) as cluster:

@@ -1,7 +1,8 @@
 """docker-compose.yml and the Dockerfile cannot run here (no Docker engine); this checks
 them against the real console script, its commands and options, the settings, and the
 ACL users of deploy/users.acl (which test_acl.py loads into a real redis-server), and
-runs README's "Run with Docker Compose" against a redis-server with that very ACL file."""
+runs the "Run with Docker Compose" page (docs/deploy.md) against a redis-server with that
+very ACL file."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import yaml
 
 from charging.cli import app
 from charging.settings import Settings
+from tests.documents import section
 
 ROOT = Path(__file__).resolve().parent.parent
 ACL_FILE = ROOT / "deploy" / "users.acl"
@@ -138,13 +140,8 @@ def test_the_metrics_port_is_exposed_by_the_image_and_the_service():
     assert port in dockerfile_instruction("EXPOSE").split()
 
 
-# README "Run with Docker Compose": its passwords, its commands, and its CLI lines run
-# against a redis-server that loads deploy/users.acl as shipped, as the compose Redis does.
-
-def readme_section(title: str) -> str:
-    text = (ROOT / "README.md").read_text()
-    return text.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
-
+# "Run with Docker Compose": its passwords, its commands, and its CLI lines run against a
+# redis-server that loads deploy/users.acl as shipped, as the compose Redis does.
 
 def code_blocks(text: str) -> list[list[str]]:
     """The lines of each ```sh block, comments dropped."""
@@ -152,24 +149,24 @@ def code_blocks(text: str) -> list[list[str]]:
             for block in re.findall(r"```sh\n(.*?)```", text, re.S)]
 
 
-def readme_passwords() -> dict[str, str]:
-    rows = re.findall(r"^\| `(\w+)` \| `([^`]+)` \|", readme_section("Run with Docker Compose"), re.M)
+def compose_passwords() -> dict[str, str]:
+    rows = re.findall(r"^\| `(\w+)` \| `([^`]+)` \|", section("Run with Docker Compose"), re.M)
     return dict(rows)
 
 
-def test_readme_gives_each_role_its_dev_password_as_the_acl_file_and_compose_hold_it():
-    passwords = readme_passwords()
+def test_the_docs_give_each_role_its_dev_password_as_the_acl_file_and_compose_hold_it():
+    passwords = compose_passwords()
     assert set(passwords) == set(acl_users()) - {"default"}
     for user, password in passwords.items():
-        assert acl_password_matches(user, password), f"README's password of {user} is not the ACL file's"
+        assert acl_password_matches(user, password), f"the documented password of {user} is not the ACL file's"
     services = compose()["services"]
     for service in ("worker", "maintainer", "gateway"):
         assert urlsplit(services[service]["environment"]["CHARGING_REDIS_URL"]).password == passwords[service]
     assert services["redis"]["environment"]["REDISCLI_AUTH"] == passwords["admin"]
 
 
-def test_readme_compose_commands_name_real_services():
-    [docker, _] = code_blocks(readme_section("Run with Docker Compose"))
+def test_the_documented_compose_commands_name_real_services():
+    [docker, _] = code_blocks(section("Run with Docker Compose"))
     services = set(compose()["services"])
     for line in docker:
         words = line.split()
@@ -177,17 +174,17 @@ def test_readme_compose_commands_name_real_services():
         named = {w for w in words[3:] if not w.startswith("-")}
         assert named <= services, f"{line}: no such service"
     published = compose()["services"]["redis"]["ports"]
-    assert published == ["127.0.0.1:6379:6379"], "README points the CLI at 127.0.0.1:6379"
+    assert published == ["127.0.0.1:6379:6379"], "the docs point the CLI at 127.0.0.1:6379"
 
 
-def test_readme_cli_lines_run_against_the_compose_redis(tmp_path):
+def test_the_documented_cli_lines_run_against_the_compose_redis(tmp_path):
     from charging.tools.redis_server import RedisServer
     from tests.conftest import CHARGING
 
-    [_, lines] = code_blocks(readme_section("Run with Docker Compose"))
+    [_, lines] = code_blocks(section("Run with Docker Compose"))
     plain = {k: v for k, v in os.environ.items() if not k.startswith("CHARGING_")}
     with RedisServer(tmp_path / "redis", extra_args=("--aclfile", str(ACL_FILE)),
-                     credentials=("admin", readme_passwords()["admin"])) as server:
+                     credentials=("admin", compose_passwords()["admin"])) as server:
         here = f"127.0.0.1:{server.port}"
         # The compose services that run the engine, as compose runs them: the maintainer,
         # which loads the functions (one round done before the CLI lines, as compose's
@@ -226,8 +223,8 @@ def service_process(plain: dict[str, str], here: str, service: str, options: lis
                             stderr=subprocess.DEVNULL)
 
 
-def test_the_readme_command_that_moves_the_acl_to_another_namespace_moves_every_pattern():
-    command = re.search(r"`(sed 's/~ch:/~billing:/g')`", (ROOT / "README.md").read_text())[1]
+def test_the_documented_command_that_moves_the_acl_to_another_namespace_moves_every_pattern():
+    command = re.search(r"`(sed 's/~ch:/~billing:/g')`", section("Before running anywhere but a laptop"))[1]
     moved = subprocess.run(["sh", "-c", f"{command} deploy/users.acl"], cwd=ROOT, capture_output=True, text=True,
                            check=True).stdout
     patterns = [rule.split("~", 1)[1] for line in moved.splitlines() for rule in line.split()[2:] if "~" in rule]

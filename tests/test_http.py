@@ -1,4 +1,4 @@
-"""The HTTP gateway (README "HTTP API"): the original service's acceptance case over HTTP,
+"""The HTTP gateway (docs/http-api.md): the original service's acceptance case over HTTP,
 REST v1 with a worker running, who may do what, and every refusal as a problem."""
 
 from __future__ import annotations

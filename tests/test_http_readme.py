@@ -1,8 +1,8 @@
-"""The README's "HTTP API" examples, run as written: each transcript's `$` lines go to bash
+"""The examples of the "HTTP API" page (docs/http-api.md), run as written: each transcript's `$` lines go to bash
 (with real curl) against a `charging serve` and a `charging worker` of this test, and each
-command must print what the README shows under it. Two kinds of value differ from run to
+command must print what the page shows under it. Two kinds of value differ from run to
 run and are compared as "some whole number": the times (submitted_at, processed_at,
-expires_at). Port 8000 in the README is the test gateway's free port, 8001 another free one."""
+expires_at). Port 8000 on the page is the test gateway's free port, 8001 another free one."""
 
 from __future__ import annotations
 
@@ -16,20 +16,20 @@ from pathlib import Path
 import pytest
 
 from charging.tools.redis_server import free_port
+from tests import documents
 from tests.conftest import CHARGING, environment
 from tests.gateway import Served
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed "
                                                    "(scripts/install-system-deps installs it)")]
 
-README = Path(__file__).resolve().parent.parent / "README.md"
 TIMES = ("submitted_at", "processed_at", "expires_at")
 MARK = "@@@ command {} @@@"
 
 
 def transcripts() -> list[list[tuple[str, str]]]:
     """Every code block of the "HTTP API" section that holds `$` lines: (command, output) pairs."""
-    section = README.read_text().split("\n## HTTP API\n", 1)[1].split("\n## ", 1)[0]
+    section = documents.section("HTTP API")
     found = []
     for language, block in re.findall(r"^```(\w*)\n(.*?)^```", section, re.S | re.M):
         pairs: list[tuple[str, list[str]]] = []
@@ -71,11 +71,11 @@ def same(shown: str, printed: str) -> bool:
     return want == got
 
 
-def test_the_readme_has_http_examples():
+def test_the_http_page_has_examples():
     assert len(transcripts()) >= 2 and sum(len(t) for t in transcripts()) >= 10
 
 
-def test_every_http_example_prints_what_the_readme_shows(settings, tmp_path):
+def test_every_http_example_prints_what_the_page_shows(settings, tmp_path):
     env = {**os.environ, **environment(settings), "PATH": f"{Path(CHARGING).parent}:{os.environ['PATH']}"}
     ports = {"8001": free_port()}
     worker = subprocess.Popen([CHARGING, "worker", "--consumer", "readme"], env=env, stderr=subprocess.DEVNULL)
@@ -85,7 +85,7 @@ def test_every_http_example_prints_what_the_readme_shows(settings, tmp_path):
             for transcript in transcripts():
                 outputs = run([command for command, _ in transcript], ports, tmp_path, env)
                 for (command, shown), printed in zip(transcript, outputs):
-                    assert same(shown, printed), f"$ {command}\nREADME:\n{shown}\nprinted:\n{printed}"
+                    assert same(shown, printed), f"$ {command}\ndocs/http-api.md:\n{shown}\nprinted:\n{printed}"
     finally:
         worker.terminate()
         worker.wait(20)

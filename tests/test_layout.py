@@ -1,4 +1,4 @@
-"""The floors of the code (README, "Layout"): every import, lazy or not, points down or
+"""The floors of the code (docs/layout.md): every import, lazy or not, points down or
 sideways, and only the codec knows the positions of the Lua functions' keys and replies."""
 
 from __future__ import annotations

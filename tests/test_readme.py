@@ -1,27 +1,33 @@
-"""Every Python example of the README (and of docs/*.md) runs as written: a README that
-lies is a failing build. Each example is a program of its own, run against a fresh
-namespace after `charging accounts reset` with a worker running. It must not raise, must
-not write to stderr (the library prints nothing unless the application configures
-logging), and must print exactly the ```text block that follows it, or nothing."""
+"""Every example of the README and of the pages under docs/ runs as written: a document
+that lies is a failing build.
+
+A ```python block is a program of its own, run against a fresh namespace after `charging
+accounts reset` with a worker running. It must not raise, must not write to stderr (the
+library prints nothing unless the application configures logging), and must print exactly
+the ```text block that follows it, or nothing.
+
+A ```console block is a terminal session: every `$ charging ...` line is typed as it stands,
+against a fresh namespace per document (its sessions run in order, one after the other), and
+must print exactly the lines below it on stdout, and exit 0 unless a last line says
+`(exit N)`."""
 
 from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
 from charging import codec
 from charging.app import accounts
-from tests.conftest import environment, worker_running
+from tests.conftest import CHARGING, environment, worker_running
+from tests.documents import DOCUMENTS, FENCE, name
 
-ROOT = Path(__file__).resolve().parent.parent
-DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-FENCE = re.compile(r"^```(?P<lang>\w*)[^\n]*\n(?P<body>.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
+EXIT = re.compile(r"^\(exit (\d+)\)$")
 
 
 @dataclass(frozen=True)
@@ -30,6 +36,16 @@ class Example:
     line: int
     code: str
     prints: str  # the ```text block right after the example (only blank lines between), or ""
+
+
+@dataclass(frozen=True)
+class Typed:
+    """One `$ charging ...` line of a console block, what it prints and how it exits."""
+    document: str
+    line: int
+    command: str
+    prints: str
+    exit_code: int
 
 
 def examples(text: str, document: str = "README.md") -> list[Example]:
@@ -45,13 +61,42 @@ def examples(text: str, document: str = "README.md") -> list[Example]:
     return found
 
 
-EXAMPLES = [example for path in DOCUMENTS for example in examples(path.read_text(), path.name)]
+def session(text: str, document: str = "README.md") -> list[Typed]:
+    """The commands of every console block of a text, in order."""
+    typed = []
+    for block in FENCE.finditer(text):
+        if block["lang"] != "console":
+            continue
+        first = text.count("\n", 0, block.start()) + 2
+        lines = block["body"].splitlines()
+        starts = [i for i, line in enumerate(lines) if line.startswith("$ ")]
+        assert starts[:1] == [0], f"{document}:{first}: a console block starts with a `$ ` line"
+        for i, end in zip(starts, starts[1:] + [len(lines)]):
+            output = lines[i + 1:end]
+            exit_code = 0
+            if output and (last := EXIT.match(output[-1])):
+                exit_code, output = int(last[1]), output[:-1]
+            typed.append(Typed(document, first + i, lines[i][2:], "".join(f"{line}\n" for line in output), exit_code))
+    return typed
+
+
+EXAMPLES = [example for path in DOCUMENTS for example in examples(path.read_text(), name(path))]
+SESSIONS = {name(path): typed for path in DOCUMENTS if (typed := session(path.read_text(), name(path)))}
 
 
 def test_the_examples_are_found_with_what_they_print():
     assert len(EXAMPLES) >= 3
+    assert {example.document for example in EXAMPLES} > {"README.md"}, "the examples of docs/ are found too"
     sample = "```python\nprint(1)\n```\n\n```text\n1\n```\n```python\npass\n```\n```sh\nls\n```\n"
     assert examples(sample) == [Example("README.md", 1, "print(1)\n", "1\n"), Example("README.md", 8, "pass\n", "")]
+
+
+def test_the_console_sessions_are_found_with_what_they_print_and_their_exit_codes():
+    assert "README.md" in SESSIONS, "the README's tour is typed"
+    sample = "```console\n$ charging a\none\ntwo\n$ charging b\n(exit 1)\n```\n\n```console\n$ charging c\n```\n"
+    assert session(sample) == [Typed("README.md", 2, "charging a", "one\ntwo\n", 0),
+                               Typed("README.md", 5, "charging b", "", 1),
+                               Typed("README.md", 10, "charging c", "", 0)]
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=[f"{e.document}:{e.line}" for e in EXAMPLES])
@@ -66,3 +111,16 @@ def test_example_runs_and_prints_what_the_document_shows(example, client, settin
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
     assert done.stdout == example.prints
+
+
+@pytest.mark.parametrize("document", sorted(SESSIONS))
+def test_console_session_prints_what_the_document_shows(document, settings, tmp_path):
+    env = {**os.environ, **environment(settings)}
+    for typed in SESSIONS[document]:
+        where = f"{typed.document}:{typed.line}: {typed.command}"
+        [program, *args] = shlex.split(typed.command)
+        assert program == "charging", f"{where}: only `charging` lines are typed"
+
+        done = subprocess.run([CHARGING, *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+
+        assert (done.returncode, done.stdout) == (typed.exit_code, typed.prints), f"{where}\n{done.stderr}"

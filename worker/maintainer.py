@@ -1,4 +1,4 @@
-"""The maintainer's duties (README, "Security"): trimming the streams, forgetting idle
+"""The maintainer's duties (docs/security.md): trimming the streams, forgetting idle
 consumers, and repairing what a client's XADD arguments can do to a request stream
 (lua/charging.lua `repair`). These need rights that let a client drop entries or load
 code, so in deploy/users.acl only the maintainer role holds them: `charging maintain`

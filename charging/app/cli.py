@@ -494,7 +494,7 @@ def serve(host: Annotated[str, typer.Option(help="Address to listen on; other th
           = "127.0.0.1",
           port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
           workers: Annotated[int, typer.Option(min=1, max=64, help="Processes, each with its own pool.")] = 1):
-    """Serve the HTTP API and the live page (README "HTTP API"); needs the [http] extra."""
+    """Serve the HTTP API and the live page (docs/http-api.md); needs the [http] extra."""
     try:
         from charging.app.http import serve as gateway
         from charging.app.http.access import KeysFileError

@@ -41,8 +41,8 @@ async def reset_redis(request: Request, caller: Caller, gateway: Gateway) -> JSO
 
 async def charge_request_memcached(request: Request, caller: None, gateway: Gateway) -> JSONResponse:
     raise Problem(410, "gone", "the Memcached variant was measured and retired: it checks and deducts, but keeps "
-                               "no dedupe record and no outcome. See README.md#results-on-this-machine (memcached).",
-                  see="README.md#results-on-this-machine")
+                               "no dedupe record and no outcome. See docs/benchmark.md#results-on-this-machine (memcached).",
+                  see="docs/benchmark.md#results-on-this-machine")
 
 
 ENDPOINTS = [

@@ -1,7 +1,7 @@
 """Errors as RFC 9457 problem details (application/problem+json).
 
 Every problem carries ``reason``: for a request that cannot be charged, the same reason code
-a worker would dead-letter the entry with (README "Wire format"); for the gateway's own
+a worker would dead-letter the entry with (docs/wire-format.md); for the gateway's own
 refusals one of the codes below. ``type`` is ``/problems/<reason>``, a reference relative to
 the gateway."""
 

@@ -1,6 +1,6 @@
 """Bytes per charge: what one settled charge leaves in Redis memory (INFO used_memory before
 and after a known number of charges), split into the request entry, the result entry and
-the dedupe record. Everything lives in RAM, so this is the capacity budget (README)."""
+the dedupe record. Everything lives in RAM, so this is the capacity budget (docs/benchmark.md)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Bad entries, written raw with XADD as a buggy or hostile producer in any language could:
 malformed, wrong types, oversized, out of range, aimed at other keys. Each kind names the
-dead-letter reason the worker must give it (README, "Wire format"); the checker holds the
+dead-letter reason the worker must give it (docs/wire-format.md); the checker holds the
 worker to that."""
 
 from __future__ import annotations
