@@ -156,9 +156,11 @@ class LedgerMachine(RuleBasedStateMachine):
     def refused(self, call, reason: str, request_id: str | None = None) -> None:
         """call must fail with reason and change nothing."""
         before = self.snapshot()
-        with pytest.raises(redis.ResponseError, match=reason):
+        with pytest.raises(redis.ResponseError) as refusal:
             call()
-        assert self.snapshot() == before
+        # Writes first: a call that wrote and then failed is the worse defect, whatever it said.
+        assert self.snapshot() == before, f"a refused call wrote: {refusal.value}"
+        assert refusal.match(reason)
         if request_id is not None:
             assert self.client.exists(self.keys.seen(request_id)) == 0
 
