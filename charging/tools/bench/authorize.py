@@ -38,8 +38,10 @@ def _run(ctx: Context, profile: Profile, rate: int | None, seed: int) -> ModeRes
     codec.set_balances(ctx.client, settings, load.balances.items())
     label = "closed loop" if rate is None else f"paced {rate:,.0f}/s"
     with ctx.task(f"authorize: {label}", len(load)) as advance:
+        before = ctx.redis_work()
         run = run_clients(AuthorizeClient, (settings.model_dump(),), load.requests, profile.clients,
                           profile.client_processes, rate, advance)
+        after = ctx.redis_work()
     check = audit(ctx.client, settings, load.balances, load.expected)
     name = "authorize" if rate is None else f"authorize {rate / 1000:g}k/s"
     return ModeResult(
@@ -47,6 +49,6 @@ def _run(ctx: Context, profile: Profile, rate: int | None, seed: int) -> ModeRes
         latencies_ms=run.latencies_ms, done_at_s=run.done_at_s,
         extra={"clients": profile.clients, "client_processes": profile.client_processes,
                "offered_rate_per_s": rate, "errors": len(run.errors),
-               "first_errors": run.errors[:3]},
+               "first_errors": run.errors[:3], "per_charge": before.per_charge(after, len(load))},
         notes=[f"{profile.clients} clients, {label}; latency measured in the client (includes the Python client)"],
     )

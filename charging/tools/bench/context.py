@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
@@ -16,6 +16,9 @@ from charging.keys import all_partitions
 from charging.settings import Settings
 
 POLL_S = 0.1
+# Not a charge's work: the bench's own probing while it waits (INFO, XLEN), and FCALL, whose
+# commands INFO commandstats counts one by one as the function runs them.
+NOT_WORK = frozenset({"info", "xlen", "fcall", "fcall_ro"})
 NAMESPACE_MAX = 32
 REWRITE_TIMEOUT_S = 120
 
@@ -65,9 +68,31 @@ class Context:
             pipe.xlen(keys.results)
         return sum(pipe.execute())
 
-    def redis_cpu_s(self) -> float:
-        cpu = self.client.info("cpu")
-        return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+    def redis_work(self) -> RedisWork:
+        """What Redis has done so far: read before and after a phase, see per_charge()."""
+        pipe = self.client.pipeline(transaction=False)
+        for section in ("cpu", "commandstats", "memory"):
+            pipe.info(section)
+        cpu, stats, memory = pipe.execute()
+        calls = {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+        return RedisWork(float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]), calls, int(memory["used_memory"]))
 
     def print(self, *items) -> None:
         self.progress.console.print(*items, highlight=False)
+
+
+@dataclass(frozen=True)
+class RedisWork:
+    cpu_s: float  # used_cpu_user + used_cpu_sys of the server
+    calls: dict[str, int] = field(repr=False)  # INFO commandstats calls by command name
+    used_memory: int
+
+    def per_charge(self, later: RedisWork, charges: int) -> dict[str, float]:
+        """What Redis spent per settled charge between this reading and a later one: commands
+        run (NOT_WORK left out), CPU microseconds, and bytes of memory still held."""
+        if not charges:
+            return {}
+        commands = sum(n - self.calls.get(name, 0) for name, n in later.calls.items() if name not in NOT_WORK)
+        return {"redis_commands": round(commands / charges, 2),
+                "redis_cpu_us": round((later.cpu_s - self.cpu_s) / charges * 1e6, 1),
+                "bytes_held": round((later.used_memory - self.used_memory) / charges, 1)}

@@ -31,7 +31,7 @@ def run(ctx: Context, profile: Profile) -> ModeResult:
             producer.submit(chunk)
             advance(len(chunk))
     preload_s = time.perf_counter() - began
-    redis_cpu = ctx.redis_cpu_s()
+    before = ctx.redis_work()
     workers = WorkerProcesses(settings, profile.workers, ctx.out / "worker-drain.log", burst=True).start()
     try:
         with ctx.task(f"drain: {profile.workers} workers", len(load)) as advance:
@@ -39,7 +39,7 @@ def run(ctx: Context, profile: Profile) -> ModeResult:
         exit_code = workers.wait()
     finally:
         workers.stop()
-    redis_cpu = ctx.redis_cpu_s() - redis_cpu
+    after = ctx.redis_work()
     times = timings(ctx, settings)
     check = audit(ctx.client, settings, load.balances, load.expected)
     return ModeResult(
@@ -47,5 +47,7 @@ def run(ctx: Context, profile: Profile) -> ModeResult:
         done_at_s=times.done_at_s(times.first_ms),
         extra={"workers": profile.workers, "preloaded": len(load), "preload_rate_per_s": round(len(load) / preload_s),
                "worker_peak_rss_mb": workers.peak_rss(), "worker_exit_code": exit_code,
-               "cpu_us_per_charge": cpu_per_charge(len(load), redis=redis_cpu, workers=workers.cpu_seconds())},
+               "cpu_us_per_charge": cpu_per_charge(len(load), redis=after.cpu_s - before.cpu_s,
+                                                   workers=workers.cpu_seconds()),
+               "per_charge": before.per_charge(after, len(load))},
     )

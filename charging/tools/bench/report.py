@@ -10,7 +10,8 @@ from rich.table import Table
 
 from charging.tools.bench.result import ModeResult
 
-TARGETS = {"drain_vs_ceiling": 0.6, "steady_rate": 60_000, "steady_p99_ms": 10.0, "authorize_p99_ms": 2.0,
+TARGETS = {"drain_vs_ceiling": 0.7, "commands_per_charge": 5, "baseline_cpu_ratio": 2.0, "bytes_held": 200,
+           "steady_rate": 60_000, "steady_p99_ms": 10.0, "steady_p999_ms": 2.0, "authorize_p99_ms": 2.0,
            "worker_rss_mb": 80.0}
 PROBLEMS = ("missing", "double_charged", "entries_settled_twice", "replay_mismatches", "money_mismatches",
             "negative_balances", "held_mismatches", "negative_available", "overcommitted",
@@ -56,15 +57,22 @@ def mode_table(result: ModeResult) -> Table:
 
 
 def summary_table(results: list[ModeResult]) -> Table:
-    table = Table("mode", "charges", "s", "charges/s", "p50 ms", "p95 ms", "p99 ms", "max ms", "checker",
-                  title="charging bench")
+    table = Table("mode", "charges", "s", "charges/s", "p50 ms", "p95 ms", "p99 ms", "max ms", "Redis cmds",
+                  "Redis us", "bytes", "checker", title="charging bench (Redis cmds, us and bytes: per charge)")
     for r in results:
         if r.mode == "memory":
             continue
         lat = r.latency() or {}
+        cost = r.extra.get("per_charge") or {}
         table.add_row(r.mode, f"{r.charges:,}", f"{r.seconds:.2f}", f"{r.rate:,.0f}", _ms(lat.get("p50")),
-                      _ms(lat.get("p95")), _ms(lat.get("p99")), _ms(lat.get("max")), verdict(r, short=True))
+                      _ms(lat.get("p95")), _ms(lat.get("p99")), _ms(lat.get("max")),
+                      *(_number(cost.get(k)) for k in ("redis_commands", "redis_cpu_us", "bytes_held")),
+                      verdict(r, short=True))
     return table
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.1f}"
 
 
 def targets(results: list[ModeResult]) -> list[dict]:
@@ -86,12 +94,26 @@ def targets(results: list[ModeResult]) -> list[dict]:
         p99 = (r.latency() or {}).get("p99")
         add(f"steady p99 ms, {r.extra['offered_rate_per_s']:,}/s offered", p99, f"< {TARGETS['steady_p99_ms']}",
             None if p99 is None else p99 < TARGETS["steady_p99_ms"])
+        if r.extra["offered_rate_per_s"] <= 10_000:
+            p999 = (r.latency() or {}).get("p99.9")
+            add(f"steady p99.9 ms, {r.extra['offered_rate_per_s']:,}/s offered", p999,
+                f"<= {TARGETS['steady_p999_ms']}", None if p999 is None else p999 <= TARGETS["steady_p999_ms"])
     for r in results:
         if r.mode.startswith("authorize"):
             p99 = (r.latency() or {}).get("p99")
             load = f"{r.extra['offered_rate_per_s']:,}/s" if r.extra["offered_rate_per_s"] else "closed loop"
             add(f"authorize p99 ms, {r.extra['clients']} clients, {load}", p99, f"< {TARGETS['authorize_p99_ms']}",
                 None if p99 is None else p99 < TARGETS["authorize_p99_ms"])
+    if "drain" in by and (cost := by["drain"].extra.get("per_charge")):
+        limit = TARGETS["commands_per_charge"]
+        add("Redis commands per charge, drain", cost["redis_commands"], f"<= {limit}", cost["redis_commands"] <= limit)
+    if "baseline" in by and (ratio := by["baseline"].extra.get("baseline_cpu_ratio")):
+        add("Redis CPU per charge, baseline / today", ratio, f">= {TARGETS['baseline_cpu_ratio']}",
+            ratio >= TARGETS["baseline_cpu_ratio"])
+    if "memory" in by:
+        held = by["memory"].extra["per_charge"]["bytes_held"]
+        add("bytes held per charge in the dedupe window", held, f"<= {TARGETS['bytes_held']}",
+            held <= TARGETS["bytes_held"])
     rss = [r.extra["worker_peak_rss_mb"] for r in results if r.extra.get("worker_peak_rss_mb")]
     if rss:
         add("worker peak RSS MB", max(rss), f"< {TARGETS['worker_rss_mb']}", max(rss) < TARGETS["worker_rss_mb"])

@@ -33,8 +33,9 @@ class ModeResult:
             return self.percentiles
         if not self.latencies_ms:
             return None
-        p50, p95, p99 = numpy.percentile(self.latencies_ms, [50, 95, 99])
-        return {"p50": float(p50), "p95": float(p95), "p99": float(p99), "max": float(max(self.latencies_ms))}
+        p50, p95, p99, p999 = numpy.percentile(self.latencies_ms, [50, 95, 99, 99.9])
+        return {"p50": float(p50), "p95": float(p95), "p99": float(p99), "p99.9": float(p999),
+                "max": float(max(self.latencies_ms))}
 
     def timeline(self) -> list[tuple[float, float]]:
         """(seconds since the mode started, charges/s in that bucket)."""

@@ -42,7 +42,7 @@ def _run(ctx: Context, profile: Profile, rate: int, seed: int) -> ModeResult:
     workers = WorkerProcesses(settings, profile.workers, ctx.out / f"worker-steady{rate}.log").start()
     try:
         _wait_until_consuming(ctx, settings, workers, profile.workers)
-        redis_cpu = ctx.redis_cpu_s()
+        before = ctx.redis_work()
         workers.sample()
         worker_cpu = workers.cpu_seconds()
         producers = Producers(settings, load, rate, profile.producers)
@@ -51,7 +51,7 @@ def _run(ctx: Context, profile: Profile, rate: int, seed: int) -> ModeResult:
         producers.join()
         workers.sample()
         worker_cpu = workers.cpu_seconds() - worker_cpu
-        redis_cpu = ctx.redis_cpu_s() - redis_cpu
+        after = ctx.redis_work()
     finally:
         exit_code = workers.stop()
     times = timings(ctx, settings)
@@ -64,8 +64,9 @@ def _run(ctx: Context, profile: Profile, rate: int, seed: int) -> ModeResult:
         extra={"offered_rate_per_s": rate, "submit_rate_per_s": round(producers.submit_rate()),
                "producers": profile.producers, "workers": profile.workers, "submitted": producers.submitted.value,
                "worker_peak_rss_mb": workers.peak_rss(), "worker_exit_code": exit_code,
-               "cpu_us_per_charge": cpu_per_charge(len(load), redis=redis_cpu, workers=worker_cpu,
-                                                   producers=producers.cpu.value)},
+               "cpu_us_per_charge": cpu_per_charge(len(load), redis=after.cpu_s - before.cpu_s, workers=worker_cpu,
+                                                   producers=producers.cpu.value),
+               "per_charge": before.per_charge(after, len(load))},
         notes=["latency resolution is 1 ms (submitted_at and processed_at are whole ms); "
                "the rate spans the first submit to the last outcome"],
     )
