@@ -200,10 +200,18 @@ local function remove_reservation(k, id)
   redis.call('ZREM', k.holds, id)
 end
 
+-- A field of a hash, from what settle_batch read ahead for its whole call when it did
+-- (kind: 'balances' or 'held'; false for no field), else read now.
+local function field(k, ahead, kind, name)
+  local known = ahead and ahead[kind][name]
+  if known ~= nil then return known end
+  return redis.call('HGET', k[kind], name)
+end
+
 -- The stored held total of an account, checked: 0 when there is no field, nil when the
 -- field is not a count.
-local function stored_held(k, account)
-  local held = redis.call('HGET', k.held, account)
+local function stored_held(k, account, ahead)
+  local held = field(k, ahead, 'held', account)
   if not held then return 0 end
   return count(held, 0, MAX_BALANCE)
 end
@@ -234,14 +242,17 @@ end
 -- their expiry (released by this call, whatever the sweep has reached), and held: what
 -- the ones not expired hold, the held total this call decides on. O(reservations of the
 -- account). Returns nil and a reason for a stored value the library did not write.
-local function read_account(k, account, now)
+local function read_account(k, account, now, ahead)
   local s = {account = account, open = {}, expired = {}, expired_ids = {}, gone = {}, counted = 0, released = 0}
-  local balance = redis.call('HGET', k.balances, account)
+  local balance = field(k, ahead, 'balances', account)
   s.balance = balance and count(balance, 0, MAX_BALANCE)
   if balance and not s.balance then return nil, 'corrupt_balance' end
-  s.stored_held = stored_held(k, account)
+  s.stored_held = stored_held(k, account, ahead)
   if not s.stored_held then return nil, 'corrupt_held' end
-  local ids = redis.call('ZRANGE', k.holds, '[' .. account .. '/', '(' .. account .. '0', 'BYLEX')
+  -- The stored total covers every reservation of the account, so an account that holds
+  -- nothing (most of them, and every plain charge's) has none to read.
+  local ids = s.stored_held > 0 and redis.call('ZRANGE', k.holds, '[' .. account .. '/', '(' .. account .. '0', 'BYLEX')
+      or {}
   for first = 1, #ids, READ_CHUNK do
     local chunk = {unpack(ids, first, math.min(#ids, first + READ_CHUNK - 1))}
     local packed = redis.call('HMGET', k.reservations, unpack(chunk))
@@ -280,13 +291,17 @@ end
 -- Writes what the decision left in s: the expired reservations released, the index
 -- entries of ended ones dropped, the charge, the reservation made, changed or closed, and
 -- the held total. Every value here was checked before the ack: none of these can fail.
-local function apply(k, s)
+local function apply(k, s, ahead)
   for _, id in ipairs(s.expired_ids) do remove_reservation(k, id) end
   for _, id in ipairs(s.gone) do redis.call('ZREM', k.holds, id) end
-  if s.charge then redis.call('HINCRBY', k.balances, s.account, digits(-s.charge)) end
+  if s.charge then
+    local balance = redis.call('HINCRBY', k.balances, s.account, digits(-s.charge))
+    if ahead then ahead.balances[s.account] = digits(balance) end
+  end
   if s.put then write_reservation(k, s.put.id, s.put) end
   if s.close then remove_reservation(k, s.close) end
   write_held(k, s.account, s.stored_held, s.held)
+  if ahead then ahead.held[s.account] = s.held > 0 and digits(s.held) or false end
 end
 
 -- ---- deciding one request ------------------------------------------------------------
@@ -450,8 +465,9 @@ end
 
 -- The dedupe record of a request id, checked: false when there is none, nil when it is not
 -- one the library wrote.
-local function read_record(seen)
-  local stored = redis.call('GET', seen)
+local function read_record(seen, ahead)
+  local stored = ahead and ahead.seen[seen]
+  if stored == nil then stored = redis.call('GET', seen) end
   if not stored then return false end
   local r = split(stored)
   if #r == 5 then r[6], r[7], r[8] = '0', '0', '' end -- a charge's record
@@ -499,8 +515,11 @@ local function post(k, a, o, now)
 end
 
 local SETTLE_ROLES = {'balances', 'results', 'requests', 'held', 'reservations', 'expiries', 'holds'}
-local SETTLE_TYPES = {balances = 'hash', results = 'stream', requests = 'stream', held = 'hash',
-                      reservations = 'hash', expiries = 'zset', holds = 'zset'}
+-- The keys a settling call writes without having read them first, whose type is checked
+-- before anything is written: balances, held and the dedupe record are read (a read of
+-- another type fails before any write), and the ack is the first write.
+local CHARGE_WRITES = {results = 'stream'}
+local SETTLE_WRITES = {results = 'stream', reservations = 'hash', expiries = 'zset', holds = 'zset'}
 
 --[[
 charge, reserve, commit, extend, release: settle one request exactly once.
@@ -526,7 +545,7 @@ Returns {status, reason, charged, balance, duplicate, processed_at}, then for th
 reservation operations {held, reserved, expires_at}; or {'stale'} when the entry had
 already been settled by another consumer. A refused call (an error) writes nothing.
 ]]
-local function settle(op, keys, args, types_checked)
+local function settle(op, keys, args, ahead)
   -- A caller of another layout (a process of an older version during an upgrade) is
   -- refused before anything is written: nothing acked, so its entry stays pending.
   local k = (#keys == 8 or #keys == 9) and #args == 13
@@ -549,15 +568,15 @@ local function settle(op, keys, args, types_checked)
     err = wrong_type(k.reply_to, 'stream')
     if err then return err end
   end
-  if not types_checked then
-    err = wrong_types(k, SETTLE_TYPES)
+  if not ahead then
+    err = wrong_types(k, op == 'charge' and CHARGE_WRITES or SETTLE_WRITES)
     if err then return err end
   end
 
-  local now = now_ms()
-  local stored = read_record(k.seen)
+  local now = ahead and ahead.now or now_ms()
+  local stored = read_record(k.seen, ahead)
   if stored == nil then return refuse('corrupt_record', k.seen) end
-  local s, bad = read_account(k, a.account, now)
+  local s, bad = read_account(k, a.account, now, ahead)
   if s and a.reservation then s, bad = read_named(k, s, a.reservation, now) end
   if not s then return refuse(bad, a.account) end
   local o = stored and replay(s, a, stored)
@@ -568,8 +587,12 @@ local function settle(op, keys, args, types_checked)
 
   -- Everything is read and checked: from the ack on, nothing can fail.
   if not ack(k.requests, a.group, a.entry_id) then return {'stale'} end
-  apply(k, s)
-  if not stored then redis.call('SET', k.seen, record(a, o), 'PX', digits(a.window_ms)) end
+  apply(k, s, ahead)
+  if not stored then
+    local packed = record(a, o)
+    redis.call('SET', k.seen, packed, 'PX', digits(a.window_ms))
+    if ahead then ahead.seen[k.seen] = packed end
+  end
   post(k, a, o, now)
   local reply = {o.status, o.reason, o.charged, o.balance, o.duplicate, now}
   if op ~= 'charge' then
@@ -593,6 +616,25 @@ Returns one reply per entry, in order: what the entry's own function returns, or
 ]]
 local BATCH_SHARED_KEYS, BATCH_ENTRY_ARGS = 7, 15
 
+-- What the entries of a batch read, in three commands for the whole call instead of three
+-- each: the balances and held totals of their accounts and their dedupe records; and the
+-- server time, once (every entry of a call is processed at the same millisecond). Entries
+-- write through it (apply, settle), so a later entry of the same account or request id
+-- reads what an earlier one wrote. A dedupe key of another type reads as no record (MGET
+-- answers nil for it): the SET that records the outcome replaces it, and cannot fail.
+local function read_ahead(k, accounts, seen_keys)
+  local ahead = {now = now_ms(), balances = {}, held = {}, seen = {}}
+  local balances = redis.call('HMGET', k.balances, unpack(accounts))
+  local held = redis.call('HMGET', k.held, unpack(accounts))
+  for i, account in ipairs(accounts) do
+    ahead.balances[account], ahead.held[account] = balances[i], held[i]
+  end
+  if #seen_keys > 0 then
+    for i, stored in ipairs(redis.call('MGET', unpack(seen_keys))) do ahead.seen[seen_keys[i]] = stored end
+  end
+  return ahead
+end
+
 local function settle_batch(keys, args)
   local entries, replies_to, flags_ok = #args / BATCH_ENTRY_ARGS, 0, true
   for a = 2, #args, BATCH_ENTRY_ARGS do
@@ -605,23 +647,39 @@ local function settle_batch(keys, args)
     return refuse('wrong_arguments', 'settle_batch takes the 7 keys of one partition, then 1 or 2 keys and 15 '
                   .. 'arguments per entry, at most ' .. MAX_BATCH .. ' entries')
   end
-  -- The shared keys are checked once for the whole call.
-  local err = wrong_types(k, SETTLE_TYPES)
-  if err then return err end
-  local replies, at = {}, BATCH_SHARED_KEYS + 1
+  if entries == 0 then return {} end
+  local per_entry, accounts, seen_keys, listed, writes = {}, {}, {}, {}, CHARGE_WRITES
+  local at, seen_prefix = BATCH_SHARED_KEYS + 1, k.tag .. ':seen:'
   for a = 1, #args, BATCH_ENTRY_ARGS do
-    local op = args[a]
     local entry_keys = {keys[1], keys[at], keys[2], keys[3], keys[4], keys[5], keys[6], keys[7]}
     at = at + 1
     if args[a + 1] == '1' then
       entry_keys[9] = keys[at]
       at = at + 1
     end
+    per_entry[#per_entry + 1] = entry_keys
+    -- settle refuses a dedupe key outside the partition before it reads one
+    if string.sub(entry_keys[2], 1, #seen_prefix) == seen_prefix then seen_keys[#seen_keys + 1] = entry_keys[2] end
+    local account = args[a + 3]
+    if not listed[account] then
+      listed[account] = true
+      accounts[#accounts + 1] = account
+    end
+    if args[a] ~= 'charge' then writes = SETTLE_WRITES end
+  end
+  -- The keys shared by every entry are checked once for the whole call, before it writes.
+  local err = wrong_types(k, writes)
+  if err then return err end
+  local ahead = read_ahead(k, accounts, seen_keys)
+  local replies = {}
+  for a = 1, #args, BATCH_ENTRY_ARGS do
+    local op = args[a]
+    local entry_keys = per_entry[#replies + 1]
     local reply
     if OPS[op] then
       -- A refused entry wrote nothing (settle checks before it writes); pcall turns an
       -- error into that entry's own reply.
-      local ok, result = pcall(settle, op, entry_keys, {unpack(args, a + 2, a + BATCH_ENTRY_ARGS - 1)}, true)
+      local ok, result = pcall(settle, op, entry_keys, {unpack(args, a + 2, a + BATCH_ENTRY_ARGS - 1)}, ahead)
       reply = ok and result or {err = type(result) == 'table' and result.err or tostring(result)}
     else
       reply = refuse('unknown_op', tostring(op))
