@@ -257,16 +257,52 @@ class Recorded:
 
 
 def recorded(request_id: str, packed: bytes | str) -> Recorded:
-    """Parse a dedupe record: the request's fingerprint (its account first; the op second
-    for a reservation operation), then status, reason, charged, balance[, held, reserved,
+    """Parse a dedupe record: the time it was settled (a bucket's record; the old layout's
+    keys have none), the request's fingerprint (its account first; the op second for a
+    reservation operation), then status, reason, charged, balance[, held, reserved,
     expires_at]."""
-    fingerprint, status, reason, charged, balance, *session = text(packed).split(RESERVATION_SEP)
+    parts = text(packed).split(RESERVATION_SEP)
+    if len(parts) in (6, 9):
+        parts = parts[1:]
+    fingerprint, status, reason, charged, balance, *session = parts
     account, op = fingerprint.split("|")[:2]
     made = Recorded(request_id, account, status, reason, int(charged), int(balance))
     if not session:
         return made
     held, reserved, expires_at = session
     return replace(made, op=op, held=int(held), reserved=int(reserved), expires_at=_number(expires_at))
+
+
+# A dedupe window spans this many slices, a bucket each (lua/charging.lua, SLICES).
+DEDUPE_SLICES = 4
+
+
+def dedupe_buckets(keys: Keys, window_ms: int, now_ms: int, margin_ms: int = 0) -> list[str]:
+    """The buckets that may hold the record of a request settled within window_ms before
+    now_ms (lua/charging.lua, slots()), newest first; margin_ms widens the span both ways,
+    for a reader whose clock is not the server's."""
+    slice_ms = -(-window_ms // DEDUPE_SLICES)
+    first, last = (now_ms - window_ms - margin_ms) // slice_ms, (now_ms + margin_ms) // slice_ms
+    return [keys.dedupe(slice_ms, slot) for slot in range(last, first - 1, -1)]
+
+
+def find_records(settings: Settings, places: Sequence[Keys], request_id: str, now_ms: int) -> Plan[list[Recorded]]:
+    """The outcome recorded for request_id in each partition of places that has one (its
+    newest record, within about a window of now_ms by this process's clock), read in one
+    round trip."""
+    margin_ms = max(1000, settings.dedupe_window_ms // DEDUPE_SLICES)
+    # Per partition: its buckets, newest first, then the old layout's key.
+    names = [[*dedupe_buckets(keys, settings.dedupe_window_ms, now_ms, margin_ms), keys.seen(request_id)]
+             for keys in places]
+    answers = yield pipelined(lambda pipe: [pipe.hget(name, request_id) if i < len(group) - 1 else pipe.get(name)
+                                            for group in names for i, name in enumerate(group)])
+    found, at = [], 0
+    for group in names:
+        packed = next((value for value in answers[at:at + len(group)] if value is not None), None)
+        at += len(group)
+        if packed is not None:
+            found.append(recorded(request_id, packed))
+    return found
 
 
 def _number(value: str) -> int | None:

@@ -67,7 +67,13 @@ class Keys:
         return f"{self.tag}:deadletter:reasons"
 
     def seen(self, request_id: str) -> str:
+        """The request id's dedupe record key of the layout before buckets: passed to the
+        settling functions, which still read it until the last of those keys expires."""
         return f"{self.tag}:seen:{request_id}"
+
+    def dedupe(self, slice_ms: int, slot: int) -> str:
+        """A dedupe bucket: the records of the requests settled in one slice of time."""
+        return f"{self.tag}:dedupe:{slice_ms}:{slot}"
 
     def reply(self, producer_id: str) -> str:
         return f"{self.tag}:reply:{producer_id}"

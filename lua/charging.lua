@@ -9,8 +9,8 @@ when a function here changes).
 
 Keys. <ns> is the namespace (CHARGING_NAMESPACE, default "ch"); {pN} is the partition
 hash tag, so every key one call touches lives in one Redis Cluster slot. Every key a
-function touches is passed to it in KEYS, none is made up inside; each is checked against
-the name its role gives it before anything is written.
+function touches is passed to it in KEYS (but the dedupe buckets, below), none is made up
+inside; each is checked against the name its role gives it before anything is written.
 
   <ns>:{pN}:balances       hash    account -> balance in minor units (held funds included:
                                    available = balance - held). Written by charge, commit,
@@ -32,9 +32,17 @@ the name its role gives it before anything is written.
                                    releases the expired ones of its own account through it
                                    before it decides, so an expired hold never counts.
                                    Same lifetime as the field.
-  <ns>:{pN}:seen:<rid>     string  outcome of request id <rid>, packed (see record()).
-                                   Written by charge and the reservation operations.
-                                   Expires after the dedupe window.
+  <ns>:{pN}:dedupe:<slice>:<slot>
+                           hash    request id -> when it was settled and its outcome,
+                                   packed (see record()), for the requests settled in one
+                                   slice of time (a quarter of the dedupe window). Written
+                                   by charge and the reservation operations; expires whole
+                                   once its last record has (see bucket()). The only keys
+                                   named here rather than passed in KEYS: made from the
+                                   partition's tag and the time, so in its slot.
+  <ns>:{pN}:seen:<rid>     string  outcome of request id <rid>, packed: the layout before
+                                   the buckets. Read (never written) until the last of
+                                   them expires, one dedupe window after the upgrade.
   <ns>:{pN}:requests       stream  charge and reservation requests, XADDed by producers,
                                    read by the worker group; acked by the settling
                                    function (or settle_batch, which runs it per entry) or
@@ -453,8 +461,8 @@ local function read_args(op, args)
   return a
 end
 
--- A dedupe record: the request's fingerprint, then its outcome. One short string per
--- request id, because there is one per request for the whole dedupe window.
+-- A dedupe record: the request's fingerprint, then its outcome, packed into one short
+-- string, because there is one per request for the whole dedupe window.
 local function record(a, o)
   local values = {a.fingerprint, o.status, o.reason, o.charged, o.balance}
   if a.op ~= 'charge' then
@@ -463,23 +471,94 @@ local function record(a, o)
   return pack(values)
 end
 
--- The dedupe record of a request id, checked: false when there is none, nil when it is not
--- one the library wrote.
-local function read_record(seen, ahead)
-  local stored = ahead and ahead.seen[seen]
-  if stored == nil then stored = redis.call('GET', seen) end
-  if not stored then return false end
+-- A stored record, checked; nil when it is not one the library wrote. dated: it starts
+-- with the time it was settled (a bucket's record), else it is a key of its own (the
+-- layout before buckets, read until those keys expire).
+local function parse_record(stored, dated)
   local r = split(stored)
+  local at = dated and count(table.remove(r, 1), 0, MAX_TIME_MS)
+  if dated and not at then return nil end
   if #r == 5 then r[6], r[7], r[8] = '0', '0', '' end -- a charge's record
   local o = {fingerprint = r[1], status = r[2], reason = r[3], charged = count(r[4], 0, MAX_BALANCE),
              balance = count(r[5], 0, MAX_BALANCE), held = count(r[6], 0, MAX_BALANCE),
-             reserved = count(r[7], 0, MAX_BALANCE), expires_at = r[8], duplicate = 1}
+             reserved = count(r[7], 0, MAX_BALANCE), expires_at = r[8], duplicate = 1, at = at}
   if #r ~= 8 or not (o.status == 'approved' or o.status == 'rejected') or not (o.reason == '' or text(o.reason, REASON, 64))
       or not (o.charged and o.balance and o.held and o.reserved)
       or not (o.expires_at == '' or count(o.expires_at, 0, MAX_TIME_MS)) then
     return nil
   end
   return o
+end
+
+-- Dedupe buckets. A record lives in a hash of its partition, <ns>:{pN}:dedupe:<slice>:<slot>
+-- (request id -> the time it was settled, then the record), of the slice of time it was
+-- settled in: a window spans SLICES slices, so a call looks in at most SLICES + 1 buckets
+-- and writes into the newest, and a bucket expires whole (PEXPIREAT) once its last record
+-- has. A hash field costs about 130 bytes where a key with a TTL cost 200. The record's time
+-- keeps the window exact; the slice length comes from the window, and so do the names, so
+-- a new window starts new buckets. The names are made here from the partition's tag: the
+-- same slot as every key the call was given.
+local SLICES = 4
+
+local function bucket(k, window_ms, slot)
+  return k.tag .. ':dedupe:' .. digits(math.ceil(window_ms / SLICES)) .. ':' .. digits(slot)
+end
+
+-- The slots of the buckets that may hold a record settled within window_ms before now,
+-- oldest first; the last one is the bucket a record settled now goes into.
+local function slots(window_ms, now)
+  local slice = math.ceil(window_ms / SLICES)
+  return math.floor((now - window_ms) / slice), math.floor(now / slice), slice
+end
+
+-- The record of a request id settled within the window, checked: false when there is
+-- none, nil (and the key) when one is not a record the library wrote. Looks in what
+-- settle_batch read ahead when it did, else in the buckets, newest first; then in the
+-- request id's key of the layout before buckets.
+local function read_record(k, a, now, ahead)
+  local stored = ahead and ahead.records[a.window_ms] and ahead.records[a.window_ms][a.request_id]
+  local first, last = slots(a.window_ms, now)
+  if stored == nil then
+    stored = false
+    for slot = last, first, -1 do
+      stored = redis.call('HGET', bucket(k, a.window_ms, slot), a.request_id)
+      if stored then break end
+    end
+  end
+  if stored then
+    local o = parse_record(stored, true)
+    if not o then return nil, 'dedupe record of ' .. a.request_id end
+    if o.at + a.window_ms > now then return o end
+  end
+  local legacy = ahead and ahead.legacy[k.seen]
+  if legacy == nil then legacy = redis.call('GET', k.seen) end
+  if not legacy then return false end
+  local o = parse_record(legacy, false)
+  if not o then return nil, k.seen end
+  return o
+end
+
+-- Records the outcome in the newest bucket: at once, or (settle_batch) in what it read
+-- ahead, to be written with the others of the call in one HSET per bucket.
+local function write_record(k, a, o, now, ahead)
+  local _, slot, slice = slots(a.window_ms, now)
+  local name, packed = bucket(k, a.window_ms, slot), digits(now) .. SEP .. record(a, o)
+  local expire_at = digits((slot + 1) * slice + a.window_ms) -- the last record of the slot expires by then
+  if not ahead then
+    redis.call('HSET', name, a.request_id, packed)
+    redis.call('PEXPIREAT', name, expire_at)
+    return
+  end
+  ahead.records[a.window_ms] = ahead.records[a.window_ms] or {}
+  ahead.records[a.window_ms][a.request_id] = packed
+  local pending = ahead.writes[name]
+  if not pending then
+    pending = {expire_at = expire_at, fields = {}}
+    ahead.writes[name] = pending
+    ahead.written[#ahead.written + 1] = name
+  end
+  pending.fields[#pending.fields + 1] = a.request_id
+  pending.fields[#pending.fields + 1] = packed
 end
 
 -- The answer to a request id already settled: the stored outcome, marked duplicate, or an
@@ -574,8 +653,8 @@ local function settle(op, keys, args, ahead)
   end
 
   local now = ahead and ahead.now or now_ms()
-  local stored = read_record(k.seen, ahead)
-  if stored == nil then return refuse('corrupt_record', k.seen) end
+  local stored, corrupt = read_record(k, a, now, ahead)
+  if stored == nil then return refuse('corrupt_record', corrupt) end
   local s, bad = read_account(k, a.account, now, ahead)
   if s and a.reservation then s, bad = read_named(k, s, a.reservation, now) end
   if not s then return refuse(bad, a.account) end
@@ -588,11 +667,7 @@ local function settle(op, keys, args, ahead)
   -- Everything is read and checked: from the ack on, nothing can fail.
   if not ack(k.requests, a.group, a.entry_id) then return {'stale'} end
   apply(k, s, ahead)
-  if not stored then
-    local packed = record(a, o)
-    redis.call('SET', k.seen, packed, 'PX', digits(a.window_ms))
-    if ahead then ahead.seen[k.seen] = packed end
-  end
+  if not stored then write_record(k, a, o, now, ahead) end
   post(k, a, o, now)
   local reply = {o.status, o.reason, o.charged, o.balance, o.duplicate, now}
   if op ~= 'charge' then
@@ -616,23 +691,46 @@ Returns one reply per entry, in order: what the entry's own function returns, or
 ]]
 local BATCH_SHARED_KEYS, BATCH_ENTRY_ARGS = 7, 15
 
--- What the entries of a batch read, in three commands for the whole call instead of three
--- each: the balances and held totals of their accounts and their dedupe records; and the
--- server time, once (every entry of a call is processed at the same millisecond). Entries
--- write through it (apply, settle), so a later entry of the same account or request id
--- reads what an earlier one wrote. A dedupe key of another type reads as no record (MGET
--- answers nil for it): the SET that records the outcome replaces it, and cannot fail.
-local function read_ahead(k, accounts, seen_keys)
-  local ahead = {now = now_ms(), balances = {}, held = {}, seen = {}}
+-- What the entries of a batch read, in a few commands for the whole call instead of a few
+-- each: the balances and held totals of their accounts, their dedupe records (one HMGET
+-- per bucket) and the old layout's record keys (one MGET); and the server time, once
+-- (every entry of a call is processed at the same millisecond). Entries write through it
+-- (apply, write_record), so a later entry of the same account or request id reads what an
+-- earlier one wrote; the records are written at the end, one HSET per bucket. A bucket of
+-- another type fails its HMGET here, before anything is written. An old record key of
+-- another type reads as no record (MGET answers nil for it).
+local function read_ahead(k, accounts, legacy_keys, windows)
+  local ahead = {now = now_ms(), balances = {}, held = {}, records = {}, legacy = {}, writes = {}, written = {}}
   local balances = redis.call('HMGET', k.balances, unpack(accounts))
   local held = redis.call('HMGET', k.held, unpack(accounts))
   for i, account in ipairs(accounts) do
     ahead.balances[account], ahead.held[account] = balances[i], held[i]
   end
-  if #seen_keys > 0 then
-    for i, stored in ipairs(redis.call('MGET', unpack(seen_keys))) do ahead.seen[seen_keys[i]] = stored end
+  if #legacy_keys > 0 then
+    for i, stored in ipairs(redis.call('MGET', unpack(legacy_keys))) do ahead.legacy[legacy_keys[i]] = stored end
+  end
+  for window_ms, ids in pairs(windows) do
+    local found = {}
+    for _, id in ipairs(ids) do found[id] = false end
+    local first, last = slots(window_ms, ahead.now)
+    for slot = first, last do -- oldest first: a newer record of an id replaces an older one
+      for i, stored in ipairs(redis.call('HMGET', bucket(k, window_ms, slot), unpack(ids))) do
+        if stored then found[ids[i]] = stored end
+      end
+    end
+    ahead.records[window_ms] = found
   end
   return ahead
+end
+
+-- The records the entries of a batch made, one HSET per bucket: each bucket was read
+-- (HMGET) before the first write, so none of these can fail.
+local function write_ahead(ahead)
+  for _, name in ipairs(ahead.written) do
+    local pending = ahead.writes[name]
+    redis.call('HSET', name, unpack(pending.fields))
+    redis.call('PEXPIREAT', name, pending.expire_at)
+  end
 end
 
 local function settle_batch(keys, args)
@@ -648,7 +746,7 @@ local function settle_batch(keys, args)
                   .. 'arguments per entry, at most ' .. MAX_BATCH .. ' entries')
   end
   if entries == 0 then return {} end
-  local per_entry, accounts, seen_keys, listed, writes = {}, {}, {}, {}, CHARGE_WRITES
+  local per_entry, accounts, legacy_keys, listed, windows, writes = {}, {}, {}, {}, {}, CHARGE_WRITES
   local at, seen_prefix = BATCH_SHARED_KEYS + 1, k.tag .. ':seen:'
   for a = 1, #args, BATCH_ENTRY_ARGS do
     local entry_keys = {keys[1], keys[at], keys[2], keys[3], keys[4], keys[5], keys[6], keys[7]}
@@ -658,8 +756,14 @@ local function settle_batch(keys, args)
       at = at + 1
     end
     per_entry[#per_entry + 1] = entry_keys
-    -- settle refuses a dedupe key outside the partition before it reads one
-    if string.sub(entry_keys[2], 1, #seen_prefix) == seen_prefix then seen_keys[#seen_keys + 1] = entry_keys[2] end
+    -- settle refuses a record key outside the partition, or a window out of range,
+    -- before it reads a record
+    if string.sub(entry_keys[2], 1, #seen_prefix) == seen_prefix then legacy_keys[#legacy_keys + 1] = entry_keys[2] end
+    local window_ms = count(args[a + 7], 1, MAX_DURATION_MS)
+    if window_ms then
+      windows[window_ms] = windows[window_ms] or {}
+      table.insert(windows[window_ms], args[a + 2])
+    end
     local account = args[a + 3]
     if not listed[account] then
       listed[account] = true
@@ -670,7 +774,7 @@ local function settle_batch(keys, args)
   -- The keys shared by every entry are checked once for the whole call, before it writes.
   local err = wrong_types(k, writes)
   if err then return err end
-  local ahead = read_ahead(k, accounts, seen_keys)
+  local ahead = read_ahead(k, accounts, legacy_keys, windows)
   local replies = {}
   for a = 1, #args, BATCH_ENTRY_ARGS do
     local op = args[a]
@@ -686,6 +790,7 @@ local function settle_batch(keys, args)
     end
     replies[#replies + 1] = reply
   end
+  write_ahead(ahead)
   return replies
 end
 

@@ -37,7 +37,8 @@ from tests.roles import KEYS, ROLES, ROOT, acl_server, role, root
 # Key kinds, as the ACL file spells their patterns; every key a function touches must be one.
 KINDS = {
     "balances": "ch:{p*}:balances", "held": "ch:{p*}:held", "reservations": "ch:{p*}:reservations",
-    "expiries": "ch:{p*}:expiries", "holds": "ch:{p*}:holds", "seen:*": "ch:{p*}:seen:*", "requests": "ch:{p*}:requests",
+    "expiries": "ch:{p*}:expiries", "holds": "ch:{p*}:holds", "seen:*": "ch:{p*}:seen:*",
+    "dedupe:*": "ch:{p*}:dedupe:*", "requests": "ch:{p*}:requests",
     "results": "ch:{p*}:results", "reply:*": "ch:{p*}:reply:*", "deadletter": "ch:{p*}:deadletter",
     "deadletter:reasons": "ch:{p*}:deadletter:reasons", "partitions": "ch:partitions",
 }

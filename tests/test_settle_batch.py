@@ -12,6 +12,7 @@ from charging.keys import Keys
 from charging.schema import parse_request
 from charging.tariff import price
 from tests.conftest import BOTH_BACKENDS, drain
+from tests.records import recorded
 
 REQUESTS = [
     {"request_id": "b1", "account": "rich", "service": "voice", "units": "3"},
@@ -96,7 +97,8 @@ def test_an_amount_that_is_not_a_whole_number_above_zero_is_refused_for_that_ent
     assert [replies[0][0], replies[4][0]] == [b"approved", b"approved"]
     assert all(isinstance(r, redis.ResponseError) and "invalid_amount" in str(r) for r in replies[1:4])
     assert int(client.hget(keys.balances, "rich")) == 80
-    assert client.exists(keys.seen("n1"), keys.seen("n2"), keys.seen("n3")) == 0
+    assert [recorded(client, settings, rid) for rid in ("n1", "n2", "n3")] == [[], [], []]
+    assert [r.charged for rid in ("n0", "n4") for r in recorded(client, settings, rid)] == [10, 10]
 
 
 def test_a_call_whose_keys_do_not_match_its_entries_is_refused_before_anything_is_written(client, settings):

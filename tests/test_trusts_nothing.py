@@ -16,6 +16,7 @@ from charging.app.audit import audit
 from charging.keys import Keys, keys_of
 from charging.schema import parse_request
 from tests.conftest import BOTH_BACKENDS, drain, results
+from tests.records import recorded
 
 SHORT_TTL_MS = 50
 
@@ -105,7 +106,7 @@ def test_an_entry_on_a_corrupt_balance_stays_pending_until_dead_lettered_never_a
     assert results(client, settings) == []
     [(_, dead)] = client.xrange(keys.deadletter)
     assert dead[b"error"] == b"max_deliveries" and dead[b"request_id"] == rid.encode()
-    assert client.exists(keys.seen(rid)) == 0 and client.hget(keys.balances, "acct") == b"1.5"
+    assert recorded(client, settings, rid) == [] and client.hget(keys.balances, "acct") == b"1.5"
 
 
 def test_a_reply_to_of_another_type_is_refused_before_the_charge(client, settings, producer):
@@ -136,7 +137,8 @@ def test_settle_batch_leaves_no_write_of_a_refused_entry(client, settings):
 
     assert isinstance(first, redis.ResponseError) and "corrupt_balance" in str(first)
     assert second[0] == b"approved"
-    assert client.exists(keys.seen("b1")) == 0 and client.xlen(keys.results) == 1
+    assert recorded(client, settings, "b1") == [] and client.xlen(keys.results) == 1
+    assert [r.status for r in recorded(client, settings, "b2")] == ["approved"]
 
 
 # ---- 3. every charge has its record --------------------------------------------------------
@@ -217,7 +219,7 @@ def test_a_direct_charge_refuses_an_amount_that_is_not_plain_digits(client, sett
     codec.set_balances(client, settings, [("acct", 10_000)])
     message = refused(lambda: codec.settle(client, settings, charge(settings, "acct", 5, "n1"), amount))
     assert "invalid_amount" in message
-    assert client.hget(keys.balances, "acct") == b"10000" and client.exists(keys.seen("n1")) == 0
+    assert client.hget(keys.balances, "acct") == b"10000" and recorded(client, settings, "n1") == []
 
 
 @BOTH_BACKENDS

@@ -4,6 +4,7 @@ reservations. Every answer is JSON; every refusal a problem (problems.py)."""
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import asdict
 from typing import Any
 from urllib.parse import quote
@@ -19,7 +20,7 @@ from charging.app.http.endpoints import Endpoint
 from charging.app.http.gateway import Gateway, check_account
 from charging.app.http.problems import Problem
 from charging.keys import all_partitions, keys_of
-from charging.plan import Plan, pipelined
+from charging.plan import Plan
 from charging.schema import ACCOUNT_PATTERN, Outcome, account_of
 
 _ACCOUNT = re.compile(ACCOUNT_PATTERN)
@@ -60,8 +61,7 @@ def _recorded(gateway: Gateway, request_id: str, account: str | None) -> Plan[li
     settings = gateway.settings
     places = ([keys_of(account, settings)] if account is not None
               else all_partitions(settings.namespace, settings.partitions))
-    packed = yield pipelined(lambda pipe: [pipe.get(keys.seen(request_id)) for keys in places])
-    return [codec.recorded(request_id, value) for value in packed if value is not None]
+    return codec.find_records(settings, places, request_id, int(time.time() * 1000))
 
 
 async def account_funds(request: Request, caller: Caller, gateway: Gateway) -> JSONResponse:

@@ -1,0 +1,18 @@
+"""What the dedupe records hold for a request id: the tests' one reader of them."""
+
+from __future__ import annotations
+
+import redis
+
+from charging import codec
+from charging.keys import Keys
+from charging.plan import run
+from charging.settings import Settings
+
+
+def recorded(client: redis.Redis, settings: Settings, request_id: str, partition: int = 0) -> list[codec.Recorded]:
+    """The record of request_id in the partition, in the buckets or the old layout's key
+    ([] when there is none), by the server's clock."""
+    seconds, micros = client.time()
+    return run(client, codec.find_records(settings, [Keys(settings.namespace, partition)], request_id,
+                                          seconds * 1000 + micros // 1000))
