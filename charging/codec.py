@@ -283,7 +283,7 @@ def dedupe_buckets(keys: Keys, window_ms: int, now_ms: int, margin_ms: int = 0) 
     for a reader whose clock is not the server's."""
     slice_ms = -(-window_ms // DEDUPE_SLICES)
     first, last = (now_ms - window_ms - margin_ms) // slice_ms, (now_ms + margin_ms) // slice_ms
-    return [keys.dedupe(slice_ms, slot) for slot in range(last, first - 1, -1)]
+    return [keys.dedupe(window_ms, slot) for slot in range(last, first - 1, -1)]
 
 
 def find_records(settings: Settings, places: Sequence[Keys], request_id: str, now_ms: int) -> Plan[list[Recorded]]:

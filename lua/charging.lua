@@ -32,7 +32,7 @@ inside; each is checked against the name its role gives it before anything is wr
                                    releases the expired ones of its own account through it
                                    before it decides, so an expired hold never counts.
                                    Same lifetime as the field.
-  <ns>:{pN}:dedupe:<slice>:<slot>
+  <ns>:{pN}:dedupe:<window>:<slot>
                            hash    request id -> when it was settled and its outcome,
                                    packed (see record()), for the requests settled in one
                                    slice of time (a quarter of the dedupe window). Written
@@ -93,6 +93,7 @@ local ACCOUNT = '^[A-Za-z0-9_.:%-]+$'
 local NAME = '^[A-Za-z0-9_.%-]+$' -- a consumer group, a reply stream id
 local ENTRY_ID = '^[0-9]+%-[0-9]+$'
 local REASON = '^[a-z_]+$'
+local FINGERPRINT = '^[^' .. SEP .. ']+$' -- it opens the packed dedupe record
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -250,8 +251,16 @@ end
 -- their expiry (released by this call, whatever the sweep has reached), and held: what
 -- the ones not expired hold, the held total this call decides on. O(reservations of the
 -- account). Returns nil and a reason for a stored value the library did not write.
+local NONE = {} -- what an account that holds nothing has of each kind; never written
+
+-- Tables of its own for an account whose reservations are being read.
+local function holding(s)
+  if s.open == NONE then s.open, s.expired, s.expired_ids, s.gone = {}, {}, {}, {} end
+end
+
 local function read_account(k, account, now, ahead)
-  local s = {account = account, open = {}, expired = {}, expired_ids = {}, gone = {}, counted = 0, released = 0}
+  local s = {account = account, open = NONE, expired = NONE, expired_ids = NONE, gone = NONE, counted = 0,
+             released = 0}
   local balance = field(k, ahead, 'balances', account)
   s.balance = balance and count(balance, 0, MAX_BALANCE)
   if balance and not s.balance then return nil, 'corrupt_balance' end
@@ -259,8 +268,12 @@ local function read_account(k, account, now, ahead)
   if not s.stored_held then return nil, 'corrupt_held' end
   -- The stored total covers every reservation of the account, so an account that holds
   -- nothing (most of them, and every plain charge's) has none to read.
-  local ids = s.stored_held > 0 and redis.call('ZRANGE', k.holds, '[' .. account .. '/', '(' .. account .. '0', 'BYLEX')
-      or {}
+  if s.stored_held == 0 then
+    s.held = 0
+    return s
+  end
+  holding(s)
+  local ids = redis.call('ZRANGE', k.holds, '[' .. account .. '/', '(' .. account .. '0', 'BYLEX')
   for first = 1, #ids, READ_CHUNK do
     local chunk = {unpack(ids, first, math.min(#ids, first + READ_CHUNK - 1))}
     local packed = redis.call('HMGET', k.reservations, unpack(chunk))
@@ -290,6 +303,7 @@ local function read_named(k, s, id, now)
   if not packed then return s end
   local r = parse_reservation(packed, id)
   if not r then return nil, 'corrupt_reservation' end
+  holding(s)
   count_reservation(s, id, r, now)
   if s.stored_held < s.counted then return nil, 'corrupt_held' end
   s.held = s.stored_held - s.released
@@ -430,22 +444,22 @@ end
 
 -- The 13 arguments of a settling call, every one checked as the wire format would check
 -- it; nil, a reason and a detail when one is not.
-local function read_args(op, args)
+local function read_args(op, args, base)
   local rule = OPS[op]
-  local a = {op = op, request_id = args[1], account = args[2], fingerprint = args[3], entry_id = args[4],
-             group = args[5], window_ms = count(args[6], 1, MAX_DURATION_MS), submitted_at = args[7],
-             reply_ttl_ms = count(args[8], 1, MAX_DURATION_MS), reservation = args[12]}
+  local a = {op = op, request_id = args[base + 1], account = args[base + 2], fingerprint = args[base + 3],
+             entry_id = args[base + 4], group = args[base + 5], window_ms = count(args[base + 6], 1, MAX_DURATION_MS),
+             submitted_at = args[base + 7], reply_ttl_ms = count(args[base + 8], 1, MAX_DURATION_MS),
+             reservation = args[base + 12]}
   if not text(a.request_id, REQUEST_ID, 128) then return nil, 'invalid_request_id' end
   if not text(a.account, ACCOUNT, 64) then return nil, 'invalid_account' end
-  -- The fingerprint opens the packed dedupe record, so it must not hold the separator.
-  if not text(a.fingerprint, '^[^' .. SEP .. ']+$', 1024) then return nil, 'invalid_fingerprint' end
+  if not text(a.fingerprint, FINGERPRINT, 1024) then return nil, 'invalid_fingerprint' end
   if a.entry_id ~= '' and not text(a.entry_id, ENTRY_ID, 41) then return nil, 'invalid_entry_id' end
   if a.group ~= '' and not text(a.group, NAME, 64) then return nil, 'invalid_group' end
   if not a.window_ms then return nil, 'invalid_window', 'the dedupe window must be 1..' .. MAX_DURATION_MS .. ' ms' end
   if a.submitted_at ~= '' and not count(a.submitted_at, 0, MAX_TIME_MS) then return nil, 'invalid_submitted_at' end
   if not a.reply_ttl_ms then return nil, 'invalid_reply_ttl' end
   for _, number in ipairs(NUMBERS) do
-    local value = args[number.at]
+    local value = args[base + number.at]
     if value ~= '' then
       if not rule[number.name] then return nil, 'field_not_allowed', number.name end
       a[number.name] = count(value, 1, number.high)
@@ -464,11 +478,10 @@ end
 -- A dedupe record: the request's fingerprint, then its outcome, packed into one short
 -- string, because there is one per request for the whole dedupe window.
 local function record(a, o)
-  local values = {a.fingerprint, o.status, o.reason, o.charged, o.balance}
-  if a.op ~= 'charge' then
-    for _, v in ipairs({o.held, o.reserved, o.expires_at}) do values[#values + 1] = v end
-  end
-  return pack(values)
+  local packed = a.fingerprint .. SEP .. o.status .. SEP .. o.reason .. SEP .. digits(o.charged) .. SEP
+      .. digits(o.balance)
+  if a.op == 'charge' then return packed end
+  return packed .. SEP .. digits(o.held) .. SEP .. digits(o.reserved) .. SEP .. digits(o.expires_at)
 end
 
 -- A stored record, checked; nil when it is not one the library wrote. dated: it starts
@@ -490,18 +503,18 @@ local function parse_record(stored, dated)
   return o
 end
 
--- Dedupe buckets. A record lives in a hash of its partition, <ns>:{pN}:dedupe:<slice>:<slot>
+-- Dedupe buckets. A record lives in a hash of its partition, <ns>:{pN}:dedupe:<window>:<slot>
 -- (request id -> the time it was settled, then the record), of the slice of time it was
 -- settled in: a window spans SLICES slices, so a call looks in at most SLICES + 1 buckets
 -- and writes into the newest, and a bucket expires whole (PEXPIREAT) once its last record
--- has. A hash field costs about 130 bytes where a key with a TTL cost 200. The record's time
--- keeps the window exact; the slice length comes from the window, and so do the names, so
--- a new window starts new buckets. The names are made here from the partition's tag: the
--- same slot as every key the call was given.
+-- has. A hash field costs about 140 bytes where a key with a TTL cost 200. The record's time
+-- keeps the window exact. The window is in the name, so a new window starts new buckets.
+-- The names are made here from the partition's tag: the same slot as every key the call
+-- was given.
 local SLICES = 4
 
 local function bucket(k, window_ms, slot)
-  return k.tag .. ':dedupe:' .. digits(math.ceil(window_ms / SLICES)) .. ':' .. digits(slot)
+  return k.tag .. ':dedupe:' .. digits(window_ms) .. ':' .. digits(slot)
 end
 
 -- The slots of the buckets that may hold a record settled within window_ms before now,
@@ -517,8 +530,8 @@ end
 -- request id's key of the layout before buckets.
 local function read_record(k, a, now, ahead)
   local stored = ahead and ahead.records[a.window_ms] and ahead.records[a.window_ms][a.request_id]
-  local first, last = slots(a.window_ms, now)
   if stored == nil then
+    local first, last = slots(a.window_ms, now)
     stored = false
     for slot = last, first, -1 do
       stored = redis.call('HGET', bucket(k, a.window_ms, slot), a.request_id)
@@ -541,22 +554,22 @@ end
 -- Records the outcome in the newest bucket: at once, or (settle_batch) in what it read
 -- ahead, to be written with the others of the call in one HSET per bucket.
 local function write_record(k, a, o, now, ahead)
-  local _, slot, slice = slots(a.window_ms, now)
-  local name, packed = bucket(k, a.window_ms, slot), digits(now) .. SEP .. record(a, o)
-  local expire_at = digits((slot + 1) * slice + a.window_ms) -- the last record of the slot expires by then
-  if not ahead then
-    redis.call('HSET', name, a.request_id, packed)
-    redis.call('PEXPIREAT', name, expire_at)
-    return
+  local packed = digits(now) .. SEP .. record(a, o)
+  local pending = ahead and ahead.writes[a.window_ms]
+  if not pending then
+    local _, slot, slice = slots(a.window_ms, now)
+    -- the last record of the slot expires by then
+    pending = {name = bucket(k, a.window_ms, slot), expire_at = digits((slot + 1) * slice + a.window_ms), fields = {}}
+    if not ahead then
+      redis.call('HSET', pending.name, a.request_id, packed)
+      redis.call('PEXPIREAT', pending.name, pending.expire_at)
+      return
+    end
+    ahead.writes[a.window_ms] = pending
+    ahead.written[#ahead.written + 1] = pending
   end
   ahead.records[a.window_ms] = ahead.records[a.window_ms] or {}
   ahead.records[a.window_ms][a.request_id] = packed
-  local pending = ahead.writes[name]
-  if not pending then
-    pending = {expire_at = expire_at, fields = {}}
-    ahead.writes[name] = pending
-    ahead.written[#ahead.written + 1] = name
-  end
   pending.fields[#pending.fields + 1] = a.request_id
   pending.fields[#pending.fields + 1] = packed
 end
@@ -575,16 +588,15 @@ end
 local function post(k, a, o, now)
   local fields = {
     'request_id', a.request_id, 'account', a.account, 'status', o.status, 'reason', o.reason,
-    'charged', o.charged, 'balance', o.balance, 'duplicate', o.duplicate,
-    'submitted_at', a.submitted_at, 'processed_at', now, 'entry_id', a.entry_id,
+    'charged', digits(o.charged), 'balance', digits(o.balance), 'duplicate', digits(o.duplicate),
+    'submitted_at', a.submitted_at, 'processed_at', digits(now), 'entry_id', a.entry_id,
   }
   if a.op ~= 'charge' then
-    for _, v in ipairs({'op', a.op, 'reservation', a.reservation, 'held', o.held, 'reserved', o.reserved,
-                        'expires_at', o.expires_at}) do
+    for _, v in ipairs({'op', a.op, 'reservation', a.reservation, 'held', digits(o.held),
+                        'reserved', digits(o.reserved), 'expires_at', digits(o.expires_at)}) do
       fields[#fields + 1] = v
     end
   end
-  for i, v in ipairs(fields) do fields[i] = digits(v) end
   -- No MAXLEN here: trim (maintenance) keeps what subscriber groups have not read.
   redis.call('XADD', k.results, '*', unpack(fields))
   if k.reply_to then
@@ -624,20 +636,14 @@ Returns {status, reason, charged, balance, duplicate, processed_at}, then for th
 reservation operations {held, reserved, expires_at}; or {'stale'} when the entry had
 already been settled by another consumer. A refused call (an error) writes nothing.
 ]]
-local function settle(op, keys, args, ahead)
-  -- A caller of another layout (a process of an older version during an upgrade) is
-  -- refused before anything is written: nothing acked, so its entry stays pending.
-  local k = (#keys == 8 or #keys == 9) and #args == 13
-      and partition_keys({keys[1], keys[3], keys[4], keys[5], keys[6], keys[7], keys[8]}, SETTLE_ROLES)
-  if not k then
-    return refuse('wrong_arguments', op .. ' takes 8 or 9 keys of one partition (balances, seen, results, '
-                  .. 'requests, held, reservations, expiries, holds, [reply_to]) and 13 arguments')
-  end
+-- One entry: k, the partition's keys with this entry's seen and reply_to; its 13
+-- arguments from args[base + 1]; ahead, what settle_batch read for the whole call (nil
+-- for a call of its own).
+local function settle_entry(op, k, args, base, ahead)
   -- Callers validate; this guards the balances against any client allowed to FCALL
   -- directly, for whom a negative amount would be a top-up.
-  local a, err, detail = read_args(op, args)
+  local a, err, detail = read_args(op, args, base)
   if not a then return refuse(err, detail) end
-  k.seen, k.reply_to = keys[2], keys[9]
   if string.sub(k.seen, 1, #k.tag + 6) ~= k.tag .. ':seen:' then return refuse('wrong_arguments', 'seen key') end
   if k.reply_to then
     local prefix = k.tag .. ':reply:'
@@ -674,6 +680,19 @@ local function settle(op, keys, args, ahead)
     for _, v in ipairs({o.held, o.reserved, o.expires_at}) do reply[#reply + 1] = v end
   end
   return reply
+end
+
+local function settle(op, keys, args)
+  -- A caller of another layout (a process of an older version during an upgrade) is
+  -- refused before anything is written: nothing acked, so its entry stays pending.
+  local k = (#keys == 8 or #keys == 9) and #args == 13
+      and partition_keys({keys[1], keys[3], keys[4], keys[5], keys[6], keys[7], keys[8]}, SETTLE_ROLES)
+  if not k then
+    return refuse('wrong_arguments', op .. ' takes 8 or 9 keys of one partition (balances, seen, results, '
+                  .. 'requests, held, reservations, expiries, holds, [reply_to]) and 13 arguments')
+  end
+  k.seen, k.reply_to = keys[2], keys[9]
+  return settle_entry(op, k, args, 0)
 end
 
 --[[
@@ -726,10 +745,9 @@ end
 -- The records the entries of a batch made, one HSET per bucket: each bucket was read
 -- (HMGET) before the first write, so none of these can fail.
 local function write_ahead(ahead)
-  for _, name in ipairs(ahead.written) do
-    local pending = ahead.writes[name]
-    redis.call('HSET', name, unpack(pending.fields))
-    redis.call('PEXPIREAT', name, pending.expire_at)
+  for _, pending in ipairs(ahead.written) do
+    redis.call('HSET', pending.name, unpack(pending.fields))
+    redis.call('PEXPIREAT', pending.name, pending.expire_at)
   end
 end
 
@@ -746,19 +764,19 @@ local function settle_batch(keys, args)
                   .. 'arguments per entry, at most ' .. MAX_BATCH .. ' entries')
   end
   if entries == 0 then return {} end
-  local per_entry, accounts, legacy_keys, listed, windows, writes = {}, {}, {}, {}, {}, CHARGE_WRITES
+  local seen, reply_to, accounts, legacy_keys, listed, windows, writes = {}, {}, {}, {}, {}, {}, CHARGE_WRITES
   local at, seen_prefix = BATCH_SHARED_KEYS + 1, k.tag .. ':seen:'
   for a = 1, #args, BATCH_ENTRY_ARGS do
-    local entry_keys = {keys[1], keys[at], keys[2], keys[3], keys[4], keys[5], keys[6], keys[7]}
+    local entry = #seen + 1
+    seen[entry] = keys[at]
     at = at + 1
     if args[a + 1] == '1' then
-      entry_keys[9] = keys[at]
+      reply_to[entry] = keys[at]
       at = at + 1
     end
-    per_entry[#per_entry + 1] = entry_keys
-    -- settle refuses a record key outside the partition, or a window out of range,
+    -- settle_entry refuses a record key outside the partition, or a window out of range,
     -- before it reads a record
-    if string.sub(entry_keys[2], 1, #seen_prefix) == seen_prefix then legacy_keys[#legacy_keys + 1] = entry_keys[2] end
+    if string.sub(seen[entry], 1, #seen_prefix) == seen_prefix then legacy_keys[#legacy_keys + 1] = seen[entry] end
     local window_ms = count(args[a + 7], 1, MAX_DURATION_MS)
     if window_ms then
       windows[window_ms] = windows[window_ms] or {}
@@ -778,12 +796,13 @@ local function settle_batch(keys, args)
   local replies = {}
   for a = 1, #args, BATCH_ENTRY_ARGS do
     local op = args[a]
-    local entry_keys = per_entry[#replies + 1]
+    local entry = #replies + 1
+    k.seen, k.reply_to = seen[entry], reply_to[entry]
     local reply
     if OPS[op] then
-      -- A refused entry wrote nothing (settle checks before it writes); pcall turns an
-      -- error into that entry's own reply.
-      local ok, result = pcall(settle, op, entry_keys, {unpack(args, a + 2, a + BATCH_ENTRY_ARGS - 1)}, ahead)
+      -- A refused entry wrote nothing (settle_entry checks before it writes); pcall turns
+      -- an error into that entry's own reply.
+      local ok, result = pcall(settle_entry, op, k, args, a + 1, ahead)
       reply = ok and result or {err = type(result) == 'table' and result.err or tostring(result)}
     else
       reply = refuse('unknown_op', tostring(op))

@@ -54,8 +54,9 @@ def run(ctx: Context, profile: Profile) -> ModeResult:
     return ModeResult(
         "memory", check.outcomes, 0.0, check.as_dict(), check.ok,
         extra={"charges": n, "bytes_per_charge": {k: round(v) for k, v in per_charge.items()},
-               # What stays for the dedupe window once maintenance has trimmed the requests.
-               "per_charge": {"bytes_held": round(per_charge["after_trimming_requests"], 1)},
+               # What a charge holds for the whole dedupe window: its record. Requests are
+               # trimmed once acked, results to CHARGING_RESULTS_MAXLEN (the capacity formula).
+               "per_charge": {"bytes_held": round(per_charge["dedupe_record"], 1)},
                "used_memory": {"before": before, "submitted": submitted, "settled": settled, "trimmed": trimmed}},
         notes=["INFO used_memory deltas; the result entry from MEMORY USAGE of the results streams; "
                "the dedupe record is the rest"],
