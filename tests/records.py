@@ -5,14 +5,14 @@ from __future__ import annotations
 import redis
 
 from charging import codec
-from charging.keys import Keys
+from charging.keys import all_partitions
 from charging.plan import run
 from charging.settings import Settings
 
 
-def recorded(client: redis.Redis, settings: Settings, request_id: str, partition: int = 0) -> list[codec.Recorded]:
-    """The record of request_id in the partition, in the buckets or the old layout's key
-    ([] when there is none), by the server's clock."""
+def recorded(client: redis.Redis, settings: Settings, request_id: str) -> list[codec.Recorded]:
+    """The records of request_id, a partition each that has one, in the buckets or the old
+    layout's key ([] when there is none), by the server's clock."""
     seconds, micros = client.time()
-    return run(client, codec.find_records(settings, [Keys(settings.namespace, partition)], request_id,
-                                          seconds * 1000 + micros // 1000))
+    return run(client, codec.find_records(settings, all_partitions(settings.namespace, settings.partitions),
+                                          request_id, seconds * 1000 + micros // 1000))

@@ -1,11 +1,12 @@
 """ceiling: the most Redis itself does of this work. redis-benchmark (many clients,
 pipelined) calls the same `charge` function the workers and authorize call, each with a
-new random dedupe key, so every call takes the full path (dedupe miss, balance check,
+new random request id, so every call takes the full path (dedupe miss, balance check,
 deduct, outcome XADD). Without redis-benchmark: a labelled estimate from Python.
 
 The entry_id argument is empty (the authorize form: nothing to XACK), and redis-benchmark
-cannot put one random id into two arguments, so every outcome carries the request id
-"ceiling": the checker verifies money and balances here, not one outcome per request id."""
+cannot put one random id into two arguments, so the request id and the old layout's record
+key are two random numbers: the checker verifies money and balances here, not one outcome
+per request id."""
 
 from __future__ import annotations
 
@@ -55,9 +56,10 @@ def _redis_benchmark(ctx: Context, settings: Settings, requests: int) -> ModeRes
     if conn.get("password"):
         args += ["-a", conn["password"]] + (["--user", conn["username"]] if conn.get("username") else [])
     request = parse_request({"request_id": ACCOUNT, "account": ACCOUNT, "amount": PRICE}, settings)
-    # A charge in the authorize form (no entry to ack), with a random dedupe key per call.
+    # A charge in the authorize form (no entry to ack), with a random request id per call
+    # (each __rand_int__ gets a number of its own: the old layout's record key another).
     names = codec.settle_keys(keys_of(ACCOUNT, settings), "__rand_int__")
-    arguments = codec.settle_arguments(settings, request, PRICE)
+    arguments = codec.settle_arguments(settings, request, PRICE, given={"request_id": "__rand_int__"})
     args += ["FCALL", "charge", str(len(names)), *names, *(str(a) for a in arguments)]
     with ctx.task(f"ceiling: redis-benchmark -c {CLIENTS} -P {PIPELINE}", requests) as advance:
         proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

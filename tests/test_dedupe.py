@@ -1,0 +1,97 @@
+"""Dedupe records in time buckets (lua/charging.lua, bucket()): a request id answers as a
+duplicate for exactly its window, each bucket expires once its last record has, and the
+records an earlier version kept in a key per request id still answer replays after an
+upgrade, through a call of its own and through a worker."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from charging import codec
+from charging.keys import keys_of
+from charging.schema import parse_request
+from tests.conftest import BOTH_BACKENDS, drain, results
+from tests.records import recorded
+
+SEP = codec.RESERVATION_SEP
+
+
+def charge(settings, request_id: str, amount: int = 10, account: str = "acct"):
+    return parse_request({"request_id": request_id, "account": account, "amount": amount}, settings)
+
+
+def server_ms(client) -> int:
+    seconds, micros = client.time()
+    return seconds * 1000 + micros // 1000
+
+
+def test_a_record_lives_in_the_bucket_of_its_slice_which_expires_once_its_last_record_has(client, settings):
+    keys = keys_of("acct", settings)
+    codec.set_balances(client, settings, [("acct", 100)])
+
+    reply = codec.settled(codec.settle(client, settings, charge(settings, "d1"), 10))
+
+    window = settings.dedupe_window_ms
+    slice_ms = -(-window // codec.DEDUPE_SLICES)
+    slot = reply.processed_at // slice_ms
+    name = keys.dedupe(window, slot)
+    assert client.hget(name, "d1").decode().split(SEP)[:3] == [str(reply.processed_at), "acct|amount|10", "approved"]
+    expires_at = (slot + 1) * slice_ms + window  # the end of the slice, plus a window
+    assert abs(client.pexpiretime(name) - expires_at) <= 1
+    assert [r.charged for r in recorded(client, settings, "d1")] == [10]
+
+
+@BOTH_BACKENDS
+def test_a_request_id_is_a_duplicate_for_exactly_its_window(client, settings):
+    """With a window of 400 ms (slices of 100 ms): a replay inside it charges nothing, one
+    after it is a new charge, whichever bucket the first one went into."""
+    codec.set_balances(client, settings, [("acct", 100)])
+    window = {"window_ms": 400}
+    first = codec.settled(codec.settle(client, settings, charge(settings, "d2"), 10, given=window))
+    again = codec.settled(codec.settle(client, settings, charge(settings, "d2"), 10, given=window))
+    assert (again.duplicate, again.balance) == (True, 90)
+    while server_ms(client) < first.processed_at + 400:
+        time.sleep(0.01)
+
+    later = codec.settled(codec.settle(client, settings, charge(settings, "d2"), 10, given=window))
+
+    assert (later.duplicate, later.status, later.balance) == (False, "approved", 80)
+
+
+@BOTH_BACKENDS
+def test_a_record_of_the_layout_before_buckets_still_answers_a_replay(client, settings, producer):
+    """An upgrade within a dedupe window: request ids settled by the previous version (a key
+    per id) are still answered from those keys, by a call of its own and by a worker."""
+    keys = keys_of("acct", settings)
+    codec.set_balances(client, settings, [("acct", 100)])
+    for rid in ("old1", "old2"):
+        client.set(keys.seen(rid), SEP.join(["acct|amount|10", "approved", "", "10", "90"]), px=60_000)
+
+    direct = codec.settled(codec.settle(client, settings, charge(settings, "old1"), 10))
+    producer.submit([{"request_id": "old2", "account": "acct", "amount": 10},
+                     {"request_id": "old2", "account": "acct", "amount": 11}])
+    drain(settings)
+
+    assert (direct.duplicate, direct.charged, direct.balance) == (True, 10, 90)
+    replayed, conflict = [r for r in results(client, settings) if r["request_id"] == "old2"]
+    assert (replayed["duplicate"], replayed["charged"], replayed["balance"]) == ("1", "10", "90")
+    assert (conflict["duplicate"], conflict["reason"]) == ("1", "idempotency_conflict")
+    assert client.hget(keys.balances, "acct") == b"100"
+    assert [r.charged for r in recorded(client, settings, "old1")] == [10]
+
+
+def test_a_corrupt_record_in_a_bucket_is_refused_before_anything_is_written(client, settings):
+    keys = keys_of("acct", settings)
+    codec.set_balances(client, settings, [("acct", 100)])
+    window = settings.dedupe_window_ms
+    slot = server_ms(client) // -(-window // codec.DEDUPE_SLICES)
+    client.hset(keys.dedupe(window, slot), "d3", "not a record")
+
+    with pytest.raises(Exception, match="corrupt_record"):
+        codec.settle(client, settings, charge(settings, "d3"), 10)
+    [reply] = codec.settle_batch(client, settings, keys, [(charge(settings, "d3"), 10, "")])
+
+    assert "corrupt_record" in str(reply)
+    assert client.hget(keys.balances, "acct") == b"100" and client.xlen(keys.results) == 0
