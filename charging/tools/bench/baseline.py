@@ -10,11 +10,12 @@ own; Redis's CPU time, commands (INFO commandstats) and memory are read around e
 from __future__ import annotations
 
 import time
+from functools import partial
 
 from charging import codec
 from charging.app.audit import audit
 from charging.connection import library_source
-from charging.keys import Keys, all_partitions
+from charging.keys import all_partitions
 from charging.plan import run as run_plan
 from charging.schema import parse_request
 from charging.settings import Settings
@@ -39,7 +40,7 @@ def run(ctx: Context, profile: Profile) -> ModeResult:
     ctx.client.function_load(library_source("baseline"), replace=True)
     try:
         with ctx.task("baseline: frozen", len(load)) as advance:
-            baseline, _ = _drain(ctx, frozen, load, _frozen_batch, advance)
+            baseline, _ = _drain(ctx, frozen, load, partial(codec.settle_batch, baseline=True), advance)
         with ctx.task("baseline: today", len(load)) as advance:
             spent, seconds = _drain(ctx, today, load, codec.settle_batch, advance)
     finally:
@@ -79,16 +80,3 @@ def _drain(ctx: Context, settings: Settings, load: loads.Load, settle_batch, adv
         pipe.execute()
     seconds = time.perf_counter() - began
     return before.per_charge(ctx.redis_work(), len(load)), seconds
-
-
-def _frozen_batch(pipe, settings: Settings, keys: Keys, items) -> None:
-    """The frozen library's settle_batch: the shared keys then (seen, [reply_to]) per entry,
-    and op, has_reply and the same 13 arguments per entry; it had no holds index."""
-    names = [keys.balances, keys.results, keys.requests, keys.held, keys.reservations, keys.expiries]
-    args: list = []
-    for request, amount, entry_id in items:
-        names.append(keys.seen(request.request_id))
-        if request.reply_to:
-            names.append(request.reply_to)
-        args += (request.op, 1 if request.reply_to else 0, *codec.settle_arguments(settings, request, amount, entry_id))
-    pipe.fcall("baseline_settle_batch", len(names), *names, *args)
