@@ -259,14 +259,10 @@ class Recorded:
 
 
 def recorded(request_id: str, packed: bytes | str) -> Recorded:
-    """Parse a dedupe record: the time it was settled (a bucket's record; the old layout's
-    keys have none), the request's fingerprint (its account first; the op second for a
-    reservation operation), then status, reason, charged, balance[, held, reserved,
-    expires_at]."""
-    parts = text(packed).split(RESERVATION_SEP)
-    if len(parts) in (6, 9):
-        parts = parts[1:]
-    fingerprint, status, reason, charged, balance, *session = parts
+    """Parse a dedupe record (a bucket's without the time it was settled, which opens it):
+    the request's fingerprint (its account first; the op second for a reservation
+    operation), then status, reason, charged, balance[, held, reserved, expires_at]."""
+    fingerprint, status, reason, charged, balance, *session = text(packed).split(RESERVATION_SEP)
     account, op = fingerprint.split("|")[:2]
     made = Recorded(request_id, account, status, reason, int(charged), int(balance))
     if not session:
@@ -275,35 +271,46 @@ def recorded(request_id: str, packed: bytes | str) -> Recorded:
     return replace(made, op=op, held=int(held), reserved=int(reserved), expires_at=_number(expires_at))
 
 
-# A dedupe window spans this many slices, a bucket each (lua/charging.lua, SLICES).
-DEDUPE_SLICES = 4
+DEDUPE_SLICES = 4  # a slice is at least this fraction of the window (lua/charging.lua, slice_of)
 
 
-def dedupe_buckets(keys: Keys, window_ms: int, now_ms: int, margin_ms: int = 0) -> list[str]:
+def dedupe_slice(window_ms: int) -> int:
+    """The slice of a window's buckets: the power of two of ms that is at least a quarter of it."""
+    slice_ms = 1
+    while slice_ms * DEDUPE_SLICES < window_ms:
+        slice_ms *= 2
+    return slice_ms
+
+
+def dedupe_buckets(keys: Keys, window_ms: int, now_ms: int) -> list[str]:
     """The buckets that may hold the record of a request settled within window_ms before
-    now_ms (lua/charging.lua, slots()), newest first; margin_ms widens the span both ways,
-    for a reader whose clock is not the server's."""
-    slice_ms = -(-window_ms // DEDUPE_SLICES)
-    first, last = (now_ms - window_ms - margin_ms) // slice_ms, (now_ms + margin_ms) // slice_ms
-    return [keys.dedupe(window_ms, slot) for slot in range(last, first - 1, -1)]
+    now_ms, and the one after now's (lua/charging.lua, slots()), newest first."""
+    slice_ms = dedupe_slice(window_ms)
+    first, last = (now_ms - window_ms) // slice_ms, now_ms // slice_ms + 1
+    return [keys.dedupe(slice_ms, slot) for slot in range(last, first - 1, -1)]
 
 
-def find_records(settings: Settings, places: Sequence[Keys], request_id: str, now_ms: int) -> Plan[list[Recorded]]:
-    """The outcome recorded for request_id in each partition of places that has one (its
-    newest record, within about a window of now_ms by this process's clock), read in one
-    round trip."""
-    margin_ms = max(1000, settings.dedupe_window_ms // DEDUPE_SLICES)
-    # Per partition: its buckets, newest first, then the old layout's key.
-    names = [[*dedupe_buckets(keys, settings.dedupe_window_ms, now_ms, margin_ms), keys.seen(request_id)]
-             for keys in places]
-    answers = yield pipelined(lambda pipe: [pipe.hget(name, request_id) if i < len(group) - 1 else pipe.get(name)
-                                            for group in names for i, name in enumerate(group)])
+def find_records(settings: Settings, places: Sequence[Keys], request_id: str) -> Plan[list[Recorded]]:
+    """The outcome recorded for request_id within the dedupe window, in each partition of
+    places that has one, as a settling call would find it: the newest record of the
+    buckets if the window still covers it, else the old layout's key. Two round trips:
+    the server's time, then every lookup."""
+    seconds, micros = yield lambda client: client.time()
+    now_ms, window_ms = int(seconds) * 1000 + int(micros) // 1000, settings.dedupe_window_ms
+    names = [dedupe_buckets(keys, window_ms, now_ms) for keys in places]
+    answers = yield pipelined(lambda pipe: [
+        *(pipe.hget(name, request_id) for buckets in names for name in buckets),
+        *(pipe.get(keys.seen(request_id)) for keys in places)])
+    legacy = answers[-len(places):]
     found, at = [], 0
-    for group in names:
-        packed = next((value for value in answers[at:at + len(group)] if value is not None), None)
-        at += len(group)
-        if packed is not None:
+    for buckets, old in zip(names, legacy):
+        newest = next((value for value in answers[at:at + len(buckets)] if value is not None), None)
+        at += len(buckets)
+        settled_at, _, packed = text(newest or "0").partition(RESERVATION_SEP)
+        if newest is not None and settled_at.isdigit() and int(settled_at) + window_ms > now_ms:
             found.append(recorded(request_id, packed))
+        elif old is not None:
+            found.append(recorded(request_id, old))
     return found
 
 

@@ -71,10 +71,10 @@ class Keys:
         settling functions, which still read it until the last of those keys expires."""
         return f"{self.tag}:seen:{request_id}"
 
-    def dedupe(self, window_ms: int | str, slot: int | str) -> str:
-        """A dedupe bucket: the records of the requests settled in one slice of time (a
-        quarter of the window; slot x slice is when it starts)."""
-        return f"{self.tag}:dedupe:{window_ms}:{slot}"
+    def dedupe(self, slice_ms: int | str, slot: int | str) -> str:
+        """A dedupe bucket: the records of the requests settled in one slice of time (slot x
+        slice_ms is when it starts)."""
+        return f"{self.tag}:dedupe:{slice_ms}:{slot}"
 
     def reply(self, producer_id: str) -> str:
         return f"{self.tag}:reply:{producer_id}"

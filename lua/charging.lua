@@ -32,10 +32,11 @@ inside; each is checked against the name its role gives it before anything is wr
                                    releases the expired ones of its own account through it
                                    before it decides, so an expired hold never counts.
                                    Same lifetime as the field.
-  <ns>:{pN}:dedupe:<window>:<slot>
+  <ns>:{pN}:dedupe:<slice>:<slot>
                            hash    request id -> when it was settled and its outcome,
                                    packed (see record()), for the requests settled in one
-                                   slice of time (a quarter of the dedupe window). Written
+                                   slice of time (about a quarter of the dedupe window;
+                                   slot x slice is when it starts, in ms). Written
                                    by charge and the reservation operations; expires whole
                                    once its last record has (see bucket()). The only keys
                                    named here rather than passed in KEYS: made from the
@@ -503,38 +504,47 @@ local function parse_record(stored, dated)
   return o
 end
 
--- Dedupe buckets. A record lives in a hash of its partition, <ns>:{pN}:dedupe:<window>:<slot>
+-- Dedupe buckets. A record lives in a hash of its partition, <ns>:{pN}:dedupe:<slice>:<slot>
 -- (request id -> the time it was settled, then the record), of the slice of time it was
--- settled in: a window spans SLICES slices, so a call looks in at most SLICES + 1 buckets
--- and writes into the newest, and a bucket expires whole (PEXPIREAT) once its last record
--- has. A hash field costs about 140 bytes where a key with a TTL cost 200. The record's time
--- keeps the window exact. The window is in the name, so a new window starts new buckets.
--- The names are made here from the partition's tag: the same slot as every key the call
--- was given.
+-- settled in. A hash field costs about 140 bytes where a key with a TTL per request id
+-- cost 200. A slice is the power of two of milliseconds that is at least a quarter of the
+-- window, so a call looks in at most SLICES + 2 buckets and writes into the one of now,
+-- and windows of the same order share buckets: processes of a rolling deploy that changes
+-- the window within one find each other's records. The record's own time keeps the window
+-- exact; a bucket expires whole (PEXPIREAT) once its last record has. The names are made
+-- here from the partition's tag: the same slot as every key the call was given.
 local SLICES = 4
 
-local function bucket(k, window_ms, slot)
-  return k.tag .. ':dedupe:' .. digits(window_ms) .. ':' .. digits(slot)
+local function slice_of(window_ms)
+  local slice = 1
+  while slice * SLICES < window_ms do slice = slice * 2 end
+  return slice
+end
+
+local function bucket(k, slice, slot)
+  return k.tag .. ':dedupe:' .. digits(slice) .. ':' .. digits(slot)
 end
 
 -- The slots of the buckets that may hold a record settled within window_ms before now,
--- oldest first; the last one is the bucket a record settled now goes into.
-local function slots(window_ms, now)
-  local slice = math.ceil(window_ms / SLICES)
-  return math.floor((now - window_ms) / slice), math.floor(now / slice), slice
+-- oldest first, and the one after now's: where a server whose clock was ahead wrote (a
+-- failover to a replica behind it, a clock stepped back).
+local function slots(slice, window_ms, now)
+  return math.floor((now - window_ms) / slice), math.floor(now / slice) + 1
 end
 
 -- The record of a request id settled within the window, checked: false when there is
--- none, nil (and the key) when one is not a record the library wrote. Looks in what
--- settle_batch read ahead when it did, else in the buckets, newest first; then in the
--- request id's key of the layout before buckets.
+-- none, nil and a detail when one is not a record the library wrote. Looks in what
+-- settle_batch read ahead when it did, else in the buckets, newest first (a newer record
+-- of an id is the one that counts); then in the request id's key of the layout before
+-- buckets.
 local function read_record(k, a, now, ahead)
-  local stored = ahead and ahead.records[a.window_ms] and ahead.records[a.window_ms][a.request_id]
+  local slice = slice_of(a.window_ms)
+  local stored = ahead and ahead.records[slice] and ahead.records[slice][a.request_id]
   if stored == nil then
-    local first, last = slots(a.window_ms, now)
+    local first, last = slots(slice, a.window_ms, now)
     stored = false
     for slot = last, first, -1 do
-      stored = redis.call('HGET', bucket(k, a.window_ms, slot), a.request_id)
+      stored = redis.call('HGET', bucket(k, slice, slot), a.request_id)
       if stored then break end
     end
   end
@@ -551,25 +561,35 @@ local function read_record(k, a, now, ahead)
   return o
 end
 
--- Records the outcome in the newest bucket: at once, or (settle_batch) in what it read
--- ahead, to be written with the others of the call in one HSET per bucket.
+-- A bucket lives until its last record has expired: the expiry is set when it is made,
+-- and only ever pushed later (a record of a longer window of the same slice).
+local function expire_bucket(name, at)
+  redis.call('PEXPIREAT', name, digits(at), 'NX')
+  redis.call('PEXPIREAT', name, digits(at), 'GT')
+end
+
+-- Records the outcome in the bucket of now, which the call has read (so this write cannot
+-- fail): at once, or (settle_batch) in what it read ahead, written with the others of the
+-- call in one HSET per bucket.
 local function write_record(k, a, o, now, ahead)
-  local packed = digits(now) .. SEP .. record(a, o)
-  local pending = ahead and ahead.writes[a.window_ms]
+  local slice = slice_of(a.window_ms)
+  local slot = math.floor(now / slice)
+  local packed, expire_at = digits(now) .. SEP .. record(a, o), (slot + 1) * slice + a.window_ms
+  if not ahead then
+    local name = bucket(k, slice, slot)
+    redis.call('HSET', name, a.request_id, packed)
+    expire_bucket(name, expire_at)
+    return
+  end
+  ahead.records[slice] = ahead.records[slice] or {}
+  ahead.records[slice][a.request_id] = packed
+  local pending = ahead.writes[slice] -- every entry of a call is settled at the same now
   if not pending then
-    local _, slot, slice = slots(a.window_ms, now)
-    -- the last record of the slot expires by then
-    pending = {name = bucket(k, a.window_ms, slot), expire_at = digits((slot + 1) * slice + a.window_ms), fields = {}}
-    if not ahead then
-      redis.call('HSET', pending.name, a.request_id, packed)
-      redis.call('PEXPIREAT', pending.name, pending.expire_at)
-      return
-    end
-    ahead.writes[a.window_ms] = pending
+    pending = {name = bucket(k, slice, slot), expire_at = expire_at, fields = {}}
+    ahead.writes[slice] = pending
     ahead.written[#ahead.written + 1] = pending
   end
-  ahead.records[a.window_ms] = ahead.records[a.window_ms] or {}
-  ahead.records[a.window_ms][a.request_id] = packed
+  pending.expire_at = math.max(pending.expire_at, expire_at)
   pending.fields[#pending.fields + 1] = a.request_id
   pending.fields[#pending.fields + 1] = packed
 end
@@ -609,7 +629,7 @@ local SETTLE_ROLES = {'balances', 'results', 'requests', 'held', 'reservations',
 -- The keys a settling call writes without having read them first, whose type is checked
 -- before anything is written: balances, held and the dedupe record are read (a read of
 -- another type fails before any write), and the ack is the first write.
-local CHARGE_WRITES = {results = 'stream'}
+local CHARGE_WRITES = {results = 'stream', expiries = 'zset'} -- expiries: releasing an expired hold
 local SETTLE_WRITES = {results = 'stream', reservations = 'hash', expiries = 'zset', holds = 'zset'}
 
 --[[
@@ -718,7 +738,7 @@ local BATCH_SHARED_KEYS, BATCH_ENTRY_ARGS = 7, 15
 -- earlier one wrote; the records are written at the end, one HSET per bucket. A bucket of
 -- another type fails its HMGET here, before anything is written. An old record key of
 -- another type reads as no record (MGET answers nil for it).
-local function read_ahead(k, accounts, legacy_keys, windows)
+local function read_ahead(k, accounts, legacy_keys, slices)
   local ahead = {now = now_ms(), balances = {}, held = {}, records = {}, legacy = {}, writes = {}, written = {}}
   local balances = redis.call('HMGET', k.balances, unpack(accounts))
   local held = redis.call('HMGET', k.held, unpack(accounts))
@@ -728,16 +748,16 @@ local function read_ahead(k, accounts, legacy_keys, windows)
   if #legacy_keys > 0 then
     for i, stored in ipairs(redis.call('MGET', unpack(legacy_keys))) do ahead.legacy[legacy_keys[i]] = stored end
   end
-  for window_ms, ids in pairs(windows) do
+  for slice, wanted in pairs(slices) do
     local found = {}
-    for _, id in ipairs(ids) do found[id] = false end
-    local first, last = slots(window_ms, ahead.now)
+    for _, id in ipairs(wanted.ids) do found[id] = false end
+    local first, last = slots(slice, wanted.window_ms, ahead.now)
     for slot = first, last do -- oldest first: a newer record of an id replaces an older one
-      for i, stored in ipairs(redis.call('HMGET', bucket(k, window_ms, slot), unpack(ids))) do
-        if stored then found[ids[i]] = stored end
+      for i, stored in ipairs(redis.call('HMGET', bucket(k, slice, slot), unpack(wanted.ids))) do
+        if stored then found[wanted.ids[i]] = stored end
       end
     end
-    ahead.records[window_ms] = found
+    ahead.records[slice] = found
   end
   return ahead
 end
@@ -747,7 +767,7 @@ end
 local function write_ahead(ahead)
   for _, pending in ipairs(ahead.written) do
     redis.call('HSET', pending.name, unpack(pending.fields))
-    redis.call('PEXPIREAT', pending.name, pending.expire_at)
+    expire_bucket(pending.name, pending.expire_at)
   end
 end
 
@@ -764,7 +784,7 @@ local function settle_batch(keys, args)
                   .. 'arguments per entry, at most ' .. MAX_BATCH .. ' entries')
   end
   if entries == 0 then return {} end
-  local seen, reply_to, accounts, legacy_keys, listed, windows, writes = {}, {}, {}, {}, {}, {}, CHARGE_WRITES
+  local seen, reply_to, accounts, legacy_keys, listed, slices, writes = {}, {}, {}, {}, {}, {}, CHARGE_WRITES
   local at, seen_prefix = BATCH_SHARED_KEYS + 1, k.tag .. ':seen:'
   for a = 1, #args, BATCH_ENTRY_ARGS do
     local entry = #seen + 1
@@ -778,9 +798,11 @@ local function settle_batch(keys, args)
     -- before it reads a record
     if string.sub(seen[entry], 1, #seen_prefix) == seen_prefix then legacy_keys[#legacy_keys + 1] = seen[entry] end
     local window_ms = count(args[a + 7], 1, MAX_DURATION_MS)
-    if window_ms then
-      windows[window_ms] = windows[window_ms] or {}
-      table.insert(windows[window_ms], args[a + 2])
+    if window_ms then -- the buckets of a slice, read over the longest window of its entries
+      local slice = slice_of(window_ms)
+      slices[slice] = slices[slice] or {ids = {}, window_ms = 0}
+      table.insert(slices[slice].ids, args[a + 2])
+      slices[slice].window_ms = math.max(slices[slice].window_ms, window_ms)
     end
     local account = args[a + 3]
     if not listed[account] then
@@ -792,7 +814,7 @@ local function settle_batch(keys, args)
   -- The keys shared by every entry are checked once for the whole call, before it writes.
   local err = wrong_types(k, writes)
   if err then return err end
-  local ahead = read_ahead(k, accounts, legacy_keys, windows)
+  local ahead = read_ahead(k, accounts, legacy_keys, slices)
   local replies = {}
   for a = 1, #args, BATCH_ENTRY_ARGS do
     local op = args[a]

@@ -34,9 +34,10 @@ def test_a_record_lives_in_the_bucket_of_its_slice_which_expires_once_its_last_r
     reply = codec.settled(codec.settle(client, settings, charge(settings, "d1"), 10))
 
     window = settings.dedupe_window_ms
-    slice_ms = -(-window // codec.DEDUPE_SLICES)
+    slice_ms = codec.dedupe_slice(window)
+    assert window / 4 <= slice_ms < window / 2 and slice_ms & (slice_ms - 1) == 0  # a power of two
     slot = reply.processed_at // slice_ms
-    name = keys.dedupe(window, slot)
+    name = keys.dedupe(slice_ms, slot)
     assert client.hget(name, "d1").decode().split(SEP)[:3] == [str(reply.processed_at), "acct|amount|10", "approved"]
     expires_at = (slot + 1) * slice_ms + window  # the end of the slice, plus a window
     assert abs(client.pexpiretime(name) - expires_at) <= 1
@@ -86,8 +87,8 @@ def test_a_corrupt_record_in_a_bucket_is_refused_before_anything_is_written(clie
     keys = keys_of("acct", settings)
     codec.set_balances(client, settings, [("acct", 100)])
     window = settings.dedupe_window_ms
-    slot = server_ms(client) // -(-window // codec.DEDUPE_SLICES)
-    client.hset(keys.dedupe(window, slot), "d3", "not a record")
+    slice_ms = codec.dedupe_slice(window)
+    client.hset(keys.dedupe(slice_ms, server_ms(client) // slice_ms), "d3", "not a record")
 
     with pytest.raises(Exception, match="corrupt_record"):
         codec.settle(client, settings, charge(settings, "d3"), 10)
@@ -95,3 +96,43 @@ def test_a_corrupt_record_in_a_bucket_is_refused_before_anything_is_written(clie
 
     assert "corrupt_record" in str(reply)
     assert client.hget(keys.balances, "acct") == b"100" and client.xlen(keys.results) == 0
+
+
+def test_a_window_changed_within_its_slice_still_finds_the_records_of_the_old_one(client, settings):
+    """A rolling deploy that moves the window from 60 s to 61 s: both share their buckets."""
+    codec.set_balances(client, settings, [("acct", 100)])
+    codec.settle(client, settings, charge(settings, "d4"), 10, given={"window_ms": 60_000})
+
+    again = codec.settled(codec.settle(client, settings, charge(settings, "d4"), 10, given={"window_ms": 61_000}))
+    [batched] = codec.settle_batch(client, settings.model_copy(update={"dedupe_window_s": 61}), keys_of("acct", settings),
+                                   [(charge(settings, "d4"), 10, "")])
+
+    assert (again.duplicate, again.balance) == (True, 90)
+    assert codec.settled(batched).duplicate and client.hget(keys_of("acct", settings).balances, "acct") == b"90"
+
+
+def test_a_record_written_by_a_clock_ahead_is_found_after_the_clock_stepped_back(client, settings):
+    """A failover to a replica whose clock is behind: the record sits in the slot after now's."""
+    keys = keys_of("acct", settings)
+    codec.set_balances(client, settings, [("acct", 100)])
+    slice_ms = codec.dedupe_slice(settings.dedupe_window_ms)
+    ahead = server_ms(client) + slice_ms
+    client.hset(keys.dedupe(slice_ms, ahead // slice_ms), "d5", SEP.join([str(ahead), "acct|amount|10", "approved",
+                                                                           "", "10", "90"]))
+
+    direct = codec.settled(codec.settle(client, settings, charge(settings, "d5"), 10))
+    [batched] = codec.settle_batch(client, settings, keys, [(charge(settings, "d5"), 10, "")])
+
+    assert (direct.duplicate, direct.balance) == (True, 90) and codec.settled(batched).duplicate
+    assert client.hget(keys.balances, "acct") == b"100"
+
+
+def test_the_gateway_lookup_forgets_a_record_once_its_window_has_passed(client, settings):
+    short = settings.model_copy(update={"dedupe_window_s": 1})
+    codec.set_balances(client, short, [("acct", 100)])
+    first = codec.settled(codec.settle(client, short, charge(short, "d6"), 10))
+    assert [r.charged for r in recorded(client, short, "d6")] == [10]
+    while server_ms(client) < first.processed_at + 1000:
+        time.sleep(0.02)
+
+    assert recorded(client, short, "d6") == []  # its bucket may live on; the record no longer counts

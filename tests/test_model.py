@@ -23,6 +23,8 @@ import os
 import signal
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import redis
@@ -124,8 +126,10 @@ class LedgerMachine(RuleBasedStateMachine):
 
     # ---- the calls ----------------------------------------------------------------------
 
-    def settle(self, data: dict, ttl_ms: int | None = None) -> ChargeRequest:
-        """One settling call through the codec, checked against the model and the results stream."""
+    def settle(self, data: dict, ttl_ms: int | None = None, swapped: str | None = None) -> ChargeRequest:
+        """One settling call through the codec, checked against the model and the results
+        stream. swapped: a key of the partition another client has made a string for this
+        call; it is put back before the answer is checked."""
         if data["request_id"] is None:
             data = {**data, "request_id": f"f{next(self.fresh)}"}
         request = parse_request(data, self.settings)
@@ -136,7 +140,8 @@ class LedgerMachine(RuleBasedStateMachine):
         self.history.append((data, ttl_ms))
         self.request_ids.add(request.request_id)
         posted = self.client.xlen(self.keys.results)
-        reply = codec.settled(codec.settle(self.client, self.settings, request, amount, given=given))
+        with self.swapped(swapped):
+            reply = codec.settled(codec.settle(self.client, self.settings, request, amount, given=given))
         seen = answer_of(reply)
         expected = self.ledger.settle(self.model_request(request, amount, ttl_ms), reply.processed_at, seen)
         assert seen == expected, f"{request.op} {data}: library {seen}, model {expected}"
@@ -147,6 +152,36 @@ class LedgerMachine(RuleBasedStateMachine):
         if reply.status == "approved" and not reply.duplicate:
             self.charged[request.account] += reply.charged
         return request
+
+    @contextmanager
+    def swapped(self, name: str | None) -> Iterator[None]:
+        """name made a string while the block runs, then put back as it was; a call refused
+        for it (WRONGTYPE) must have written nothing, and the refusal goes on up."""
+        if name is None:
+            yield
+            return
+        saved, before, records = self.client.dump(name), self.dumps(skip=name), self.records()
+        self.client.delete(name)
+        self.client.set(name, "not ours")
+        try:
+            yield
+        except redis.ResponseError as refusal:
+            assert "WRONGTYPE" in str(refusal), refusal
+            assert self.dumps(skip=name) == before, f"a call refused for {name} of another type wrote"
+            assert self.records() <= records
+            raise
+        finally:
+            self.client.delete(name)
+            if saved is not None:
+                self.client.restore(name, 0, saved)
+
+    def dumps(self, skip: str) -> list:
+        """Every key of the partition but skip, serialized whatever its type (DUMP)."""
+        pipe = self.client.pipeline(transaction=False)
+        for name in (*codec.partition_keys(self.keys), self.taken_reply):
+            if name != skip:
+                pipe.dump(name)
+        return pipe.execute()
 
     def model_request(self, request, amount: int | None, ttl_ms: int | None) -> Request:
         reserve = request.op == "reserve"
@@ -309,6 +344,18 @@ class LedgerMachine(RuleBasedStateMachine):
                                 self.settings)
         self.refused(lambda: codec.settle(self.client, self.settings, request, price(request, self.settings)),
                      "WRONGTYPE", request_id)
+
+    @rule(role=st.sampled_from(("results", "held", "reservations", "expiries", "holds")),
+          op=st.sampled_from(("charge", "reserve")), account=st.sampled_from(ACCOUNTS), cost=prices)
+    def key_of_another_type(self, role, op, account, cost):
+        """One of the partition's keys made a string by another client for one call: the call
+        is refused before it writes, or, if it needs nothing of that key, answered as the
+        model says."""
+        data = {"op": op, "request_id": f"typed-{next(self.fresh)}", "account": account, **cost}
+        try:
+            self.settle(data, None if op == "charge" else 60_000, swapped=getattr(self.keys, role))
+        except redis.ResponseError:
+            pass  # refused, and checked to have written nothing
 
     # ---- after every step -------------------------------------------------------------------
 

@@ -127,6 +127,29 @@ def test_a_reply_to_of_another_type_is_refused_before_the_charge(client, setting
     assert client.hget(keys.balances, "acct") == b"100"
 
 
+@pytest.mark.parametrize("batch", [False, True], ids=["call", "batch"])
+def test_a_charge_that_would_release_an_expired_hold_into_an_index_of_another_type_is_refused(client, settings, batch):
+    """Found by review: a charge on an account with an expired hold writes the expiries index,
+    which it never reads: its type is checked before the ack, not found after it."""
+    keys = keys_of("acct", settings)
+    codec.set_balances(client, settings, [("acct", 100)])
+    request = parse_request({"op": "reserve", "request_id": "h1", "account": "acct", "amount": 10}, settings)
+    codec.settle(client, settings, request, 10, given={"ttl_ms": 1})
+    time.sleep(0.01)
+    client.delete(keys.expiries)
+    client.set(keys.expiries, "someone else's string")
+    before = snapshot(client, settings)
+
+    call = charge(settings, "acct", 5, "h2")
+    if batch:  # the shared keys are checked once for the whole call
+        message = refused(lambda: codec.settle_batch(client, settings, keys, [(call, 5, "")]))
+    else:
+        message = refused(lambda: codec.settle(client, settings, call, 5))
+
+    assert "WRONGTYPE" in message and snapshot(client, settings) == before
+    assert recorded(client, settings, "h2") == []
+
+
 def test_settle_batch_leaves_no_write_of_a_refused_entry(client, settings):
     keys = Keys(settings.namespace, 0)
     codec.set_balances(client, settings, [("acct", 100)])

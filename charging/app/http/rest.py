@@ -4,7 +4,6 @@ reservations. Every answer is JSON; every refusal a problem (problems.py)."""
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import asdict
 from typing import Any
 from urllib.parse import quote
@@ -61,7 +60,7 @@ def _recorded(gateway: Gateway, request_id: str, account: str | None) -> Plan[li
     settings = gateway.settings
     places = ([keys_of(account, settings)] if account is not None
               else all_partitions(settings.namespace, settings.partitions))
-    return codec.find_records(settings, places, request_id, int(time.time() * 1000))
+    return codec.find_records(settings, places, request_id)
 
 
 async def account_funds(request: Request, caller: Caller, gateway: Gateway) -> JSONResponse:
