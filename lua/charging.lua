@@ -35,7 +35,7 @@ inside; each is checked against the name its role gives it before anything is wr
   <ns>:{pN}:dedupe:<slice>:<slot>
                            hash    request id -> when it was settled and its outcome,
                                    packed (see record()), for the requests settled in one
-                                   slice of time (about a quarter of the dedupe window;
+                                   slice of time (a quarter to a half of the window;
                                    slot x slice is when it starts, in ms). Written
                                    by charge and the reservation operations; expires whole
                                    once its last record has (see bucket()). The only keys
