@@ -8,6 +8,7 @@ from pathlib import Path
 
 from rich.table import Table
 
+from charging import codec
 from charging.tools.bench.result import ModeResult
 
 TARGETS = {"drain_vs_ceiling": 0.7, "commands_per_charge": 5, "baseline_cpu_ratio": 2.0, "bytes_held": 200,
@@ -129,10 +130,13 @@ def targets_table(rows: list[dict]) -> Table:
 
 
 def capacity_bytes(per_charge: dict[str, int], rate: int, window_s: int, results_maxlen: int) -> int:
-    """Redis memory at a steady rate: a dedupe record per charge for the whole window, result
-    entries up to the results stream's cap; request entries are trimmed once acked."""
+    """Redis memory at a steady rate, at its peak: a dedupe record per charge for the window
+    and, until its bucket expires, up to one slice more (codec.dedupe_slice); result entries
+    up to the results stream's cap; request entries are trimmed once acked."""
+    kept_s = window_s + codec.dedupe_slice(window_s * 1000) / 1000
     charges = rate * window_s
-    return charges * per_charge["dedupe_record"] + min(charges, results_maxlen) * per_charge["result_entry"]
+    return (round(rate * kept_s * per_charge["dedupe_record"])
+            + min(charges, results_maxlen) * per_charge["result_entry"])
 
 
 def memory_table(per_charge: dict[str, int], results_maxlen: int) -> Table:
