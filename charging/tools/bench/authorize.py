@@ -6,6 +6,9 @@ machine is not saturated."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+
 from charging import codec
 from charging.app.audit import audit
 from charging.connection import connect
@@ -28,27 +31,38 @@ class AuthorizeClient:
 
 
 def run(ctx: Context, profile: Profile) -> list[ModeResult]:
-    return [_run(ctx, profile, rate=None, seed=3), _run(ctx, profile, rate=profile.authorize_rate, seed=4)]
+    return [client_mode(ctx, profile, "authorize", rate, seed, AuthorizeClient, _settings_dump,
+                        "clients, {label}; latency measured in the client (includes the Python client)")
+            for rate, seed in ((None, 3), (profile.authorize_rate, 4))]
 
 
-def _run(ctx: Context, profile: Profile, rate: int | None, seed: int) -> ModeResult:
+@contextmanager
+def _settings_dump(settings: Settings) -> Iterator[tuple]:
+    yield (settings.model_dump(),)
+
+
+def client_mode(ctx: Context, profile: Profile, name: str, rate: int | None, seed: int, client: Callable,
+                client_args: Callable[[Settings], AbstractContextManager[tuple]], note: str,
+                extra: dict | None = None) -> ModeResult:
+    """One run of a client mode: the mixed load sent by profile.clients clients, each a
+    client(*args), closed loop (rate None) or paced at rate in total; audited, with what
+    each charge cost Redis. client_args gives the clients' arguments for the mode's
+    settings, for as long as the run lasts (a gateway to talk to, say)."""
     ctx.reset()
-    settings = ctx.settings_for(f"authorize{rate or ''}")
+    settings = ctx.settings_for(f"{name.split()[0]}{rate or ''}")
     load = loads.mixed(profile.accounts, profile.client_charges, seed=seed, prefix=f"{settings.namespace}-")
     codec.set_balances(ctx.client, settings, load.balances.items())
     label = "closed loop" if rate is None else f"paced {rate:,.0f}/s"
-    with ctx.task(f"authorize: {label}", len(load)) as advance:
+    with client_args(settings) as args, ctx.task(f"{name}: {label}", len(load)) as advance:
         before = ctx.redis_work()
-        run = run_clients(AuthorizeClient, (settings.model_dump(),), load.requests, profile.clients,
-                          profile.client_processes, rate, advance)
+        run = run_clients(client, args, load.requests, profile.clients, profile.client_processes, rate, advance)
         after = ctx.redis_work()
     check = audit(ctx.client, settings, load.balances, load.expected)
-    name = "authorize" if rate is None else f"authorize {rate / 1000:g}k/s"
     return ModeResult(
-        name, len(run.replies), run.seconds, check.as_dict(), check.ok and not run.errors,
-        latencies_ms=run.latencies_ms, done_at_s=run.done_at_s,
+        name if rate is None else f"{name} {rate / 1000:g}k/s", len(run.replies), run.seconds, check.as_dict(),
+        check.ok and not run.errors, latencies_ms=run.latencies_ms, done_at_s=run.done_at_s,
         extra={"clients": profile.clients, "client_processes": profile.client_processes,
-               "offered_rate_per_s": rate, "errors": len(run.errors),
-               "first_errors": run.errors[:3], "per_charge": before.per_charge(after, len(load))},
-        notes=[f"{profile.clients} clients, {label}; latency measured in the client (includes the Python client)"],
+               "offered_rate_per_s": rate, "errors": len(run.errors), "first_errors": run.errors[:3],
+               "per_charge": before.per_charge(after, len(load)), **(extra or {})},
+        notes=[f"{profile.clients} " + note.format(label=label)],
     )

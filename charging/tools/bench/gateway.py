@@ -12,10 +12,7 @@ import subprocess
 import sys
 import time
 
-from charging import codec
-from charging.app.audit import audit
-from charging.tools.bench import load as loads
-from charging.tools.bench.clients import run_clients
+from charging.tools.bench.authorize import client_mode
 from charging.tools.bench.context import Context
 from charging.tools.bench.profile import Profile
 from charging.tools.bench.result import ModeResult
@@ -39,29 +36,10 @@ class HttpClient:
 
 
 def run(ctx: Context, profile: Profile) -> list[ModeResult]:
-    return [_run(ctx, profile, rate=None, seed=5), _run(ctx, profile, rate=profile.http_rate, seed=6)]
-
-
-def _run(ctx: Context, profile: Profile, rate: int | None, seed: int) -> ModeResult:
-    ctx.reset()
-    settings = ctx.settings_for(f"http{rate or ''}")
-    load = loads.mixed(profile.accounts, profile.client_charges, seed=seed, prefix=f"{settings.namespace}-")
-    codec.set_balances(ctx.client, settings, load.balances.items())
-    label = "closed loop" if rate is None else f"paced {rate:,.0f}/s"
-    with _gateway(settings) as port, ctx.task(f"http: {label}", len(load)) as advance:
-        run = run_clients(HttpClient, (port,), load.requests, profile.clients, profile.client_processes, rate,
-                          advance)
-    check = audit(ctx.client, settings, load.balances, load.expected)
-    name = "http authorize" if rate is None else f"http authorize {rate / 1000:g}k/s"
-    return ModeResult(
-        name, len(run.replies), run.seconds, check.as_dict(), check.ok and not run.errors,
-        latencies_ms=run.latencies_ms, done_at_s=run.done_at_s,
-        extra={"clients": profile.clients, "client_processes": profile.client_processes,
-               "offered_rate_per_s": rate, "errors": len(run.errors), "first_errors": run.errors[:3],
-               "gateway_processes": 1},
-        notes=[f"{profile.clients} clients over HTTP keep-alive, {label}, one `charging serve` process; latency "
-               "measured in the client"],
-    )
+    return [client_mode(ctx, profile, "http authorize", rate, seed, HttpClient, _gateway,
+                        "clients over HTTP keep-alive, {label}, one `charging serve` process; latency measured "
+                        "in the client", extra={"gateway_processes": 1})
+            for rate, seed in ((None, 5), (profile.http_rate, 6))]
 
 
 class _gateway:
@@ -71,7 +49,7 @@ class _gateway:
         self.settings = settings
         self.port = free_port()
 
-    def __enter__(self) -> int:
+    def __enter__(self) -> tuple[int]:
         env = {**os.environ, "CHARGING_REDIS_URL": self.settings.redis_url.get_secret_value(),
                "CHARGING_NAMESPACE": self.settings.namespace, "CHARGING_PARTITIONS": str(self.settings.partitions),
                "CHARGING_REDIS_CLUSTER": "1" if self.settings.redis_cluster else "0", "CHARGING_LOG_LEVEL": "warning"}
@@ -82,7 +60,7 @@ class _gateway:
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("charging serve did not become ready (is the [http] extra installed?)")
             time.sleep(0.1)
-        return self.port
+        return (self.port,)
 
     def _ready(self) -> bool:
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
