@@ -307,11 +307,19 @@ def find_records(settings: Settings, places: Sequence[Keys], request_id: str) ->
         newest = next((value for value in answers[at:at + len(buckets)] if value is not None), None)
         at += len(buckets)
         settled_at, _, packed = text(newest or "0").partition(RESERVATION_SEP)
-        if newest is not None and settled_at.isdigit() and int(settled_at) + window_ms > now_ms:
-            found.append(recorded(request_id, packed))
-        elif old is not None:
-            found.append(recorded(request_id, old))
+        counts = newest is not None and settled_at.isdigit() and int(settled_at) + window_ms > now_ms
+        record = (counts and _checked(request_id, packed)) or (old is not None and _checked(request_id, old))
+        if record:
+            found.append(record)
     return found
+
+
+def _checked(request_id: str, packed: bytes | str) -> Recorded | None:
+    """None for a value the library did not write (a settling call refuses it too)."""
+    try:
+        return recorded(request_id, packed)
+    except ValueError:
+        return None
 
 
 def _number(value: str) -> int | None:

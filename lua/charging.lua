@@ -544,8 +544,10 @@ local function read_record(k, a, now, ahead)
     local first, last = slots(slice, a.window_ms, now)
     stored = false
     for slot = last, first, -1 do
-      stored = redis.call('HGET', bucket(k, slice, slot), a.request_id)
-      if stored then break end
+      local found = redis.call('HGET', bucket(k, slice, slot), a.request_id)
+      if not stored then stored = found end
+      -- not before now's bucket is read: a record settled now is written there
+      if stored and slot < last then break end
     end
   end
   if stored then

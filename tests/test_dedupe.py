@@ -136,3 +136,29 @@ def test_the_gateway_lookup_forgets_a_record_once_its_window_has_passed(client, 
         time.sleep(0.02)
 
     assert recorded(client, short, "d6") == []  # its bucket may live on; the record no longer counts
+
+
+def test_a_call_reads_the_bucket_it_writes_even_past_a_newer_record_that_no_longer_counts(client, settings):
+    """Found by review: a forged, too old record in the slot after now's stopped the lookup
+    before now's bucket, which the charge then wrote unread, after the ack."""
+    keys = keys_of("acct", settings)
+    codec.set_balances(client, settings, [("acct", 1000)])
+    slice_ms = codec.dedupe_slice(settings.dedupe_window_ms)
+    now = server_ms(client)
+    client.hset(keys.dedupe(slice_ms, now // slice_ms + 1), "d7", SEP.join(["0", "acct|amount|10", "approved", "",
+                                                                             "10", "990"]))
+    client.set(keys.dedupe(slice_ms, now // slice_ms), "someone else's string")
+
+    with pytest.raises(Exception, match="WRONGTYPE"):
+        codec.settle(client, settings, charge(settings, "d7"), 10)
+
+    assert client.hget(keys.balances, "acct") == b"1000" and client.xlen(keys.results) == 0
+
+
+def test_the_gateway_lookup_skips_a_record_it_cannot_read(client, settings):
+    keys = keys_of("acct", settings)
+    slice_ms = codec.dedupe_slice(settings.dedupe_window_ms)
+    now = server_ms(client)
+    client.hset(keys.dedupe(slice_ms, now // slice_ms), "d8", SEP.join([str(now), "acct|amount|10", "approved"]))
+
+    assert recorded(client, settings, "d8") == []
