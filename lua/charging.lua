@@ -506,7 +506,7 @@ end
 
 -- Dedupe buckets. A record lives in a hash of its partition, <ns>:{pN}:dedupe:<slice>:<slot>
 -- (request id -> the time it was settled, then the record), of the slice of time it was
--- settled in. A hash field costs about 140 bytes where a key with a TTL per request id
+-- settled in. A hash field costs about 125 bytes where a key with a TTL per request id
 -- cost 200. A slice is the power of two of milliseconds that is at least a quarter of the
 -- window, so a call looks in at most SLICES + 2 buckets and writes into the one of now,
 -- and windows of the same order share buckets: processes of a rolling deploy that changes
