@@ -280,3 +280,18 @@ def test_a_demo_stopped_half_way_removes_its_temp_dir(tmp_path, stop):
     running.communicate(timeout=60)
     assert running.returncode != 0
     assert not list(tmp_path.iterdir())
+    assert left_running(tmp_path) == [], "the demo left its workers or its server running"
+
+
+def left_running(tmp_path: Path) -> list[str]:
+    """The command lines of processes still running with the demo's environment (the test
+    gives it a TMPDIR of its own, which its server and workers inherit)."""
+    mark = f"TMPDIR={tmp_path}".encode()
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if mark in proc.joinpath("environ").read_bytes().split(b"\0"):
+                found.append(proc.joinpath("cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found

@@ -12,6 +12,8 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import redis
@@ -62,7 +64,8 @@ def run_demo(state, charges: int, workers: int, accounts: int, balance: int, dat
         names = accounts_mod.numbered(accounts)
         codec.set_balances(client, settings, ((a, balance) for a in names))
         console.print(f"{accounts} accounts reset to {balance}")
-        worker_proc = _start_workers(settings, workers, work_dir)
+        with _signals_held():  # a stop now must find the workers it has to stop
+            worker_proc = _start_workers(settings, workers, work_dir)
         return _run_load(client, settings, names, charges, accounts * balance)
     finally:
         if worker_proc is not None:
@@ -81,11 +84,27 @@ def _exit(signum: int, _frame) -> None:
     raise SystemExit(128 + signum)
 
 
+STOPS = {signal.SIGINT, signal.SIGTERM}
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block is done: a stop that landed while the workers
+    were being started, before run_demo knew them, would leave them running."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _start_workers(settings: Settings, workers: int, log_dir: Path) -> subprocess.Popen:
     env = {**os.environ, **settings.environment()}
     with open(log_dir / "worker.log", "ab") as log_file:
+        # The workers must hear the stop signals this process holds back while it starts them.
         return subprocess.Popen([sys.executable, "-m", "charging", "worker", "--processes", str(workers)],
-                                env=env, stdout=log_file, stderr=log_file)
+                                env=env, stdout=log_file, stderr=log_file,
+                                preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPS))
 
 
 def _stop(worker_proc: subprocess.Popen) -> int:
