@@ -317,9 +317,10 @@ end
 local function apply(k, s, ahead)
   for _, id in ipairs(s.expired_ids) do remove_reservation(k, id) end
   for _, id in ipairs(s.gone) do redis.call('ZREM', k.holds, id) end
-  if s.charge then
-    local balance = redis.call('HINCRBY', k.balances, s.account, digits(-s.charge))
-    if ahead then ahead.balances[s.account] = digits(balance) end
+  if s.charge and ahead then -- written with the others of the call (write_ahead)
+    ahead.balances[s.account], ahead.charged[s.account] = digits(s.balance - s.charge), true
+  elseif s.charge then
+    redis.call('HINCRBY', k.balances, s.account, digits(-s.charge))
   end
   if s.put then write_reservation(k, s.put.id, s.put) end
   if s.close then remove_reservation(k, s.close) end
@@ -443,21 +444,37 @@ local function reservation_ok(a, rule)
       'invalid_reservation'
 end
 
+-- The arguments an entry of a worker's batch shares with the others (its group, dedupe
+-- window and reply ttl) are checked once per call: cache maps a value checked to what it
+-- read as (false: not valid); nil for a call of its own.
+local function shared(cache, value, check)
+  local found = cache and cache[value]
+  if found == nil then
+    found = check(value) or false
+    if cache then cache[value] = found end
+  end
+  return found
+end
+
+local function group_arg(value) return value == '' or text(value, NAME, 64) end
+local function duration_arg(value) return count(value, 1, MAX_DURATION_MS) end
+
 -- The 13 arguments of a settling call, every one checked as the wire format would check
 -- it; nil, a reason and a detail when one is not.
-local function read_args(op, args, base)
+local function read_args(op, args, base, known)
   local rule = OPS[op]
   local a = {op = op, request_id = args[base + 1], account = args[base + 2], fingerprint = args[base + 3],
-             entry_id = args[base + 4], group = args[base + 5], window_ms = count(args[base + 6], 1, MAX_DURATION_MS),
-             submitted_at = args[base + 7], reply_ttl_ms = count(args[base + 8], 1, MAX_DURATION_MS),
+             entry_id = args[base + 4], group = args[base + 5], submitted_at = args[base + 7],
              reservation = args[base + 12]}
   if not text(a.request_id, REQUEST_ID, 128) then return nil, 'invalid_request_id' end
   if not text(a.account, ACCOUNT, 64) then return nil, 'invalid_account' end
   if not text(a.fingerprint, FINGERPRINT, 1024) then return nil, 'invalid_fingerprint' end
   if a.entry_id ~= '' and not text(a.entry_id, ENTRY_ID, 41) then return nil, 'invalid_entry_id' end
-  if a.group ~= '' and not text(a.group, NAME, 64) then return nil, 'invalid_group' end
+  if not shared(known and known.group, a.group, group_arg) then return nil, 'invalid_group' end
+  a.window_ms = shared(known and known.window, args[base + 6], duration_arg)
   if not a.window_ms then return nil, 'invalid_window', 'the dedupe window must be 1..' .. MAX_DURATION_MS .. ' ms' end
   if a.submitted_at ~= '' and not count(a.submitted_at, 0, MAX_TIME_MS) then return nil, 'invalid_submitted_at' end
+  a.reply_ttl_ms = shared(known and known.reply_ttl, args[base + 8], duration_arg)
   if not a.reply_ttl_ms then return nil, 'invalid_reply_ttl' end
   for _, number in ipairs(NUMBERS) do
     local value = args[base + number.at]
@@ -516,9 +533,10 @@ end
 local SLICES = 4
 
 local function slice_of(window_ms)
-  local slice = 1
-  while slice * SLICES < window_ms do slice = slice * 2 end
-  return slice
+  if window_ms <= SLICES then return 1 end
+  local m, e = math.frexp(window_ms / SLICES) -- window_ms / SLICES = m * 2^e, 0.5 <= m < 1
+  if m == 0.5 then return 2 ^ (e - 1) end
+  return 2 ^ e
 end
 
 local function bucket(k, slice, slot)
@@ -664,9 +682,9 @@ already been settled by another consumer. A refused call (an error) writes nothi
 local function settle_entry(op, k, args, base, ahead)
   -- Callers validate; this guards the balances against any client allowed to FCALL
   -- directly, for whom a negative amount would be a top-up.
-  local a, err, detail = read_args(op, args, base)
+  local a, err, detail = read_args(op, args, base, ahead and ahead.known)
   if not a then return refuse(err, detail) end
-  if string.sub(k.seen, 1, #k.tag + 6) ~= k.tag .. ':seen:' then return refuse('wrong_arguments', 'seen key') end
+  if string.sub(k.seen, 1, #k.seen_prefix) ~= k.seen_prefix then return refuse('wrong_arguments', 'seen key') end
   if k.reply_to then
     local prefix = k.tag .. ':reply:'
     if string.sub(k.reply_to, 1, #prefix) ~= prefix or not text(string.sub(k.reply_to, #prefix + 1), NAME, 64) then
@@ -713,7 +731,7 @@ local function settle(op, keys, args)
     return refuse('wrong_arguments', op .. ' takes 8 or 9 keys of one partition (balances, seen, results, '
                   .. 'requests, held, reservations, expiries, holds, [reply_to]) and 13 arguments')
   end
-  k.seen, k.reply_to = keys[2], keys[9]
+  k.seen, k.reply_to, k.seen_prefix = keys[2], keys[9], k.tag .. ':seen:'
   return settle_entry(op, k, args, 0)
 end
 
@@ -737,11 +755,13 @@ local BATCH_SHARED_KEYS, BATCH_ENTRY_ARGS = 7, 15
 -- per bucket) and the old layout's record keys (one MGET); and the server time, once
 -- (every entry of a call is processed at the same millisecond). Entries write through it
 -- (apply, write_record), so a later entry of the same account or request id reads what an
--- earlier one wrote; the records are written at the end, one HSET per bucket. A bucket of
+-- earlier one wrote; the balances and records are written at the end, one HSET for the
+-- balances and one per bucket. Shared arguments are checked once (known). A bucket of
 -- another type fails its HMGET here, before anything is written. An old record key of
 -- another type reads as no record (MGET answers nil for it).
 local function read_ahead(k, accounts, legacy_keys, slices)
-  local ahead = {now = now_ms(), balances = {}, held = {}, records = {}, legacy = {}, writes = {}, written = {}}
+  local ahead = {now = now_ms(), accounts = accounts, balances = {}, held = {}, charged = {}, records = {},
+                 legacy = {}, writes = {}, written = {}, known = {group = {}, window = {}, reply_ttl = {}}}
   local balances = redis.call('HMGET', k.balances, unpack(accounts))
   local held = redis.call('HMGET', k.held, unpack(accounts))
   for i, account in ipairs(accounts) do
@@ -764,9 +784,18 @@ local function read_ahead(k, accounts, legacy_keys, slices)
   return ahead
 end
 
--- The records the entries of a batch made, one HSET per bucket: each bucket was read
--- (HMGET) before the first write, so none of these can fail.
-local function write_ahead(ahead)
+-- The balances the entries of a batch charged and the records they made: one HSET for the
+-- balances, one per bucket. Each key was read (HMGET) before the first write, so none of
+-- these can fail.
+local function write_ahead(k, ahead)
+  local balances = {}
+  for _, account in ipairs(ahead.accounts) do
+    if ahead.charged[account] then
+      balances[#balances + 1] = account
+      balances[#balances + 1] = ahead.balances[account]
+    end
+  end
+  if #balances > 0 then redis.call('HSET', k.balances, unpack(balances)) end
   for _, pending in ipairs(ahead.written) do
     redis.call('HSET', pending.name, unpack(pending.fields))
     expire_bucket(pending.name, pending.expire_at)
@@ -787,7 +816,8 @@ local function settle_batch(keys, args)
   end
   if entries == 0 then return {} end
   local seen, reply_to, accounts, legacy_keys, listed, slices, writes = {}, {}, {}, {}, {}, {}, CHARGE_WRITES
-  local at, seen_prefix = BATCH_SHARED_KEYS + 1, k.tag .. ':seen:'
+  local at = BATCH_SHARED_KEYS + 1
+  k.seen_prefix = k.tag .. ':seen:'
   for a = 1, #args, BATCH_ENTRY_ARGS do
     local entry = #seen + 1
     seen[entry] = keys[at]
@@ -798,7 +828,7 @@ local function settle_batch(keys, args)
     end
     -- settle_entry refuses a record key outside the partition, or a window out of range,
     -- before it reads a record
-    if string.sub(seen[entry], 1, #seen_prefix) == seen_prefix then legacy_keys[#legacy_keys + 1] = seen[entry] end
+    if string.sub(seen[entry], 1, #k.seen_prefix) == k.seen_prefix then legacy_keys[#legacy_keys + 1] = seen[entry] end
     local window_ms = count(args[a + 7], 1, MAX_DURATION_MS)
     if window_ms then -- the buckets of a slice, read over the longest window of its entries
       local slice = slice_of(window_ms)
@@ -833,7 +863,7 @@ local function settle_batch(keys, args)
     end
     replies[#replies + 1] = reply
   end
-  write_ahead(ahead)
+  write_ahead(k, ahead)
   return replies
 end
 
