@@ -260,8 +260,9 @@ local function holding(s)
 end
 
 local function read_account(k, account, now, ahead)
+  -- every field named here, so the table is made at its size once (no rehash as it fills)
   local s = {account = account, open = NONE, expired = NONE, expired_ids = NONE, gone = NONE, counted = 0,
-             released = 0}
+             released = 0, balance = false, stored_held = 0, held = 0, charge = false}
   local balance = field(k, ahead, 'balances', account)
   s.balance = balance and count(balance, 0, MAX_BALANCE)
   if balance and not s.balance then return nil, 'corrupt_balance' end
@@ -465,7 +466,7 @@ local function read_args(op, args, base, known)
   local rule = OPS[op]
   local a = {op = op, request_id = args[base + 1], account = args[base + 2], fingerprint = args[base + 3],
              entry_id = args[base + 4], group = args[base + 5], submitted_at = args[base + 7],
-             reservation = args[base + 12]}
+             reservation = args[base + 12], window_ms = 0, reply_ttl_ms = 0} -- sized once: see read_account
   if not text(a.request_id, REQUEST_ID, 128) then return nil, 'invalid_request_id' end
   if not text(a.account, ACCOUNT, 64) then return nil, 'invalid_account' end
   if not text(a.fingerprint, FINGERPRINT, 1024) then return nil, 'invalid_fingerprint' end
@@ -591,10 +592,10 @@ end
 -- Records the outcome in the bucket of now, which the call has read (so this write cannot
 -- fail): at once, or (settle_batch) in what it read ahead, written with the others of the
 -- call in one HSET per bucket.
-local function write_record(k, a, o, now, ahead)
+local function write_record(k, a, o, now, stamp, ahead)
   local slice = slice_of(a.window_ms)
   local slot = math.floor(now / slice)
-  local packed, expire_at = digits(now) .. SEP .. record(a, o), (slot + 1) * slice + a.window_ms
+  local packed, expire_at = stamp .. SEP .. record(a, o), (slot + 1) * slice + a.window_ms
   if not ahead then
     local name = bucket(k, slice, slot)
     redis.call('HSET', name, a.request_id, packed)
@@ -625,11 +626,11 @@ local function replay(s, a, stored)
   return stored
 end
 
-local function post(k, a, o, now)
+local function post(k, a, o, stamp)
   local fields = {
     'request_id', a.request_id, 'account', a.account, 'status', o.status, 'reason', o.reason,
-    'charged', digits(o.charged), 'balance', digits(o.balance), 'duplicate', digits(o.duplicate),
-    'submitted_at', a.submitted_at, 'processed_at', digits(now), 'entry_id', a.entry_id,
+    'charged', digits(o.charged), 'balance', digits(o.balance), 'duplicate', o.duplicate == 1 and '1' or '0',
+    'submitted_at', a.submitted_at, 'processed_at', stamp, 'entry_id', a.entry_id,
   }
   if a.op ~= 'charge' then
     for _, v in ipairs({'op', a.op, 'reservation', a.reservation, 'held', digits(o.held),
@@ -699,6 +700,7 @@ local function settle_entry(op, k, args, base, ahead)
   end
 
   local now = ahead and ahead.now or now_ms()
+  local stamp = ahead and ahead.stamp or digits(now) -- now as digits, for the outcome and the record
   local stored, corrupt = read_record(k, a, now, ahead)
   if stored == nil then return refuse('corrupt_record', corrupt) end
   local s, bad = read_account(k, a.account, now, ahead)
@@ -713,8 +715,8 @@ local function settle_entry(op, k, args, base, ahead)
   -- Everything is read and checked: from the ack on, nothing can fail.
   if not ack(k.requests, a.group, a.entry_id) then return {'stale'} end
   apply(k, s, ahead)
-  if not stored then write_record(k, a, o, now, ahead) end
-  post(k, a, o, now)
+  if not stored then write_record(k, a, o, now, stamp, ahead) end
+  post(k, a, o, stamp)
   local reply = {o.status, o.reason, o.charged, o.balance, o.duplicate, now}
   if op ~= 'charge' then
     for _, v in ipairs({o.held, o.reserved, o.expires_at}) do reply[#reply + 1] = v end
@@ -760,7 +762,8 @@ local BATCH_SHARED_KEYS, BATCH_ENTRY_ARGS = 7, 15
 -- another type fails its HMGET here, before anything is written. An old record key of
 -- another type reads as no record (MGET answers nil for it).
 local function read_ahead(k, accounts, legacy_keys, slices)
-  local ahead = {now = now_ms(), accounts = accounts, balances = {}, held = {}, charged = {}, records = {},
+  local now = now_ms()
+  local ahead = {now = now, stamp = digits(now), accounts = accounts, balances = {}, held = {}, charged = {}, records = {},
                  legacy = {}, writes = {}, written = {}, known = {group = {}, window = {}, reply_ttl = {}}}
   local balances = redis.call('HMGET', k.balances, unpack(accounts))
   local held = redis.call('HMGET', k.held, unpack(accounts))
@@ -816,6 +819,7 @@ local function settle_batch(keys, args)
   end
   if entries == 0 then return {} end
   local seen, reply_to, accounts, legacy_keys, listed, slices, writes = {}, {}, {}, {}, {}, {}, CHARGE_WRITES
+  local windows = {}
   local at = BATCH_SHARED_KEYS + 1
   k.seen_prefix = k.tag .. ':seen:'
   for a = 1, #args, BATCH_ENTRY_ARGS do
@@ -829,7 +833,7 @@ local function settle_batch(keys, args)
     -- settle_entry refuses a record key outside the partition, or a window out of range,
     -- before it reads a record
     if string.sub(seen[entry], 1, #k.seen_prefix) == k.seen_prefix then legacy_keys[#legacy_keys + 1] = seen[entry] end
-    local window_ms = count(args[a + 7], 1, MAX_DURATION_MS)
+    local window_ms = shared(windows, args[a + 7], duration_arg)
     if window_ms then -- the buckets of a slice, read over the longest window of its entries
       local slice = slice_of(window_ms)
       slices[slice] = slices[slice] or {ids = {}, window_ms = 0}
@@ -847,6 +851,7 @@ local function settle_batch(keys, args)
   local err = wrong_types(k, writes)
   if err then return err end
   local ahead = read_ahead(k, accounts, legacy_keys, slices)
+  ahead.known.window = windows
   local replies = {}
   for a = 1, #args, BATCH_ENTRY_ARGS do
     local op = args[a]

@@ -56,8 +56,15 @@ def test_a_settling_role_gets_noperm_expiring_the_results(server, clients, user)
 @pytest.mark.parametrize("user", SETTLING)
 def test_a_settling_role_gets_noperm_overwriting_the_balances(server, clients, user):
     assert denied(lambda: clients[user].set(KEYS.balances, "x"))
-    assert denied(lambda: clients[user].hset(KEYS.balances, "account1", 10**9))
     assert denied(lambda: clients[user].delete(KEYS.balances))
+    assert clients[ROOT].hget(KEYS.balances, "account1") == b"100"
+
+
+def test_the_authorizer_gets_noperm_setting_a_balance(server, clients):
+    """The worker may HSET balances (settle_batch writes a call's balances with one HSET),
+    a power it had already through HINCRBY by any amount; the authorizer's functions only
+    ever HINCRBY."""
+    assert denied(lambda: clients["authorizer"].hset(KEYS.balances, "account1", 10**9))
     assert clients[ROOT].hget(KEYS.balances, "account1") == b"100"
 
 
@@ -67,18 +74,27 @@ def test_a_settling_role_gets_noperm_changing_the_partition_count(server, client
     assert clients[ROOT].get("ch:partitions") == b"1"
 
 
+# What each settling role's functions write to a balance, so Redis lets it write so directly:
+# the authorizer's HINCRBY, the worker's HSET (settle_batch), both adding 1,000 here.
+RAW_BALANCE_WRITE = {
+    "authorizer": lambda client: client.hincrby(KEYS.balances, "account1", 1000),
+    "worker": lambda client: client.hset(KEYS.balances, "account1", 1090),
+}
+
+
 @pytest.mark.parametrize("user", SETTLING)
-def test_a_forged_outcome_or_raw_hincrby_redis_cannot_refuse_a_settling_role_is_caught_by_the_audit(
+def test_a_forged_outcome_or_raw_balance_write_redis_cannot_refuse_a_settling_role_is_caught_by_the_audit(
         server, clients, user):
-    """The functions run XADD on results and HINCRBY on balances as the caller, so Redis
-    must let the caller run them too: these roles are the engine's own (docs/security.md,
-    "Threat model"). What they change outside the functions, the money check finds."""
+    """The functions run XADD on results and HINCRBY or HSET on balances as the caller, so
+    Redis must let the caller run them too: these roles are the engine's own
+    (docs/security.md, "Threat model"). What they change outside the functions, the money
+    check finds."""
     authorized = Producer(clients["authorizer"], role(server, "authorizer")).authorize(
         {"request_id": "real", "account": "account1", "amount": 10})
     forged = {"request_id": "forged", "account": "account1", "status": "approved", "reason": "", "charged": "50",
               "balance": "40", "duplicate": "0", "submitted_at": "", "processed_at": "1", "entry_id": ""}
     clients[user].xadd(KEYS.results, forged)
-    clients[user].hincrby(KEYS.balances, "account1", 1000)
+    RAW_BALANCE_WRITE[user](clients[user])
 
     report = audit(clients[ROOT], role(server, ROOT), {"account1": 100})
 
