@@ -136,6 +136,13 @@ local function count(value, low, high)
   return n
 end
 
+-- A stored balance, checked: a count as HINCRBY reads one too. '0100' is a count, but
+-- HINCRBY refuses it, so a charge on it would fail after its ack (nil: corrupt).
+local function stored_balance(value)
+  if #value > 1 and string.sub(value, 1, 1) == '0' then return nil end
+  return count(value, 0, MAX_BALANCE)
+end
+
 local function text(value, pattern, longest)
   return type(value) == 'string' and #value >= 1 and #value <= longest and string.find(value, pattern) ~= nil
 end
@@ -264,7 +271,7 @@ local function read_account(k, account, now, ahead)
   local s = {account = account, open = NONE, expired = NONE, expired_ids = NONE, gone = NONE, counted = 0,
              released = 0, balance = false, stored_held = 0, held = 0, charge = false}
   local balance = field(k, ahead, 'balances', account)
-  s.balance = balance and count(balance, 0, MAX_BALANCE)
+  s.balance = balance and stored_balance(balance)
   if balance and not s.balance then return nil, 'corrupt_balance' end
   s.stored_held = stored_held(k, account, ahead)
   if not s.stored_held then return nil, 'corrupt_held' end
@@ -986,7 +993,7 @@ local function top_up(keys, args)
   if not amount then return refuse('invalid_amount', 'a whole number 1..' .. MAX_BALANCE) end
   local current = redis.call('HGET', k.balances, args[1])
   if not current then return refuse('unknown_account') end
-  current = count(current, 0, MAX_BALANCE)
+  current = stored_balance(current)
   if not current then return refuse('corrupt_balance', args[1]) end
   if current + amount > MAX_BALANCE then return refuse('balance_too_large', 'at most ' .. MAX_BALANCE) end
   return redis.call('HINCRBY', k.balances, args[1], amount)
@@ -1000,12 +1007,14 @@ before any is written (balances 0..10^15). Returns the count set.
 local function set_balances(keys, args)
   local k = #keys == 1 and #args >= 2 and #args % 2 == 0 and partition_keys(keys, {'balances'})
   if not k then return refuse('wrong_arguments', 'set_balances takes the key balances and account/balance pairs') end
+  local written = {}
   for i = 1, #args, 2 do
     if not text(args[i], ACCOUNT, 64) then return refuse('invalid_account', args[i]) end
-    local ok, reason = balance_arg(args[i + 1])
-    if not ok then return refuse(reason, args[i] .. ' ' .. args[i + 1]) end
+    local n, reason = balance_arg(args[i + 1])
+    if not n then return refuse(reason, args[i] .. ' ' .. args[i + 1]) end
+    written[i], written[i + 1] = args[i], digits(n) -- '0100' stored as 100: see stored_balance
   end
-  redis.call('HSET', k.balances, unpack(args))
+  redis.call('HSET', k.balances, unpack(written))
   return #args / 2
 end
 

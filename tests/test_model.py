@@ -313,7 +313,7 @@ class LedgerMachine(RuleBasedStateMachine):
             self.topped_up[account] += amount
 
     @rule(account=st.sampled_from(ACCOUNTS),
-          balance=st.one_of(st.integers(0, 500), st.sampled_from((*MALFORMED, "-77", "9" * 20, ""))))
+          balance=st.one_of(st.integers(0, 500), st.sampled_from((*MALFORMED, "-77", "9" * 20, "", "0100", "00"))))
     def set_balance(self, account, balance):
         set_balance = lambda: codec.set_balances(self.client, self.settings, [(account, balance)])  # noqa: E731
         if isinstance(balance, str) and not (balance.isdigit() and balance.isascii() and int(balance) <= MAX_BALANCE):

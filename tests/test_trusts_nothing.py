@@ -109,6 +109,33 @@ def test_an_entry_on_a_corrupt_balance_stays_pending_until_dead_lettered_never_a
     assert recorded(client, settings, rid) == [] and client.hget(keys.balances, "acct") == b"1.5"
 
 
+@pytest.mark.parametrize("batch", [False, True], ids=["call", "batch"])
+def test_a_balance_with_a_leading_zero_is_refused_before_the_charge_not_failed_after_the_ack(
+        client, settings, batch):
+    """'0100' reads as 100 to the library's checks, but HINCRBY (a single call's write) refuses
+    it: the charge acked its entry, then failed (found by review). Such a balance, written
+    raw, is refused as corrupt by both paths before anything is written."""
+    keys = Keys(settings.namespace, 0)
+    client.hset(keys.balances, "acct", "0100")  # an operator's raw write, not through set_balances
+    before = snapshot(client, settings)
+
+    call = charge(settings, "acct", 10, "z1")
+    if batch:
+        [reply] = codec.settle_batch(client, settings, keys, [(call, 10, "")])
+        message = str(reply)
+    else:
+        message = refused(lambda: codec.settle(client, settings, call, 10))
+
+    assert "corrupt_balance" in message and snapshot(client, settings) == before
+
+
+def test_set_balances_stores_a_balance_given_with_leading_zeros_as_its_digits(client, settings):
+    keys = Keys(settings.namespace, 0)
+    assert client.fcall("set_balances", 1, keys.balances, "acct", "0100", "zero", "000") == 2
+    assert client.hmget(keys.balances, ["acct", "zero"]) == [b"100", b"0"]
+    assert codec.settled(codec.settle(client, settings, charge(settings, "acct", 10, "z2"), 10)).balance == 90
+
+
 def test_a_reply_to_of_another_type_is_refused_before_the_charge(client, settings, producer):
     keys = Keys(settings.namespace, 0)
     codec.set_balances(client, settings, [("acct", 100)])

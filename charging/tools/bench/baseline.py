@@ -5,7 +5,8 @@ server, the same load and the same driver, so the ratio holds on a noisy machine
 The driver is the worker's path without its process: XREADGROUP a batch, then one pipeline
 of settle_batch calls of ENTRIES_PER_CALL entries each. Both libraries get the same
 requests (the drain's mix, replays and poor accounts included), each in a namespace of its
-own; Redis's CPU time, commands (INFO commandstats) and memory are read around each drain."""
+own, and they take turns, a part of the load at a time; Redis's CPU time, commands
+(INFO commandstats) and memory are read around each part's drain and summed per library."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from charging.settings import Settings
 from charging.streams import ensure_group, text
 from charging.tariff import price
 from charging.tools.bench import load as loads
-from charging.tools.bench.context import Context
+from charging.tools.bench.context import Context, RedisWork
 from charging.tools.bench.profile import Profile
 from charging.tools.bench.result import ModeResult
 from producer import Producer
@@ -31,40 +32,55 @@ from worker.loop import ENTRIES_PER_CALL
 LIBRARY = "charging_baseline"
 CONSUMER = "bench-baseline"
 CHUNK = 5000
+# The two libraries take turns, a part of the load each, so a machine that slows down or
+# speeds up during the mode (a neighbour, a frequency change) weighs on both alike.
+ROUNDS = 4
+NOTHING = RedisWork(0.0, {}, 0)
 
 
 def run(ctx: Context, profile: Profile) -> ModeResult:
     charges = profile.drain_charges // 3
-    frozen, today = ctx.settings_for("baseline0"), ctx.settings_for("baseline1")
+    libraries = {"frozen": (ctx.settings_for("baseline0"), partial(codec.settle_batch, baseline=True)),
+                 "today": (ctx.settings_for("baseline1"), codec.settle_batch)}
+    today = libraries["today"][0]
     load = loads.mixed(profile.accounts, charges, seed=8, prefix=f"{today.namespace}-")
+    work, seconds = dict.fromkeys(libraries, NOTHING), dict.fromkeys(libraries, 0.0)
+    part = -(-len(load) // ROUNDS)
     ctx.client.function_load(library_source("baseline"), replace=True)
     try:
-        with ctx.task("baseline: frozen", len(load)) as advance:
-            baseline, _ = _drain(ctx, frozen, load, partial(codec.settle_batch, baseline=True), advance)
-        with ctx.task("baseline: today", len(load)) as advance:
-            spent, seconds = _drain(ctx, today, load, codec.settle_batch, advance)
+        for settings, _ in libraries.values():
+            _prepare(ctx, settings, load)
+        with ctx.task("baseline", 2 * len(load)) as advance:
+            for start in range(0, len(load), part):
+                for name, (settings, settle_batch) in libraries.items():
+                    done, took = _drain(ctx, settings, load.requests[start:start + part], settle_batch, advance)
+                    work[name], seconds[name] = work[name] + done, seconds[name] + took
     finally:
         ctx.client.function_delete(LIBRARY)
     check = audit(ctx.client, today, load.balances, load.expected)
+    spent, baseline = (NOTHING.per_charge(work[name], len(load)) for name in ("today", "frozen"))
     ratio = baseline["redis_cpu_us"] / spent["redis_cpu_us"] if spent.get("redis_cpu_us") else None
     return ModeResult(
-        "baseline", check.outcomes, seconds, check.as_dict(), check.ok,
+        "baseline", check.outcomes, seconds["today"], check.as_dict(), check.ok,
         extra={"per_charge": spent | {f"baseline_{name}": value for name, value in baseline.items()},
                "baseline_cpu_ratio": None if ratio is None else round(ratio, 2)},
-        notes=["one driver, one load, two libraries: lua/baseline.lua (frozen) and lua/charging.lua; "
-               "baseline_cpu_ratio = baseline_redis_cpu_us / redis_cpu_us"],
+        notes=[f"one driver, one load, two libraries taking turns ({ROUNDS} rounds): lua/baseline.lua (frozen) "
+               "and lua/charging.lua; baseline_cpu_ratio = baseline_redis_cpu_us / redis_cpu_us"],
     )
 
 
-def _drain(ctx: Context, settings: Settings, load: loads.Load, settle_batch, advance) -> tuple[dict, float]:
-    """Preload the load, then settle it batch by batch: Redis's work per charge, and the seconds."""
+def _prepare(ctx: Context, settings: Settings, load: loads.Load) -> None:
     codec.set_balances(ctx.client, settings, load.balances.items())
+    for keys in all_partitions(settings.namespace, settings.partitions):
+        run_plan(ctx.client, ensure_group(keys.requests, settings.group))
+
+
+def _drain(ctx: Context, settings: Settings, requests: list[dict], settle_batch, advance) -> tuple[RedisWork, float]:
+    """Submit requests, then settle them batch by batch: Redis's work, and the seconds."""
     producer = Producer(ctx.client, settings)
-    for start in range(0, len(load), CHUNK):
-        producer.submit(load.requests[start:start + CHUNK])
+    for start in range(0, len(requests), CHUNK):
+        producer.submit(requests[start:start + CHUNK])
     partitions = {k.requests: k for k in all_partitions(settings.namespace, settings.partitions)}
-    for name in partitions:
-        run_plan(ctx.client, ensure_group(name, settings.group))
     before, began = ctx.redis_work(), time.perf_counter()
     while batch := ctx.client.xreadgroup(settings.group, CONSUMER, dict.fromkeys(partitions, ">"),
                                          count=settings.batch):
@@ -79,4 +95,4 @@ def _drain(ctx: Context, settings: Settings, load: loads.Load, settle_batch, adv
             advance(len(entries))
         pipe.execute()
     seconds = time.perf_counter() - began
-    return before.per_charge(ctx.redis_work(), len(load)), seconds
+    return ctx.redis_work() - before, seconds

@@ -82,10 +82,23 @@ class Context:
 
 
 @dataclass(frozen=True)
-class RedisWork:
+class RedisWork:  # a reading, or (by subtraction) what was done between two
     cpu_s: float  # used_cpu_user + used_cpu_sys of the server
     calls: dict[str, int] = field(repr=False)  # INFO commandstats calls by command name
     used_memory: int
+
+    def __sub__(self, earlier: RedisWork) -> RedisWork:
+        """What Redis did between an earlier reading and this one."""
+        return RedisWork(self.cpu_s - earlier.cpu_s, {name: n - earlier.calls.get(name, 0)
+                                                      for name, n in self.calls.items()},
+                         self.used_memory - earlier.used_memory)
+
+    def __add__(self, other: RedisWork) -> RedisWork:
+        """Two phases' work together (each a difference of readings)."""
+        names = self.calls.keys() | other.calls.keys()
+        return RedisWork(self.cpu_s + other.cpu_s,
+                         {name: self.calls.get(name, 0) + other.calls.get(name, 0) for name in names},
+                         self.used_memory + other.used_memory)
 
     def per_charge(self, later: RedisWork, charges: int) -> dict[str, float]:
         """What Redis spent per settled charge between this reading and a later one: commands
