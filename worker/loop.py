@@ -24,7 +24,7 @@ from worker.maintainer import Duties
 
 log = logger("charging.worker")
 
-# Redis serves no one else while a function runs, about 18 us per entry (docs/benchmark.md):
+# Redis serves no one else while a function runs, about 20 us per entry (docs/benchmark.md):
 # 25 entries hold it for under half a millisecond, so authorize callers barely wait, and
 # bigger calls were measured no faster (10 to 200 per call: the same drain rate).
 ENTRIES_PER_CALL = 25
