@@ -768,10 +768,11 @@ local BATCH_SHARED_KEYS, BATCH_ENTRY_ARGS = 7, 15
 -- balances and one per bucket. Shared arguments are checked once (known). A bucket of
 -- another type fails its HMGET here, before anything is written. An old record key of
 -- another type reads as no record (MGET answers nil for it).
-local function read_ahead(k, accounts, legacy_keys, slices)
+local function read_ahead(k, accounts, legacy_keys, slices, windows)
   local now = now_ms()
-  local ahead = {now = now, stamp = digits(now), accounts = accounts, balances = {}, held = {}, charged = {}, records = {},
-                 legacy = {}, writes = {}, written = {}, known = {group = {}, window = {}, reply_ttl = {}}}
+  local ahead = {now = now, stamp = digits(now), accounts = accounts, balances = {}, held = {}, charged = {},
+                 records = {}, legacy = {}, writes = {}, written = {},
+                 known = {group = {}, window = windows, reply_ttl = {}}}
   local balances = redis.call('HMGET', k.balances, unpack(accounts))
   local held = redis.call('HMGET', k.held, unpack(accounts))
   for i, account in ipairs(accounts) do
@@ -826,7 +827,7 @@ local function settle_batch(keys, args)
   end
   if entries == 0 then return {} end
   local seen, reply_to, accounts, legacy_keys, listed, slices, writes = {}, {}, {}, {}, {}, {}, CHARGE_WRITES
-  local windows = {}
+  local windows = {} -- the windows checked, shared with the entries' own checks (read_args)
   local at = BATCH_SHARED_KEYS + 1
   k.seen_prefix = k.tag .. ':seen:'
   for a = 1, #args, BATCH_ENTRY_ARGS do
@@ -857,8 +858,7 @@ local function settle_batch(keys, args)
   -- The keys shared by every entry are checked once for the whole call, before it writes.
   local err = wrong_types(k, writes)
   if err then return err end
-  local ahead = read_ahead(k, accounts, legacy_keys, slices)
-  ahead.known.window = windows
+  local ahead = read_ahead(k, accounts, legacy_keys, slices, windows)
   local replies = {}
   for a = 1, #args, BATCH_ENTRY_ARGS do
     local op = args[a]
