@@ -10,6 +10,7 @@ own, and they take turns, a part of the load at a time; Redis's CPU time, comman
 
 from __future__ import annotations
 
+import math
 import time
 from functools import partial
 
@@ -45,7 +46,7 @@ def run(ctx: Context, profile: Profile) -> ModeResult:
     today = libraries["today"][0]
     load = loads.mixed(profile.accounts, charges, seed=8, prefix=f"{today.namespace}-")
     work, seconds = dict.fromkeys(libraries, NOTHING), dict.fromkeys(libraries, 0.0)
-    part = -(-len(load) // ROUNDS)
+    part = math.ceil(len(load) / ROUNDS)
     ctx.client.function_load(library_source("baseline"), replace=True)
     try:
         for settings, _ in libraries.values():
