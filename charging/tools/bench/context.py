@@ -105,7 +105,8 @@ class RedisWork:  # a reading, or (by subtraction) what was done between two
         run (NOT_WORK left out), CPU microseconds, and bytes of memory still held."""
         if not charges:
             return {}
-        commands = sum(n - self.calls.get(name, 0) for name, n in later.calls.items() if name not in NOT_WORK)
+        done = later - self
+        commands = sum(n for name, n in done.calls.items() if name not in NOT_WORK)
         return {"redis_commands": round(commands / charges, 2),
-                "redis_cpu_us": round((later.cpu_s - self.cpu_s) / charges * 1e6, 1),
-                "bytes_held": round((later.used_memory - self.used_memory) / charges, 1)}
+                "redis_cpu_us": round(done.cpu_s / charges * 1e6, 1),
+                "bytes_held": round(done.used_memory / charges, 1)}
