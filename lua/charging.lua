@@ -72,9 +72,10 @@ reservation or per account would be a key the function was not given.
 
 Nothing after the ack can fail. A function that errors half way keeps every write it
 made (there is no rollback, and settle_batch's pcall only hides the error), so each one
-first reads and checks every argument and every stored value its decision needs, then
-writes: the ack first, then only commands that cannot fail on what was checked. A call
-that is refused writes nothing and its entry stays pending.
+first reads and checks every argument and every stored value its decision needs, and
+every stream it will post to (postable: of its type, not exhausted), then writes: the ack
+first, then only commands that cannot fail on what was checked. A call that is refused
+writes nothing and its entry stays pending.
 ]]
 local SEP = '\31'
 
@@ -171,7 +172,7 @@ local function wrong_type(key, wanted)
   if found ~= wanted and found ~= 'none' then
     return refuse('WRONGTYPE', key .. ' holds a ' .. found .. ', not a ' .. wanted)
   end
-  return nil
+  return nil, found
 end
 
 local function wrong_types(k, wanted)
@@ -180,6 +181,40 @@ local function wrong_types(k, wanted)
     if err then return err end
   end
   return nil
+end
+
+-- XADD * fails for good once a stream's last id has the largest milliseconds there are, and
+-- any client allowed to XADD there can put it there (an explicit id). A call posts an
+-- outcome or a dead letter after writes it cannot undo (the ack, the charge), so it checks
+-- every stream it will post to first and is refused before it writes (stream_exhausted);
+-- its entry stays pending. (Refused from the first such id on, not only at the very last:
+-- nothing the library writes ever comes near it.)
+local EXHAUSTED_MS = '18446744073709551615-'
+
+local function exhausted(stream)
+  local info = redis.call('XINFO', 'STREAM', stream)
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then
+      if string.sub(info[i + 1], 1, #EXHAUSTED_MS) == EXHAUSTED_MS then
+        return refuse('stream_exhausted', stream .. ' has reached the last possible id')
+      end
+      return nil
+    end
+  end
+  return nil
+end
+
+-- A stream a call will post to without reading it, checked before the call writes: of
+-- another type, or exhausted, it refuses the call. cache: what a batch found of each stream
+-- (false: fine), so each is checked once per call.
+local function postable(stream, cache)
+  local found = cache and cache[stream]
+  if found == nil then
+    local err, kind = wrong_type(stream, 'stream')
+    found = err or (kind == 'stream' and exhausted(stream)) or false
+    if cache then cache[stream] = found end
+  end
+  return found or nil
 end
 
 -- Acks entry_id unless it or group is '' (a synchronous call, or a dead letter recorded
@@ -656,9 +691,10 @@ end
 local SETTLE_ROLES = {'balances', 'results', 'requests', 'held', 'reservations', 'expiries', 'holds'}
 -- The keys a settling call writes without having read them first, whose type is checked
 -- before anything is written: balances, held and the dedupe record are read (a read of
--- another type fails before any write), and the ack is the first write.
-local CHARGE_WRITES = {results = 'stream', expiries = 'zset'} -- expiries: releasing an expired hold
-local SETTLE_WRITES = {results = 'stream', reservations = 'hash', expiries = 'zset', holds = 'zset'}
+-- another type fails before any write), the results stream is postable, and the ack is the
+-- first write.
+local CHARGE_WRITES = {expiries = 'zset'} -- releasing an expired hold
+local SETTLE_WRITES = {reservations = 'hash', expiries = 'zset', holds = 'zset'}
 
 --[[
 charge, reserve, commit, extend, release: settle one request exactly once.
@@ -698,11 +734,11 @@ local function settle_entry(op, k, args, base, ahead)
     if string.sub(k.reply_to, 1, #prefix) ~= prefix or not text(string.sub(k.reply_to, #prefix + 1), NAME, 64) then
       return refuse('invalid_reply_to', k.reply_to)
     end
-    err = wrong_type(k.reply_to, 'stream')
+    err = postable(k.reply_to, ahead and ahead.streams)
     if err then return err end
   end
   if not ahead then
-    err = wrong_types(k, op == 'charge' and CHARGE_WRITES or SETTLE_WRITES)
+    err = wrong_types(k, op == 'charge' and CHARGE_WRITES or SETTLE_WRITES) or postable(k.results)
     if err then return err end
   end
 
@@ -771,7 +807,7 @@ local BATCH_SHARED_KEYS, BATCH_ENTRY_ARGS = 7, 15
 local function read_ahead(k, accounts, legacy_keys, slices, windows)
   local now = now_ms()
   local ahead = {now = now, stamp = digits(now), accounts = accounts, balances = {}, held = {}, charged = {},
-                 records = {}, legacy = {}, writes = {}, written = {},
+                 records = {}, legacy = {}, writes = {}, written = {}, streams = {},
                  known = {group = {}, window = windows, reply_ttl = {}}}
   local balances = redis.call('HMGET', k.balances, unpack(accounts))
   local held = redis.call('HMGET', k.held, unpack(accounts))
@@ -856,7 +892,7 @@ local function settle_batch(keys, args)
     if args[a] ~= 'charge' then writes = SETTLE_WRITES end
   end
   -- The keys shared by every entry are checked once for the whole call, before it writes.
-  local err = wrong_types(k, writes)
+  local err = wrong_types(k, writes) or postable(k.results)
   if err then return err end
   local ahead = read_ahead(k, accounts, legacy_keys, slices, windows)
   local replies = {}
@@ -963,7 +999,7 @@ local function dead_letter(keys, args)
   if args[2] ~= '' and not text(args[2], NAME, 64) then return refuse('invalid_group') end
   if not text(args[3], REASON, 64) then return refuse('invalid_reason') end
   if not count(args[5], 1, MAX_BALANCE) then return refuse('invalid_maxlen') end
-  local err = wrong_types(k, DEAD_TYPES)
+  local err = wrong_types(k, DEAD_TYPES) or postable(k.deadletter)
   if err then return err end
   if not ack(k.requests, args[2], args[1]) then return 0 end
   local fields = {}

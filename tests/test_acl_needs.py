@@ -97,8 +97,15 @@ BATCH = [{"request_id": "b1", "account": "account1", "amount": 5},
          {"op": "release", "reservation": "account1/b3"}]
 
 
+def posted_before(scene: redis.Redis, *streams: str) -> None:
+    """Streams a call posts to that already exist, so that it checks them (postable)."""
+    for stream in streams:
+        scene.xadd(stream, {"earlier": "1"})
+
+
 def batch_scene(scene, settings):
     settle_scene(scene, settings)
+    posted_before(scene, KEYS.results, KEYS.reply("someone"))
     requests = [Producer(scene, settings, "someone").prepare(data, reply=True) for data in BATCH]
     return list(zip(requests, pending(scene, settings, [r.to_fields() for r in requests])))
 
@@ -115,6 +122,7 @@ def expire_call(client, settings, _):
 
 
 def dead_letter_scene(scene, settings):
+    posted_before(scene, KEYS.deadletter)
     return pending(scene, settings, [{"account": "account1"}])
 
 

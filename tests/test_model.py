@@ -67,6 +67,7 @@ BAD_ARGUMENTS = ([("window_ms", v) for v in (*MALFORMED, "")] + [("reply_ttl_ms"
                  + [("units", v) for v in MALFORMED] + [("submitted_at", v) for v in ("abc", "-5", "1.5", "1e3")]
                  + [("request_id", v) for v in ("has space", "r" * 129)] + [("account", "a b")])
 MAX_BALANCE = 10**15
+LAST_ID = "18446744073709551615-18446744073709551615"
 
 _namespaces = itertools.count()
 
@@ -85,6 +86,19 @@ request_ids = st.one_of(st.none(), st.sampled_from(REQUEST_IDS))  # None: a fres
 def dedupe_buckets(client: redis.Redis, keys: Keys) -> list[str]:
     """Every dedupe bucket of the partition, by name."""
     return sorted(name.decode() for name in client.scan_iter(match=keys.dedupe("*", "*"), count=1000))
+
+
+@contextmanager
+def at_last_id(client: redis.Redis, stream: str) -> Iterator[None]:
+    """stream at the last possible id while the block runs (XADD * refused), then put back."""
+    saved = client.dump(stream)
+    client.xadd(stream, {"forged": "1"}, id=LAST_ID)
+    try:
+        yield
+    finally:
+        client.delete(stream)
+        if saved is not None:
+            client.restore(stream, 0, saved)
 
 
 def profile(examples: int, steps: int) -> settings:
@@ -117,10 +131,11 @@ class LedgerMachine(RuleBasedStateMachine):
         self.topped_up: Counter = Counter()
         self.charged: Counter = Counter()
         self.taken_reply = self.keys.reply("taken")  # a reply stream name someone made a string
+        self.reply = self.keys.reply("model")
 
     def teardown(self):
         names = [*codec.partition_keys(self.keys), self.keys.deadletter, self.keys.deadletter_reasons,
-                 self.taken_reply, *dedupe_buckets(self.client, self.keys)]
+                 self.taken_reply, self.reply, *dedupe_buckets(self.client, self.keys)]
         for start in range(0, len(names), 500):
             self.client.delete(*names[start:start + 500])
 
@@ -362,6 +377,19 @@ class LedgerMachine(RuleBasedStateMachine):
         except redis.ResponseError:
             pass  # refused, and checked to have written nothing
 
+    @rule(stream=st.sampled_from(("results", "reply")), op=st.sampled_from(("charge", "reserve")),
+          account=st.sampled_from(ACCOUNTS), cost=prices)
+    def stream_at_last_id(self, stream, op, account, cost):
+        """A stream the call posts to at the last possible id for one call (any role allowed
+        to XADD there can put it there): refused before it writes, whatever the model says."""
+        request_id = f"last-{next(self.fresh)}"
+        data = {"op": op, "request_id": request_id, "account": account, "reply_to": self.reply, **cost}
+        request = parse_request(data, self.settings)
+        with at_last_id(self.client, self.keys.results if stream == "results" else self.reply):
+            self.refused(lambda: codec.settle(self.client, self.settings, request, price(request, self.settings),
+                                              given={"window_ms": self.window_ms}),
+                         "stream_exhausted", request_id)
+
     # ---- after every step -------------------------------------------------------------------
 
     def stored_reservations(self) -> dict[str, codec.Reservation]:
@@ -503,6 +531,18 @@ class WorkerMachine(RuleBasedStateMachine):
             time.sleep(0.0005)
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
+
+    @rule(stream=st.sampled_from(("results", "deadletter")), ms=st.integers(50, 400))
+    def stream_at_last_id(self, stream, ms):
+        """A worker runs for a while with the results or the dead-letter stream at the last
+        possible id: what it cannot post stays pending, and nothing is acked without it."""
+        if self.settled() >= len(self.entries):
+            return
+        with at_last_id(self.client, getattr(self.keys, stream)):
+            pid = start_worker(self.settings)
+            time.sleep(ms / 1000)
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
 
     @rule()
     def drain(self):

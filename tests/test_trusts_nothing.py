@@ -14,7 +14,7 @@ import redis
 from charging import codec
 from charging.app.audit import audit
 from charging.keys import Keys, keys_of
-from charging.schema import parse_request
+from charging.schema import Invalid, parse_request
 from tests.conftest import BOTH_BACKENDS, drain, results
 from tests.records import recorded
 
@@ -152,6 +152,62 @@ def test_a_reply_to_of_another_type_is_refused_before_the_charge(client, setting
     [(_, dead)] = client.xrange(keys.deadletter)
     assert dead[b"error"] == b"max_deliveries" and results(client, settings) == []
     assert client.hget(keys.balances, "acct") == b"100"
+
+
+LAST_ID = "18446744073709551615-18446744073709551615"  # XADD * is refused after it, for good
+
+
+def exhaust(client, stream: str) -> None:
+    """What a role allowed to XADD there can do: an explicit id, the last one possible."""
+    client.xadd(stream, {"forged": "1"}, id=LAST_ID)
+
+
+def test_a_charge_whose_outcome_cannot_be_posted_is_refused_and_takes_nothing(client, settings, producer):
+    """Found by an outside probe: with the results stream at the last id, authorize answered
+    an error, yet the balance went 100 -> 70 and an approved record was written."""
+    keys = Keys(settings.namespace, 0)
+    codec.set_balances(client, settings, [("acct", 100)])
+    exhaust(client, keys.results)
+    before = snapshot(client, settings)
+
+    message = refused(lambda: producer.authorize({"request_id": "x1", "account": "acct", "amount": 30}))
+
+    assert "stream_exhausted" in message and snapshot(client, settings) == before
+    assert recorded(client, settings, "x1") == []
+
+
+@pytest.mark.parametrize("stream", ["results", "reply"])
+def test_an_entry_whose_outcome_cannot_be_posted_stays_pending_until_dead_lettered(client, settings, producer,
+                                                                                   stream):
+    """Through a worker the same probe saw settle_failed, the balance 70 -> 50 and the entry
+    acked with no outcome and no dead letter. Now the call is refused before it writes: the
+    entry stays pending, is retried, and is dead-lettered after max deliveries."""
+    keys = Keys(settings.namespace, 0)
+    codec.set_balances(client, settings, [("acct", 100)])
+    exhaust(client, keys.results if stream == "results" else keys.reply(producer.id))
+    [rid] = producer.submit([{"account": "acct", "amount": 20}], reply=stream == "reply")
+
+    drain(settings)
+
+    [(_, dead)] = client.xrange(keys.deadletter)
+    assert dead[b"error"] == b"max_deliveries" and dead[b"request_id"] == rid.encode()
+    assert client.hget(keys.balances, "acct") == b"100" and recorded(client, settings, rid) == []
+    assert [f for _, f in client.xrange(keys.results)] == ([{b"forged": b"1"}] if stream == "results" else [])
+
+
+def test_a_dead_letter_that_cannot_be_posted_leaves_its_entry_pending(client, settings):
+    keys = Keys(settings.namespace, 0)
+    client.xgroup_create(keys.requests, settings.group, id="0", mkstream=True)
+    client.xadd(keys.requests, {"account": "acct"})  # no request_id: a dead letter
+    [[_, [(entry_id, _)]]] = client.xreadgroup(settings.group, "w", {keys.requests: ">"})
+    exhaust(client, keys.deadletter)
+    before = snapshot(client, settings)
+
+    message = refused(lambda: codec.dead_letter(client, settings, keys, entry_id.decode(),
+                                                Invalid("missing_field", "request_id"), {b"account": b"acct"}))
+
+    assert "stream_exhausted" in message and snapshot(client, settings) == before
+    assert client.xpending(keys.requests, settings.group)["pending"] == 1
 
 
 @pytest.mark.parametrize("batch", [False, True], ids=["call", "batch"])

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import redis
+
 from charging import codec
 from charging.connection import server_clock_offset_ms
 from charging.keys import Keys
@@ -56,11 +58,16 @@ def _settle_claimed(worker: Worker, keys: Keys, messages: list, deleted: list) -
     """Settle what one XAUTOCLAIM call took over; False once the worker is stopping."""
     for entry_id in deleted:
         # Already dropped from the pending list by Redis; record it, never lose it silently.
-        if codec.dead_letter(worker.client, worker.settings, keys, entry_id.decode(),
-                             Invalid("entry_deleted", "deleted before it was settled"), None, ack=False):
-            metrics.dead_lettered("entry_deleted")
-            worker.log.warning("entry_dead_lettered", entry_id=entry_id.decode(), reason="entry_deleted",
-                               partition=keys.partition)
+        try:
+            codec.dead_letter(worker.client, worker.settings, keys, entry_id.decode(),
+                              Invalid("entry_deleted", "deleted before it was settled"), None, ack=False)
+        except redis.ResponseError as refused:  # the dead-letter stream exhausted: say so, go on
+            worker.log.error("dead_letter_failed", entry_id=entry_id.decode(), reason="entry_deleted",
+                             partition=keys.partition, error=str(refused))
+            continue
+        metrics.dead_lettered("entry_deleted")
+        worker.log.warning("entry_dead_lettered", entry_id=entry_id.decode(), reason="entry_deleted",
+                           partition=keys.partition)
     entries = [Entry(keys, eid.decode(), fields or None) for eid, fields in messages]
     if entries:
         worker.log.info("entries_reclaimed", partition=keys.partition, count=len(entries))
