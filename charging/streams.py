@@ -18,14 +18,25 @@ from charging.settings import Settings
 CLUSTER_POLL_MS = 20  # pause between empty polls of several streams on a cluster
 
 
-def ensure_group(stream: str, group: str, start: str = "0") -> Plan[None]:
-    """Create group on stream (and the stream) unless it exists. Id 0 (the default): a group
-    made after entries were added still sees every one of them; "$": only later ones."""
+def ensure_group(stream: str, group: str, start: str = "0") -> Plan[bool]:
+    """Create group on stream (and the stream) unless it exists; True if it was made. Id 0
+    (the default): a group made after entries were added still sees every one of them;
+    "$": only later ones."""
     try:
         yield lambda client: client.xgroup_create(stream, group, id=start, mkstream=True)
     except redis.ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise
+        return False
+    return True
+
+
+def group_lost(error: Exception) -> bool:
+    """The stream or the group a command named is gone: the server lost its data (restarted
+    without it, failed over to an empty node, flushed). A read blocked on the stream when
+    it went is answered UNBLOCKED; any command after that, NOGROUP."""
+    return isinstance(error, redis.ResponseError) and str(error).startswith(
+        ("NOGROUP", "UNBLOCKED the stream key no longer exists"))
 
 
 def read_streams(streams: dict[str, str], count: int, block_ms: int | None, group: str | None = None,
