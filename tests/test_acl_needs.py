@@ -133,7 +133,7 @@ def trim_scene(scene, settings):
 
 
 def trim_call(client, settings, _):
-    codec.trim_requests(client, KEYS)
+    codec.trim_requests(client, settings, KEYS)
     codec.trim_results(client, settings.model_copy(update={"results_maxlen": 10, "results_groups": "billing"}), KEYS)
     codec.trim_results(client, settings.model_copy(update={"results_maxlen": 10}), KEYS)
 
