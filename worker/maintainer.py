@@ -1,8 +1,9 @@
 """The maintainer's duties (docs/security.md): trimming the streams, forgetting idle
 consumers, repairing what a client's XADD arguments can do to a request stream
-(lua/charging.lua `repair`) and reporting groups on it other than the workers'. These need rights that let a client drop entries or load
-code, so in deploy/users.acl only the maintainer role holds them: `charging maintain`
-runs the duties under it. A worker runs them too while its own ACL user allows, and
+(lua/charging.lua `repair`) and reporting groups on it other than the workers'. The
+first three need rights that let a client drop entries or load code, so in
+deploy/users.acl only the maintainer role holds them: `charging maintain` runs the
+duties under it. A worker runs them too while its own ACL user allows, and
 leaves each to the maintainer at its first NOPERM, so one process with one user (a
 laptop, the demo) still does everything."""
 
