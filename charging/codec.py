@@ -202,9 +202,10 @@ def expire_reservations(target, settings: Settings, keys: Keys) -> int:
                         settings.sweep_batch)
 
 
-def trim_requests(target, keys: Keys):
-    """Drop request entries every group has acked."""
-    return target.fcall("trim", 1, keys.requests, 0)
+def trim_requests(target, settings: Settings, keys: Keys):
+    """Drop request entries the workers' group has acked. Only that group counts: another
+    group on the stream (a stray one, which no worker reads) would keep them all for good."""
+    return target.fcall("trim", 1, keys.requests, 0, settings.group)
 
 
 def trim_results(target, settings: Settings, keys: Keys):
@@ -215,10 +216,10 @@ def trim_results(target, settings: Settings, keys: Keys):
 
 def repair(target, settings: Settings, keys: Keys) -> tuple[int, bool]:
     """Record request entries removed before the workers read them, and rewind a request
-    stream whose ids a client pushed into the future once it is settled: (entries found
-    removed, whether it was rewound)."""
+    stream whose ids a client pushed into the future once the workers' group has settled
+    it (no other group can hold that back): (entries found removed, whether it was rewound)."""
     removed, rewound = target.fcall("repair", 3, keys.requests, keys.deadletter, keys.deadletter_reasons,
-                                    settings.max_clock_skew_ms, settings.deadletter_maxlen)
+                                    settings.max_clock_skew_ms, settings.deadletter_maxlen, settings.group)
     return int(removed), bool(rewound)
 
 

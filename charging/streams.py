@@ -18,14 +18,25 @@ from charging.settings import Settings
 CLUSTER_POLL_MS = 20  # pause between empty polls of several streams on a cluster
 
 
-def ensure_group(stream: str, group: str, start: str = "0") -> Plan[None]:
-    """Create group on stream (and the stream) unless it exists. Id 0 (the default): a group
-    made after entries were added still sees every one of them; "$": only later ones."""
+def ensure_group(stream: str, group: str, start: str = "0") -> Plan[bool]:
+    """Create group on stream (and the stream) unless it exists; True if it was made. Id 0
+    (the default): a group made after entries were added still sees every one of them;
+    "$": only later ones."""
     try:
         yield lambda client: client.xgroup_create(stream, group, id=start, mkstream=True)
     except redis.ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise
+        return False
+    return True
+
+
+def group_lost(error: Exception) -> bool:
+    """The stream or the group a command named is gone: the server lost its data (restarted
+    without it, failed over to an empty node, flushed). A read blocked on the stream when
+    it went is answered UNBLOCKED; any command after that, NOGROUP."""
+    return isinstance(error, redis.ResponseError) and str(error).startswith(
+        ("NOGROUP", "UNBLOCKED the stream key no longer exists"))
 
 
 def read_streams(streams: dict[str, str], count: int, block_ms: int | None, group: str | None = None,
@@ -105,6 +116,7 @@ def read_partition_status(replies: list, settings: Settings, keys: Keys, now_ms:
         "deadletter_reasons": {text(r): int(n) for r, n in sorted(reasons.items())},
         "open_reservations": reservations, "held": sum(int(v) for v in held),
         "pending": 0, "lag": None, "oldest_pending_age_ms": None, "consumers": [],
+        "stray_groups": [] if isinstance(groups, Exception) else stray_groups(groups, settings.group),
     }
     group = _group(groups, settings.group)
     if group is None:  # no stream yet, or no group on it
@@ -119,6 +131,13 @@ def read_partition_status(replies: list, settings: Settings, keys: Keys, now_ms:
         for c in consumers
     ]
     return status
+
+
+def stray_groups(groups: list, workers: str) -> list[str]:
+    """The groups of an XINFO GROUPS reply on a request stream other than the workers'. No
+    worker reads them, and trimming and repair pass them by (lua/charging.lua), so a reader
+    of one misses entries: an operator should find out who made it and remove it."""
+    return sorted(name for g in groups if (name := text(g["name"])) != workers)
 
 
 def _no_such_group(error: Exception) -> bool:

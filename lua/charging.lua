@@ -1104,7 +1104,9 @@ trimming ignores consumer groups, so the bound is computed here: the oldest pend
 and the lowest last-delivered id over the groups. Maintenance only, never per entry.
 KEYS: stream.
 ARGV: maxlen, then group names.
-  maxlen 0 (request streams): drop everything every group on the stream has acked.
+  maxlen 0 (request streams): drop everything the named groups (every group when none is
+  named) have acked. The workers name their own group: another group made on the stream
+  (the worker role may XGROUP CREATE) must not keep every entry for good.
   maxlen > 0 (results streams): keep about maxlen entries; with group names, never
   drop an entry one of those groups has not read and acked (other groups are not
   protected), so the stream can stay longer than maxlen while a named group is behind.
@@ -1136,66 +1138,79 @@ end
 --[[
 repair: undo what a client allowed to XADD to a request stream can do to it that no ACL
 rule can forbid (docs/security.md, "Threat model"). Maintenance only (the maintainer role).
- - Entries removed before a group read them (XADD with MAXLEN or MINID, XTRIM): the group
-   never counted them as read, so its read counter stays behind by their number for good
-   (a group that never read counts nothing: everything ever added is behind it). Found
-   where the entries still unread are known without a scan; recorded as one dead letter,
-   error entries_removed, naming the group and how many; then the group's read counter is
-   set right, so each loss is recorded once. (A group made at 0 on a stream whose head
-   was already trimmed would count that head: request streams get their one group before
-   anything is trimmed.)
+Only the workers' group counts: another group on the stream (the worker role may XGROUP
+CREATE) reads nothing that is charged, so it may neither hold a repair back nor have
+losses recorded for it; the maintainer reports it (stray_group_found).
+ - Entries removed before the workers' group read them (XADD with MAXLEN or MINID, XTRIM):
+   the group never counted them as read, so its read counter stays behind by their number
+   for good (a group that never read counts nothing: everything ever added is behind it).
+   Found where the entries still unread are known without a scan; recorded as one dead
+   letter, error entries_removed, naming the group and how many; then the group's read
+   counter is set right, so each loss is recorded once. (A group made at 0 on a stream
+   whose head was already trimmed would count that head: request streams get their one
+   group before anything is trimmed.)
  - Ids pushed into the future (XADD with an explicit id far ahead; the last possible id
-   refuses every later XADD): once every group has read and acked every entry, the
-   entries go and the stream's last id and its groups' go back to the server's time, so
+   refuses every later XADD): once the workers' group has read and acked every entry, the
+   entries go and the stream's last id and every group's go back to the server's time, so
    XADD * works again. The worker dead-letters such entries (id_in_future) meanwhile.
 KEYS: requests, deadletter, deadletter:reasons. ARGV: max_skew_ms (1000..10 years),
-deadletter maxlen. Every key and argument is checked before anything is written.
+deadletter maxlen, the workers' group. Every key and argument is checked before anything
+is written; the dead letter, the only write that can fail, goes first.
 Returns {entries found removed, 1 if the stream was rewound else 0}.
 ]]
 local REPAIR_ROLES = {'requests', 'deadletter', 'deadletter:reasons'}
 
+-- How many entries the workers' group lost (removed before it read them), where that is
+-- known without a scan: its read counter behind by more than the entries still unread.
+local function entries_lost(s, group)
+  local read_to, counted = group['last-delivered-id'], group['entries-read']
+  local behind = counted and s['entries-added'] - counted or (read_to == '0-0' and s['entries-added'])
+  local first = s['first-entry'] and s['first-entry'][1]
+  -- The entries still in the stream that the group has not read: none once it has read up
+  -- to the last id, all when all are past it.
+  local unread = nil
+  if read_to == s['last-generated-id'] then unread = 0
+  elseif not first or stream_id_less(read_to, first) then unread = s['length'] end
+  if unread and behind and behind > unread then return behind - unread, unread end
+  return 0, unread
+end
+
 local function repair(keys, args)
-  local k = #keys == 3 and #args == 2 and partition_keys(keys, REPAIR_ROLES)
+  local k = #keys == 3 and #args == 3 and partition_keys(keys, REPAIR_ROLES)
   if not k then
-    return refuse('wrong_arguments', 'repair takes the keys ' .. table.concat(REPAIR_ROLES, ', ') .. ' and max_skew_ms, maxlen')
+    return refuse('wrong_arguments', 'repair takes the keys ' .. table.concat(REPAIR_ROLES, ', ') ..
+                  ' and max_skew_ms, maxlen, group')
   end
   local max_skew, maxlen = count(args[1], 1000, MAX_DURATION_MS), count(args[2], 1, MAX_BALANCE)
   if not max_skew then return refuse('invalid_max_skew', '1000..' .. MAX_DURATION_MS) end
   if not maxlen then return refuse('invalid_maxlen') end
+  if args[3] == '' then return refuse('invalid_group') end
   local err = wrong_types(k, DEAD_TYPES)
   if err then return err end
   local stream = k.requests
   if redis.call('TYPE', stream)['ok'] == 'none' then return {0, 0} end
   -- Everything is read first; what follows writes only what was checked here.
   local s = map_of(redis.call('XINFO', 'STREAM', stream))
-  local last, first = s['last-generated-id'], s['first-entry'] and s['first-entry'][1]
-  local groups = {}
-  for i, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do groups[i] = map_of(g) end
-  local removed, settled, losses = 0, #groups > 0, {}
-  for _, group in ipairs(groups) do
-    local read_to, counted = group['last-delivered-id'], group['entries-read']
-    local behind = counted and s['entries-added'] - counted or (read_to == '0-0' and s['entries-added'])
-    -- The entries still in the stream that the group has not read, where that is known
-    -- without a scan: none once it has read up to the last id, all when all are past it.
-    local unread = nil
-    if read_to == last then unread = 0
-    elseif not first or stream_id_less(read_to, first) then unread = s['length'] end
-    if unread and behind and behind > unread then
-      losses[#losses + 1] = {group = group, lost = behind - unread, unread = unread}
-      removed = removed + behind - unread
-    end
-    settled = settled and group['pending'] == 0 and read_to == last
+  local last = s['last-generated-id']
+  local groups, workers = {}, nil
+  for i, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+    groups[i] = map_of(g)
+    if groups[i]['name'] == args[3] then workers = groups[i] end
   end
-  for _, loss in ipairs(losses) do
-    local name, lost = loss.group['name'], digits(loss.lost)
+  if not workers then return {0, 0} end -- no worker has read this stream yet
+  local removed, unread = entries_lost(s, workers)
+  if removed > 0 then
+    err = postable(k.deadletter)
+    if err then return err end
+    local lost = digits(removed)
     write_dead_letter(k, '', 'entries_removed',
-      lost .. ' entries were removed from the stream before group ' .. name ..
+      lost .. ' entries were removed from the stream before group ' .. args[3] ..
       ' read them (XADD with MAXLEN or MINID, or XTRIM, by a client); they were never charged',
-      maxlen, {'group', name, 'removed', lost})
-    redis.call('XGROUP', 'SETID', stream, name, loss.group['last-delivered-id'],
-               'ENTRIESREAD', digits(s['entries-added'] - loss.unread))
+      maxlen, {'group', args[3], 'removed', lost})
+    redis.call('XGROUP', 'SETID', stream, args[3], workers['last-delivered-id'],
+               'ENTRIESREAD', digits(s['entries-added'] - unread))
   end
-  local now = now_ms()
+  local settled, now = workers['pending'] == 0 and workers['last-delivered-id'] == last, now_ms()
   if not (settled and tonumber(string.match(last, '^%d+')) > now + max_skew) then return {removed, 0} end
   local id = digits(now) .. '-0'
   redis.call('XTRIM', stream, 'MAXLEN', 0)

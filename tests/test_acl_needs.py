@@ -141,7 +141,7 @@ def trim_scene(scene, settings):
 
 
 def trim_call(client, settings, _):
-    codec.trim_requests(client, KEYS)
+    codec.trim_requests(client, settings, KEYS)
     codec.trim_results(client, settings.model_copy(update={"results_maxlen": 10, "results_groups": "billing"}), KEYS)
     codec.trim_results(client, settings.model_copy(update={"results_maxlen": 10}), KEYS)
 
@@ -208,8 +208,8 @@ DIRECT = {
                ("xinfo|consumers", "requests"), ("xlen", "results"), ("xlen", "deadletter"),
                ("hgetall", "deadletter:reasons"), ("hlen", "reservations"), ("hvals", "held"),
                ("get", "partitions")},
-    "maintainer": {("xinfo|consumers", "requests"), ("xgroup|delconsumer", "requests"), ("get", "partitions"),
-                   ("set", "partitions")},
+    "maintainer": {("xinfo|groups", "requests"), ("xinfo|consumers", "requests"), ("xgroup|delconsumer", "requests"),
+                   ("get", "partitions"), ("set", "partitions")},
     "admin": {("hget", "balances"), ("hscan", "balances"), ("hget", "held"), ("hscan", "held"), ("hvals", "held"),
               ("hlen", "reservations"), ("xlen", "requests"), ("xinfo|groups", "requests"), ("xpending", "requests"),
               ("xinfo|consumers", "requests"), ("xlen", "results"), ("xread", "results"), ("xreadgroup", "results"),

@@ -4,6 +4,8 @@ or, where no ACL rule can refuse it, the documented mitigation at work."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import redis
 
@@ -204,6 +206,36 @@ def test_entries_after_an_id_far_in_the_future_are_dead_lettered_until_the_strea
     reasons = clients["admin"].hgetall(KEYS.deadletter_reasons)
     assert reasons == {b"id_in_future": b"2"}
     assert producer.wait(again, timeout=10)[again[0]].balance == 99  # resubmitted with its request id: charged once
+
+
+def test_a_stray_group_on_a_request_stream_blocks_neither_the_rewind_nor_the_trim_and_is_reported(server, clients):
+    """The worker role may XGROUP CREATE on a request stream: a group no worker reads must
+    not hold the stream's entries, nor its ids in the future, for good."""
+    producer = Producer(clients["producer"], role(server, "producer"))
+    settle_all(server)
+    clients["worker"].xgroup_create(KEYS.requests, "stray", id="0")
+    producer.submit([{"account": "account1", "amount": 1} for _ in range(3)])
+    settle_all(server)
+    trimmed = cli(role(server, "maintainer"), "maintain", "--once")
+    assert clients[ROOT].xlen(KEYS.requests) == 1  # acked by the workers: trimmed to its bound
+    clients["producer"].xadd(KEYS.requests, {"request_id": "forged", "account": "account1", "amount": "1"},
+                             id="99999999999999-0")
+    follower = producer.submit([{"account": "account1", "amount": 1}])  # Redis gives it an id after the forged one
+    settle_all(server)
+
+    rewound = cli(role(server, "maintainer"), "maintain", "--once")
+    again = producer.submit([{"account": "account1", "request_id": follower[0], "amount": 1}], reply=True)
+    settle_all(server)
+
+    assert clients["admin"].hgetall(KEYS.deadletter_reasons) == {b"id_in_future": b"2"}
+    assert producer.wait(again, timeout=10)[again[0]].balance == 96
+    events = [json.loads(line) for line in (trimmed.stderr + rewound.stderr).splitlines() if line.startswith("{")]
+    assert "requests_rewound" in [e["event"] for e in events]
+    assert {"event": "stray_group_found", "partition": 0, "group": "stray"} in [
+        {k: e.get(k) for k in ("event", "partition", "group")} for e in events]
+    status = json.loads(cli(role(server, "admin"), "status", "--json").stdout)
+    assert status["stray_groups"] == ["stray"] and status["partitions"][0]["stray_groups"] == ["stray"]
+    assert "stray groups on request streams: stray (partition 0)" in cli(role(server, "admin"), "status").stdout
 
 
 def test_a_producer_gets_noperm_creating_keys_the_request_pattern_would_match_with_a_glob(server, clients):

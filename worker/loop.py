@@ -16,7 +16,7 @@ from charging.log import logger
 from charging.plan import call, run
 from charging.schema import Invalid, parse_request
 from charging.settings import Settings
-from charging.streams import read_streams, text
+from charging.streams import group_lost, read_streams, text
 from charging.tariff import price
 from worker import metrics, recovery
 from worker.entry import Entry
@@ -44,6 +44,7 @@ class Worker:
         self.log = log.bind(consumer=consumer)
         self.settled = 0
         self.clock_offset_ms = 0  # the server's clock minus this host's (recovery.sync_clock)
+        self.groups_ensured = False  # recovery.ensure_groups has run once: a group it makes later was lost
         self.duties = Duties(client, settings, self.log, consumer)
 
     def stop(self, *_) -> None:
@@ -78,16 +79,22 @@ class Worker:
                 backoff.wait(self.log, exc)
                 own_pending_done = False
             except redis.ResponseError as exc:
-                if not missing_function(exc):
-                    raise
-                # The server lost the library (restarted empty, failed over to an empty node):
-                # load it and go on; whatever step failed runs again. A worker whose ACL user
-                # may not load code waits for the maintainer to load it.
-                own_pending_done = False
-                if not run(self.client, reload_functions(exc)):
-                    backoff.wait(self.log, exc)
+                own_pending_done = False  # whatever step failed runs again, after the groups
+                self.recover(exc, backoff)
         self.log.info("worker_stopped", settled=self.settled)
         return 0
+
+    def recover(self, error: redis.ResponseError, backoff: Backoff) -> None:
+        """The server lost its data (restarted empty, failed over to an empty node, flushed):
+        a group gone is made again by recovery.ensure_groups, which the loop runs next; a
+        library gone is loaded again, or, by a worker whose ACL user may not load code,
+        waited for until the maintainer loads it. Any other error is raised."""
+        if group_lost(error):
+            self.log.warning("redis_found_empty", error=str(error))
+        elif not missing_function(error):
+            raise error
+        elif not run(self.client, reload_functions(error)):
+            backoff.wait(self.log, error)
 
     def read(self) -> list[Entry]:
         block = 100 if self.burst else self.settings.block_ms

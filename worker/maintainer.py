@@ -1,8 +1,9 @@
 """The maintainer's duties (docs/security.md): trimming the streams, forgetting idle
-consumers, and repairing what a client's XADD arguments can do to a request stream
-(lua/charging.lua `repair`). These need rights that let a client drop entries or load
-code, so in deploy/users.acl only the maintainer role holds them: `charging maintain`
-runs the duties under it. A worker runs them too while its own ACL user allows, and
+consumers, repairing what a client's XADD arguments can do to a request stream
+(lua/charging.lua `repair`) and reporting groups on it other than the workers'. The
+first three need rights that let a client drop entries or load code, so in
+deploy/users.acl only the maintainer role holds them: `charging maintain` runs the
+duties under it. A worker runs them too while its own ACL user allows, and
 leaves each to the maintainer at its first NOPERM, so one process with one user (a
 laptop, the demo) still does everything."""
 
@@ -19,7 +20,7 @@ from charging.keys import Keys
 from charging.log import logger
 from charging.plan import run
 from charging.settings import Settings
-from charging.streams import text
+from charging.streams import stray_groups, text
 
 log = logger("charging.maintainer")
 
@@ -38,10 +39,12 @@ class Duties:
         self.consumer = consumer  # the worker's own name, never forgotten as idle
         self.strict = strict
         self.refused: set[str] = set()
+        self.strays_reported: set[tuple[int, str]] = set()  # (partition, group): said once
 
     def run(self, keys: Keys) -> None:
         for name, duty in (("repair", self.repair), ("trim", self.trim),
-                           ("forget_idle_consumers", self.forget_idle_consumers)):
+                           ("forget_idle_consumers", self.forget_idle_consumers),
+                           ("report_stray_groups", self.report_stray_groups)):
             if name in self.refused:
                 continue
             try:
@@ -60,7 +63,7 @@ class Duties:
             self.log.warning("requests_rewound", partition=keys.partition)
 
     def trim(self, keys: Keys) -> None:
-        trimmed = codec.trim_requests(self.client, keys)
+        trimmed = codec.trim_requests(self.client, self.settings, keys)
         if trimmed:
             self.log.debug("requests_trimmed", partition=keys.partition, count=trimmed)
         trimmed = codec.trim_results(self.client, self.settings, keys)
@@ -81,6 +84,23 @@ class Duties:
             if name != self.consumer and consumer["pending"] == 0 and consumer["idle"] > IDLE_CONSUMER_MS:
                 self.client.xgroup_delconsumer(keys.requests, self.settings.group, name)
                 self.log.info("idle_consumer_removed", removed=name, partition=keys.partition)
+
+
+    def report_stray_groups(self, keys: Keys) -> None:
+        """A group on the request stream other than the workers' holds nothing back (trim and
+        repair pass it by) but whoever reads it misses entries: say so, once per group."""
+        try:
+            groups = self.client.xinfo_groups(keys.requests)
+        except redis.ResponseError as exc:
+            if "no such key" in str(exc):
+                return  # no stream yet
+            raise
+        for name in stray_groups(groups, self.settings.group):
+            if (keys.partition, name) not in self.strays_reported:
+                self.strays_reported.add((keys.partition, name))
+                self.log.warning("stray_group_found", partition=keys.partition, group=name,
+                                 hint="no worker reads it; trimming and repair pass it by; remove it "
+                                      "with XGROUP DESTROY once its reader is found")
 
 
 class Maintainer:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import redis
 
 from charging import codec
-from charging.connection import server_clock_offset_ms
+from charging.connection import load_functions, server_clock_offset_ms
 from charging.keys import Keys
 from charging.plan import call, run
 from charging.schema import Invalid
@@ -23,8 +23,27 @@ if TYPE_CHECKING:
 
 
 def ensure_groups(worker: Worker) -> None:
-    for keys in worker.partitions:
-        run(worker.client, ensure_group(keys.requests, worker.settings.group))
+    """Make the group on every partition that lacks it. One gone after this worker had made
+    sure of it means the server lost its data (restarted without it, failed over to an
+    empty node, flushed): say so per partition and load the library again."""
+    made = [keys.partition for keys in worker.partitions
+            if run(worker.client, ensure_group(keys.requests, worker.settings.group))]
+    if worker.groups_ensured and made:
+        for partition in made:
+            worker.log.warning("group_recreated", partition=partition, group=worker.settings.group)
+        _load_functions(worker)
+    worker.groups_ensured = True
+
+
+def _load_functions(worker: Worker) -> None:
+    """Load the library where the worker's ACL user may. In deploy/users.acl it may not:
+    the maintainer loads it, and until then the worker's first function call waits and
+    says so (functions_missing)."""
+    try:
+        run(worker.client, load_functions())
+    except redis.exceptions.NoPermissionError:
+        return
+    worker.log.info("functions_loaded")
 
 
 def settle_own_pending(worker: Worker) -> None:

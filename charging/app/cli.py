@@ -441,12 +441,23 @@ def status(as_json: AsJson = False):
         per_consumer.update({c["name"]: c["pending"] for c in p["consumers"]})
     summary = Text(f"pending per consumer: {_pairs(per_consumer) or '-'}\n"
                    f"dead letters by reason (ever): {_pairs(data['deadletter_reasons']) or '-'}\n"
-                   f"open reservations: {data['open_reservations']}, holding {data['held']}")
+                   f"open reservations: {data['open_reservations']}, holding {data['held']}\n"
+                   f"stray groups on request streams: {_strays(data['partitions']) or '-'}")
     emit(data, as_json, Group(table, summary))
 
 
 def _pairs(counts: dict[str, int]) -> str:
     return " ".join(f"{name}={n}" for name, n in sorted(counts.items()))
+
+
+def _strays(partitions: list[dict]) -> str:
+    """Each group other than the workers' with the partitions it is on: 'audit (partition 0)'."""
+    where: dict[str, list[int]] = {}
+    for p in partitions:
+        for name in p["stray_groups"]:
+            where.setdefault(name, []).append(p["partition"])
+    return ", ".join(f"{name} (partition{'s' if len(ps) > 1 else ''} {', '.join(map(str, ps))})"
+                     for name, ps in sorted(where.items()))
 
 
 @app.command()

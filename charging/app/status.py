@@ -46,5 +46,6 @@ def summary(settings: Settings, parts: list[dict[str, Any]]) -> dict[str, Any]:
         "held": sum(p["held"] for p in parts),
         "lag": None if None in lags else sum(lags),
         "consumers": sorted({c["name"] for p in parts for c in p["consumers"]}),
+        "stray_groups": sorted({g for p in parts for g in p["stray_groups"]}),
         "partitions": parts,
     }

@@ -40,7 +40,7 @@ def run(ctx: Context, profile: Profile) -> ModeResult:
         streams = _stream_bytes(ctx, settings)
         advance(1)
         for keys in all_partitions(settings.namespace, settings.partitions):
-            codec.trim_requests(ctx.client, keys)  # what maintenance does in steady operation
+            codec.trim_requests(ctx.client, settings, keys)  # what maintenance does in steady operation
         trimmed = _used(ctx)
         advance(1)
     check = audit(ctx.client, settings, load.balances, load.expected)
