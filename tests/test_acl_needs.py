@@ -149,6 +149,7 @@ def trim_call(client, settings, _):
 def repair_scene(scene, settings):
     """A producer's XADD MAXLEN removed two entries no worker had read, then one pushed the
     ids to the last one possible; the workers settled what was left."""
+    posted_before(scene, KEYS.deadletter)
     first = pending(scene, settings, [{"n": "1"}])
     scene.xadd(KEYS.requests, {"n": "2"})
     scene.xadd(KEYS.requests, {"n": "3"}, maxlen=0, approximate=False)
