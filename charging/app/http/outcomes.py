@@ -27,7 +27,7 @@ from charging.app.http.endpoints import Endpoint
 from charging.app.http.gateway import Gateway, log, problem_of
 from charging.app.http.problems import Problem
 from charging.keys import all_partitions
-from charging.plan import pipelined, run_async
+from charging.plan import call, pipelined, run_async
 from charging.schema import Outcome
 from charging.streams import ensure_group, read_streams, text
 
@@ -73,7 +73,7 @@ def _resumed(last_event_id: str | None, streams: list[str]) -> dict[str, str] | 
 async def _origin(gateway: Gateway, streams: list[str], origin: str) -> dict[str, str]:
     if origin == "start":
         return {stream: "0-0" for stream in streams}
-    newest = await gateway.run(pipelined(lambda pipe: [pipe.xrevrange(s, count=1) for s in streams]))
+    newest = await gateway.run(call(pipelined(lambda pipe: [pipe.xrevrange(s, count=1) for s in streams])))
     return {stream: text(entries[0][0]) if entries else "0-0" for stream, entries in zip(streams, newest)}
 
 
@@ -101,8 +101,8 @@ async def _events(gateway: Gateway, caller: Caller, cursor: dict[str, str],
                     if caller.may_touch(outcome.account):
                         yield _event(outcome, None if group else ",".join(cursor.values()))
             if group is not None and sent:  # written to the connection: acked
-                await run_async(gateway.client, pipelined(
-                    lambda pipe, acked=sent: [pipe.xack(s, group, i) for s, i in acked]))
+                await run_async(gateway.client, call(pipelined(
+                    lambda pipe, acked=sent: [pipe.xack(s, group, i) for s, i in acked])))
             if reply and any(entries for _, entries in reply):
                 quiet_s = 0.0
                 continue

@@ -1,0 +1,99 @@
+"""What docs/http-api.md and docs/command-line.md promise about the gateway, tried the way a
+user meets it: a real `charging serve`, curl and raw sockets, clients that die or trickle."""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import socket
+import subprocess
+import threading
+import time
+
+import httpx
+import pytest
+
+from charging.codec import set_balances
+from charging.keys import all_partitions
+from tests.conftest import CHARGING, environment
+from tests.gateway import Served
+from tests.test_http import assert_problem
+
+pytestmark = pytest.mark.slow
+
+
+class Listener:
+    """curl -N reading a Server-Sent Events stream in a subprocess; a thread collects its
+    events as (event, data)."""
+
+    def __init__(self, url: str, *headers: str):
+        arguments = [item for header in headers for item in ("-H", header)]
+        self.process = subprocess.Popen(["curl", "-sN", *arguments, url], stdout=subprocess.PIPE, text=True)
+        self.events: list[tuple[str, dict]] = []
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        kind, data = "message", None
+        for line in self.process.stdout:
+            line = line.rstrip("\n")
+            if line.startswith("event: "):
+                kind = line[7:]
+            elif line.startswith("data: "):
+                data = json.loads(line[6:])
+            elif not line and data is not None:
+                self.events.append((kind, data))
+                kind, data = "message", None
+
+    def wait_for(self, count: int, timeout_s: float = 15) -> list[tuple[str, dict]]:
+        deadline = time.monotonic() + timeout_s
+        while len(self.events) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.events
+
+    def request_ids(self) -> set[str]:
+        return {data["request_id"] for kind, data in self.events if kind == "outcome"}
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(10)
+
+
+def authorize(http: httpx.Client, *request_ids: str) -> None:
+    for request_id in request_ids:
+        answer = http.post("/v1/charges/authorize", json={"account": "account1", "amount": 1, "request_id": request_id})
+        assert answer.status_code == 200, answer.text
+
+
+def pending(client, settings, group: str) -> int:
+    return sum(client.xpending(keys.results, group)["pending"]
+               for keys in all_partitions(settings.namespace, settings.partitions))
+
+
+def test_sse_group_mode_acks_every_outcome_and_survives_a_killed_client(settings, client):
+    set_balances(client, settings, [("account1", 1000)])
+    url = "/v1/outcomes?group=billing&from=start&consumer="
+    wanted = {f"k-{i}" for i in range(12)}
+    with Served(settings) as served, httpx.Client(base_url=served.url, timeout=30) as http:
+        authorize(http, "k-0", "k-1", "k-2", "k-3", "k-4")
+        first = Listener(served.url + url + "m1")
+        assert len(first.wait_for(5)) == 5
+        time.sleep(0.5)  # a poll or two: the stream must stay open, not end after its first batch
+        assert first.process.poll() is None, "the stream ended"
+        first.kill()  # SIGKILL mid-stream
+        authorize(http, "k-5", "k-6", "k-7")  # while no member listens
+        again, second = Listener(served.url + url + "m1"), Listener(served.url + url + "m2")
+        authorize(http, "k-8", "k-9", "k-10", "k-11")
+        deadline = time.monotonic() + 15
+        while (first.request_ids() | again.request_ids() | second.request_ids()) != wanted:
+            assert time.monotonic() < deadline, "an outcome was never delivered"
+            time.sleep(0.05)
+        assert again.process.poll() is None and second.process.poll() is None, "a stream ended"
+        while pending(client, settings, "billing") and time.monotonic() < deadline + 5:
+            time.sleep(0.05)  # the last write is acked right after it
+        again.kill()
+        second.kill()
+    assert pending(client, settings, "billing") == 0
+    assert not [data for listener in (first, again, second) for kind, data in listener.events if kind == "problem"]
+
