@@ -97,3 +97,24 @@ def test_sse_group_mode_acks_every_outcome_and_survives_a_killed_client(settings
     assert pending(client, settings, "billing") == 0
     assert not [data for listener in (first, again, second) for kind, data in listener.events if kind == "problem"]
 
+
+def test_a_last_event_id_beyond_64_bits_is_400_and_a_failure_mid_stream_ends_it_with_a_problem_event(settings,
+                                                                                                      client):
+    set_balances(client, settings, [("account1", 1000)])
+    results = all_partitions(settings.namespace, settings.partitions)[0].results
+    with Served(settings) as served, httpx.Client(base_url=served.url, timeout=30) as http:
+        for beyond in ("99999999999999999999-0", "18446744073709551616-0", "0-18446744073709551616"):
+            assert_problem(http.get("/v1/outcomes", headers={"Last-Event-ID": beyond}), 400, "invalid_last_event_id")
+        largest = Listener(served.url + "/v1/outcomes", "Last-Event-ID: 18446744073709551615-18446744073709551615")
+        listener = Listener(served.url + "/v1/outcomes")  # from now
+        time.sleep(0.5)
+        authorize(http, "p-0")
+        assert [data["request_id"] for kind, data in listener.wait_for(1)] == ["p-0"]
+        client.delete(results)
+        client.set(results, "not a stream")  # every read of the stream fails from now on
+        assert listener.process.wait(15) == 0, "the stream did not end"
+        assert largest.process.wait(15) == 0, "the stream did not end"
+    for ended in (listener, largest):
+        kind, problem = ended.events[-1]
+        assert (kind, problem["status"], problem["reason"]) == ("problem", 500, "internal_error")
+    assert largest.events == [largest.events[-1]]  # nothing is past the last id there is
