@@ -118,3 +118,15 @@ def test_a_last_event_id_beyond_64_bits_is_400_and_a_failure_mid_stream_ends_it_
         kind, problem = ended.events[-1]
         assert (kind, problem["status"], problem["reason"]) == ("problem", 500, "internal_error")
     assert largest.events == [largest.events[-1]]  # nothing is past the last id there is
+
+
+def test_serve_on_a_busy_port_says_so_in_one_line_and_exits_1(settings):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        refused = subprocess.run([CHARGING, "serve", "--port", str(port)], env=environment(settings),
+                                 capture_output=True, text=True, timeout=60)
+    assert refused.stderr == (f"error: cannot listen on 127.0.0.1:{port}: address already in use; "
+                              "pick another with --port\n")
+    assert (refused.returncode, refused.stdout) == (1, "")
