@@ -3,8 +3,8 @@ user meets it: a real `charging serve`, curl and raw sockets, clients that die o
 
 from __future__ import annotations
 
+import itertools
 import json
-import os
 import selectors
 import socket
 import subprocess
@@ -130,3 +130,63 @@ def test_serve_on_a_busy_port_says_so_in_one_line_and_exits_1(settings):
     assert refused.stderr == (f"error: cannot listen on 127.0.0.1:{port}: address already in use; "
                               "pick another with --port\n")
     assert (refused.returncode, refused.stdout) == (1, "")
+
+
+def test_slow_bodies_and_headers_get_408_and_are_closed_while_other_clients_are_served_quickly(settings, client):
+    set_balances(client, settings, [("account1", 1000)])
+    timeouts = {"CHARGING_HTTP_HEADER_TIMEOUT_S": "1.5", "CHARGING_HTTP_BODY_TIMEOUT_S": "2"}
+    with Served(settings, extra_env=timeouts) as served, httpx.Client(base_url=served.url, timeout=30) as http:
+        heads = [b"POST /v1/charges/authorize HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n{"] * 60
+        heads += [b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: "] * 20  # headers that never end
+        began = time.monotonic()
+        slow = [socket.create_connection(("127.0.0.1", served.port)) for _ in heads]
+        for connection, head in zip(slow, heads):
+            connection.sendall(head)
+        served_in: list[float] = []
+        fast = threading.Thread(target=lambda: served_in.extend(timed_requests(http, until=began + 3)))
+        fast.start()
+        answers = trickle(slow, until=began + 8)
+        fast.join()
+    assert len(answers) == len(slow), f"{len(slow) - len(answers)} slow connections still open"
+    assert len(served_in) >= 10 and max(served_in) < 0.5, served_in
+    for connection, (answer, closed_at) in answers.items():
+        assert answer.startswith(b"HTTP/1.1 408 "), answer
+        assert b"connection: close" in answer and b'"reason":"request_timeout"' in answer
+        assert 1.5 <= closed_at - began < 4, closed_at - began  # closed (EOF) soon after the deadline
+        connection.close()
+
+
+def timed_requests(http: httpx.Client, until: float) -> list[float]:
+    """How long each of a series of ordinary requests took, until then."""
+    took = []
+    for i in itertools.count():
+        if time.monotonic() >= until:
+            return took
+        sent = time.monotonic()
+        answer = http.post("/v1/charges/authorize", json={"account": "account1", "amount": 1, "request_id": f"f-{i}"})
+        assert answer.status_code == 200, answer.text
+        took.append(time.monotonic() - sent)
+        time.sleep(0.05)
+
+
+def trickle(connections: list[socket.socket], until: float) -> dict[socket.socket, tuple[bytes, float]]:
+    """Send each connection a byte every 0.2 s until the gateway answers, and read until it
+    closes it: what each got, and when it was closed (time.monotonic()); the ones still open
+    are left out."""
+    answers = {connection: b"" for connection in connections}
+    closed: dict[socket.socket, tuple[bytes, float]] = {}
+    with selectors.DefaultSelector() as selector:
+        for connection in connections:
+            connection.setblocking(False)
+            selector.register(connection, selectors.EVENT_READ)
+        while len(closed) < len(connections) and time.monotonic() < until:
+            for key, _ in selector.select(timeout=0.2):
+                data = key.fileobj.recv(65536)
+                answers[key.fileobj] += data
+                if not data:
+                    closed[key.fileobj] = (answers[key.fileobj], time.monotonic())
+                    selector.unregister(key.fileobj)
+            for connection in connections:
+                if not answers[connection]:  # once answered, no more: a send to a closed socket resets it
+                    connection.send(b" ")
+    return closed

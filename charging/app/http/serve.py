@@ -16,6 +16,7 @@ import tempfile
 import uvicorn
 from uvicorn.supervisors import Multiprocess
 
+from charging.app.http import deadlines
 from charging.app.http.access import Keyring, is_loopback
 from charging.app.http.app import create_app
 from charging.app.http.gateway import log
@@ -45,7 +46,8 @@ def serve(settings: Settings, host: str, port: int, workers: int) -> None:
                 redis=str(settings.redis_url))
     # proxy_headers off: the loopback rule judges the socket's peer, never a header a caller sets.
     options = {"host": host, "port": port, "proxy_headers": False, "server_header": False, "access_log": False,
-               "log_config": None, "lifespan": "on", "timeout_graceful_shutdown": 5}
+               "log_config": None, "lifespan": "on", "timeout_graceful_shutdown": 5,
+               "http": deadlines.protocol(settings)}
     with contextlib.suppress(KeyboardInterrupt), listener:  # Ctrl-C: uvicorn has shut down gracefully
         if workers == 1:
             uvicorn.Server(uvicorn.Config(create_app(settings, keyring), **options)).run(sockets=[listener])
