@@ -107,6 +107,11 @@ class Settings(BaseSettings):
     # The HTTP gateway (`charging serve`, docs/http-api.md): the TOML file of its API keys,
     # stored as hashes. Without one it listens on loopback only.
     http_keys_file: Path | None = None
+    # How long a request's headers may take to arrive (from the connection, or from the previous
+    # answer on it) and its body (from its headers): a slower client gets 408 and is
+    # disconnected, so trickling clients cannot hold the gateway's connections.
+    http_header_timeout_s: float = Field(10.0, gt=0)
+    http_body_timeout_s: float = Field(10.0, gt=0)
 
     @field_validator("redis_url", mode="before")
     @classmethod

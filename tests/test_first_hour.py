@@ -66,6 +66,8 @@ WRONG = {
     "metrics-port-busy": Row(["worker", "--processes", "2", "--metrics-port", "{busy}"], 1,
                              "cannot serve metrics on port"),
     "metrics-port-busy-single": Row(["worker", "--metrics-port", "{busy}"], 1, "cannot serve metrics on port"),
+    "serve-port-busy": Row(["serve", "--port", "{busy}"], 1, "address already in use; pick another with --port"),
+    "serve-port-busy-workers": Row(["serve", "--port", "{busy}", "--workers", "2"], 1, "cannot listen on 127.0.0.1:"),
     "hosts-without-cluster": Row(["--redis-url", "redis://{host},127.0.0.1:7001/0", "status"], 2,
                                  "write redis+cluster://"),
     # More of the same kind.

@@ -516,6 +516,8 @@ def serve(host: Annotated[str, typer.Option(help="Address to listen on; other th
         gateway.serve(state.settings, host, port, workers)
     except (gateway.Refused, KeysFileError) as exc:
         fail(2, str(exc))
+    except gateway.PortUnavailable as exc:
+        fail(1, str(exc))
 
 
 @app.command("api-key")

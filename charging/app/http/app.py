@@ -9,7 +9,7 @@ from pathlib import Path
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
@@ -54,7 +54,7 @@ def create_app(settings: Settings, keyring: Keyring | None = None) -> Starlette:
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
     return Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(Measured)], exception_handlers={
-        Problem: _problem, HTTPException: _http_error, Exception: _unexpected})
+        Problem: _problem, HTTPException: _http_error, ClientDisconnect: _gone, Exception: _unexpected})
 
 
 def from_environment() -> Starlette:
@@ -80,6 +80,11 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     reason = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
     return Problem(exc.status_code, reason, str(exc.detail), dict(exc.headers or {})).response(request.url.path)
+
+
+async def _gone(request: Request, exc: Exception) -> Response:
+    """The client left before its body was in (or the body's deadline passed): no one to answer."""
+    return Response(status_code=400)
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:

@@ -17,7 +17,6 @@ import json
 import re
 from collections.abc import AsyncIterator
 
-import redis
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
@@ -27,14 +26,15 @@ from charging.app.http.endpoints import Endpoint
 from charging.app.http.gateway import Gateway, log, problem_of
 from charging.app.http.problems import Problem
 from charging.keys import all_partitions
-from charging.plan import pipelined, run_async
+from charging.plan import call, pipelined, run_async
 from charging.schema import Outcome
 from charging.streams import ensure_group, read_streams, text
 
 POLL_S = 0.2  # pause after an empty read
 HEARTBEAT_S = 15.0  # a comment line this often keeps proxies from closing an idle stream
 BATCH = 500
-_ENTRY_ID = re.compile(r"\d{1,20}-\d{1,20}")
+_ENTRY_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
+MAX_ID_PART = 2**64 - 1  # a stream id is two unsigned 64-bit integers; Redis refuses a larger one
 _GROUP = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 SSE_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
 
@@ -64,16 +64,21 @@ def _resumed(last_event_id: str | None, streams: list[str]) -> dict[str, str] | 
     if last_event_id is None:
         return None
     ids = last_event_id.split(",")
-    if len(ids) != len(streams) or not all(_ENTRY_ID.fullmatch(i) for i in ids):
+    if len(ids) != len(streams) or not all(_is_entry_id(i) for i in ids):
         raise Problem(400, "invalid_last_event_id", f"Last-Event-ID must be {len(streams)} stream id(s), "
                                                     "comma separated, as this gateway sent it")
     return dict(zip(streams, ids))
 
 
+def _is_entry_id(value: str) -> bool:
+    match = _ENTRY_ID.fullmatch(value)
+    return match is not None and all(int(part) <= MAX_ID_PART for part in match.groups())
+
+
 async def _origin(gateway: Gateway, streams: list[str], origin: str) -> dict[str, str]:
     if origin == "start":
         return {stream: "0-0" for stream in streams}
-    newest = await gateway.run(pipelined(lambda pipe: [pipe.xrevrange(s, count=1) for s in streams]))
+    newest = await gateway.run(call(pipelined(lambda pipe: [pipe.xrevrange(s, count=1) for s in streams])))
     return {stream: text(entries[0][0]) if entries else "0-0" for stream, entries in zip(streams, newest)}
 
 
@@ -101,8 +106,8 @@ async def _events(gateway: Gateway, caller: Caller, cursor: dict[str, str],
                     if caller.may_touch(outcome.account):
                         yield _event(outcome, None if group else ",".join(cursor.values()))
             if group is not None and sent:  # written to the connection: acked
-                await run_async(gateway.client, pipelined(
-                    lambda pipe, acked=sent: [pipe.xack(s, group, i) for s, i in acked]))
+                await run_async(gateway.client, call(pipelined(
+                    lambda pipe, acked=sent: [pipe.xack(s, group, i) for s, i in acked])))
             if reply and any(entries for _, entries in reply):
                 quiet_s = 0.0
                 continue
@@ -111,12 +116,19 @@ async def _events(gateway: Gateway, caller: Caller, cursor: dict[str, str],
                 quiet_s = 0.0
             await asyncio.sleep(POLL_S)
             quiet_s += POLL_S
-    except redis.RedisError as exc:  # the headers are sent: the problem goes as an event, and the stream ends
-        log.warning("outcome_stream_ended", error=str(exc))  # the client reconnects and resumes (Last-Event-ID)
-        if problem := problem_of(exc):
-            yield f"event: problem\ndata: {problem.response().body.decode()}\n\n"
+    except Exception as exc:  # noqa: BLE001 - the headers are sent: the problem goes as an event, the stream ends
+        yield f"event: problem\ndata: {_stream_problem(exc).response().body.decode()}\n\n"
     finally:
         metrics.STREAMS.dec()
+
+
+def _stream_problem(error: Exception) -> Problem:
+    """What ends a stream, as its last event; the client reconnects and resumes (Last-Event-ID)."""
+    if problem := problem_of(error):
+        log.warning("outcome_stream_ended", error=str(error))
+        return problem
+    log.error("outcome_stream_failed", exception=repr(error), exc_info=error)
+    return Problem(500, "internal_error", "the gateway failed on this stream; see its log")
 
 
 def _event(outcome: Outcome, event_id: str | None) -> str:
