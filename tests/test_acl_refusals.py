@@ -274,3 +274,31 @@ def test_a_top_up_of_a_negative_amount_is_refused(server, clients):
         with pytest.raises(redis.ResponseError, match="invalid_amount"):
             admin.fcall("top_up", 1, KEYS.balances, "account1", amount)
     assert clients[ROOT].hget(KEYS.balances, "account1") == b"100"
+
+
+@pytest.mark.parametrize("write, stored", [
+    (lambda admin: admin.hincrby(KEYS.balances, "account1", -1000000), "-999900"),
+    (lambda admin: admin.hincrby(KEYS.balances, "account1", 5 * 10**18), "5000000000000000100"),
+    (lambda admin: admin.hset(KEYS.balances, "account1", "1.5"), "1.5"),
+], ids=["negative", "huge", "fraction"])
+def test_a_raw_balance_write_by_admin_charges_nothing_and_is_reported(server, clients, write, stored):
+    """Found by an outside probe: admin wrote -999900, 5*10^18 and 1.5 into a balance with
+    HINCRBY / HSET, which set_balances and top_up refuse. Redis lets admin run them because its
+    functions run them as admin (docs/security.md, "Threat model"), so what the engine does is
+    refuse every call on such a balance (corrupt_balance, nothing written) and report it: the
+    account's line, `accounts list`, the audit."""
+    write(clients["admin"])
+    authorizer = Producer(clients["authorizer"], role(server, "authorizer"))
+    with pytest.raises(redis.ResponseError, match="corrupt_balance"):
+        authorizer.authorize({"request_id": "after-raw", "account": "account1", "amount": 1})
+    with pytest.raises(redis.ResponseError, match="corrupt_balance"):
+        clients["admin"].fcall("top_up", 1, KEYS.balances, "account1", "5")
+
+    shown = cli(role(server, "admin"), "accounts", "show", "account1")
+    listed = json.loads(cli(role(server, "admin"), "accounts", "list", "--json").stdout)
+    report = audit(clients[ROOT], role(server, ROOT), {})
+
+    assert shown.returncode == 1 and "corrupt_balance" in shown.stderr and stored in shown.stderr
+    assert {"account": "account1", "corrupt_balance": stored} in listed
+    assert report.corrupt == {"account1": stored} and not report.ok
+    assert clients[ROOT].hget(KEYS.balances, "account1") == stored.encode()

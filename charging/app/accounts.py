@@ -8,7 +8,7 @@ import redis
 
 from charging.keys import all_partitions, keys_of
 from charging.plan import Plan, pipelined, run
-from charging.settings import Settings
+from charging.settings import LIBRARY_MAX_BALANCE, Settings
 
 
 class UnknownAccount(LookupError):
@@ -19,12 +19,38 @@ class UnknownAccount(LookupError):
         self.account = account
 
 
+class CorruptBalance(ValueError):
+    """A stored balance the library did not write: a raw HSET or HINCRBY by a role that may
+    run them (Redis cannot tell a command a function runs from the same command sent
+    directly). Every function refuses the account (corrupt_balance) until it is set again."""
+
+    def __init__(self, account: str, value: str):
+        super().__init__(f"account {account!r} holds {value!r}, not a balance the engine wrote: every charge on it "
+                         f"is refused (corrupt_balance) until `charging accounts reset` sets it")
+        self.account = account
+
+
+def checked_balance(value: bytes) -> int | None:
+    """A stored balance as the library reads one (lua/charging.lua, stored_balance): plain
+    digits without a leading zero, at most LIBRARY_MAX_BALANCE; None for anything else."""
+    text = value.decode("ascii", "replace")
+    if not (text.isascii() and text.isdigit()) or (len(text) > 1 and text[0] == "0"):
+        return None
+    return int(text) if int(text) <= LIBRARY_MAX_BALANCE else None
+
+
 def balance(client: redis.Redis, settings: Settings, account: str) -> int:
     keys = keys_of(account, settings)
-    value = client.hget(keys.balances, account)
+    return _balance(account, client.hget(keys.balances, account))
+
+
+def _balance(account: str, value: bytes | None) -> int:
     if value is None:
         raise UnknownAccount(account)
-    return int(value)
+    checked = checked_balance(value)
+    if checked is None:
+        raise CorruptBalance(account, value.decode("utf-8", "replace"))
+    return checked
 
 
 def funds(client: redis.Redis, settings: Settings, account: str) -> tuple[int, int]:
@@ -41,15 +67,27 @@ def funds_reading(settings: Settings, account: str) -> Plan[tuple[int, int]]:
 
 def read_funds(replies: list, account: str) -> tuple[int, int]:
     value, held = replies
-    if value is None:
-        raise UnknownAccount(account)
-    return int(value), int(held or 0)
+    return _balance(account, value), int(held or 0)
 
 
 def all_balances(client: redis.Redis, settings: Settings) -> Iterator[tuple[str, int]]:
+    """Every account's balance; those the library did not write are corrupt_balances'."""
+    for account, value in _stored(client, settings):
+        checked = checked_balance(value)
+        if checked is not None:
+            yield account, checked
+
+
+def corrupt_balances(client: redis.Redis, settings: Settings) -> dict[str, str]:
+    """account -> the stored value, for every balance the library did not write."""
+    return {account: value.decode("utf-8", "replace") for account, value in _stored(client, settings)
+            if checked_balance(value) is None}
+
+
+def _stored(client: redis.Redis, settings: Settings) -> Iterator[tuple[str, bytes]]:
     for keys in all_partitions(settings.namespace, settings.partitions):
         for account, value in client.hscan_iter(keys.balances, count=1000):
-            yield account.decode(), int(value)
+            yield account.decode(), value
 
 
 def all_held(client: redis.Redis, settings: Settings) -> dict[str, int]:

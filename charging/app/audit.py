@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import redis
 
 from charging import codec
-from charging.app.accounts import all_balances
+from charging.app.accounts import all_balances, corrupt_balances
 from charging.keys import all_partitions, partition_of
 from charging.settings import Settings
 
@@ -41,6 +41,7 @@ class Audit:
     conflicts: set[str] = field(default_factory=set)  # request ids answered idempotency_conflict
     money: dict[str, tuple[int, int]] = field(default_factory=dict)  # account -> (approved sum, balance drop)
     negative: dict[str, int] = field(default_factory=dict)
+    corrupt: dict[str, str] = field(default_factory=dict)  # account -> a stored balance the library did not write
     pending: int = 0
     deadletters: int = 0
     held: int = 0  # total held by open reservations
@@ -52,7 +53,7 @@ class Audit:
     @property
     def ok(self) -> bool:
         return not (self.missing or self.repeated or self.resettled or self.replay_mismatches or self.money
-                    or self.negative or self.pending or self.held_mismatch or self.negative_available
+                    or self.negative or self.corrupt or self.pending or self.held_mismatch or self.negative_available
                     or self.overcommitted)
 
     def as_dict(self) -> dict:
@@ -62,6 +63,7 @@ class Audit:
             "missing": len(self.missing), "double_charged": len(self.repeated),
             "entries_settled_twice": len(self.resettled), "replay_mismatches": len(self.replay_mismatches),
             "money_mismatches": len(self.money), "negative_balances": len(self.negative),
+            "corrupt_balances": len(self.corrupt),
             "pending": self.pending, "deadletters": self.deadletters, "held": self.held,
             "open_reservations": self.open_reservations, "held_mismatches": len(self.held_mismatch),
             "negative_available": len(self.negative_available), "overcommitted": len(self.overcommitted),
@@ -88,6 +90,7 @@ def audit(client: redis.Redis, settings: Settings, start_balances: Mapping[str, 
         report.missing = [rid for rid in expected if rid not in firsts]
     balances = dict(all_balances(client, settings))
     report.negative = {a: b for a, b in balances.items() if b < 0}
+    report.corrupt = corrupt_balances(client, settings)
     for account, start in start_balances.items():
         drop = start - balances.get(account, start)
         if drop != charged.by_account.get(account, 0):

@@ -233,9 +233,15 @@ def accounts_list(as_json: AsJson = False):
     rows = sorted(accounts_mod.all_balances(state.client, state.settings))
     held = accounts_mod.all_held(state.client, state.settings)
     listed = [{"account": a, "balance": b, "held": held.get(a, 0), "available": b - held.get(a, 0)} for a, b in rows]
+    # A balance the library did not write is listed as it is stored: every charge on it is refused.
+    corrupt = accounts_mod.corrupt_balances(state.client, state.settings)
+    listed += [{"account": a, "corrupt_balance": v} for a, v in sorted(corrupt.items())]
     table = Table("account", "balance", "held", "available")
     for row in listed:
-        table.add_row(row["account"], str(row["balance"]), str(row["held"]), str(row["available"]))
+        if "corrupt_balance" in row:
+            table.add_row(row["account"], f"corrupt: {row['corrupt_balance']!r}", "-", "-")
+        else:
+            table.add_row(row["account"], str(row["balance"]), str(row["held"]), str(row["available"]))
     emit(listed, as_json, table)
 
 
@@ -580,7 +586,7 @@ def explain(exc: Exception) -> tuple[int, str]:
                    "run `charging maintain` with the maintainer's CHARGING_REDIS_URL")
     if isinstance(exc, (redis.ConnectionError, redis.TimeoutError, RedisClusterException)):
         return 1, _unreachable(exc, url)
-    if isinstance(exc, (accounts_mod.UnknownAccount, BacklogFull, NotReplicated, PartitionsChanged, RedisTooOld,
+    if isinstance(exc, (accounts_mod.UnknownAccount, accounts_mod.CorruptBalance, BacklogFull, NotReplicated, PartitionsChanged, RedisTooOld,
                         MetricsPortUnavailable)):
         return 1, str(exc)
     if isinstance(exc, redis.RedisError):

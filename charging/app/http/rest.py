@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from charging import codec
-from charging.app.accounts import UnknownAccount, funds_reading
+from charging.app.accounts import CorruptBalance, UnknownAccount, funds_reading
 from charging.app.http.access import Caller
 from charging.app.http.body import json_object, request_fields
 from charging.app.http.endpoints import Endpoint
@@ -72,6 +72,8 @@ async def account_funds(request: Request, caller: Caller, gateway: Gateway) -> J
         balance, held = await gateway.run(funds_reading(gateway.settings, account))
     except UnknownAccount:
         raise Problem(404, "unknown_account", f"no account {account!r}") from None
+    except CorruptBalance as corrupt:
+        raise Problem(409, "corrupt_balance", str(corrupt)) from None
     return JSONResponse({"account": account, "balance": balance, "held": held, "available": balance - held})
 
 
