@@ -86,6 +86,7 @@ WRONG = {
     "partition-that-does-not-exist": Row(["worker", "--partitions", "7"], 2, "--partitions"),
     "processes-zero": Row(["worker", "--processes", "0"], 2, "'--processes'"),
     "partitions-not-a-number": Row(["status"], 2, "CHARGING_PARTITIONS='abc'", env={"CHARGING_PARTITIONS": "abc"}),
+    "tariff-not-json": Row(["status"], 2, "CHARGING_TARIFF: not valid JSON", env={"CHARGING_TARIFF": "sms=1"}),
     "partitions-changed": Row(["status"], 1, "CHARGING_PARTITIONS is 5", env={"CHARGING_PARTITIONS": "5"}),
     "block-longer-than-socket-timeout": Row(["status"], 2, "CHARGING_BLOCK_MS must be shorter",
                                             env={"CHARGING_BLOCK_MS": "20000"}),
@@ -243,6 +244,18 @@ def test_a_worker_waiting_for_redis_says_so_every_few_seconds(tmp_path):
     assert worker.returncode == 0
     assert len(warnings) >= 3 and {w["event"] for w in warnings} == {"redis_unavailable"}
     assert all(w["retry_in_s"] <= 2 for w in warnings)
+
+
+def test_every_setting_with_a_bad_value_is_named_in_one_line(tmp_path):
+    """Every variable the settings load field by field, all wrong at once: one line naming
+    each, exit 2 (those checked together, the files, have rows of their own)."""
+    from charging.settings import PREFIX, Settings
+
+    names = [PREFIX + name.upper() for name, field in Settings.model_fields.items()
+             if name != "tariff" and "Path" not in str(field.annotation)]
+    done = run([CHARGING, "status"], {**os.environ, **dict.fromkeys(names, "not-a-value!")}, tmp_path)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and done.stderr.startswith("error: ")
+    assert [name for name in names if f"{name}='not-a-value!'" not in done.stderr] == []
 
 
 # Temp dirs: the demo removes its own on every way out, and keeps it only when asked.
