@@ -24,6 +24,7 @@ from tests.conftest import CHARGING, cli, environment
 
 SECRET = "hunter2-not-the-password"
 HANG_CHECK_S = 10
+REDACTED = "redis://user:***@127.0.0.1:"  # the start of {dead_with_password} as a message shows it
 HIDE_NUMPY = [sys.executable, "-c", "import sys; sys.modules['numpy'] = None; "
               "sys.argv = ['charging', 'bench', '--quick']; from charging.cli import main; main()"]
 
@@ -97,8 +98,15 @@ WRONG = {
     "cluster-database": Row(["--redis-url", "redis+cluster://{host}/3", "status"], 2, "only database 0"),
     "unix-without-path": Row(["--redis-url", "unix://", "status"], 2, "socket's path"),
     "url-option-twice": Row(["--redis-url", "{url}", "status", "--redis-url", "{dead}"], 2, "given twice"),
-    "secret-in-unreachable-url": Row(["status"], 1, "redis://user:***@127.0.0.1:",
+    "secret-in-unreachable-url": Row(["status"], 1, REDACTED,
                                      env={"CHARGING_REDIS_URL": "{dead_with_password}"}),
+    "burst-worker-redis-stopped": Row(["worker", "--burst"], 1, f"cannot reach Redis at {REDACTED}",
+                                      env={"CHARGING_REDIS_URL": "{dead_with_password}"}),
+    "burst-workers-redis-stopped": Row(["worker", "--burst", "--processes", "2"], 1,
+                                       f"cannot reach Redis at {REDACTED}",
+                                       env={"CHARGING_REDIS_URL": "{dead_with_password}"}),
+    "maintain-once-redis-stopped": Row(["maintain", "--once"], 1, "start Redis there, or set CHARGING_REDIS_URL",
+                                       env={"CHARGING_REDIS_URL": "{dead}"}),
     "demo-redis-stopped": Row(["demo", "--redis-url", "{dead}", "--charges", "10"], 1, "cannot reach Redis"),
     "demo-data-dir-with-url": Row(["demo", "--redis-url", "{url}", "--data-dir", "d"], 2, "--data-dir"),
     "chaos-with-url": Row(["--redis-url", "{url}", "chaos"], 2, "does not take --redis-url"),
@@ -256,6 +264,18 @@ def test_every_setting_with_a_bad_value_is_named_in_one_line(tmp_path):
     done = run([CHARGING, "status"], {**os.environ, **dict.fromkeys(names, "not-a-value!")}, tmp_path)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and done.stderr.startswith("error: ")
     assert [name for name in names if f"{name}='not-a-value!'" not in done.stderr] == []
+
+
+def test_a_waiting_worker_names_the_server_without_its_password(tmp_path):
+    """Not --burst: it waits for Redis, and each warning says which server it waits for."""
+    env = {**os.environ, "CHARGING_REDIS_URL": f"redis://user:{SECRET}@127.0.0.1:{free_port()}/0"}
+    worker = subprocess.Popen([CHARGING, "worker"], env=env, stderr=subprocess.PIPE, text=True)
+    time.sleep(3)
+    worker.send_signal(signal.SIGINT)
+    _, stderr = worker.communicate(timeout=20)
+    warnings = [json.loads(line) for line in stderr.splitlines()]
+    assert worker.returncode == 0 and len(warnings) >= 2 and SECRET not in stderr
+    assert {(w["event"], w["redis"][:len(REDACTED)]) for w in warnings} == {("redis_unavailable", REDACTED)}
 
 
 # Temp dirs: the demo removes its own on every way out, and keeps it only when asked.

@@ -56,6 +56,7 @@ class Worker:
         next_maintenance = 0.0
         own_pending_done = False
         backoff = Backoff()
+        unavailable = self.log.bind(redis=str(self.settings.redis_url))  # which server is down; no password
         while not self.stopping:
             try:
                 if not own_pending_done:
@@ -75,7 +76,7 @@ class Worker:
                 backoff.reset()
             except TRANSIENT_ERRORS as exc:
                 # Entries read but not settled stay pending: settle them first once back.
-                backoff.wait(self.log, exc)
+                backoff.wait(unavailable, exc)
                 own_pending_done = False
             except redis.ResponseError as exc:
                 if not missing_function(exc):
@@ -85,7 +86,7 @@ class Worker:
                 # may not load code waits for the maintainer to load it.
                 own_pending_done = False
                 if not run(self.client, reload_functions(exc)):
-                    backoff.wait(self.log, exc)
+                    backoff.wait(unavailable, exc)
         self.log.info("worker_stopped", settled=self.settled)
         return 0
 
