@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -276,6 +277,44 @@ def test_a_waiting_worker_names_the_server_without_its_password(tmp_path):
     warnings = [json.loads(line) for line in stderr.splitlines()]
     assert worker.returncode == 0 and len(warnings) >= 2 and SECRET not in stderr
     assert {(w["event"], w["redis"][:len(REDACTED)]) for w in warnings} == {("redis_unavailable", REDACTED)}
+
+
+# Help, read as a newcomer reads it.
+
+def help_of(tmp_path: Path, *command: str) -> str:
+    done = run([CHARGING, *command, "--help"], {**os.environ, "COLUMNS": "200"}, tmp_path)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_no_flag_shows_a_value_in_help(tmp_path):
+    """A flag takes no value: no `<bool>` after --burst, --json or --help, in any command."""
+    from charging.cli import app
+    from typer.main import get_command
+
+    root = get_command(app)
+    commands = [[]] + [[name] for name in root.commands] + [["accounts", name] for name in
+                                                            root.commands["accounts"].commands]
+    for command in commands:
+        shown = help_of(tmp_path, *command)
+        assert "--help" in shown and "<bool>" not in shown, (command, shown)
+    assert "--burst" in help_of(tmp_path, "worker") and "<int range>" in help_of(tmp_path, "worker")
+
+
+def test_serve_help_names_the_http_extra(tmp_path):
+    assert "needs the [http] extra" in help_of(tmp_path, "serve")
+
+
+def test_the_api_key_hint_of_serve_works_as_typed(tmp_path):
+    """serve refuses to listen beyond loopback without keys and says how to make a keys
+    file: that command, typed as shown, makes one."""
+    refused = run([CHARGING, "serve", "--host", "0.0.0.0"], dict(os.environ), tmp_path)
+    assert refused.returncode == 2, refused.stderr
+    [hint] = re.findall(r"`(charging api-key [^`]*)`", refused.stderr)
+    env = {**os.environ, "PATH": f"{Path(CHARGING).parent}{os.pathsep}{os.environ['PATH']}"}
+    typed = subprocess.run(hint, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
+    assert typed.returncode == 0, typed.stderr
+    assert "[keys.partner-a]" in (tmp_path / "keys.toml").read_text()
 
 
 # Temp dirs: the demo removes its own on every way out, and keeps it only when asked.
