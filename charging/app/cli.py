@@ -606,5 +606,6 @@ def _unreachable(exc: Exception, url_source: str) -> str:
     shown = state.settings.redis_url if state._settings else "Redis"
     message = f"cannot reach Redis at {shown} ({url_source}): {str(exc).rstrip('.')}"
     if str(shown).startswith("rediss") and isinstance(exc, redis.TimeoutError):
-        return message + "; a rediss:// URL needs a server that speaks TLS on that port (redis:// for one that does not)"
+        return message + ("; a rediss:// URL needs a server that speaks TLS on that port (redis:// for one that "
+                          "does not)")
     return message + f"; start Redis there, or set {url_source} to a running one"
