@@ -4,6 +4,7 @@ cannot work is refused when the settings load, with a message that names its var
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -307,6 +308,20 @@ def load(**overrides: Any) -> Settings:
         return Settings(**overrides)
     except ValidationError as exc:
         raise InvalidSettings([_problem(error) for error in exc.errors()]) from None
+    except ValueError as exc:  # pydantic-settings' SettingsError: a JSON setting (CHARGING_TARIFF) that is no JSON
+        raise InvalidSettings([_undecodable(exc)]) from None
+
+
+def _undecodable(exc: ValueError) -> tuple[str | None, str]:
+    """The variable pydantic-settings could not decode, named from its message (`error
+    parsing value for field "tariff" ...`; its SettingsError moved between versions), with
+    the reason and an example."""
+    named = re.search(r'field "(\w+)"', str(exc))
+    if named is None or named[1] not in Settings.model_fields:
+        return None, str(exc)
+    field = named[1]
+    example = json.dumps(Settings.model_fields[field].get_default(call_default_factory=True))
+    return field, f": not valid JSON ({exc.__cause__ or exc}); write it as JSON, e.g. '{example}'"
 
 
 def _problem(error: dict[str, Any]) -> tuple[str | None, str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -24,6 +25,7 @@ from tests.conftest import CHARGING, cli, environment
 
 SECRET = "hunter2-not-the-password"
 HANG_CHECK_S = 10
+REDACTED = "redis://user:***@127.0.0.1:"  # the start of {dead_with_password} as a message shows it
 HIDE_NUMPY = [sys.executable, "-c", "import sys; sys.modules['numpy'] = None; "
               "sys.argv = ['charging', 'bench', '--quick']; from charging.cli import main; main()"]
 
@@ -88,6 +90,7 @@ WRONG = {
     "partition-that-does-not-exist": Row(["worker", "--partitions", "7"], 2, "--partitions"),
     "processes-zero": Row(["worker", "--processes", "0"], 2, "'--processes'"),
     "partitions-not-a-number": Row(["status"], 2, "CHARGING_PARTITIONS='abc'", env={"CHARGING_PARTITIONS": "abc"}),
+    "tariff-not-json": Row(["status"], 2, "CHARGING_TARIFF: not valid JSON", env={"CHARGING_TARIFF": "sms=1"}),
     "partitions-changed": Row(["status"], 1, "CHARGING_PARTITIONS is 5", env={"CHARGING_PARTITIONS": "5"}),
     "block-longer-than-socket-timeout": Row(["status"], 2, "CHARGING_BLOCK_MS must be shorter",
                                             env={"CHARGING_BLOCK_MS": "20000"}),
@@ -98,8 +101,15 @@ WRONG = {
     "cluster-database": Row(["--redis-url", "redis+cluster://{host}/3", "status"], 2, "only database 0"),
     "unix-without-path": Row(["--redis-url", "unix://", "status"], 2, "socket's path"),
     "url-option-twice": Row(["--redis-url", "{url}", "status", "--redis-url", "{dead}"], 2, "given twice"),
-    "secret-in-unreachable-url": Row(["status"], 1, "redis://user:***@127.0.0.1:",
+    "secret-in-unreachable-url": Row(["status"], 1, REDACTED,
                                      env={"CHARGING_REDIS_URL": "{dead_with_password}"}),
+    "burst-worker-redis-stopped": Row(["worker", "--burst"], 1, f"cannot reach Redis at {REDACTED}",
+                                      env={"CHARGING_REDIS_URL": "{dead_with_password}"}),
+    "burst-workers-redis-stopped": Row(["worker", "--burst", "--processes", "2"], 1,
+                                       f"cannot reach Redis at {REDACTED}",
+                                       env={"CHARGING_REDIS_URL": "{dead_with_password}"}),
+    "maintain-once-redis-stopped": Row(["maintain", "--once"], 1, "start Redis there, or set CHARGING_REDIS_URL",
+                                       env={"CHARGING_REDIS_URL": "{dead}"}),
     "demo-redis-stopped": Row(["demo", "--redis-url", "{dead}", "--charges", "10"], 1, "cannot reach Redis"),
     "demo-data-dir-with-url": Row(["demo", "--redis-url", "{url}", "--data-dir", "d"], 2, "--data-dir"),
     "chaos-with-url": Row(["--redis-url", "{url}", "chaos"], 2, "does not take --redis-url"),
@@ -245,6 +255,68 @@ def test_a_worker_waiting_for_redis_says_so_every_few_seconds(tmp_path):
     assert worker.returncode == 0
     assert len(warnings) >= 3 and {w["event"] for w in warnings} == {"redis_unavailable"}
     assert all(w["retry_in_s"] <= 2 for w in warnings)
+
+
+def test_every_setting_with_a_bad_value_is_named_in_one_line(tmp_path):
+    """Every variable the settings load field by field, all wrong at once: one line naming
+    each, exit 2 (those checked together, the files, have rows of their own)."""
+    from charging.settings import PREFIX, Settings
+
+    names = [PREFIX + name.upper() for name, field in Settings.model_fields.items()
+             if name != "tariff" and "Path" not in str(field.annotation)]
+    done = run([CHARGING, "status"], {**os.environ, **dict.fromkeys(names, "not-a-value!")}, tmp_path)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and done.stderr.startswith("error: ")
+    assert [name for name in names if f"{name}='not-a-value!'" not in done.stderr] == []
+
+
+def test_a_waiting_worker_names_the_server_without_its_password(tmp_path):
+    """Not --burst: it waits for Redis, and each warning says which server it waits for."""
+    env = {**os.environ, "CHARGING_REDIS_URL": f"redis://user:{SECRET}@127.0.0.1:{free_port()}/0"}
+    worker = subprocess.Popen([CHARGING, "worker"], env=env, stderr=subprocess.PIPE, text=True)
+    time.sleep(3)
+    worker.send_signal(signal.SIGINT)
+    _, stderr = worker.communicate(timeout=20)
+    warnings = [json.loads(line) for line in stderr.splitlines()]
+    assert worker.returncode == 0 and len(warnings) >= 2 and SECRET not in stderr
+    assert {(w["event"], w["redis"][:len(REDACTED)]) for w in warnings} == {("redis_unavailable", REDACTED)}
+
+
+# Help, read as a newcomer reads it.
+
+def help_of(tmp_path: Path, *command: str) -> str:
+    done = run([CHARGING, *command, "--help"], {**os.environ, "COLUMNS": "200"}, tmp_path)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_no_flag_shows_a_value_in_help(tmp_path):
+    """A flag takes no value: no `<bool>` after --burst, --json or --help, in any command."""
+    from charging.cli import app
+    from typer.main import get_command
+
+    root = get_command(app)
+    commands = [[]] + [[name] for name in root.commands] + [["accounts", name] for name in
+                                                            root.commands["accounts"].commands]
+    for command in commands:
+        shown = help_of(tmp_path, *command)
+        assert "--help" in shown and "<bool>" not in shown, (command, shown)
+    assert "--burst" in help_of(tmp_path, "worker") and "<int range>" in help_of(tmp_path, "worker")
+
+
+def test_serve_help_names_the_http_extra(tmp_path):
+    assert "needs the [http] extra" in help_of(tmp_path, "serve")
+
+
+def test_the_api_key_hint_of_serve_works_as_typed(tmp_path):
+    """serve refuses to listen beyond loopback without keys and says how to make a keys
+    file: that command, typed as shown, makes one."""
+    refused = run([CHARGING, "serve", "--host", "0.0.0.0"], dict(os.environ), tmp_path)
+    assert refused.returncode == 2, refused.stderr
+    [hint] = re.findall(r"`(charging api-key [^`]*)`", refused.stderr)
+    env = {**os.environ, "PATH": f"{Path(CHARGING).parent}{os.pathsep}{os.environ['PATH']}"}
+    typed = subprocess.run(hint, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
+    assert typed.returncode == 0, typed.stderr
+    assert "[keys.partner-a]" in (tmp_path / "keys.toml").read_text()
 
 
 # Temp dirs: the demo removes its own on every way out, and keeps it only when asked.

@@ -57,6 +57,7 @@ class Worker:
         next_maintenance = 0.0
         own_pending_done = False
         backoff = Backoff()
+        unavailable = self.log.bind(redis=str(self.settings.redis_url))  # which server is down; no password
         while not self.stopping:
             try:
                 if not own_pending_done:
@@ -76,15 +77,15 @@ class Worker:
                 backoff.reset()
             except TRANSIENT_ERRORS as exc:
                 # Entries read but not settled stay pending: settle them first once back.
-                backoff.wait(self.log, exc)
+                backoff.wait(unavailable, exc)
                 own_pending_done = False
             except redis.ResponseError as exc:
                 own_pending_done = False  # whatever step failed runs again, after the groups
-                self.recover(exc, backoff)
+                self.recover(exc, backoff, unavailable)
         self.log.info("worker_stopped", settled=self.settled)
         return 0
 
-    def recover(self, error: redis.ResponseError, backoff: Backoff) -> None:
+    def recover(self, error: redis.ResponseError, backoff: Backoff, unavailable) -> None:
         """The server lost its data (restarted empty, failed over to an empty node, flushed):
         a group gone is made again by recovery.ensure_groups, which the loop runs next; a
         library gone is loaded again, or, by a worker whose ACL user may not load code,
@@ -94,7 +95,7 @@ class Worker:
         elif not missing_function(error):
             raise error
         elif not run(self.client, reload_functions(error)):
-            backoff.wait(self.log, error)
+            backoff.wait(unavailable, error)
 
     def read(self) -> list[Entry]:
         block = 100 if self.burst else self.settings.block_ms

@@ -116,6 +116,7 @@ class Maintainer:
         self.stopping = False
         self.duties = Duties(client, settings, log, strict=True)
         self.interval = settings.maintenance_interval_s
+        self.unavailable = log.bind(redis=str(settings.redis_url))  # names the server down, without its password
 
     def stop(self, *_) -> None:
         self.stopping = True
@@ -129,7 +130,7 @@ class Maintainer:
                     self.duties.run(keys)
                 backoff.reset()
             except TRANSIENT_ERRORS as exc:
-                backoff.wait(log, exc)
+                backoff.wait(self.unavailable, exc)
                 continue
             except redis.ResponseError as exc:
                 if not missing_function(exc) or not run(self.client, reload_functions(exc)):

@@ -45,7 +45,7 @@ def run_one(settings: Settings, consumer: str, burst: bool, partitions: list[int
         metrics.enable()  # a consumer of --processes N: the supervisor serves the port
     for sig in (signal.SIGTERM, signal.SIGINT):  # nothing in hand yet: stopping is just exiting
         signal.signal(sig, lambda *_: sys.exit(0))
-    worker = Worker(connect_when_up(settings), settings, consumer, partitions, burst)
+    worker = Worker(connect_when_up(settings, wait=not burst), settings, consumer, partitions, burst)
     signal.signal(signal.SIGTERM, worker.stop)  # finish the batch in hand, then exit 0
     signal.signal(signal.SIGINT, worker.stop)
     try:
@@ -58,23 +58,28 @@ def run_one(settings: Settings, consumer: str, burst: bool, partitions: list[int
 def run_maintainer(settings: Settings, partitions: list[int] | None = None, once: bool = False) -> int:
     """`charging maintain`: one process; SIGTERM / SIGINT end it after the round in hand."""
     logging_setup.configure(settings.log_level)
-    maintainer = Maintainer(connect_when_up(settings), settings, partitions, once)
+    maintainer = Maintainer(connect_when_up(settings, wait=not once), settings, partitions, once)
     signal.signal(signal.SIGTERM, maintainer.stop)
     signal.signal(signal.SIGINT, maintainer.stop)
     return maintainer.run()
 
 
-def connect_when_up(settings: Settings):
+def connect_when_up(settings: Settings, wait: bool = True):
     """A worker started while Redis is down or a cluster is failing over waits for it
     instead of exiting; an orchestrator restart loop is not needed for that. It says so
-    at every try (at most 2 s apart). A refused login or a missing database is no outage:
-    connect raises them (connection.FATAL_ERRORS) and the worker exits."""
+    at every try (at most 2 s apart), naming the server. A refused login or a missing
+    database is no outage: connect raises them (connection.FATAL_ERRORS) and the worker
+    exits. A one-shot run (--burst, --once) does not wait either: someone is waiting for
+    its answer, so Redis down is its error (one line from the CLI, exit 1)."""
     backoff = Backoff(cap=2.0)
+    unavailable = log.bind(redis=str(settings.redis_url))  # str() hides the password
     while True:
         try:
             return connect(settings)
         except (*TRANSIENT_ERRORS, RedisClusterException) as exc:
-            backoff.wait(log, exc)
+            if not wait:
+                raise
+            backoff.wait(unavailable, exc)
 
 
 def _child(settings_dump: dict, consumer: str, burst: bool, partitions: list[int] | None,
@@ -99,7 +104,7 @@ def run(settings: Settings, processes: int = 1, consumer: str | None = None, bur
     with served as metrics_dir:
         # One connection first: a refused login or a wrong database ends here, with one
         # error, instead of in every consumer; the library is loaded once.
-        connect_when_up(settings).close()
+        connect_when_up(settings, wait=not burst).close()
         return _supervise(settings, names, burst, partitions, metrics_dir is not None)
 
 

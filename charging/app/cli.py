@@ -39,13 +39,39 @@ from worker import supervisor
 from worker.metrics import MetricsPortUnavailable
 
 try:  # typer carries its own copy of click since 0.2x
+    from typer._click import core as click_core
     from typer._click import exceptions as click_errors
 except ImportError:  # an older typer, on click itself
+    from click import core as click_core
     from click import exceptions as click_errors
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+
+
+def _no_flag_metavars(command: click_core.Command, ctx: click_core.Context) -> None:
+    """A flag takes no value, so its help shows none (a recent typer shows `<bool>` after
+    each one, --help included); an empty metavar is shown as nothing."""
+    for param in command.get_params(ctx):
+        if getattr(param, "is_flag", False):
+            param.metavar = ""
+
+
+class HelpGroup(typer.core.TyperGroup):
+    """The help of every command and group without a metavar on flags."""
+
+    def get_command(self, ctx: click_core.Context, name: str) -> click_core.Command | None:
+        command = super().get_command(ctx, name)
+        if command is not None:
+            _no_flag_metavars(command, ctx)
+        return command
+
+    def format_help(self, ctx: click_core.Context, formatter: Any) -> None:
+        _no_flag_metavars(self, ctx)
+        super().format_help(ctx, formatter)
+
+
+app = typer.Typer(cls=HelpGroup, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Prepaid charging engine on Redis.")
-accounts_app = typer.Typer(no_args_is_help=True, help="Create, inspect and top up accounts.")
+accounts_app = typer.Typer(cls=HelpGroup, no_args_is_help=True, help="Create, inspect and top up accounts.")
 app.add_typer(accounts_app, name="accounts")
 
 
@@ -511,7 +537,8 @@ def serve(host: Annotated[str, typer.Option(help="Address to listen on; other th
           = "127.0.0.1",
           port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
           workers: Annotated[int, typer.Option(min=1, max=64, help="Processes, each with its own pool.")] = 1):
-    """Serve the HTTP API and the live page (docs/http-api.md); needs the [http] extra."""
+    # "\\[" below: the help is rich markup, which would take [http] for a style and drop it.
+    """Serve the HTTP API and the live page (docs/http-api.md); needs the \\[http] extra."""
     try:
         from charging.app.http import serve as gateway
         from charging.app.http.access import KeysFileError
@@ -596,7 +623,8 @@ def explain(exc: Exception) -> tuple[int, str]:
 
 def _unreachable(exc: Exception, url_source: str) -> str:
     shown = state.settings.redis_url if state._settings else "Redis"
-    message = f"cannot reach Redis at {shown} ({url_source}): {exc}"
+    message = f"cannot reach Redis at {shown} ({url_source}): {str(exc).rstrip('.')}"
     if str(shown).startswith("rediss") and isinstance(exc, redis.TimeoutError):
-        message += "; a rediss:// URL needs a server that speaks TLS on that port (redis:// for one that does not)"
-    return message
+        return message + ("; a rediss:// URL needs a server that speaks TLS on that port (redis:// for one that "
+                          "does not)")
+    return message + f"; start Redis there, or set {url_source} to a running one"

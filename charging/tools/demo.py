@@ -13,7 +13,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import redis
@@ -45,46 +45,90 @@ def mixed_load(accounts: list[str], count: int, rng: random.Random, prefix: str)
     return load
 
 
+STOPS = {signal.SIGINT, signal.SIGTERM}
+STOP_GRACE_S = 1.0  # after a Ctrl-C, how long the workers may take to finish their batch
+
+
+class Interrupted(BaseException):
+    """Ctrl-C or SIGTERM. Not an Exception: no `except Exception` on the way may take it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _interrupt(signum: int, _frame) -> None:
+    _ignore_stops()  # at once: a second Ctrl-C must not cut the clean-up short
+    raise Interrupted(signum)
+
+
+def _ignore_stops() -> None:
+    for sig in STOPS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+class _Parts:
+    """What the demo started, to stop in order: the workers, then the server they use.
+    Both run in process groups of their own: a Ctrl-C at the terminal reaches only the
+    demo, which stops them itself (a server stopped first left the workers retrying)."""
+
+    def __init__(self) -> None:
+        self.server: RedisServer | None = None
+        self.workers: subprocess.Popen | None = None
+
+    def stop(self, interrupted: bool) -> None:
+        """Quietly after a Ctrl-C, which the demo answers with one line of its own."""
+        say = (lambda _: None) if interrupted else console.print
+        if self.workers is not None:
+            code = _stop(self.workers, STOP_GRACE_S if interrupted else 30)
+            say("workers stopped" if code == 0 else f"workers stopped with exit code {code} (see worker.log)")
+        if self.server is not None:
+            self.server.stop()
+            say("private redis-server stopped")
+
+
 def run_demo(state, charges: int, workers: int, accounts: int, balance: int, data_dir: Path | None = None,
              keep: bool = False) -> int:
     """Raises RedisServerMissing when a private server is needed and there is none. The
     demo's own directory (the private server's AOF and log, the workers' log) is removed
-    however the demo ends, unless keep; a data_dir given by the user always stays."""
+    however the demo ends, unless keep; a data_dir given by the user always stays. Ctrl-C
+    or SIGTERM: everything it started is stopped, it says `demo stopped`, 128 + signal."""
+    previous = {sig: signal.signal(sig, _interrupt) for sig in STOPS}  # before there is anything to clean up
     own_dir = data_dir is None
+    parts, interrupted = _Parts(), False
     work_dir = Path(tempfile.mkdtemp(prefix="charging-demo-")) if own_dir else data_dir
-    server = worker_proc = None
-    previous = signal.signal(signal.SIGTERM, _exit)  # a SIGTERM runs the clean-up below too
     try:
-        settings = state.settings
-        if state.redis_url is None:
-            server = RedisServer(work_dir).start()
-            settings = settings.model_copy(update={"redis_url": server.url})
-            console.print(f"private redis-server on port {server.port}, AOF in {work_dir}", markup=False)
-        client = connect(settings)
-        names = accounts_mod.numbered(accounts)
-        codec.set_balances(client, settings, ((a, balance) for a in names))
-        console.print(f"{accounts} accounts reset to {balance}")
-        with _signals_held():  # a stop now must find the workers it has to stop
-            worker_proc = _start_workers(settings, workers, work_dir)
-        return _run_load(client, settings, names, charges, accounts * balance)
+        return _run(state, parts, work_dir, charges, workers, accounts, balance)
+    except Interrupted as stop:
+        interrupted = True
+        return 128 + stop.signum
     finally:
-        if worker_proc is not None:
-            console.print(f"workers stopped (exit {_stop(worker_proc)})")
-        if server is not None:
-            server.stop()
-            console.print("private redis-server stopped")
-        signal.signal(signal.SIGTERM, previous)
+        _ignore_stops()  # the clean-up is bounded (the workers' grace), and must not be cut short
+        parts.stop(interrupted)
         if keep or not own_dir:
             console.print(f"kept {work_dir} (the server's AOF and redis.log, the workers' worker.log)", markup=False)
         else:
             shutil.rmtree(work_dir, ignore_errors=True)
+        if interrupted:
+            console.print("demo stopped")
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
-def _exit(signum: int, _frame) -> None:
-    raise SystemExit(128 + signum)
-
-
-STOPS = {signal.SIGINT, signal.SIGTERM}
+def _run(state, parts: _Parts, work_dir: Path, charges: int, workers: int, accounts: int, balance: int) -> int:
+    settings = state.settings
+    if state.redis_url is None:
+        parts.server = RedisServer(work_dir, own_session=True)
+        parts.server.start()
+        settings = settings.model_copy(update={"redis_url": parts.server.url})
+        console.print(f"private redis-server on port {parts.server.port}, AOF in {work_dir}", markup=False)
+    client = connect(settings)
+    names = accounts_mod.numbered(accounts)
+    codec.set_balances(client, settings, ((a, balance) for a in names))
+    console.print(f"{accounts} accounts reset to {balance}")
+    with _signals_held():  # a stop now must find the workers it has to stop
+        parts.workers = _start_workers(settings, workers, work_dir)
+    return _run_load(client, settings, names, charges, accounts * balance)
 
 
 @contextmanager
@@ -103,18 +147,22 @@ def _start_workers(settings: Settings, workers: int, log_dir: Path) -> subproces
     with open(log_dir / "worker.log", "ab") as log_file:
         # The workers must hear the stop signals this process holds back while it starts them.
         return subprocess.Popen([sys.executable, "-m", "charging", "worker", "--processes", str(workers)],
-                                env=env, stdout=log_file, stderr=log_file,
+                                env=env, stdout=log_file, stderr=log_file, start_new_session=True,
                                 preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPS))
 
 
-def _stop(worker_proc: subprocess.Popen) -> int:
-    """SIGTERM: the workers finish the batch in hand; SIGKILL if that takes more than 30 s."""
-    worker_proc.send_signal(signal.SIGTERM)
+def _stop(worker_proc: subprocess.Popen, grace_s: float) -> int:
+    """SIGTERM to the workers' process group, the supervisor and its consumers alike: they
+    finish the batch in hand; SIGKILL if that takes more than grace_s. 0 for a worker that
+    was still starting and died of the SIGTERM itself: it held nothing, a clean stop."""
+    with suppress(ProcessLookupError):  # every one of them gone already
+        os.killpg(worker_proc.pid, signal.SIGTERM)
     try:
-        return worker_proc.wait(timeout=30)
+        code = worker_proc.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
-        worker_proc.kill()
-        return worker_proc.wait()
+        os.killpg(worker_proc.pid, signal.SIGKILL)  # the supervisor is still there: so is its group
+        code = worker_proc.wait()
+    return 0 if code == -signal.SIGTERM else code
 
 
 def _run_load(client: redis.Redis, settings: Settings, names: list[str], charges: int, start_total: int) -> int:

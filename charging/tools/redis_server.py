@@ -43,9 +43,12 @@ class RedisServer:
     """redis-server with AOF on, data in ``data_dir`` (a new temp dir unless given)."""
 
     def __init__(self, data_dir: Path | str | None = None, appendfsync: str = "everysec",
-                 extra_args: tuple[str, ...] = (), credentials: tuple[str, str] | None = None):
+                 extra_args: tuple[str, ...] = (), credentials: tuple[str, str] | None = None,
+                 own_session: bool = False):
         """credentials: the user and password that checks readiness, for a server started
-        with an ACL file that turns the default user off."""
+        with an ACL file that turns the default user off. own_session: out of the caller's
+        process group, so a Ctrl-C at the terminal reaches only the caller, which stops the
+        server when it is done with it (the demo: after the workers that use it)."""
         self.binary = shutil.which("redis-server")
         if self.binary is None:
             raise RedisServerMissing(INSTALL_HINT)
@@ -55,6 +58,7 @@ class RedisServer:
         self.appendfsync = appendfsync
         self.extra_args = extra_args
         self.credentials = credentials or (None, None)
+        self.own_session = own_session
         self.process: subprocess.Popen | None = None
 
     @property
@@ -66,7 +70,7 @@ class RedisServer:
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
              "--appendonly", "yes", "--appendfsync", self.appendfsync, "--save", "",
              "--lazyfree-lazy-expire", "yes", "--logfile", "redis.log", *self.extra_args],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=self.own_session,
         )
         self._wait_ready()
         return self

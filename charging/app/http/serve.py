@@ -37,8 +37,9 @@ class PortUnavailable(RuntimeError):
 def serve(settings: Settings, host: str, port: int, workers: int) -> None:
     keyring = Keyring.load(settings.http_keys_file)  # a broken keys file stops the start, not the first request
     if keyring.empty and not is_loopback(host):
-        raise Refused(f"refusing to listen on {host} without API keys: set CHARGING_HTTP_KEYS_FILE (docs/http-api.md, "
-                      "`charging api-key new`), or listen on 127.0.0.1")
+        raise Refused(f"refusing to listen on {host} without API keys: set CHARGING_HTTP_KEYS_FILE to a keys file "
+                      "(`charging api-key partner-a --scope authorize > keys.toml` makes one; docs/http-api.md), "
+                      "or listen on 127.0.0.1")
     access = (f"{len(keyring.by_digest)} API key(s) from {settings.http_keys_file}" if not keyring.empty else
               "no API keys: loopback callers may use every endpoint, anyone else is refused")
     listener = bound(host, port)
