@@ -23,7 +23,8 @@ BODIES = {
     "Release": (("request_id",), ()),
 }
 PROBLEM_STATUSES = {400: "Malformed request", 401: "No or unknown API key", 403: "Scope or account not allowed",
-                    404: "Not found", 410: "Gone", 413: "Body too large", 422: "Invalid request (reason as on the "
+                    404: "Not found", 408: "Headers or body too slow", 409: "A balance the engine did not write",
+                    410: "Gone", 413: "Body too large", 422: "Invalid request (reason as on the "
                     "wire)", 429: "Rate limited (Retry-After)", 500: "Redis refused the gateway's user",
                     503: "Redis unreachable or backlog full (Retry-After)"}
 _INTEGER = {"type": "integer"}
