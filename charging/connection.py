@@ -81,7 +81,12 @@ class _RetryBackoff(ExponentialWithJitterBackoff):
 
 class _TlsConnection(redis.SSLConnection):
     """The TLS handshake is part of connecting, so it has the connect timeout: a server
-    that speaks no TLS is reported in seconds, not after a socket timeout per retry."""
+    that speaks no TLS is reported in seconds, not after a socket timeout per retry.
+
+    Overrides redis-py's internal _connect: redis-py before 8.2 shakes hands under the
+    socket timeout, and no public option changes that (8.2 uses the connect timeout
+    itself, where this changes nothing). Tested on redis-py 6.0.0 and the newest release
+    below 9 (tests/test_redis_py_range.py); drop it once the lower bound reaches 8.2."""
 
     def _connect(self):
         timeout, self.socket_timeout = self.socket_timeout, self.socket_connect_timeout
@@ -216,7 +221,12 @@ def _command_keys(args: tuple[Any, ...]) -> list[Any] | None:
 def _parse_keys_locally(client: RedisCluster) -> None:
     """redis-py finds the keys of FCALL and XREAD(GROUP) by asking the server (COMMAND
     GETKEYS): a round trip per command. Their key positions are fixed by their syntax, so
-    read them here; every key of one call shares a hash tag, hence one slot."""
+    read them here; every key of one call shares a hash tag, hence one slot.
+
+    Replaces the internal commands_parser.get_keys: redis-py has no public option for it.
+    8.2 reads movable keys from the server's key specs itself, earlier releases ask the
+    server. Tested on redis-py 6.0.0 and the newest release below 9
+    (tests/test_redis_py_range.py); drop it once the lower bound reaches 8.2."""
     parser = client.commands_parser
     generic = parser.get_keys
 
@@ -250,7 +260,12 @@ def _keep_entry_pairs(client: Client) -> None:
     """Request entries are read with XREADGROUP and XAUTOCLAIM; redis-py turns each entry's
     fields into a dict, which hides a field name given twice. Read them as EntryFields
     instead, so the schema sees every pair. A cluster parses replies in its node clients:
-    each one gets the callbacks, those made later too."""
+    each one gets the callbacks, those made later too.
+
+    For a cluster this wraps the internal nodes_manager.create_redis_node: the public
+    RedisCluster.set_response_callback runs after the node's own parser has made the dict
+    (redis-py 8.2 too), too late. Tested on redis-py 6.0.0 and the newest
+    release below 9 (tests/test_redis_py_range.py)."""
     def register(node_client: redis.Redis) -> redis.Redis:
         node_client.set_response_callback("XREADGROUP", _read_keeping_pairs)
         node_client.set_response_callback("XAUTOCLAIM", _autoclaim_keeping_pairs)

@@ -24,6 +24,7 @@ from worker.loop import Worker
 
 _namespaces = itertools.count()
 CHARGING = str(Path(sys.executable).with_name("charging"))  # the installed console script
+COMPOSE_REDIS_IMAGE = "redis:7.2.7"  # docker-compose.yml's, as tests/test_deploy.py checks
 
 
 def _docker_answers() -> bool:
@@ -43,7 +44,7 @@ def redis_url(tmp_path_factory) -> Iterator[str]:
     elif _docker_answers():
         from testcontainers.redis import RedisContainer
 
-        with RedisContainer("redis:7.2") as container:
+        with RedisContainer(COMPOSE_REDIS_IMAGE) as container:
             yield f"redis://{container.get_container_host_ip()}:{container.get_exposed_port(6379)}/0"
     else:
         with RedisServer(tmp_path_factory.mktemp("redis")) as server:

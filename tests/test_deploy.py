@@ -143,6 +143,14 @@ def test_the_metrics_port_is_exposed_by_the_image_and_the_service():
 # "Run with Docker Compose": its passwords, its commands, and its CLI lines run against a
 # redis-server that loads deploy/users.acl as shipped, as the compose Redis does.
 
+def compose_redis_on_the_host() -> str:
+    """Where the compose Redis is published on the host: 127.0.0.1:PORT."""
+    [published] = compose()["services"]["redis"]["ports"]
+    address, port, inside = published.rsplit(":", 2)
+    assert inside == "6379" and address == "127.0.0.1", "on loopback only"
+    return f"{address}:{port}"
+
+
 def code_blocks(text: str) -> list[list[str]]:
     """The lines of each ```sh block, comments dropped."""
     return [[line.split("  #")[0].strip() for line in block.splitlines() if line.strip()]
@@ -173,8 +181,7 @@ def test_the_documented_compose_commands_name_real_services():
         assert words[:2] == ["docker", "compose"], line
         named = {w for w in words[3:] if not w.startswith("-")}
         assert named <= services, f"{line}: no such service"
-    published = compose()["services"]["redis"]["ports"]
-    assert published == ["127.0.0.1:6379:6379"], "the docs point the CLI at 127.0.0.1:6379"
+    assert compose_redis_on_the_host() in section("Run with Docker Compose"), "the docs point the CLI at it"
 
 
 def test_the_documented_cli_lines_run_against_the_compose_redis(tmp_path):
@@ -196,8 +203,8 @@ def test_the_documented_cli_lines_run_against_the_compose_redis(tmp_path):
         try:
             env = dict(plain)
             for line in lines:
-                line = line.replace("127.0.0.1:6379", here)
-                assert "6379" not in line, "never the Redis at 127.0.0.1:6379"
+                line = line.replace(compose_redis_on_the_host(), here)
+                assert "127.0.0.1:" not in line.replace(here, ""), "never a Redis of this machine"
                 if line.startswith("export "):
                     name, value = line.removeprefix("export ").split("=", 1)
                     env[name] = value
@@ -243,3 +250,40 @@ def test_the_gateway_listens_beyond_loopback_only_with_the_keys_file_it_mounts()
     assert command[command.index("--port") + 1] in dockerfile_instruction("EXPOSE").split()
     url = urlsplit(env["CHARGING_REDIS_URL"])
     assert url.username == "gateway" and acl_password_matches("gateway", url.password)
+
+
+# Reproducible images: pinned bases, the constraints file, a small build context, and a
+# published port that a local redis-server cannot hold.
+
+EXACT_TAG = re.compile(r"[\w./-]+:\d+\.\d+\.\d+[\w.-]*(@sha256:[0-9a-f]{64})?")
+
+
+def test_every_image_is_an_exact_release():
+    [base] = [line.split()[1] for line in (ROOT / "Dockerfile").read_text().splitlines() if line.startswith("FROM ")]
+    images = [base] + [s["image"] for s in compose()["services"].values() if "image" in s]
+    for image in images:
+        assert EXACT_TAG.fullmatch(image), f"{image} floats: pin major.minor.patch (or a digest)"
+
+
+def test_the_test_container_runs_the_compose_redis():
+    from tests.conftest import COMPOSE_REDIS_IMAGE
+
+    assert compose()["services"]["redis"]["image"] == COMPOSE_REDIS_IMAGE
+
+
+def test_the_image_installs_with_the_constraints_file():
+    [install] = [line for line in (ROOT / "Dockerfile").read_text().splitlines() if "pip install" in line]
+    assert "-c constraints.txt" in install
+    copied = [line.split()[1:-1] for line in (ROOT / "Dockerfile").read_text().splitlines() if line.startswith("COPY ")]
+    assert any("constraints.txt" in sources for sources in copied)
+
+
+def test_the_build_context_leaves_out_virtualenvs_git_and_run_output():
+    ignored = {line.strip().rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    assert {".venv", ".git", "site", "bench-out", "chaos-out", "*.rdb", "appendonlydir", ".pytest_cache"} <= ignored
+    assert not ignored & {"charging", "worker", "producer", "lua", "pyproject.toml", "README.md", "constraints.txt"}
+
+
+def test_the_compose_redis_is_not_published_where_a_local_redis_server_listens():
+    assert not compose_redis_on_the_host().endswith(":6379")

@@ -76,16 +76,23 @@ def test_the_http_page_has_examples():
 
 
 def test_every_http_example_prints_what_the_page_shows(settings, tmp_path):
-    env = {**os.environ, **environment(settings), "PATH": f"{Path(CHARGING).parent}:{os.environ['PATH']}"}
-    ports = {"8001": free_port()}
+    env = {**os.environ, **environment(settings)}
     worker = subprocess.Popen([CHARGING, "worker", "--consumer", "readme"], env=env, stderr=subprocess.DEVNULL)
     try:
-        with Served(settings) as served:
-            ports["8000"] = served.port
-            for transcript in transcripts():
-                outputs = run([command for command, _ in transcript], ports, tmp_path, env)
-                for (command, shown), printed in zip(transcript, outputs):
-                    assert same(shown, printed), f"$ {command}\ndocs/http-api.md:\n{shown}\nprinted:\n{printed}"
+        run_the_page(settings, tmp_path)
     finally:
         worker.terminate()
         worker.wait(20)
+
+
+def run_the_page(settings, cwd: Path) -> None:
+    """Every transcript of the page, in order, against a gateway of these settings (a worker
+    of them running), each command checked against what the page shows under it."""
+    env = {**os.environ, **environment(settings), "PATH": f"{Path(CHARGING).parent}:{os.environ['PATH']}"}
+    ports = {"8001": free_port()}
+    with Served(settings) as served:
+        ports["8000"] = served.port
+        for transcript in transcripts():
+            outputs = run([command for command, _ in transcript], ports, cwd, env)
+            for (command, shown), printed in zip(transcript, outputs):
+                assert same(shown, printed), f"$ {command}\ndocs/http-api.md:\n{shown}\nprinted:\n{printed}"

@@ -105,22 +105,31 @@ def test_example_runs_and_prints_what_the_document_shows(example, client, settin
     env = {**os.environ, **environment(settings)}
 
     with worker_running(settings):
-        done = subprocess.run([sys.executable, "-c", example.code], env=env, cwd=tmp_path, capture_output=True,
-                              text=True, timeout=120)
+        run_example(example, env, tmp_path)
 
-    assert done.returncode == 0, done.stderr
+
+def run_example(example: Example, env: dict[str, str], cwd) -> None:
+    """Run a ```python example (a worker running) and check what it prints."""
+    done = subprocess.run([sys.executable, "-c", example.code], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=120)
+
+    assert done.returncode == 0, f"{example.document}:{example.line}\n{done.stderr}"
     assert done.stderr == ""
-    assert done.stdout == example.prints
+    assert done.stdout == example.prints, f"{example.document}:{example.line}"
 
 
 @pytest.mark.parametrize("document", sorted(SESSIONS))
 def test_console_session_prints_what_the_document_shows(document, settings, tmp_path):
-    env = {**os.environ, **environment(settings)}
-    for typed in SESSIONS[document]:
+    type_session(SESSIONS[document], {**os.environ, **environment(settings)}, tmp_path)
+
+
+def type_session(session: list[Typed], env: dict[str, str], cwd) -> None:
+    """Type a document's `$ charging` lines in order and check what each prints and exits with."""
+    for typed in session:
         where = f"{typed.document}:{typed.line}: {typed.command}"
         [program, *args] = shlex.split(typed.command)
         assert program == "charging", f"{where}: only `charging` lines are typed"
 
-        done = subprocess.run([CHARGING, *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        done = subprocess.run([CHARGING, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=120)
 
         assert (done.returncode, done.stdout) == (typed.exit_code, typed.prints), f"{where}\n{done.stderr}"
