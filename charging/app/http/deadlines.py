@@ -4,7 +4,10 @@ time holds a connection (a file descriptor, a task) for as long as it likes, and
 hundred such clients hold the gateway. Here a request's headers must arrive within
 CHARGING_HTTP_HEADER_TIMEOUT_S of the connection (or of the previous answer on it), its body
 within CHARGING_HTTP_BODY_TIMEOUT_S of its headers; past either the answer is 408
-`request_timeout` and the connection is closed."""
+`request_timeout` and the connection is closed.
+
+It extends uvicorn's httptools protocol, which is not a public API: tested on the uvicorn of
+constraints.txt, and tests/test_http_outside.py fails if a release changes what it uses."""
 
 from __future__ import annotations
 
