@@ -79,20 +79,27 @@ def settle(target, settings: Settings, request: ChargeRequest, amount: int | Non
                         *settle_arguments(settings, request, amount, entry_id, given))
 
 
-def settle_batch(target, settings: Settings, keys: Keys, items: Sequence[tuple[ChargeRequest, int | None, str]],
-                 baseline: bool = False):
-    """Queue one FCALL that settles (request, amount, entry_id) items of one partition, in
-    order, each exactly as settle() would (the same keys and arguments per entry). Read its
-    reply with batch_replies(). baseline: call the bench's frozen library (lua/baseline.lua)
-    instead, which predates the holds index."""
-    names = partition_keys(keys)[:-1] if baseline else partition_keys(keys)
+def batch_entries(settings: Settings, keys: Keys,
+                  items: Sequence[tuple[ChargeRequest, int | None, str]]) -> tuple[list[str], list]:
+    """The KEYS and ARGV a settle_batch call takes per (request, amount, entry_id) item, after
+    the partition's keys: seen and reply_to if any; op, has_reply and the 13 arguments."""
+    names: list[str] = []
     args: list = []
     for request, amount, entry_id in items:
         names.append(keys.seen(request.request_id))
         if request.reply_to:
             names.append(request.reply_to)
         args += (request.op, 1 if request.reply_to else 0, *settle_arguments(settings, request, amount, entry_id))
-    return target.fcall("baseline_settle_batch" if baseline else "settle_batch", len(names), *names, *args)
+    return names, args
+
+
+def settle_batch(target, settings: Settings, keys: Keys, items: Sequence[tuple[ChargeRequest, int | None, str]]):
+    """Queue one FCALL that settles (request, amount, entry_id) items of one partition, in
+    order, each exactly as settle() would (the same keys and arguments per entry). Read its
+    reply with batch_replies()."""
+    names, args = batch_entries(settings, keys, items)
+    names = partition_keys(keys) + names
+    return target.fcall("settle_batch", len(names), *names, *args)
 
 
 @dataclass(frozen=True)

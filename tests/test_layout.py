@@ -1,5 +1,6 @@
 """The floors of the code (docs/layout.md): every import, lazy or not, points down or
-sideways, and only the codec knows the positions of the Lua functions' keys and replies."""
+sideways, and only the codec knows the positions of the Lua functions' keys and replies
+(the bench's frozen library, bench data, is called by the bench itself)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ FLOORS = [
     ("roof", ("charging.cli", "charging.__main__")),
 ]
 CODEC = "charging.codec"
+# The bench's frozen library (lua/baseline.lua) is not the product's contract: the one
+# FCALL of it is the bench's, and reads no reply.
+FROZEN_CALLER = "charging.tools.bench.baseline"
 
 
 def modules() -> dict[str, Path]:
@@ -84,7 +88,8 @@ def test_only_the_codec_knows_the_lua_contract(module):
     indexed = [node.lineno for node in ast.walk(tree)
                if isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Load)
                and isinstance(node.value, ast.Name) and "repl" in node.value.id]
-    assert not fcalls, f"{module} calls fcall on lines {fcalls}; go through charging.codec"
+    allowed = 1 if module == FROZEN_CALLER else 0
+    assert len(fcalls) <= allowed, f"{module} calls fcall on lines {fcalls}; go through charging.codec"
     assert not indexed, f"{module} indexes a reply on lines {indexed}; parse it with charging.codec"
 
 
