@@ -340,14 +340,14 @@ def check_version() -> Plan[None]:
              used_memory=info.get("used_memory_human"), maxmemory_policy=info.get("maxmemory_policy"))
 
 
-def library_source(name: str = "charging") -> str:
-    """The text of lua/<name>.lua: the engine's library, or the bench's frozen baseline."""
+def library_source() -> str:
+    """The text of lua/charging.lua, the engine's library."""
     here = Path(__file__).resolve().parent
-    # Installed wheels carry the libraries inside the package; a source checkout has them in lua/.
-    for path in (here / f"{name}.lua", here.parent / "lua" / f"{name}.lua"):
+    # Installed wheels carry the library inside the package; a source checkout has it in lua/.
+    for path in (here / "charging.lua", here.parent / "lua" / "charging.lua"):
         if path.exists():
             return path.read_text()
-    raise FileNotFoundError(f"lua/{name}.lua not found")
+    raise FileNotFoundError("lua/charging.lua not found")
 
 
 def load_functions() -> Plan[None]:

@@ -20,8 +20,8 @@ FLOORS = [
     ("roof", ("charging.cli", "charging.__main__")),
 ]
 CODEC = "charging.codec"
-# The bench's frozen library (lua/baseline.lua) is not the product's contract: the one
-# FCALL of it is the bench's, and reads no reply.
+# The bench's frozen library (charging/tools/bench/baseline.lua) is not the product's
+# contract: the one FCALL of it sits beside it, and reads no reply.
 FROZEN_CALLER = "charging.tools.bench.baseline"
 
 
@@ -112,3 +112,10 @@ def test_bench_without_its_extra_says_how_to_install_it_in_one_line(tmp_path):
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
         "error: charging bench needs numpy, which comes with the bench extra: pip install 'redis-charging[bench]'"]
+
+
+def test_lua_holds_the_product_only():
+    """The bench's frozen library is bench data: it sits in the bench's package, which the
+    wheel carries with the bench's modules, and lua/ keeps the one library the engine loads."""
+    assert sorted(path.name for path in (ROOT / "lua").iterdir()) == ["charging.lua"]
+    assert (ROOT / "charging" / "tools" / "bench" / "baseline.lua").is_file()

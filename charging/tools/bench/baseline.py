@@ -1,6 +1,7 @@
 """baseline: what a settled charge costs Redis with today's library against the frozen one
-(lua/baseline.lua, the library as it was before the work on cost per charge), on the same
-server, the same load and the same driver, so the ratio holds on a noisy machine.
+(baseline.lua, beside this module: the library as it was before the work on cost per
+charge), on the same server, the same load and the same driver, so the ratio holds on a
+noisy machine.
 
 The driver is the worker's path without its process: XREADGROUP a batch, then one pipeline
 of settle_batch calls of ENTRIES_PER_CALL entries each. Both libraries get the same
@@ -12,10 +13,10 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 from charging import codec
 from charging.app.audit import audit
-from charging.connection import library_source
 from charging.keys import Keys, all_partitions
 from charging.plan import run as run_plan
 from charging.schema import parse_request
@@ -29,6 +30,8 @@ from charging.tools.bench.result import ModeResult
 from producer import Producer
 from worker.loop import ENTRIES_PER_CALL
 
+# Bench data, not the product: the wheel carries it in this package, the engine never loads it.
+SOURCE = Path(__file__).with_name("baseline.lua")
 LIBRARY = "charging_baseline"
 CONSUMER = "bench-baseline"
 CHUNK = 5000
@@ -46,7 +49,7 @@ def run(ctx: Context, profile: Profile) -> ModeResult:
     load = loads.mixed(profile.accounts, charges, seed=8, prefix=f"{today.namespace}-")
     work, seconds = dict.fromkeys(libraries, NOTHING), dict.fromkeys(libraries, 0.0)
     part = math.ceil(len(load) / ROUNDS)
-    ctx.client.function_load(library_source("baseline"), replace=True)
+    ctx.client.function_load(SOURCE.read_text(), replace=True)
     try:
         for settings, _ in libraries.values():
             _prepare(ctx, settings, load)
@@ -64,8 +67,9 @@ def run(ctx: Context, profile: Profile) -> ModeResult:
         "baseline", check.outcomes, seconds["today"], check.as_dict(), check.ok,
         extra={"per_charge": spent | {f"baseline_{name}": value for name, value in baseline.items()},
                "baseline_cpu_ratio": None if ratio is None else round(ratio, 2)},
-        notes=[f"one driver, one load, two libraries taking turns ({ROUNDS} rounds): lua/baseline.lua (frozen) "
-               "and lua/charging.lua; baseline_cpu_ratio = baseline_redis_cpu_us / redis_cpu_us"],
+        notes=[f"one driver, one load, two libraries taking turns ({ROUNDS} rounds): "
+               "charging/tools/bench/baseline.lua (frozen) and lua/charging.lua; "
+               "baseline_cpu_ratio = baseline_redis_cpu_us / redis_cpu_us"],
     )
 
 

@@ -2,7 +2,7 @@
 --[[
 FROZEN, for `charging bench` only: the settling path of lua/charging.lua as it was at
 b2349ea, before the work to cut Redis's cost per charge, so every bench run can measure
-today's library against it on the same server and load (charging/tools/bench/baseline.py).
+today's library against it on the same server and load (baseline.py, beside it).
 The bench loads it under its own library name with its functions prefixed baseline_, into
 its own namespace; the engine never loads or calls it. Do not edit, except to keep it
 loadable: below this comment the code is b2349ea's, with only the registrations changed.
