@@ -849,6 +849,49 @@ local function write_ahead(k, ahead)
   end
 end
 
+-- The reads a batch shares, planned from its items ({op, args, base, seen, reply_to}: an
+-- entry's op, its 13 arguments from args[base + 1], its record key and reply stream): the
+-- accounts, old-layout record keys and dedupe buckets of every item. The keys shared by
+-- every entry are checked once for the whole call, before it writes. Returns what
+-- read_ahead read, or nil and the error that refuses the call.
+local function batch_ahead(k, items)
+  local accounts, legacy_keys, listed, slices, writes = {}, {}, {}, {}, CHARGE_WRITES
+  local windows = {} -- the windows checked, shared with the entries' own checks (read_args)
+  k.seen_prefix = k.tag .. ':seen:'
+  for _, item in ipairs(items) do
+    local args, base = item.args, item.base
+    -- settle_entry refuses a record key outside the partition, or a window out of range,
+    -- before it reads a record
+    if string.sub(item.seen, 1, #k.seen_prefix) == k.seen_prefix then legacy_keys[#legacy_keys + 1] = item.seen end
+    local window_ms = shared(windows, args[base + 6], duration_arg)
+    if window_ms then -- the buckets of a slice, read over the longest window of its entries
+      local slice = slice_of(window_ms)
+      slices[slice] = slices[slice] or {ids = {}, window_ms = 0}
+      table.insert(slices[slice].ids, args[base + 1])
+      slices[slice].window_ms = math.max(slices[slice].window_ms, window_ms)
+    end
+    local account = args[base + 2]
+    if not listed[account] then
+      listed[account] = true
+      accounts[#accounts + 1] = account
+    end
+    if item.op ~= 'charge' then writes = SETTLE_WRITES end
+  end
+  local err = wrong_types(k, writes) or postable(k.results)
+  if err then return nil, err end
+  return read_ahead(k, accounts, legacy_keys, slices, windows)
+end
+
+-- One item of a batch, settled through what the call read ahead. A refused entry wrote
+-- nothing (settle_entry checks before it writes); pcall turns an error into that entry's
+-- own reply.
+local function settle_item(k, item, ahead)
+  if not OPS[item.op] then return refuse('unknown_op', tostring(item.op)) end
+  k.seen, k.reply_to = item.seen, item.reply_to
+  local ok, result = pcall(settle_entry, item.op, k, item.args, item.base, ahead)
+  return ok and result or {err = type(result) == 'table' and result.err or tostring(result)}
+end
+
 local function settle_batch(keys, args)
   local entries, replies_to, flags_ok = #args / BATCH_ENTRY_ARGS, 0, true
   for a = 2, #args, BATCH_ENTRY_ARGS do
@@ -862,55 +905,20 @@ local function settle_batch(keys, args)
                   .. 'arguments per entry, at most ' .. MAX_BATCH .. ' entries')
   end
   if entries == 0 then return {} end
-  local seen, reply_to, accounts, legacy_keys, listed, slices, writes = {}, {}, {}, {}, {}, {}, CHARGE_WRITES
-  local windows = {} -- the windows checked, shared with the entries' own checks (read_args)
-  local at = BATCH_SHARED_KEYS + 1
-  k.seen_prefix = k.tag .. ':seen:'
+  local items, at = {}, BATCH_SHARED_KEYS + 1
   for a = 1, #args, BATCH_ENTRY_ARGS do
-    local entry = #seen + 1
-    seen[entry] = keys[at]
+    local item = {op = args[a], args = args, base = a + 1, seen = keys[at]}
     at = at + 1
     if args[a + 1] == '1' then
-      reply_to[entry] = keys[at]
+      item.reply_to = keys[at]
       at = at + 1
     end
-    -- settle_entry refuses a record key outside the partition, or a window out of range,
-    -- before it reads a record
-    if string.sub(seen[entry], 1, #k.seen_prefix) == k.seen_prefix then legacy_keys[#legacy_keys + 1] = seen[entry] end
-    local window_ms = shared(windows, args[a + 7], duration_arg)
-    if window_ms then -- the buckets of a slice, read over the longest window of its entries
-      local slice = slice_of(window_ms)
-      slices[slice] = slices[slice] or {ids = {}, window_ms = 0}
-      table.insert(slices[slice].ids, args[a + 2])
-      slices[slice].window_ms = math.max(slices[slice].window_ms, window_ms)
-    end
-    local account = args[a + 3]
-    if not listed[account] then
-      listed[account] = true
-      accounts[#accounts + 1] = account
-    end
-    if args[a] ~= 'charge' then writes = SETTLE_WRITES end
+    items[#items + 1] = item
   end
-  -- The keys shared by every entry are checked once for the whole call, before it writes.
-  local err = wrong_types(k, writes) or postable(k.results)
-  if err then return err end
-  local ahead = read_ahead(k, accounts, legacy_keys, slices, windows)
+  local ahead, err = batch_ahead(k, items)
+  if not ahead then return err end
   local replies = {}
-  for a = 1, #args, BATCH_ENTRY_ARGS do
-    local op = args[a]
-    local entry = #replies + 1
-    k.seen, k.reply_to = seen[entry], reply_to[entry]
-    local reply
-    if OPS[op] then
-      -- A refused entry wrote nothing (settle_entry checks before it writes); pcall turns
-      -- an error into that entry's own reply.
-      local ok, result = pcall(settle_entry, op, k, args, a + 1, ahead)
-      reply = ok and result or {err = type(result) == 'table' and result.err or tostring(result)}
-    else
-      reply = refuse('unknown_op', tostring(op))
-    end
-    replies[#replies + 1] = reply
-  end
+  for i, item in ipairs(items) do replies[i] = settle_item(k, item, ahead) end
   write_ahead(k, ahead)
   return replies
 end
