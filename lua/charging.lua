@@ -9,8 +9,9 @@ when a function here changes).
 
 Keys. <ns> is the namespace (CHARGING_NAMESPACE, default "ch"); {pN} is the partition
 hash tag, so every key one call touches lives in one Redis Cluster slot. Every key a
-function touches is passed to it in KEYS (but the dedupe buckets, below), none is made up
-inside; each is checked against the name its role gives it before anything is written.
+function touches is passed to it in KEYS (but the dedupe buckets, below, and the record
+keys and reply streams settle_entries names from its entries, in its partition); each is
+checked against the name its role gives it before anything is written.
 
   <ns>:{pN}:balances       hash    account -> balance in minor units (held funds included:
                                    available = balance - held). Written by charge, commit,
@@ -46,8 +47,9 @@ inside; each is checked against the name its role gives it before anything is wr
                                    them expires, one dedupe window after the upgrade.
   <ns>:{pN}:requests       stream  charge and reservation requests, XADDed by producers,
                                    read by the worker group; acked by the settling
-                                   function (or settle_batch, which runs it per entry) or
-                                   dead_letter; trimmed by trim to what every group has acked;
+                                   function (or settle_batch and settle_entries, which run
+                                   it per entry), dead_letter or settle_entries (an entry
+                                   it judges bad); trimmed by trim to what every group has acked;
                                    repair finds entries removed unread and rewinds ids a
                                    client pushed into the future.
   <ns>:{pN}:results        stream  one outcome per settled request. Written by the settling
@@ -55,12 +57,14 @@ inside; each is checked against the name its role gives it before anything is wr
                                    CHARGING_RESULTS_MAXLEN, never past an entry a group
                                    in CHARGING_RESULTS_GROUPS has not read and acked.
   <ns>:{pN}:deadletter     stream  entries that could not be read, with the reason.
-                                   Written by dead_letter (and repair: entries removed
-                                   before they were read). Trimmed with MAXLEN ~.
+                                   Written by dead_letter and settle_entries (and repair:
+                                   entries removed before they were read). Trimmed with
+                                   MAXLEN ~.
   <ns>:{pN}:deadletter:reasons
                            hash    reason -> number of entries ever dead-lettered with
-                                   it. Written by dead_letter. Lives forever (one field
-                                   per reason code), so status never scans the stream.
+                                   it. Written by dead_letter, settle_entries and repair.
+                                   Lives forever (one field per reason code), so status
+                                   never scans the stream.
   <ns>:{pN}:reply:<id>     stream  one producer's replies. Written by the settling
                                    functions; expires CHARGING_REPLY_TTL after the last reply.
   <ns>:partitions          string  the partition count, recorded by the first process
