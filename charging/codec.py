@@ -147,7 +147,7 @@ def settled(reply: Sequence[Any]) -> Settled:
     """Parse {status, reason, charged, balance, duplicate, processed_at[, held, reserved,
     expires_at]}, {'stale'} or {'dead', reason}."""
     if len(reply) <= 2:
-        return Settled(*map(text, reply))
+        return Settled(text(reply[0]), text(reply[1]) if len(reply) == 2 else "")
     status, reason, charged, balance, duplicate, processed_at, *session = reply
     parsed = Settled(text(status), text(reason), int(charged), int(balance), bool(int(duplicate)),
                      int(processed_at))

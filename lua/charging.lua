@@ -1184,7 +1184,9 @@ local function field_values(f, c)
     end
   end
   for name in pairs(f) do
-    if not KNOWN_FIELD[name] then return nil, 'unknown_field', "field '" .. name .. "' is not part of the request format" end
+    if not KNOWN_FIELD[name] then
+      return nil, 'unknown_field', "field '" .. name .. "' is not part of the request format"
+    end
   end
   return v
 end
@@ -1245,7 +1247,9 @@ local function judge_entry(args, first, n, entry_id, c)
   if ON_RESERVATION[f.op] then -- the account is the reservation's own
     if not f.reservation then return nil, 'missing_field', "field 'reservation' is required for op '" .. f.op .. "'" end
     local account = reservation_account(f.reservation)
-    if not account then return nil, 'invalid_reservation', 'reservation must be <account>/<request id of the reserve>' end
+    if not account then
+      return nil, 'invalid_reservation', 'reservation must be <account>/<request id of the reserve>'
+    end
     if f.account and f.account ~= account then
       return nil, 'invalid_reservation', "reservation '" .. f.reservation .. "' is not of account '" .. f.account .. "'"
     end
@@ -1309,7 +1313,8 @@ local function entries_context(k, args)
              prices = {sms = count(args[7], 1, MAX_BALANCE), voice = count(args[8], 1, MAX_BALANCE),
                        data = count(args[9], 1, MAX_BALANCE)},
              max_units = count(args[10], 1, MAX_BALANCE), max_amount = count(args[11], 1, MAX_BALANCE),
-             max_ttl_s = count(args[12], 1, MAX_DURATION_MS / 1000), default_ttl_s = count(args[13], 1, MAX_DURATION_MS / 1000),
+             max_ttl_s = count(args[12], 1, MAX_DURATION_MS / 1000),
+             default_ttl_s = count(args[13], 1, MAX_DURATION_MS / 1000),
              max_deliveries = count(args[14], 1, MAX_BALANCE), max_skew_ms = count(args[15], 1000, MAX_DURATION_MS)}
   local checks = {
     {text(c.group, NAME, 64), 'invalid_group'}, {duration_arg(c.window_ms), 'invalid_window'},
@@ -1358,7 +1363,8 @@ local function judge_entries(k, args, entries, c)
     else
       local op, settle_args, reply_to = judge_entry(args, e.first, e.n, e.id, c)
       if op then
-        e.item = {op = op, args = settle_args, base = 0, seen = k.tag .. ':seen:' .. settle_args[1], reply_to = reply_to}
+        e.item = {op = op, args = settle_args, base = 0, seen = k.tag .. ':seen:' .. settle_args[1],
+                  reply_to = reply_to}
         items[#items + 1] = e.item
       else
         e.reason, e.detail = settle_args, reply_to
