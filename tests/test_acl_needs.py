@@ -117,6 +117,24 @@ def batch_call(client, settings, entries):
     assert [r.status for r in replies] == ["approved"] * len(BATCH), replies
 
 
+def entries_scene(scene, settings):
+    """The batch's requests as raw stream entries, and a bad entry, read by the workers' group."""
+    settle_scene(scene, settings)
+    posted_before(scene, KEYS.results, KEYS.reply("someone"), KEYS.deadletter)
+    requests = [Producer(scene, settings, "someone").prepare(data, reply=True) for data in BATCH]
+    run(scene, ensure_group(KEYS.requests, settings.group))
+    for fields in [*(r.to_fields() for r in requests), {"account": "account1"}]:
+        scene.xadd(KEYS.requests, fields)
+    read = scene.xreadgroup(settings.group, "w1", {KEYS.requests: ">"})
+    return [(eid.decode(), 1, fields) for _, messages in read for eid, fields in messages]
+
+
+def entries_call(client, settings, entries):
+    """settle_entries: every op, and a bad entry dead-lettered, judged by the library."""
+    replies = codec.batch_replies(codec.settle_entries(client, settings, KEYS, entries), len(entries))
+    assert [r.status for r in replies] == ["approved"] * len(BATCH) + ["dead"], replies
+
+
 def expire_call(client, settings, _):
     assert codec.expire_reservations(client, settings, KEYS) == 1
 
@@ -184,6 +202,7 @@ class Row:
 ROWS = [
     Row(("charge", "reserve", "extend", "commit", "release"), ("authorizer", "gateway"), settle_scene, settle_call),
     Row(("settle_batch",), ("worker",), batch_scene, batch_call),
+    Row(("settle_entries",), ("worker",), entries_scene, entries_call),
     Row(("expire_reservations",), ("worker",), settle_scene, expire_call),
     Row(("dead_letter",), ("worker",), dead_letter_scene, dead_letter_call),
     Row(("trim",), ("maintainer",), trim_scene, trim_call),
