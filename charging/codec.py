@@ -18,7 +18,7 @@ import redis
 from charging.keys import Keys, keys_of
 from charging.plan import Plan, pipelined, run
 from charging.schema import ChargeRequest, Invalid, Outcome, field_pairs
-from charging.settings import Settings
+from charging.settings import SERVICES, Settings
 from charging.streams import text
 from charging.tariff import unit_price
 
@@ -27,7 +27,7 @@ SET_BALANCES_CHUNK = 1000  # accounts per set_balances call: bounded argument li
 RESERVATION_SEP = "\x1f"  # lua/charging.lua packs records (reservations, dedupe records) with this separator
 
 
-# ---- settling: charge, reserve, commit, extend, release, settle_batch ---------------------
+# ---- settling: charge, reserve, commit, extend, release, settle_batch, settle_entries -----
 
 # The 13 ARGV of a settling function by name, in the order lua/charging.lua `settle` reads them.
 SETTLE_ARGUMENTS = ("request_id", "account", "fingerprint", "entry_id", "group", "window_ms", "submitted_at",
@@ -102,10 +102,28 @@ def settle_batch(target, settings: Settings, keys: Keys, items: Sequence[tuple[C
     return target.fcall("settle_batch", len(names), *names, *args)
 
 
+def settle_entries(target, settings: Settings, keys: Keys, entries: Iterable[tuple[str, int, Any]]):
+    """Queue one FCALL that judges and settles (entry_id, deliveries, fields) entries of the
+    partition's request stream as they were read: fields every pair of the entry (EntryFields
+    or pairs; None for one deleted before it was read). The library judges each entry as
+    schema.parse_request and tariff.price would, dead-letters (and acks) a bad one, and
+    settles a good one as settle_batch does. Read its reply with batch_replies()."""
+    names = [*partition_keys(keys), keys.deadletter, keys.deadletter_reasons]
+    args: list = [settings.group, settings.dedupe_window_ms, settings.reply_ttl_s * 1000, keys.partition,
+                  settings.partitions, settings.deadletter_maxlen, *(settings.tariff[s] for s in SERVICES),
+                  settings.max_units, settings.max_amount, settings.max_reservation_ttl_s, settings.reservation_ttl_s,
+                  settings.max_deliveries, settings.max_clock_skew_ms]
+    for entry_id, deliveries, fields in entries:
+        pairs = field_pairs(fields)
+        args += (entry_id, deliveries, len(pairs), *(part for pair in pairs for part in pair))
+    return target.fcall("settle_entries", len(names), *names, *args)
+
+
 @dataclass(frozen=True)
 class Settled:
     """The reply of a settling function for one request. status 'stale': the entry had
-    already been settled by another consumer and this call changed nothing."""
+    already been settled by another consumer and this call changed nothing; 'dead'
+    (settle_entries): the entry was dead-lettered, with reason."""
 
     status: str
     reason: str = ""
@@ -123,6 +141,10 @@ class Settled:
         return self.status == "stale"
 
     @property
+    def dead(self) -> bool:
+        return self.status == "dead"
+
+    @property
     def replayed(self) -> bool:
         """Answered from the dedupe record (an idempotency conflict is a rejection, not a replay)."""
         return self.duplicate and self.reason != "idempotency_conflict"
@@ -130,9 +152,9 @@ class Settled:
 
 def settled(reply: Sequence[Any]) -> Settled:
     """Parse {status, reason, charged, balance, duplicate, processed_at[, held, reserved,
-    expires_at]} or {'stale'}."""
-    if len(reply) == 1:
-        return Settled(text(reply[0]))
+    expires_at]}, {'stale'} or {'dead', reason}."""
+    if len(reply) <= 2:
+        return Settled(*map(text, reply))
     status, reason, charged, balance, duplicate, processed_at, *session = reply
     parsed = Settled(text(status), text(reason), int(charged), int(balance), bool(int(duplicate)),
                      int(processed_at))
@@ -143,7 +165,7 @@ def settled(reply: Sequence[Any]) -> Settled:
 
 
 def batch_replies(reply: Any, count: int) -> list[Any]:
-    """settle_batch's reply, one item per entry: a Settled, or the error of that entry. An
+    """settle_batch's (or settle_entries') reply, one item per entry: a Settled, or the error of that entry. An
     error of the whole call (a lost connection, a missing library) is every entry's error."""
     if isinstance(reply, Exception):
         return [reply] * count

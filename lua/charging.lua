@@ -849,6 +849,49 @@ local function write_ahead(k, ahead)
   end
 end
 
+-- The reads a batch shares, planned from its items ({op, args, base, seen, reply_to}: an
+-- entry's op, its 13 arguments from args[base + 1], its record key and reply stream): the
+-- accounts, old-layout record keys and dedupe buckets of every item. The keys shared by
+-- every entry are checked once for the whole call, before it writes. Returns what
+-- read_ahead read, or nil and the error that refuses the call.
+local function batch_ahead(k, items)
+  local accounts, legacy_keys, listed, slices, writes = {}, {}, {}, {}, CHARGE_WRITES
+  local windows = {} -- the windows checked, shared with the entries' own checks (read_args)
+  k.seen_prefix = k.tag .. ':seen:'
+  for _, item in ipairs(items) do
+    local args, base = item.args, item.base
+    -- settle_entry refuses a record key outside the partition, or a window out of range,
+    -- before it reads a record
+    if string.sub(item.seen, 1, #k.seen_prefix) == k.seen_prefix then legacy_keys[#legacy_keys + 1] = item.seen end
+    local window_ms = shared(windows, args[base + 6], duration_arg)
+    if window_ms then -- the buckets of a slice, read over the longest window of its entries
+      local slice = slice_of(window_ms)
+      slices[slice] = slices[slice] or {ids = {}, window_ms = 0}
+      table.insert(slices[slice].ids, args[base + 1])
+      slices[slice].window_ms = math.max(slices[slice].window_ms, window_ms)
+    end
+    local account = args[base + 2]
+    if not listed[account] then
+      listed[account] = true
+      accounts[#accounts + 1] = account
+    end
+    if item.op ~= 'charge' then writes = SETTLE_WRITES end
+  end
+  local err = wrong_types(k, writes) or postable(k.results)
+  if err then return nil, err end
+  return read_ahead(k, accounts, legacy_keys, slices, windows)
+end
+
+-- One item of a batch, settled through what the call read ahead. A refused entry wrote
+-- nothing (settle_entry checks before it writes); pcall turns an error into that entry's
+-- own reply.
+local function settle_item(k, item, ahead)
+  if not OPS[item.op] then return refuse('unknown_op', tostring(item.op)) end
+  k.seen, k.reply_to = item.seen, item.reply_to
+  local ok, result = pcall(settle_entry, item.op, k, item.args, item.base, ahead)
+  return ok and result or {err = type(result) == 'table' and result.err or tostring(result)}
+end
+
 local function settle_batch(keys, args)
   local entries, replies_to, flags_ok = #args / BATCH_ENTRY_ARGS, 0, true
   for a = 2, #args, BATCH_ENTRY_ARGS do
@@ -862,55 +905,20 @@ local function settle_batch(keys, args)
                   .. 'arguments per entry, at most ' .. MAX_BATCH .. ' entries')
   end
   if entries == 0 then return {} end
-  local seen, reply_to, accounts, legacy_keys, listed, slices, writes = {}, {}, {}, {}, {}, {}, CHARGE_WRITES
-  local windows = {} -- the windows checked, shared with the entries' own checks (read_args)
-  local at = BATCH_SHARED_KEYS + 1
-  k.seen_prefix = k.tag .. ':seen:'
+  local items, at = {}, BATCH_SHARED_KEYS + 1
   for a = 1, #args, BATCH_ENTRY_ARGS do
-    local entry = #seen + 1
-    seen[entry] = keys[at]
+    local item = {op = args[a], args = args, base = a + 1, seen = keys[at]}
     at = at + 1
     if args[a + 1] == '1' then
-      reply_to[entry] = keys[at]
+      item.reply_to = keys[at]
       at = at + 1
     end
-    -- settle_entry refuses a record key outside the partition, or a window out of range,
-    -- before it reads a record
-    if string.sub(seen[entry], 1, #k.seen_prefix) == k.seen_prefix then legacy_keys[#legacy_keys + 1] = seen[entry] end
-    local window_ms = shared(windows, args[a + 7], duration_arg)
-    if window_ms then -- the buckets of a slice, read over the longest window of its entries
-      local slice = slice_of(window_ms)
-      slices[slice] = slices[slice] or {ids = {}, window_ms = 0}
-      table.insert(slices[slice].ids, args[a + 2])
-      slices[slice].window_ms = math.max(slices[slice].window_ms, window_ms)
-    end
-    local account = args[a + 3]
-    if not listed[account] then
-      listed[account] = true
-      accounts[#accounts + 1] = account
-    end
-    if args[a] ~= 'charge' then writes = SETTLE_WRITES end
+    items[#items + 1] = item
   end
-  -- The keys shared by every entry are checked once for the whole call, before it writes.
-  local err = wrong_types(k, writes) or postable(k.results)
-  if err then return err end
-  local ahead = read_ahead(k, accounts, legacy_keys, slices, windows)
+  local ahead, err = batch_ahead(k, items)
+  if not ahead then return err end
   local replies = {}
-  for a = 1, #args, BATCH_ENTRY_ARGS do
-    local op = args[a]
-    local entry = #replies + 1
-    k.seen, k.reply_to = seen[entry], reply_to[entry]
-    local reply
-    if OPS[op] then
-      -- A refused entry wrote nothing (settle_entry checks before it writes); pcall turns
-      -- an error into that entry's own reply.
-      local ok, result = pcall(settle_entry, op, k, args, a + 1, ahead)
-      reply = ok and result or {err = type(result) == 'table' and result.err or tostring(result)}
-    else
-      reply = refuse('unknown_op', tostring(op))
-    end
-    replies[#replies + 1] = reply
-  end
+  for i, item in ipairs(items) do replies[i] = settle_item(k, item, ahead) end
   write_ahead(k, ahead)
   return replies
 end
@@ -1006,6 +1014,408 @@ local function dead_letter(keys, args)
   for i = 6, #args do fields[#fields + 1] = args[i] end
   write_dead_letter(k, args[1], args[3], args[4], args[5], fields)
   return 1
+end
+
+-- ---- judging an entry as it arrives ------------------------------------------------------
+-- The wire format (docs/wire-format.md), judged here and nowhere else for an entry read
+-- from a request stream: the same verdict, reason for reason, as the schema gives
+-- (charging/schema.py parse_request, charging/tariff.py price, and the partition rule),
+-- in the same order when several things are wrong.
+
+local MAX_FIELDS, MAX_FIELD_BYTES = 16, 256
+local DEADLETTER_FIELD_BYTES = 1024 -- a dead letter keeps each name and value up to this
+local REPLY_ID = '^[A-Za-z0-9_%-]+$' -- a reply stream's <id>, 1..64 of them
+local SERVICES = {sms = true, voice = true, data = true}
+-- The fields of the format, in the order the schema checks them (its fields' order).
+local FIELDS = {'op', 'request_id', 'account', 'service', 'units', 'amount', 'reservation', 'ttl', 'reply_to',
+                'submitted_at'}
+local KNOWN_FIELD = {op = true, request_id = true, account = true, service = true, units = true, amount = true,
+                     reservation = true, ttl = true, reply_to = true, submitted_at = true}
+-- The fields each operation may carry besides op, request_id, account, reply_to and
+-- submitted_at, in the order the schema reports one it does not use.
+local OPTIONAL_FIELDS = {'service', 'units', 'amount', 'reservation', 'ttl'}
+local OP_FIELDS = {
+  charge = {service = true, units = true, amount = true},
+  reserve = {service = true, units = true, amount = true, ttl = true},
+  commit = {reservation = true, units = true, amount = true},
+  extend = {reservation = true, units = true, amount = true, ttl = true},
+  release = {reservation = true},
+}
+local ON_RESERVATION = {commit = true, extend = true, release = true}
+
+-- Whether a string is UTF-8 as a strict decoder reads it: no overlong forms, no
+-- surrogates, nothing above U+10FFFF, no sequence cut short.
+local function utf8_valid(s)
+  if not string.find(s, '[\128-\255]') then return true end
+  local i, n = 1, #s
+  while i <= n do
+    local c = string.byte(s, i)
+    local len, low, high = 1, 0x80, 0xBF -- the sequence's length, the range of its second byte
+    if c >= 0xC2 and c <= 0xDF then len = 2
+    elseif c == 0xE0 then len, low = 3, 0xA0
+    elseif c == 0xED then len, high = 3, 0x9F
+    elseif c >= 0xE1 and c <= 0xEF then len = 3
+    elseif c == 0xF0 then len, low = 4, 0x90
+    elseif c >= 0xF1 and c <= 0xF3 then len = 4
+    elseif c == 0xF4 then len, high = 4, 0x8F
+    elseif c >= 0x80 then return false end
+    for j = i + 1, i + len - 1 do
+      local b = string.byte(s, j)
+      if not b or b < (j == i + 1 and low or 0x80) or b > (j == i + 1 and high or 0xBF) then return false end
+    end
+    i = i + len
+  end
+  return true
+end
+
+-- CRC-32 (the zlib one), as charging/keys.py partition_of routes an account. Its table is
+-- built on the first call after the library is loaded and kept: Redis 7.0 gives a
+-- library's load no bit library. The bit library works on signed 32-bit numbers: the
+-- result is brought back to 0..2^32-1.
+local crc_table = nil
+
+local function build_crc_table()
+  local t = {}
+  for i = 0, 255 do
+    local c = i
+    for _ = 1, 8 do
+      if bit.band(c, 1) == 1 then c = bit.bxor(bit.rshift(c, 1), 0xEDB88320) else c = bit.rshift(c, 1) end
+    end
+    t[i] = c
+  end
+  return t
+end
+
+local function crc32(s)
+  crc_table = crc_table or build_crc_table()
+  local c = -1
+  for i = 1, #s do
+    c = bit.bxor(bit.rshift(c, 8), crc_table[bit.band(bit.bxor(c, string.byte(s, i)), 0xFF)])
+  end
+  c = bit.bnot(c)
+  if c < 0 then c = c + 4294967296 end
+  return c
+end
+
+-- A whole number as the wire writes it: 1..20 decimal digits, leading zeros allowed, its
+-- value within low..high; else nil. (A value of more than 16 digits once its zeros are
+-- gone is over every limit: the limits stay within MAX_BALANCE, and tonumber is exact only
+-- below 2^53.)
+local function wire_number(value, low, high)
+  if #value > 20 or not string.find(value, '^[0-9]+$') then return nil end
+  local significant = string.match(value, '^0*(%d+)$')
+  if #significant > 16 then return nil end
+  local n = tonumber(significant)
+  if n < low or n > high then return nil end
+  return n
+end
+
+-- <account>/<request id of the reserve>: its account part, or nil.
+local function reservation_account(value)
+  local account, rest = string.match(value, '^([^/]*)/(.*)$')
+  if account and text(account, ACCOUNT, 64) and text(rest, REQUEST_ID, 128) then return account end
+  return nil
+end
+
+-- The fields of an entry, n pairs from args[first]: a table by name, or nil and the
+-- reason. A name is judged before its value, and a repeated name before the names after
+-- it (the schema counts them all, and so reports a bad one among them first).
+local function entry_fields(args, first, n)
+  if n == 0 then return nil, 'entry_deleted', 'the entry has no fields (deleted or trimmed before it was read)' end
+  if n > MAX_FIELDS then return nil, 'too_many_fields', n .. ' fields, at most ' .. MAX_FIELDS end
+  local function bad(value, what)
+    if #value > MAX_FIELD_BYTES then
+      return 'field_too_long', what .. ' is ' .. #value .. ' bytes, at most ' .. MAX_FIELD_BYTES
+    end
+    if not utf8_valid(value) then return 'invalid_encoding', what .. ' is not valid UTF-8' end
+    return nil
+  end
+  local fields = {}
+  for i = first, first + 2 * n - 2, 2 do
+    local name = args[i]
+    local reason, detail = bad(name, 'field name')
+    if reason then return nil, reason, detail end
+    if fields[name] then
+      local times = 1
+      for j = i + 2, first + 2 * n - 2, 2 do
+        reason, detail = bad(args[j], 'field name')
+        if reason then return nil, reason, detail end
+        if args[j] == name then times = times + 1 end
+      end
+      for j = first, i - 2, 2 do
+        if args[j] == name then times = times + 1 end
+      end
+      return nil, 'duplicate_field', "field '" .. name .. "' is given " .. times .. ' times'
+    end
+    reason, detail = bad(args[i + 1], name)
+    if reason then return nil, reason, detail end
+    fields[name] = args[i + 1]
+  end
+  return fields
+end
+
+-- Each field on its own, in the schema's order; nil, reason, detail for the first wrong.
+local function field_values(f, c)
+  local v = {op = f.op or 'charge'}
+  if not OP_FIELDS[v.op] then return nil, 'unknown_op', 'op ' .. v.op end
+  if not f.request_id then return nil, 'missing_field', "field 'request_id' is required" end
+  if not text(f.request_id, REQUEST_ID, 128) then return nil, 'invalid_request_id', 'request_id' end
+  if not f.account then return nil, 'missing_field', "field 'account' is required" end
+  if not text(f.account, ACCOUNT, 64) then return nil, 'invalid_account', 'account' end
+  if f.service and not SERVICES[f.service] then return nil, 'unknown_service', 'service ' .. f.service end
+  local numbers = {{'units', 1, c.max_units, 'invalid_units'}, {'amount', 1, c.max_amount, 'invalid_amount'},
+                   {'reservation'}, {'ttl', 1, c.max_ttl_s, 'invalid_ttl'},
+                   {'submitted_at', 0, MAX_TIME_MS, 'invalid_submitted_at'}}
+  for _, rule in ipairs(numbers) do
+    local name, value = rule[1], f[rule[1]]
+    if name == 'reservation' then
+      if value and not reservation_account(value) then
+        return nil, 'invalid_reservation', 'reservation must be <account>/<request id of the reserve>'
+      end
+    elseif value and rule[2] then
+      v[name] = wire_number(value, rule[2], rule[3])
+      if not v[name] then
+        return nil, rule[4], name .. ' must be a whole number ' .. rule[2] .. '..' .. digits(rule[3]) .. ' in digits'
+      end
+    end
+  end
+  for name in pairs(f) do
+    if not KNOWN_FIELD[name] then return nil, 'unknown_field', "field '" .. name .. "' is not part of the request format" end
+  end
+  return v
+end
+
+-- The request as a whole: the fields its op uses, one of amount or service with units,
+-- and a reply stream in the account's partition. nil, or the reason and a detail.
+local function request_rules(f, v, c)
+  for _, name in ipairs(OPTIONAL_FIELDS) do
+    if f[name] and not OP_FIELDS[v.op][name] then
+      return 'field_not_allowed', "field '" .. name .. "' is not used by op '" .. v.op .. "'"
+    end
+  end
+  if v.op == 'commit' or v.op == 'extend' then
+    if v.amount and v.units then return 'ambiguous_charge', 'give either amount or units, not both' end
+    if not (v.amount or v.units) then return 'missing_field', "field 'units' is required for op '" .. v.op .. "'" end
+  elseif v.op == 'charge' or v.op == 'reserve' then
+    if v.amount and (f.service or v.units) then
+      return 'ambiguous_charge', 'give either amount or service with units, not both'
+    end
+    if not v.amount and not (f.service and v.units) then
+      return 'missing_field', "field '" .. (f.service and 'units' or 'service') .. "' is required (or give amount)"
+    end
+  end
+  if f.reply_to then
+    local prefix = c.namespace .. ':{p' .. digits(crc32(f.account) % c.partitions) .. '}:reply:'
+    local id = string.sub(f.reply_to, #prefix + 1)
+    if string.sub(f.reply_to, 1, #prefix) ~= prefix or not text(id, REPLY_ID, 64) then
+      return 'invalid_reply_to', 'reply_to must be a key ' .. prefix .. "<id> in the account's partition"
+    end
+  end
+  return nil
+end
+
+-- What a replay of the request id must match to count as the same request (the schema's
+-- ChargeRequest.fingerprint, byte for byte): numbers as digits without leading zeros.
+local function fingerprint(f, v)
+  if v.op == 'charge' then
+    if v.amount then return f.account .. '|amount|' .. digits(v.amount) end
+    return f.account .. '|' .. f.service .. '|' .. digits(v.units)
+  end
+  local parts = {f.account, v.op, f.service or '', v.units and digits(v.units) or '',
+                 v.amount and digits(v.amount) or '', f.reservation or '', v.ttl and digits(v.ttl) or ''}
+  return table.concat(parts, '|')
+end
+
+--[[
+judge_entry: an entry's raw field/value pairs (n of them from args[first], as XREADGROUP
+gives them) judged against the wire format, with the call's context c: namespace,
+partition, partitions, prices (per service), max_units, max_amount, max_ttl_s,
+default_ttl_s, group, window_ms, reply_ttl_ms. Returns the op, the 13 arguments of its
+settling call (see settle: amount rated, units only for a commit or extend in units,
+unit_price and ttl_ms for a reserve) and its reply stream; or nil, the dead-letter reason
+and a detail. Writes nothing, reads nothing.
+]]
+local function judge_entry(args, first, n, entry_id, c)
+  local f, reason, detail = entry_fields(args, first, n)
+  if not f then return nil, reason, detail end
+  if ON_RESERVATION[f.op] then -- the account is the reservation's own
+    if not f.reservation then return nil, 'missing_field', "field 'reservation' is required for op '" .. f.op .. "'" end
+    local account = reservation_account(f.reservation)
+    if not account then return nil, 'invalid_reservation', 'reservation must be <account>/<request id of the reserve>' end
+    if f.account and f.account ~= account then
+      return nil, 'invalid_reservation', "reservation '" .. f.reservation .. "' is not of account '" .. f.account .. "'"
+    end
+    f.account = account
+  end
+  local v
+  v, reason, detail = field_values(f, c)
+  if not v then return nil, reason, detail end
+  reason, detail = request_rules(f, v, c)
+  if reason then return nil, reason, detail end
+  if crc32(f.account) % c.partitions ~= c.partition then
+    return nil, 'wrong_partition', 'account ' .. f.account .. ' does not belong to partition ' .. digits(c.partition)
+  end
+  local amount = v.amount or (f.service and c.prices[f.service] * v.units)
+  if amount and amount > c.max_amount then
+    return nil, 'invalid_amount', digits(v.units) .. ' ' .. f.service .. ' units cost ' .. digits(amount)
+        .. ', over the maximum charge of ' .. digits(c.max_amount)
+  end
+  local reserve = v.op == 'reserve'
+  local ttl_s = v.ttl or (reserve and c.default_ttl_s)
+  local submitted_at = v.submitted_at and v.submitted_at > 0 and digits(v.submitted_at) or ''
+  return v.op, {
+    f.request_id, f.account, fingerprint(f, v), entry_id, c.group, c.window_ms, submitted_at, c.reply_ttl_ms,
+    amount and digits(amount) or '', (not amount and v.units) and digits(v.units) or '',
+    reserve and digits(f.service and c.prices[f.service] or 1) or '',
+    reserve and (f.account .. '/' .. f.request_id) or f.reservation or '', ttl_s and digits(ttl_s * 1000) or '',
+  }, f.reply_to
+end
+
+--[[
+settle_entries: settle entries of one partition's request stream as XREADGROUP gave them,
+judged here (judge_entry): what the worker sends. A good entry is settled exactly as
+settle_batch settles it (the same read ahead, settle_entry and write ahead); a bad one,
+one delivered more than max_deliveries times or one whose id is more than
+max_clock_skew_ms ahead of the server's clock is acked and dead-lettered with its own
+pairs, as dead_letter does, in the same call. The record keys (<ns>:{pN}:seen:<rid>) and
+reply streams (an entry's reply_to, in this partition) are named here, not in KEYS.
+KEYS: balances, results, requests, held, reservations, expiries, holds, deadletter,
+      deadletter:reasons
+ARGV: group, window_ms, reply_ttl_ms, partition, partitions, deadletter maxlen, the
+      prices of sms, voice and data, max_units, max_amount, max_reservation_ttl_s, the
+      default reservation ttl (s), max_deliveries, max_clock_skew_ms; then per entry:
+      entry_id, its delivery count, n, and its n field/value pairs (n = 0: deleted)
+Every key and argument is checked, and every entry judged, before anything is written.
+Returns one reply per entry, in order: what settle_batch returns for it, {'dead', reason}
+or {'stale'} (another consumer had settled it), or an error (that entry wrote nothing and
+stays pending).
+]]
+local ENTRIES_ROLES = {'balances', 'results', 'requests', 'held', 'reservations', 'expiries', 'holds', 'deadletter',
+                       'deadletter:reasons'}
+local ENTRIES_HEADER = 15
+local MAX_PARTITIONS = 1024
+
+-- The header of a settle_entries call, checked: the context judge_entry takes; nil and the
+-- refusal when a value is out of range.
+local function entries_context(k, args)
+  local namespace, tag_partition = string.match(k.tag, '^(.+):{p(%d+)}$')
+  local c = {group = args[1], window_ms = args[2], reply_ttl_ms = args[3], namespace = namespace,
+             partition = count(args[4], 0, MAX_PARTITIONS - 1), partitions = count(args[5], 1, MAX_PARTITIONS),
+             maxlen = count(args[6], 1, MAX_BALANCE),
+             prices = {sms = count(args[7], 1, MAX_BALANCE), voice = count(args[8], 1, MAX_BALANCE),
+                       data = count(args[9], 1, MAX_BALANCE)},
+             max_units = count(args[10], 1, MAX_BALANCE), max_amount = count(args[11], 1, MAX_BALANCE),
+             max_ttl_s = count(args[12], 1, MAX_DURATION_MS / 1000), default_ttl_s = count(args[13], 1, MAX_DURATION_MS / 1000),
+             max_deliveries = count(args[14], 1, MAX_BALANCE), max_skew_ms = count(args[15], 1000, MAX_DURATION_MS)}
+  local checks = {
+    {text(c.group, NAME, 64), 'invalid_group'}, {duration_arg(c.window_ms), 'invalid_window'},
+    {duration_arg(c.reply_ttl_ms), 'invalid_reply_ttl'},
+    {c.partitions and c.partition and c.partition < c.partitions and c.partition == tonumber(tag_partition),
+     'invalid_partition', 'the partition of the keys, below partitions'},
+    {c.maxlen, 'invalid_maxlen'}, {c.prices.sms and c.prices.voice and c.prices.data, 'invalid_price'},
+    {c.max_units, 'invalid_max_units'}, {c.max_amount, 'invalid_max_amount'},
+    {c.max_ttl_s and c.default_ttl_s and c.default_ttl_s <= c.max_ttl_s, 'invalid_reservation_ttl'},
+    {c.max_deliveries, 'invalid_max_deliveries'}, {c.max_skew_ms, 'invalid_max_skew', '1000..' .. MAX_DURATION_MS},
+  }
+  for _, check in ipairs(checks) do
+    if not check[1] then return nil, refuse(check[2], check[3]) end
+  end
+  return c
+end
+
+-- The entries of the call, each {id, deliveries, first (its first pair's name in args),
+-- n}; nil and the refusal for a malformed list.
+local function entries_of(args)
+  local entries, at = {}, ENTRIES_HEADER + 1
+  while at <= #args do
+    local id, deliveries, n = args[at], count(args[at + 1], 0, MAX_BALANCE), count(args[at + 2], 0, MAX_BALANCE)
+    if not (deliveries and n and at + 2 + 2 * n <= #args) or #entries == MAX_BATCH then
+      return nil, refuse('wrong_arguments', 'settle_entries takes per entry its id, delivery count, n and n '
+                         .. 'field/value pairs, at most ' .. MAX_BATCH .. ' entries')
+    end
+    if not text(id, ENTRY_ID, 41) then return nil, refuse('invalid_entry_id', id) end
+    entries[#entries + 1] = {id = id, deliveries = deliveries, first = at + 3, n = n}
+    at = at + 3 + 2 * n
+  end
+  return entries
+end
+
+-- Judges each entry: the item settle_item settles (e.item), or the reason and detail it
+-- is dead-lettered with. Returns the items and the reasons used.
+local function judge_entries(k, args, entries, c)
+  local now, items, reasons, listed = now_ms(), {}, {}, {}
+  for _, e in ipairs(entries) do
+    local ahead_ms = tonumber(string.match(e.id, '^%d+')) - now
+    if ahead_ms > c.max_skew_ms then
+      e.reason, e.detail = 'id_in_future', 'entry id ' .. e.id .. ' is ' .. string.format('%.0f', ahead_ms)
+          .. ' ms ahead of the Redis clock; producers must let Redis choose the id (XADD *)'
+    elseif e.deliveries > c.max_deliveries then
+      e.reason, e.detail = 'max_deliveries', 'delivered ' .. digits(e.deliveries) .. ' times without being settled'
+    else
+      local op, settle_args, reply_to = judge_entry(args, e.first, e.n, e.id, c)
+      if op then
+        e.item = {op = op, args = settle_args, base = 0, seen = k.tag .. ':seen:' .. settle_args[1], reply_to = reply_to}
+        items[#items + 1] = e.item
+      else
+        e.reason, e.detail = settle_args, reply_to
+      end
+    end
+    if e.reason and not listed[e.reason] then
+      listed[e.reason] = true
+      reasons[#reasons + 1] = e.reason
+    end
+  end
+  return items, reasons
+end
+
+-- Whether a dead letter can be written for each reason: the streams and hash of another
+-- type or an exhausted dead-letter stream refuse the call, and so does a count HINCRBY
+-- would fail on (not an integer it can add one to).
+local function dead_letters_writable(k, reasons)
+  local err = wrong_types(k, DEAD_TYPES) or postable(k.deadletter)
+  if err then return err end
+  for i, stored in ipairs(redis.call('HMGET', k['deadletter:reasons'], unpack(reasons))) do
+    if stored and not (stored == '0' or (#stored <= 18 and string.find(stored, '^%-?[1-9][0-9]*$'))) then
+      return refuse('corrupt_reason_count', reasons[i])
+    end
+  end
+  return nil
+end
+
+local function settle_entries(keys, args)
+  local k = #keys == #ENTRIES_ROLES and #args >= ENTRIES_HEADER and partition_keys(keys, ENTRIES_ROLES)
+  if not k then
+    return refuse('wrong_arguments', 'settle_entries takes the keys ' .. table.concat(ENTRIES_ROLES, ', ') .. ', '
+                  .. ENTRIES_HEADER .. ' arguments, then the entries')
+  end
+  local c, err = entries_context(k, args)
+  if not c then return err end
+  local entries
+  entries, err = entries_of(args)
+  if not entries then return err end
+  local items, reasons = judge_entries(k, args, entries, c)
+  err = #reasons > 0 and dead_letters_writable(k, reasons)
+  if err then return err end
+  local ahead
+  if #items > 0 then
+    ahead, err = batch_ahead(k, items)
+    if not ahead then return err end
+  end
+  local replies = {}
+  for i, e in ipairs(entries) do
+    if e.item then
+      replies[i] = settle_item(k, e.item, ahead)
+    elseif not ack(k.requests, c.group, e.id) then
+      replies[i] = {'stale'}
+    else
+      local fields = {}
+      for j = e.first, e.first + 2 * e.n - 1 do fields[#fields + 1] = string.sub(args[j], 1, DEADLETTER_FIELD_BYTES) end
+      write_dead_letter(k, e.id, e.reason, e.detail, c.maxlen, fields)
+      replies[i] = {'dead', e.reason}
+    end
+  end
+  if ahead then write_ahead(k, ahead) end
+  return replies
 end
 
 -- A balance as set_balances and top_up take it: digits, at most MAX_BALANCE.
@@ -1227,6 +1637,7 @@ redis.register_function('commit', function(keys, args) return settle('commit', k
 redis.register_function('extend', function(keys, args) return settle('extend', keys, args) end)
 redis.register_function('release', function(keys, args) return settle('release', keys, args) end)
 redis.register_function('settle_batch', settle_batch)
+redis.register_function('settle_entries', settle_entries)
 redis.register_function('expire_reservations', expire_reservations)
 redis.register_function('dead_letter', dead_letter)
 redis.register_function('top_up', top_up)
