@@ -45,9 +45,9 @@ inside; each is checked against the name its role gives it before anything is wr
                                    the buckets. Read (never written) until the last of
                                    them expires, one dedupe window after the upgrade.
   <ns>:{pN}:requests       stream  charge and reservation requests, XADDed by producers,
-                                   read by the worker group; acked by the settling
-                                   function (or settle_batch, which runs it per entry) or
-                                   dead_letter; trimmed by trim to what every group has acked;
+                                   read by the worker group inside pump (XREADGROUP,
+                                   XAUTOCLAIM; the worker's own read only waits); acked
+                                   by the settling path (settle_entry) or a dead letter; trimmed by trim to what every group has acked;
                                    repair finds entries removed unread and rewinds ids a
                                    client pushed into the future.
   <ns>:{pN}:results        stream  one outcome per settled request. Written by the settling

@@ -220,11 +220,11 @@ class Row:
 
 ROWS = [
     Row(("charge", "reserve", "extend", "commit", "release"), ("authorizer", "gateway"), settle_scene, settle_call),
-    Row(("settle_batch",), ("worker",), batch_scene, batch_call),
+    Row(("settle_batch",), (), batch_scene, batch_call),
     Row(("pump",), ("worker",), pump_scene, pump_call),
     Row(("settle_entries",), (), entries_scene, entries_call),
     Row(("expire_reservations",), ("worker",), settle_scene, expire_call),
-    Row(("dead_letter",), ("worker",), dead_letter_scene, dead_letter_call),
+    Row(("dead_letter",), (), dead_letter_scene, dead_letter_call),
     Row(("trim",), ("maintainer",), trim_scene, trim_call),
     Row(("repair",), ("maintainer",), repair_scene, repair_call),
     Row(("set_balances", "top_up"), ("admin",), lambda scene, settings: None, accounts_call),
