@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import redis
@@ -102,21 +102,85 @@ def settle_batch(target, settings: Settings, keys: Keys, items: Sequence[tuple[C
     return target.fcall("settle_batch", len(names), *names, *args)
 
 
+def entries_header(settings: Settings, keys: Keys) -> list:
+    """The 15 ARGV settle_entries and pump share: the group, the dedupe window, the reply
+    ttl, the partition and the partition count, the dead-letter maxlen, the tariff and the
+    limits the library judges an entry by."""
+    return [settings.group, settings.dedupe_window_ms, settings.reply_ttl_s * 1000, keys.partition,
+            settings.partitions, settings.deadletter_maxlen, *(settings.tariff[s] for s in SERVICES),
+            settings.max_units, settings.max_amount, settings.max_reservation_ttl_s, settings.reservation_ttl_s,
+            settings.max_deliveries, settings.max_clock_skew_ms]
+
+
+def entries_keys(keys: Keys) -> list[str]:
+    """The 9 KEYS of settle_entries and pump."""
+    return [*partition_keys(keys), keys.deadletter, keys.deadletter_reasons]
+
+
 def settle_entries(target, settings: Settings, keys: Keys, entries: Iterable[tuple[str, int, Any]]):
     """Queue one FCALL that judges and settles (entry_id, deliveries, fields) entries of the
     partition's request stream as they were read: fields every pair of the entry (EntryFields
     or pairs; None for one deleted before it was read). The library judges each entry as
     schema.parse_request and tariff.price would, dead-letters (and acks) a bad one, and
-    settles a good one as settle_batch does. Read its reply with batch_replies()."""
-    names = [*partition_keys(keys), keys.deadletter, keys.deadletter_reasons]
-    args: list = [settings.group, settings.dedupe_window_ms, settings.reply_ttl_s * 1000, keys.partition,
-                  settings.partitions, settings.deadletter_maxlen, *(settings.tariff[s] for s in SERVICES),
-                  settings.max_units, settings.max_amount, settings.max_reservation_ttl_s, settings.reservation_ttl_s,
-                  settings.max_deliveries, settings.max_clock_skew_ms]
+    settles a good one as its own function would. Read its reply with batch_replies()."""
+    names = entries_keys(keys)
+    args: list = entries_header(settings, keys)
     for entry_id, deliveries, fields in entries:
         pairs = field_pairs(fields)
         args += (entry_id, deliveries, len(pairs), *(part for pair in pairs for part in pair))
     return target.fcall("settle_entries", len(names), *names, *args)
+
+
+def pump(target, settings: Settings, keys: Keys, consumer: str, count: int, reclaim_idle_ms: int = 0,
+         waited: str = ""):
+    """Queue one FCALL of pump: the library reclaims (reclaim_idle_ms > 0), reads up to count
+    of consumer's own pending and new entries of the partition, and judges, rates and
+    settles them itself. waited: the id of an entry the worker's blocking read delivered
+    (that delivery was no try). Read its reply with summary()."""
+    names = entries_keys(keys)
+    return target.fcall("pump", len(names), *names, consumer, count, reclaim_idle_ms, waited,
+                        *entries_header(settings, keys))
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What one pump call did. approved, duplicate and rejected count charges; reservation
+    operations are counted in operations by (op, result): approved, duplicate or the
+    rejection reason. refused: entries that wrote nothing and stay pending; error: the
+    first refusal's text."""
+
+    read: int = 0
+    reclaimed: int = 0
+    last_id: str = ""
+    approved: int = 0
+    duplicate: int = 0
+    stale: int = 0
+    refused: int = 0
+    error: str = ""
+    rejected: dict[str, int] = field(default_factory=dict)
+    dead: dict[str, int] = field(default_factory=dict)
+    operations: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    @property
+    def settled(self) -> int:
+        return self.read - self.refused
+
+
+def summary(reply: Sequence[Any]) -> Summary:
+    """Parse pump's flat reply (lua/charging.lua, pump)."""
+    read, reclaimed, last_id, approved, duplicate, stale, refused, error, *rest = reply
+    groups: list[dict] = []
+    at = 0
+    for width in (1, 1, 2):  # labels per count: reason, reason, (op, result)
+        found: dict = {}
+        for _ in range(int(rest[at])):
+            labels = tuple(text(label) for label in rest[at + 1:at + 1 + width])
+            found[labels[0] if width == 1 else labels] = int(rest[at + 1 + width])
+            at += width + 1
+        groups.append(found)
+        at += 1
+    return Summary(int(read), int(reclaimed), text(last_id), int(approved), int(duplicate), int(stale), int(refused),
+                   text(error), *groups)
 
 
 @dataclass(frozen=True)

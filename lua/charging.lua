@@ -9,9 +9,8 @@ when a function here changes).
 
 Keys. <ns> is the namespace (CHARGING_NAMESPACE, default "ch"); {pN} is the partition
 hash tag, so every key one call touches lives in one Redis Cluster slot. Every key a
-function touches is passed to it in KEYS (but the dedupe buckets, below, and the record
-keys and reply streams settle_entries names from its entries, in its partition); each is
-checked against the name its role gives it before anything is written.
+function touches is passed to it in KEYS (but the dedupe buckets, below), none is made up
+inside; each is checked against the name its role gives it before anything is written.
 
   <ns>:{pN}:balances       hash    account -> balance in minor units (held funds included:
                                    available = balance - held). Written by charge, commit,
@@ -46,10 +45,9 @@ checked against the name its role gives it before anything is written.
                                    the buckets. Read (never written) until the last of
                                    them expires, one dedupe window after the upgrade.
   <ns>:{pN}:requests       stream  charge and reservation requests, XADDed by producers,
-                                   read by the worker group; acked by the settling
-                                   function (or settle_batch and settle_entries, which run
-                                   it per entry), dead_letter or settle_entries (an entry
-                                   it judges bad); trimmed by trim to what every group has acked;
+                                   read by the worker group inside pump (XREADGROUP,
+                                   XAUTOCLAIM; the worker's own read only waits); acked
+                                   by the settling path (settle_entry) or a dead letter; trimmed by trim to what every group has acked;
                                    repair finds entries removed unread and rewinds ids a
                                    client pushed into the future.
   <ns>:{pN}:results        stream  one outcome per settled request. Written by the settling
@@ -57,14 +55,12 @@ checked against the name its role gives it before anything is written.
                                    CHARGING_RESULTS_MAXLEN, never past an entry a group
                                    in CHARGING_RESULTS_GROUPS has not read and acked.
   <ns>:{pN}:deadletter     stream  entries that could not be read, with the reason.
-                                   Written by dead_letter and settle_entries (and repair:
-                                   entries removed before they were read). Trimmed with
-                                   MAXLEN ~.
+                                   Written by dead_letter (and repair: entries removed
+                                   before they were read). Trimmed with MAXLEN ~.
   <ns>:{pN}:deadletter:reasons
                            hash    reason -> number of entries ever dead-lettered with
-                                   it. Written by dead_letter, settle_entries and repair.
-                                   Lives forever (one field per reason code), so status
-                                   never scans the stream.
+                                   it. Written by dead_letter. Lives forever (one field
+                                   per reason code), so status never scans the stream.
   <ns>:{pN}:reply:<id>     stream  one producer's replies. Written by the settling
                                    functions; expires CHARGING_REPLY_TTL after the last reply.
   <ns>:partitions          string  the partition count, recorded by the first process
@@ -1184,9 +1180,7 @@ local function field_values(f, c)
     end
   end
   for name in pairs(f) do
-    if not KNOWN_FIELD[name] then
-      return nil, 'unknown_field', "field '" .. name .. "' is not part of the request format"
-    end
+    if not KNOWN_FIELD[name] then return nil, 'unknown_field', "field '" .. name .. "' is not part of the request format" end
   end
   return v
 end
@@ -1247,9 +1241,7 @@ local function judge_entry(args, first, n, entry_id, c)
   if ON_RESERVATION[f.op] then -- the account is the reservation's own
     if not f.reservation then return nil, 'missing_field', "field 'reservation' is required for op '" .. f.op .. "'" end
     local account = reservation_account(f.reservation)
-    if not account then
-      return nil, 'invalid_reservation', 'reservation must be <account>/<request id of the reserve>'
-    end
+    if not account then return nil, 'invalid_reservation', 'reservation must be <account>/<request id of the reserve>' end
     if f.account and f.account ~= account then
       return nil, 'invalid_reservation', "reservation '" .. f.reservation .. "' is not of account '" .. f.account .. "'"
     end
@@ -1313,8 +1305,7 @@ local function entries_context(k, args)
              prices = {sms = count(args[7], 1, MAX_BALANCE), voice = count(args[8], 1, MAX_BALANCE),
                        data = count(args[9], 1, MAX_BALANCE)},
              max_units = count(args[10], 1, MAX_BALANCE), max_amount = count(args[11], 1, MAX_BALANCE),
-             max_ttl_s = count(args[12], 1, MAX_DURATION_MS / 1000),
-             default_ttl_s = count(args[13], 1, MAX_DURATION_MS / 1000),
+             max_ttl_s = count(args[12], 1, MAX_DURATION_MS / 1000), default_ttl_s = count(args[13], 1, MAX_DURATION_MS / 1000),
              max_deliveries = count(args[14], 1, MAX_BALANCE), max_skew_ms = count(args[15], 1000, MAX_DURATION_MS)}
   local checks = {
     {text(c.group, NAME, 64), 'invalid_group'}, {duration_arg(c.window_ms), 'invalid_window'},
@@ -1363,8 +1354,7 @@ local function judge_entries(k, args, entries, c)
     else
       local op, settle_args, reply_to = judge_entry(args, e.first, e.n, e.id, c)
       if op then
-        e.item = {op = op, args = settle_args, base = 0, seen = k.tag .. ':seen:' .. settle_args[1],
-                  reply_to = reply_to}
+        e.item = {op = op, args = settle_args, base = 0, seen = k.tag .. ':seen:' .. settle_args[1], reply_to = reply_to}
         items[#items + 1] = e.item
       else
         e.reason, e.detail = settle_args, reply_to
@@ -1392,6 +1382,37 @@ local function dead_letters_writable(k, reasons)
   return nil
 end
 
+-- The settling core of settle_entries and pump, one path for both: entries read from the
+-- request stream ({id, deliveries, first, n}, their pairs n from raw[first]) judged,
+-- dead-lettered or settled through settle_item, in one read ahead and one write ahead.
+-- Every check comes before the first write. Returns one reply per entry (see
+-- settle_entries), or nil and the refusal of the whole call (nothing written).
+local function settle_read(k, c, raw, entries)
+  local items, reasons = judge_entries(k, raw, entries, c)
+  local err = #reasons > 0 and dead_letters_writable(k, reasons)
+  if err then return nil, err end
+  local ahead
+  if #items > 0 then
+    ahead, err = batch_ahead(k, items)
+    if not ahead then return nil, err end
+  end
+  local replies = {}
+  for i, e in ipairs(entries) do
+    if e.item then
+      replies[i] = settle_item(k, e.item, ahead)
+    elseif not ack(k.requests, c.group, e.id) then
+      replies[i] = {'stale'}
+    else
+      local fields = {}
+      for j = e.first, e.first + 2 * e.n - 1 do fields[#fields + 1] = string.sub(raw[j], 1, DEADLETTER_FIELD_BYTES) end
+      write_dead_letter(k, e.id, e.reason, e.detail, c.maxlen, fields)
+      replies[i] = {'dead', e.reason}
+    end
+  end
+  if ahead then write_ahead(k, ahead) end
+  return replies
+end
+
 local function settle_entries(keys, args)
   local k = #keys == #ENTRIES_ROLES and #args >= ENTRIES_HEADER and partition_keys(keys, ENTRIES_ROLES)
   if not k then
@@ -1403,29 +1424,164 @@ local function settle_entries(keys, args)
   local entries
   entries, err = entries_of(args)
   if not entries then return err end
-  local items, reasons = judge_entries(k, args, entries, c)
-  err = #reasons > 0 and dead_letters_writable(k, reasons)
-  if err then return err end
-  local ahead
-  if #items > 0 then
-    ahead, err = batch_ahead(k, items)
-    if not ahead then return err end
+  local replies
+  replies, err = settle_read(k, c, args, entries)
+  return replies or err
+end
+
+--[[
+pump: what a worker calls, over and over, per partition: the library reads its own
+entries, judges, rates and settles them (settle_read, the settle_entries path) and answers
+with a summary; no entry crosses the wire. In one call, for consumer of the workers' group:
+ 1. reclaim_idle_ms > 0: XAUTOCLAIM (JUSTID: claiming counts no delivery; the read below
+    does) up to count entries idle that long from other consumers (dead or stalled),
+    looping on the cursor at most MAX_CLAIM_ROUNDS times. Ids XAUTOCLAIM reports deleted
+    (already gone from the pending list) are dead-lettered entry_deleted, unacked. The
+    dead-letter stream and count are checked before the claim, so nothing after it fails.
+ 2. this consumer's own pending entries, oldest first (XREADGROUP ... 0, COUNT count):
+    what it read before a crash, what a refused call left, what it claimed, what the
+    worker's wait (a blocking XREADGROUP of COUNT 1) delivered; then, with room left, new
+    ones (>). No BLOCK: the worker waits outside.
+ 3. each entry's delivery count (XPENDING of this consumer), for the max_deliveries rule;
+    the entry id given as waited (the worker's wait delivered it once; its settling is the
+    first try) counts one less.
+ 4. settles them all as settle_entries would. A refused entry (or a whole call refused)
+    writes nothing and stays pending to this consumer: the next call reads it again (and
+    counts one more delivery), so the worker waits a little first.
+KEYS: the 9 of settle_entries.
+ARGV: consumer, count (1..1000), reclaim_idle_ms (0: no reclaim), waited ('' or an entry
+      id), then the 15 of settle_entries' header.
+Returns a flat summary:
+  {read, reclaimed, last_id ('' when none read), approved, duplicate, stale, refused,
+   error (the first refusal's text, '' when none),
+   R, R pairs (reason, n): charges rejected,
+   D, D pairs (reason, n): entries dead-lettered (entry_deleted ones of the claim included),
+   S, S triples (op, result, n): reservation operations, result approved, duplicate or the
+   rejection reason}
+approved, duplicate and the rejections count charges (op charge) only; a duplicate is a
+replay answered from its record (an idempotency conflict is a rejection).
+]]
+local PUMP_ARGS = 4
+local MAX_CLAIM_ROUNDS = 10
+local CONSUMER = '^[\33-\126]+$'
+
+-- Takes over up to wanted entries of other consumers idle longer than idle_ms; the ids
+-- found deleted are dead-lettered. Returns how many were claimed and the dead letters.
+local function reclaim(k, c, consumer, wanted, idle_ms)
+  local cursor, claimed, deleted = '0-0', 0, {}
+  for _ = 1, MAX_CLAIM_ROUNDS do
+    local reply = redis.call('XAUTOCLAIM', k.requests, c.group, consumer, idle_ms, cursor, 'COUNT',
+                             wanted - claimed, 'JUSTID')
+    cursor, claimed = reply[1], claimed + #reply[2]
+    for _, id in ipairs(reply[3] or {}) do deleted[#deleted + 1] = id end
+    if cursor == '0-0' or claimed >= wanted then break end
   end
-  local replies = {}
+  for _, id in ipairs(deleted) do
+    write_dead_letter(k, id, 'entry_deleted', 'deleted before it was settled', c.maxlen, {})
+  end
+  return claimed, #deleted
+end
+
+-- Appends what one XREADGROUP gave to entries and raw (their pairs, as settle_read takes them).
+local function read_into(reply, entries, raw)
+  local messages = reply and reply[1] and reply[1][2] or {}
+  for _, m in ipairs(messages) do
+    local pairs_ = m[2] or {} -- false: deleted while pending, read as no fields
+    entries[#entries + 1] = {id = m[1], deliveries = 1, first = #raw + 1, n = #pairs_ / 2}
+    for _, v in ipairs(pairs_) do raw[#raw + 1] = v end
+  end
+end
+
+-- Counts by key, in the order first seen: {keys..., n} groups flattened for the reply.
+local function tally(t, ...)
+  local key = table.concat({...}, SEP)
+  if not t.n[key] then
+    t.order[#t.order + 1] = {...}
+    t.n[key] = 0
+  end
+  t.n[key] = t.n[key] + 1
+end
+
+local function flat_tally(out, t)
+  out[#out + 1] = #t.order
+  for _, parts in ipairs(t.order) do
+    for _, part in ipairs(parts) do out[#out + 1] = part end
+    out[#out + 1] = t.n[table.concat(parts, SEP)]
+  end
+end
+
+local function pump(keys, args)
+  local k = #keys == #ENTRIES_ROLES and #args == PUMP_ARGS + ENTRIES_HEADER and partition_keys(keys, ENTRIES_ROLES)
+  if not k then
+    return refuse('wrong_arguments', 'pump takes the keys ' .. table.concat(ENTRIES_ROLES, ', ') .. ', consumer, '
+                  .. 'count, reclaim_idle_ms, waited and ' .. ENTRIES_HEADER .. ' arguments')
+  end
+  local consumer, wanted, idle_ms, waited = args[1], count(args[2], 1, MAX_BATCH),
+      count(args[3], 0, MAX_DURATION_MS), args[4]
+  if not text(consumer, CONSUMER, 128) then return refuse('invalid_consumer') end
+  if not wanted then return refuse('invalid_count', '1..' .. MAX_BATCH) end
+  if not idle_ms then return refuse('invalid_reclaim_idle') end
+  if waited ~= '' and not text(waited, ENTRY_ID, 41) then return refuse('invalid_entry_id', waited) end
+  local c, err = entries_context(k, {unpack(args, PUMP_ARGS + 1)})
+  if not c then return err end
+  local dead, reclaimed, deleted = {order = {}, n = {}}, 0, 0
+  if idle_ms > 0 then
+    err = dead_letters_writable(k, {'entry_deleted'})
+    if err then return err end
+    reclaimed, deleted = reclaim(k, c, consumer, wanted, idle_ms)
+    for _ = 1, deleted do tally(dead, 'entry_deleted') end
+  end
+
+  local entries, raw = {}, {}
+  read_into(redis.call('XREADGROUP', 'GROUP', c.group, consumer, 'COUNT', wanted, 'STREAMS', k.requests, '0'),
+            entries, raw)
+  if #entries < wanted then
+    read_into(redis.call('XREADGROUP', 'GROUP', c.group, consumer, 'COUNT', wanted - #entries, 'STREAMS',
+                         k.requests, '>'), entries, raw)
+  end
+  local replies, refusal = {}, nil
+  if #entries > 0 then
+    local delivered = {}
+    for _, p in ipairs(redis.call('XPENDING', k.requests, c.group, entries[1].id, entries[#entries].id, #entries,
+                                  consumer)) do
+      delivered[p[1]] = p[4]
+    end
+    for _, e in ipairs(entries) do
+      e.deliveries = delivered[e.id] or 1
+      if e.id == waited and e.deliveries > 1 then e.deliveries = e.deliveries - 1 end
+    end
+    replies, refusal = settle_read(k, c, raw, entries)
+  end
+
+  local summary = {#entries, reclaimed, #entries > 0 and entries[#entries].id or '', 0, 0, 0, 0, ''}
+  local rejected, ops = {order = {}, n = {}}, {order = {}, n = {}}
   for i, e in ipairs(entries) do
-    if e.item then
-      replies[i] = settle_item(k, e.item, ahead)
-    elseif not ack(k.requests, c.group, e.id) then
-      replies[i] = {'stale'}
+    local r = replies and replies[i] or refusal
+    if r.err then
+      summary[7] = summary[7] + 1
+      if summary[8] == '' then summary[8] = r.err end
+    elseif r[1] == 'stale' then
+      summary[6] = summary[6] + 1
+    elseif r[1] == 'dead' then
+      tally(dead, r[2])
     else
-      local fields = {}
-      for j = e.first, e.first + 2 * e.n - 1 do fields[#fields + 1] = string.sub(args[j], 1, DEADLETTER_FIELD_BYTES) end
-      write_dead_letter(k, e.id, e.reason, e.detail, c.maxlen, fields)
-      replies[i] = {'dead', e.reason}
+      local result = r[2] ~= '' and r[2] or 'approved'
+      if r[5] == 1 and r[2] ~= 'idempotency_conflict' then result = 'duplicate' end
+      if e.item.op ~= 'charge' then
+        tally(ops, e.item.op, result)
+      elseif result == 'approved' then
+        summary[4] = summary[4] + 1
+      elseif result == 'duplicate' then
+        summary[5] = summary[5] + 1
+      else
+        tally(rejected, r[2])
+      end
     end
   end
-  if ahead then write_ahead(k, ahead) end
-  return replies
+  flat_tally(summary, rejected)
+  flat_tally(summary, dead)
+  flat_tally(summary, ops)
+  return summary
 end
 
 -- A balance as set_balances and top_up take it: digits, at most MAX_BALANCE.
@@ -1648,6 +1804,7 @@ redis.register_function('extend', function(keys, args) return settle('extend', k
 redis.register_function('release', function(keys, args) return settle('release', keys, args) end)
 redis.register_function('settle_batch', settle_batch)
 redis.register_function('settle_entries', settle_entries)
+redis.register_function('pump', pump)
 redis.register_function('expire_reservations', expire_reservations)
 redis.register_function('dead_letter', dead_letter)
 redis.register_function('top_up', top_up)

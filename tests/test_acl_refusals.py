@@ -63,7 +63,7 @@ def test_a_settling_role_gets_noperm_overwriting_the_balances(server, clients, u
 
 
 def test_the_authorizer_gets_noperm_setting_a_balance(server, clients):
-    """The worker may HSET balances (settle_batch writes a call's balances with one HSET),
+    """The worker may HSET balances (pump writes a call's balances with one HSET),
     a power it had already through HINCRBY by any amount; the authorizer's functions only
     ever HINCRBY."""
     assert denied(lambda: clients["authorizer"].hset(KEYS.balances, "account1", 10**9))
@@ -77,7 +77,7 @@ def test_a_settling_role_gets_noperm_changing_the_partition_count(server, client
 
 
 # What each settling role's functions write to a balance, so Redis lets it write so directly:
-# the authorizer's HINCRBY, the worker's HSET (settle_batch), both adding 1,000 here.
+# the authorizer's HINCRBY, the worker's HSET (pump), both adding 1,000 here.
 RAW_BALANCE_WRITE = {
     "authorizer": lambda client: client.hincrby(KEYS.balances, "account1", 1000),
     "worker": lambda client: client.hset(KEYS.balances, "account1", 1090),

@@ -9,7 +9,6 @@ from charging import codec
 from charging.keys import Keys
 from producer import BacklogFull, Producer
 from tests.conftest import cli, drain
-from worker import recovery
 from worker.loop import Worker
 
 
@@ -29,7 +28,7 @@ def test_a_full_request_stream_refuses_the_whole_batch_until_workers_catch_up(cl
     assert client.xlen(requests) == 8, "nothing of the refused batch was written"
 
     drain(settings)
-    recovery.maintain(Worker(client, settings, "upkeep"))  # trims what the group has acked
+    Worker(client, settings, "upkeep").maintain()  # trims what the group has acked
     assert client.xlen(requests) == 1  # the trim bound: the group's last-delivered entry stays
     assert len(producer.submit(sms(9, "second"))) == 9
 

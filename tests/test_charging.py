@@ -162,19 +162,19 @@ def test_producer_waits_for_its_own_outcome_through_the_reply_stream(client, set
 
 
 def test_stalled_worker_settling_an_entry_already_settled_by_another_changes_nothing(client, settings):
-    """A worker that read a batch, stalled, and woke after the entries were reclaimed and
-    settled by another consumer: its late function calls are refused as stale."""
+    """A worker whose wait read an entry, stalled, and woke after the entry was reclaimed
+    and settled by another consumer: its late pump call finds nothing of its own and
+    changes nothing."""
     from worker.loop import Worker
 
     codec.set_balances(client, settings, [("account1", 100)])
     Producer(client, settings).submit([voice("stall-1")])
     stalled = Worker(connect(settings), settings, "stalled")
-    from worker.recovery import ensure_groups
-
-    ensure_groups(stalled)
-    batch = stalled.read()  # read, then "stall" before settling
+    stalled.ensure_groups()
+    stalled.wait()  # read, then "stall" before settling
+    assert stalled.waited
     drain(settings, prefix="rescuer")  # reclaims after reclaim_idle_ms and settles
-    stalled.settle(batch)  # wakes up
+    assert not stalled.pump_round()  # wakes up
 
     assert balance(client, settings) == 90
     assert len(results(client, settings)) == 1

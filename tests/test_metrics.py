@@ -94,6 +94,8 @@ def test_scraped_counters_match_the_traffic_sent(client, settings, producer, pro
     assert worker.returncode == 0, log
 
     events = [json.loads(line) for line in log.splitlines()]  # every line is one JSON object
-    charges = [e for e in events if e["event"] in ("charge_approved", "charge_rejected", "entry_dead_lettered")]
-    assert len(charges) == sent
-    assert all(e["request_id"] and e["account"] and e["partition"] == 0 for e in charges)
+    calls = [e for e in events if e["event"] == "entries_settled"]  # one line per pump call that read
+    assert sum(e["read"] for e in calls) == sent
+    assert all(e["consumer"] and e["partition"] == 0 and e["last_id"] for e in calls)
+    dead = [e for e in events if e["event"] == "entry_dead_lettered"]  # the detail is in the dead letter
+    assert sorted((e["reason"], e["count"]) for e in dead) == [("invalid_units", 1), ("missing_field", 1)]

@@ -8,7 +8,6 @@ from __future__ import annotations
 from charging import codec
 from charging.keys import Keys
 from producer import Producer
-from worker import recovery
 from worker.loop import Worker
 
 NODE = 100  # stream-node-max-entries: no node holds more
@@ -36,8 +35,8 @@ def read_and_ack(client, stream: str, group: str, read: int, ack: int) -> list[s
 def maintain(client, settings) -> None:
     """What a running worker does every maintenance_interval_s."""
     worker = Worker(client, settings, "upkeep")
-    recovery.ensure_groups(worker)
-    recovery.maintain(worker)
+    worker.ensure_groups()
+    worker.maintain()
 
 
 def test_without_subscriber_groups_results_are_kept_to_about_maxlen(client, settings):

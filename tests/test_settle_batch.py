@@ -136,16 +136,14 @@ def test_workers_settle_every_entry_once_in_every_partition(client, settings, pr
 def test_worker_reloads_the_library_when_the_server_lost_it_and_settles_the_batch(client, settings, producer):
     from charging.connection import connect
     from worker.loop import Worker
-    from worker.recovery import ensure_groups
 
     codec.set_balances(client, settings, [("acct", 100)])
-    worker = Worker(connect(settings), settings, "w-reload")  # connect() loaded the library
-    ensure_groups(worker)
+    worker = Worker(connect(settings), settings, "w-reload", burst=True)  # connect() loaded the library
+    worker.ensure_groups()
     ids = producer.submit([{"account": "acct", "service": "voice", "units": 2} for _ in range(5)])
-    batch = worker.read()
     client.function_flush()  # a server restarted without its AOF, or a failover to an empty node
 
-    assert worker.settle(batch) == 0
+    assert worker.run() == 0 and worker.settled == 5
 
     report = audit(client, settings, {"acct": 100}, ids)
     assert report.ok and report.approved == 5

@@ -1,33 +1,32 @@
-"""The worker loop: read a batch, validate and rate each entry, settle the whole batch
-with one pipeline of function calls (one round trip), repeat."""
+"""The worker is a pump: the library (lua/charging.lua `pump`) reads this consumer's
+entries, reclaims those of dead consumers, judges, rates and settles them, and answers
+with a summary. The worker decides when to call it, waits without burning CPU when there
+is nothing to do, does the upkeep, and counts and logs what the summaries say."""
 
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 from collections.abc import Iterable
 
 import redis
 
 from charging import codec
-from charging.connection import TRANSIENT_ERRORS, Backoff, missing_function, reload_functions, with_functions
-from charging.keys import Keys, partition_of
+from charging.connection import TRANSIENT_ERRORS, Backoff, load_functions, missing_function, reload_functions
+from charging.keys import Keys
 from charging.log import logger
-from charging.plan import call, run
-from charging.schema import Invalid, parse_request
+from charging.plan import run
 from charging.settings import Settings
-from charging.streams import group_lost, read_streams, text
-from charging.tariff import price
-from worker import metrics, recovery
-from worker.entry import Entry
+from charging.streams import ensure_group, group_lost, partition_status, read_streams, text
+from worker import metrics
 from worker.maintainer import Duties
 
 log = logger("charging.worker")
 
 # Redis serves no one else while a function runs, about 20 us per entry (docs/benchmark.md):
-# 25 entries hold it for under half a millisecond, so authorize callers barely wait, and
-# bigger calls were measured no faster (10 to 200 per call: the same drain rate).
+# 25 entries hold it for under half a millisecond, so authorize callers barely wait.
 ENTRIES_PER_CALL = 25
+REFUSED_PAUSE_S = 0.1  # before a partition whose call refused entries is called again
+BURST_BLOCK_MS = 100
 
 
 class Worker:
@@ -40,157 +39,172 @@ class Worker:
         owned = range(settings.partitions) if partitions is None else partitions
         self.partitions = [Keys(settings.namespace, p) for p in owned]
         self.by_stream = {k.requests: k for k in self.partitions}
+        self.count = min(settings.batch, ENTRIES_PER_CALL)
         self.stopping = False
         self.log = log.bind(consumer=consumer)
         self.settled = 0
-        self.clock_offset_ms = 0  # the server's clock minus this host's (recovery.sync_clock)
-        self.groups_ensured = False  # recovery.ensure_groups has run once: a group it makes later was lost
+        self.groups_ensured = False  # ensure_groups has run once: a group it makes later was lost
+        self.groups_ready = False  # every partition has its group (unknown again after redis_found_empty)
+        self.resume_at: dict[int, float] = {}  # partition -> when to call it again after refusals
+        self.waited: dict[int, str] = {}  # partition -> the entry the last wait delivered
         self.duties = Duties(client, settings, self.log, consumer)
 
     def stop(self, *_) -> None:
         self.stopping = True
 
     def run(self) -> int:
-        """Process until stopped (SIGTERM / SIGINT finish the batch in hand), or in burst
-        mode until every stream is drained and nothing is pending. Returns the exit code."""
+        """Pump until stopped (SIGTERM / SIGINT finish the call in hand), or in burst mode
+        until a round finds nothing and nothing is pending. Returns the exit code."""
         self.log.info("worker_started", partitions=[k.partition for k in self.partitions], burst=self.burst)
         next_maintenance = 0.0
-        own_pending_done = False
         backoff = Backoff()
         unavailable = self.log.bind(redis=str(self.settings.redis_url))  # which server is down; no password
         while not self.stopping:
             try:
-                if not own_pending_done:
-                    recovery.sync_clock(self)
-                    recovery.ensure_groups(self)
-                    recovery.settle_own_pending(self)
-                    own_pending_done = True
-                if time.monotonic() >= next_maintenance:
-                    recovery.maintain(self)
+                if not self.groups_ready:
+                    self.ensure_groups()
+                maintaining = time.monotonic() >= next_maintenance
+                found = self.pump_round(self.settings.reclaim_idle_ms if maintaining else 0)
+                if maintaining:
+                    self.maintain()
                     next_maintenance = time.monotonic() + self.settings.maintenance_interval_s
-                entries = self.read()
-                if entries and self.settle(entries):
-                    own_pending_done = False  # what failed stays pending: settle it first
-                    time.sleep(0.1)
-                elif not entries and self.burst and recovery.drained(self):
-                    break
+                if not found:
+                    if self.burst and self.drained():
+                        break
+                    self.wait()
                 backoff.reset()
             except TRANSIENT_ERRORS as exc:
-                # Entries read but not settled stay pending: settle them first once back.
-                backoff.wait(unavailable, exc)
-                own_pending_done = False
+                backoff.wait(unavailable, exc)  # what was read stays pending: the next call settles it
             except redis.ResponseError as exc:
-                own_pending_done = False  # whatever step failed runs again, after the groups
                 self.recover(exc, backoff, unavailable)
         self.log.info("worker_stopped", settled=self.settled)
         return 0
 
     def recover(self, error: redis.ResponseError, backoff: Backoff, unavailable) -> None:
         """The server lost its data (restarted empty, failed over to an empty node, flushed):
-        a group gone is made again by recovery.ensure_groups, which the loop runs next; a
-        library gone is loaded again, or, by a worker whose ACL user may not load code,
-        waited for until the maintainer loads it. Any other error is raised."""
+        a group gone is made again (ensure_groups, which the loop runs next); a library gone
+        is loaded again, or, by a worker whose ACL user may not load code, waited for until
+        the maintainer loads it. Any other error is raised."""
         if group_lost(error):
             self.log.warning("redis_found_empty", error=str(error))
+            self.groups_ready = False
         elif not missing_function(error):
             raise error
         elif not run(self.client, reload_functions(error)):
             backoff.wait(unavailable, error)
 
-    def read(self) -> list[Entry]:
-        block = 100 if self.burst else self.settings.block_ms
-        reply = run(self.client, read_streams({k.requests: ">" for k in self.partitions}, self.settings.batch, block,
-                                              group=self.settings.group, consumer=self.consumer))
-        return [Entry(self.by_stream[text(stream)], eid.decode(), fields)
-                for stream, messages in reply for eid, fields in messages]
+    def ensure_groups(self) -> None:
+        """Make the group on every partition that lacks it. One gone after this worker had
+        made sure of it means the server lost its data: say so per partition and load the
+        library again where this worker's ACL user may (in deploy/users.acl it may not: the
+        maintainer loads it, and the next pump waits for it, functions_missing)."""
+        made = [keys.partition for keys in self.partitions
+                if run(self.client, ensure_group(keys.requests, self.settings.group))]
+        if self.groups_ensured and made:
+            for partition in made:
+                self.log.warning("group_recreated", partition=partition, group=self.settings.group)
+            try:
+                run(self.client, load_functions())
+                self.log.info("functions_loaded")
+            except redis.exceptions.NoPermissionError:
+                pass
+        self.groups_ensured = self.groups_ready = True
 
-    def settle(self, entries: list[Entry]) -> int:
-        """One pipeline of function calls for the whole batch: settle_batch calls of up to
-        ENTRIES_PER_CALL entries per partition (one FCALL settling many is far cheaper, for
-        Redis and for this process, than one FCALL each), and a dead_letter call per bad
-        entry. Each call is atomic on its own. Returns how many entries could not be settled
-        (they stay pending)."""
+    def pump_round(self, reclaim_idle_ms: int = 0) -> bool:
+        """Call pump on every partition (but those pausing after refusals), again on those
+        that found work, until none does. reclaim_idle_ms goes with each partition's first
+        call. True when any call read an entry."""
+        now = time.monotonic()
+        todo = [k for k in self.partitions if self.resume_at.get(k.partition, 0.0) <= now]
+        found = False
+        while todo and not self.stopping:
+            summaries = self.pump(todo, reclaim_idle_ms)
+            reclaim_idle_ms = 0
+            again = []
+            for keys, summary in zip(todo, summaries):
+                if summary.refused:
+                    self.resume_at[keys.partition] = time.monotonic() + REFUSED_PAUSE_S
+                elif summary.read:
+                    again.append(keys)
+                found = found or summary.read > 0
+            todo = again
+        return found
+
+    def pump(self, todo: list[Keys], reclaim_idle_ms: int) -> list[codec.Summary]:
+        """One pipeline of pump calls, one per partition: one round trip. A call refused as
+        a whole counts as refusing all it would have read (nothing is known of them); a
+        lost group or library is raised for recover()."""
         started = time.perf_counter()
-        plan = [self.judge(entry) for entry in entries]
-
-        def send(_client: object) -> list:
-            pipe = self.client.pipeline(transaction=False)
-            calls = []  # per queued call: the entries it settles, and whether it is a settle_batch
-            by_partition: dict[Keys, list[int]] = defaultdict(list)
-            for i, (entry, work) in enumerate(zip(entries, plan)):
-                if isinstance(work, Invalid):
-                    codec.dead_letter(pipe, self.settings, entry.keys, entry.entry_id, work, entry.fields)
-                    calls.append(([i], False))
-                else:
-                    by_partition[entry.keys].append(i)
-            for keys, indices in by_partition.items():
-                for start in range(0, len(indices), ENTRIES_PER_CALL):
-                    chunk = indices[start:start + ENTRIES_PER_CALL]
-                    codec.settle_batch(pipe, self.settings, keys, [(*plan[i], entries[i].entry_id) for i in chunk])
-                    calls.append((chunk, True))
-            replies = [None] * len(entries)
-            for (indices, batch), answer in zip(calls, pipe.execute(raise_on_error=False)):
-                for i, result in zip(indices, codec.batch_replies(answer, len(indices)) if batch else [answer]):
-                    replies[i] = result
-            if lost := next((r for r in replies if missing_function(r)), None):
-                raise lost  # nothing of this pipeline ran: load the library and send it again
-            return replies
-
-        replies = run(self.client, with_functions(lambda: call(send)))
-        failed = 0
-        for entry, work, reply in zip(entries, plan, replies):
+        pipe = self.client.pipeline(transaction=False)
+        for keys in todo:
+            codec.pump(pipe, self.settings, keys, self.consumer, self.count, reclaim_idle_ms,
+                       self.waited.pop(keys.partition, ""))
+        replies = pipe.execute(raise_on_error=False)
+        seconds = (time.perf_counter() - started) / len(todo)
+        summaries = []
+        for keys, reply in zip(todo, replies):
             if isinstance(reply, Exception):
-                # An error reply, or (on a cluster) a node that went away mid-batch. Not acked,
-                # so it stays pending and is retried; max_deliveries ends an endless failure.
-                self.log.error("settle_failed", entry_id=entry.entry_id, partition=entry.keys.partition,
-                               error=str(reply))
-                failed += 1
+                if not isinstance(reply, redis.ResponseError) or group_lost(reply) or missing_function(reply):
+                    raise reply
+                summary = codec.Summary(refused=1, error=str(reply))
             else:
-                self.report(entry, work, reply)
-        self.settled += len(entries) - failed
-        metrics.record_batch(plan, replies, time.perf_counter() - started)
-        return failed
+                summary = codec.summary(reply)
+            self.report(keys, summary)
+            metrics.record_summary(summary, seconds)
+            summaries.append(summary)
+        return summaries
 
-    def judge(self, entry: Entry):
-        """Validate and rate one entry: (request, amount), or the Invalid that dead-letters it.
-        amount is None for a commit or extend in units (rated in lua/) and a release."""
-        ahead = entry_ms(entry.entry_id) - (time.time() * 1000 + self.clock_offset_ms)
-        if ahead > self.settings.max_clock_skew_ms:
-            return Invalid("id_in_future", f"entry id {entry.entry_id} is {ahead:.0f} ms ahead of the Redis clock; "
-                                           "producers must let Redis choose the id (XADD *)")
-        if entry.deliveries > self.settings.max_deliveries:
-            return Invalid("max_deliveries", f"delivered {entry.deliveries} times without being settled")
-        try:
-            request = parse_request(entry.fields, self.settings)
-            if partition_of(request.account, self.settings.partitions) != entry.keys.partition:
-                raise Invalid("wrong_partition", f"account {request.account} does not belong to "
-                                                 f"partition {entry.keys.partition}")
-            return request, price(request, self.settings)
-        except Invalid as invalid:
-            return invalid
-
-    def report(self, entry: Entry, work, reply) -> None:
-        if isinstance(work, Invalid):
-            if reply:
-                self.log.warning("entry_dead_lettered", entry_id=entry.entry_id, reason=work.reason,
-                                 detail=work.detail, request_id=_field(entry.fields, b"request_id"),
-                                 account=_field(entry.fields, b"account"), partition=entry.keys.partition)
+    def report(self, keys: Keys, summary: codec.Summary) -> None:
+        """One line per call at debug; dead letters at warning, refusals at error. Each
+        entry's outcome is in the results stream, each dead letter's detail in its stream."""
+        self.settled += summary.settled
+        if not summary.read and not summary.refused and not summary.dead:
             return
-        request, amount = work
-        event = "entry_already_settled" if reply.stale else f"{request.op}_{reply.status}"  # charge_approved ...
-        level = self.log.debug if reply.status == "approved" else self.log.info
-        session = {} if request.op == "charge" else {"reservation": request.reservation_id}
-        level(event, request_id=request.request_id, account=request.account, entry_id=entry.entry_id,
-              partition=entry.keys.partition, amount=amount, reason=reply.reason, duplicate=reply.duplicate,
-              **session)
+        events = self.log.bind(partition=keys.partition)
+        events.debug("entries_settled", read=summary.read, last_id=summary.last_id, approved=summary.approved,
+                     duplicate=summary.duplicate, rejected=summary.rejected, dead=summary.dead,
+                     operations={f"{op}_{result}": n for (op, result), n in summary.operations.items()},
+                     stale=summary.stale, refused=summary.refused)
+        if summary.reclaimed:
+            events.info("entries_reclaimed", count=summary.reclaimed)
+        if summary.stale:
+            events.info("entry_already_settled", count=summary.stale)
+        for reason, n in summary.dead.items():
+            events.warning("entry_dead_lettered", reason=reason, count=n)
+        if summary.refused:
+            # Not acked: pending, read again after REFUSED_PAUSE_S; max_deliveries ends an endless failure.
+            events.error("settle_failed", count=summary.refused, error=summary.error)
 
+    def wait(self) -> None:
+        """Nothing to do: block on every partition's request stream (XREADGROUP COUNT 1) until
+        an entry comes, block_ms passes, or a pausing partition is due. The entry read stays
+        pending to this consumer; the next round's pump settles it as its own."""
+        block = BURST_BLOCK_MS if self.burst else self.settings.block_ms
+        now = time.monotonic()
+        self.resume_at = {p: at for p, at in self.resume_at.items() if at > now}
+        if self.resume_at:
+            block = max(1, min(block, int((min(self.resume_at.values()) - now) * 1000) + 1))
+        reply = run(self.client, read_streams({k.requests: ">" for k in self.partitions}, 1, block,
+                                              group=self.settings.group, consumer=self.consumer))
+        for stream, messages in reply:
+            for entry_id, _ in messages:
+                self.waited[self.by_stream[text(stream)].partition] = text(entry_id)
 
-def entry_ms(entry_id: str) -> int:
-    """The milliseconds part of a stream id: the server's clock when it chose the id."""
-    return int(entry_id.split("-", 1)[0])
+    def maintain(self) -> None:
+        """Every maintenance interval (the reclaim goes with that round's pump calls): the
+        sweep of expired reservations, the maintainer's duties while this ACL user allows,
+        and the partition gauges."""
+        for keys in self.partitions:
+            released = codec.expire_reservations(self.client, self.settings, keys)
+            if released:
+                self.log.info("reservations_expired", partition=keys.partition, count=released)
+                metrics.RESERVATIONS_EXPIRED.inc(released)
+            self.duties.run(keys)
+            if metrics.enabled():
+                metrics.record_partition(partition_status(self.client, self.settings, keys))
 
-
-def _field(fields: dict[bytes, bytes] | None, name: bytes) -> str | None:
-    """A field of an entry that failed validation, cut short and decoded leniently for the log."""
-    raw = (fields or {}).get(name)
-    return raw[:128].decode("utf-8", "replace") if raw else None
+    def drained(self) -> bool:
+        """Nothing pending in the group (the caller's round found nothing to read). Pending
+        entries of other consumers are reclaimed at maintenance once they go idle."""
+        return all(self.client.xpending(k.requests, self.settings.group)["pending"] == 0
+                   for k in self.partitions)

@@ -12,15 +12,13 @@ import math
 import os
 import shutil
 import tempfile
-from collections import Counter as Tally
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server
 
+from charging import codec
 from charging.errors import ChargingError
-from charging.schema import Invalid
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -40,9 +38,9 @@ RESERVATION_OPS = Counter("charging_reservation_operations", "Reservation operat
 RESERVATIONS_EXPIRED = Counter("charging_reservations_expired", "Reservations released by the worker's sweep "
                                                                 "after their expiry (releases by other calls on "
                                                                 "the same partition not included).")
-BATCH_SIZE = Histogram("charging_batch_size", "Entries per settled batch.",
+BATCH_SIZE = Histogram("charging_batch_size", "Entries read per pump call (calls that read none not counted).",
                        buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000))
-BATCH_SECONDS = Histogram("charging_batch_seconds", "Time to judge and settle one batch (one round trip).",
+BATCH_SECONDS = Histogram("charging_batch_seconds", "Time of one pump call that read entries (its share of the round trip).",
                           buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
 # Gauges read from Redis at maintenance; every consumer reads the same group, so the
 # multiprocess value is the most recent one of a live process.
@@ -106,43 +104,26 @@ def process_dead(pid: int) -> None:
         multiprocess.mark_process_dead(pid)
 
 
-def record_batch(plan: list, replies: list, seconds: float) -> None:
-    """Count one settled batch from the function replies. Tallied first, so a batch of
-    500 costs a handful of metric updates, not 500."""
-    BATCH_SIZE.observe(len(plan))
-    BATCH_SECONDS.observe(seconds)
-    tally: Tally = Tally()
-    for work, reply in zip(plan, replies):
-        tally[_kind(work, reply)] += 1
-    for (kind, *labels), n in tally.items():
-        if kind != "error":
-            PROCESSED.inc(n)
-        (_BY_LABEL[kind].labels(*labels) if kind in _BY_LABEL else _PLAIN[kind]).inc(n)
-
-
-_BY_LABEL = {"rejected": REJECTED, "dead": DEAD_LETTERED, "reservation": RESERVATION_OPS}
-_PLAIN = {"error": SETTLE_ERRORS, "approved": APPROVED, "duplicate": DUPLICATES, "stale": ALREADY_SETTLED}
-
-
-def _kind(work: Any, reply: Any) -> tuple[str, ...]:
-    if isinstance(reply, Exception):
-        return ("error",)
-    if isinstance(work, Invalid):
-        return ("dead", work.reason) if reply else ("stale",)
-    if reply.stale:
-        return ("stale",)
-    reason = reply.reason
-    result = "duplicate" if reply.replayed else (reason or "approved")
-    op = work[0].op
-    if op != "charge":
-        return "reservation", op, result
-    return (result,) if result in ("duplicate", "approved") else ("rejected", reason)
-
-
-def dead_lettered(reason: str) -> None:
-    """A dead letter written outside a batch (an entry deleted before it was claimed)."""
-    PROCESSED.inc()
-    DEAD_LETTERED.labels(reason).inc()
+def record_summary(summary: codec.Summary, seconds: float) -> None:
+    """Count one pump call from its summary: a handful of metric updates, whatever it settled."""
+    if summary.read:
+        BATCH_SIZE.observe(summary.read)
+        BATCH_SECONDS.observe(seconds)
+    APPROVED.inc(summary.approved)
+    DUPLICATES.inc(summary.duplicate)
+    ALREADY_SETTLED.inc(summary.stale)
+    SETTLE_ERRORS.inc(summary.refused)
+    RECLAIMED.inc(summary.reclaimed)
+    for reason, n in summary.rejected.items():
+        REJECTED.labels(reason).inc(n)
+    for reason, n in summary.dead.items():
+        DEAD_LETTERED.labels(reason).inc(n)
+    for (op, result), n in summary.operations.items():
+        RESERVATION_OPS.labels(op, result).inc(n)
+    processed = (summary.approved + summary.duplicate + summary.stale + sum(summary.rejected.values())
+                 + sum(summary.dead.values()) + sum(summary.operations.values()))
+    if processed:
+        PROCESSED.inc(processed)
 
 
 def record_partition(status: dict) -> None:
