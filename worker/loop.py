@@ -64,10 +64,10 @@ class Worker:
                 if not self.groups_ready:
                     self.ensure_groups()
                 maintaining = time.monotonic() >= next_maintenance
-                found = self.pump_round(self.settings.reclaim_idle_ms if maintaining else 0)
-                if maintaining:
+                if maintaining:  # the sweep first: holds past their expiry go before the entries are read
                     self.maintain()
                     next_maintenance = time.monotonic() + self.settings.maintenance_interval_s
+                found = self.pump_round(self.settings.reclaim_idle_ms if maintaining else 0)
                 if not found:
                     if self.burst and self.drained():
                         break

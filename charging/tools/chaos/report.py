@@ -96,7 +96,7 @@ def _fault_rows(report: dict) -> list[tuple[str, str]]:
                                    f"idle {report['settings']['reclaim_idle_ms'] / 1000:g}s)"),
         ("faults: redis SIGKILL", f"{injected['redis_kill']} (down, then restarted from the AOF: "
                                   f"{', '.join(outages) or '-'})"),
-        ("calls refused as stale (entry settled already)", str(report["worker_log_events"]["entry_already_settled"])),
+        ("entries reclaimed from idle consumers", str(report["worker_log_events"]["entries_reclaimed"])),
         ("worker log", ", ".join(f"{k} {v}" for k, v in report["worker_log_events"].items())),
     ]
 
