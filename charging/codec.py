@@ -27,7 +27,7 @@ SET_BALANCES_CHUNK = 1000  # accounts per set_balances call: bounded argument li
 RESERVATION_SEP = "\x1f"  # lua/charging.lua packs records (reservations, dedupe records) with this separator
 
 
-# ---- settling: charge, reserve, commit, extend, release, settle_batch, settle_entries -----
+# ---- settling: charge, reserve, commit, extend, release, settle_entries, pump -------------
 
 # The 13 ARGV of a settling function by name, in the order lua/charging.lua `settle` reads them.
 SETTLE_ARGUMENTS = ("request_id", "account", "fingerprint", "entry_id", "group", "window_ms", "submitted_at",
@@ -35,7 +35,7 @@ SETTLE_ARGUMENTS = ("request_id", "account", "fingerprint", "entry_id", "group",
 
 
 def partition_keys(keys: Keys) -> list[str]:
-    """The partition's keys every settling call shares, in the order settle_batch takes them."""
+    """The partition's keys every settling call shares, in the order the library takes them."""
     return [keys.balances, keys.results, keys.requests, keys.held, keys.reservations, keys.expiries, keys.holds]
 
 
@@ -77,29 +77,6 @@ def settle(target, settings: Settings, request: ChargeRequest, amount: int | Non
     names = settle_keys(keys_of(request.account, settings), request.request_id, request.reply_to)
     return target.fcall(request.op, len(names), *names,
                         *settle_arguments(settings, request, amount, entry_id, given))
-
-
-def batch_entries(settings: Settings, keys: Keys,
-                  items: Sequence[tuple[ChargeRequest, int | None, str]]) -> tuple[list[str], list]:
-    """The KEYS and ARGV a settle_batch call takes per (request, amount, entry_id) item, after
-    the partition's keys: seen and reply_to if any; op, has_reply and the 13 arguments."""
-    names: list[str] = []
-    args: list = []
-    for request, amount, entry_id in items:
-        names.append(keys.seen(request.request_id))
-        if request.reply_to:
-            names.append(request.reply_to)
-        args += (request.op, 1 if request.reply_to else 0, *settle_arguments(settings, request, amount, entry_id))
-    return names, args
-
-
-def settle_batch(target, settings: Settings, keys: Keys, items: Sequence[tuple[ChargeRequest, int | None, str]]):
-    """Queue one FCALL that settles (request, amount, entry_id) items of one partition, in
-    order, each exactly as settle() would (the same keys and arguments per entry). Read its
-    reply with batch_replies()."""
-    names, args = batch_entries(settings, keys, items)
-    names = partition_keys(keys) + names
-    return target.fcall("settle_batch", len(names), *names, *args)
 
 
 def entries_header(settings: Settings, keys: Keys) -> list:
@@ -229,7 +206,7 @@ def settled(reply: Sequence[Any]) -> Settled:
 
 
 def batch_replies(reply: Any, count: int) -> list[Any]:
-    """settle_batch's (or settle_entries') reply, one item per entry: a Settled, or the error of that entry. An
+    """settle_entries' reply, one item per entry: a Settled, or the error of that entry. An
     error of the whole call (a lost connection, a missing library) is every entry's error."""
     if isinstance(reply, Exception):
         return [reply] * count

@@ -71,7 +71,7 @@ keys of their own, because the sweep finds them through the expiries zset: a key
 reservation or per account would be a key the function was not given.
 
 Nothing after the ack can fail. A function that errors half way keeps every write it
-made (there is no rollback, and settle_batch's pcall only hides the error), so each one
+made (there is no rollback, and pump's per-entry pcall only hides the error), so each one
 first reads and checks every argument and every stored value its decision needs, and
 every stream it will post to (postable: of its type, not exhausted), then writes: the ack
 first, then only commands that cannot fail on what was checked. A call that is refused
@@ -86,7 +86,7 @@ local SEP = '\31'
 local MAX_BALANCE = 1000000000000000
 local MAX_DURATION_MS = 315360000000
 local MAX_TIME_MS = 100000000000000
-local MAX_BATCH = 1000 -- entries per settle_batch call
+local MAX_BATCH = 1000 -- entries per pump call
 local MAX_SWEEP = 100000 -- reservations per expire_reservations call
 local READ_CHUNK = 500 -- reservation ids per HMGET
 
@@ -252,7 +252,7 @@ local function remove_reservation(k, id)
   redis.call('ZREM', k.holds, id)
 end
 
--- A field of a hash, from what settle_batch read ahead for its whole call when it did
+-- A field of a hash, from what pump read ahead for its whole call when it did
 -- (kind: 'balances' or 'held'; false for no field), else read now.
 local function field(k, ahead, kind, name)
   local known = ahead and ahead[kind][name]
@@ -595,7 +595,7 @@ end
 
 -- The record of a request id settled within the window, checked: false when there is
 -- none, nil and a detail when one is not a record the library wrote. Looks in what
--- settle_batch read ahead when it did, else in the buckets, newest first (a newer record
+-- pump read ahead when it did, else in the buckets, newest first (a newer record
 -- of an id is the one that counts); then in the request id's key of the layout before
 -- buckets.
 local function read_record(k, a, now, ahead)
@@ -632,7 +632,7 @@ local function expire_bucket(name, at)
 end
 
 -- Records the outcome in the bucket of now, which the call has read (so this write cannot
--- fail): at once, or (settle_batch) in what it read ahead, written with the others of the
+-- fail): at once, or (pump) in what it read ahead, written with the others of the
 -- call in one HSET per bucket.
 local function write_record(k, a, o, now, stamp, ahead)
   local slice = slice_of(a.window_ms)
@@ -721,7 +721,7 @@ reservation operations {held, reserved, expires_at}; or {'stale'} when the entry
 already been settled by another consumer. A refused call (an error) writes nothing.
 ]]
 -- One entry: k, the partition's keys with this entry's seen and reply_to; its 13
--- arguments from args[base + 1]; ahead, what settle_batch read for the whole call (nil
+-- arguments from args[base + 1]; ahead, what pump read for the whole call (nil
 -- for a call of its own).
 local function settle_entry(op, k, args, base, ahead)
   -- Callers validate; this guards the balances against any client allowed to FCALL
@@ -779,21 +779,6 @@ local function settle(op, keys, args)
   k.seen, k.reply_to, k.seen_prefix = keys[2], keys[9], k.tag .. ':seen:'
   return settle_entry(op, k, args, 0)
 end
-
---[[
-settle_batch: settle many entries of one partition in one call, each exactly as its own
-function (charge, reserve, commit, extend, release) would: the same settle, given the same
-keys and the same 13 arguments, in the given order. An entry that is refused gets its own
-error reply (and wrote nothing) and the others go on, as in a pipeline of per-entry calls.
-One call settling many costs Redis and the worker far less than one call each; the worker
-keeps each call short (a bounded number of entries), since Redis serves no one else while
-a function runs.
-KEYS: balances, results, requests, held, reservations, expiries, holds, then per entry:
-      seen, and reply_to if it has one
-ARGV: per entry 15 values: op, has_reply ('1' or '0'), then its 13 arguments of settle
-Returns one reply per entry, in order: what the entry's own function returns, or an error.
-]]
-local BATCH_SHARED_KEYS, BATCH_ENTRY_ARGS = 7, 15
 
 -- What the entries of a batch read, in a few commands for the whole call instead of a few
 -- each: the balances and held totals of their accounts, their dedupe records (one HMGET
@@ -890,37 +875,6 @@ local function settle_item(k, item, ahead)
   k.seen, k.reply_to = item.seen, item.reply_to
   local ok, result = pcall(settle_entry, item.op, k, item.args, item.base, ahead)
   return ok and result or {err = type(result) == 'table' and result.err or tostring(result)}
-end
-
-local function settle_batch(keys, args)
-  local entries, replies_to, flags_ok = #args / BATCH_ENTRY_ARGS, 0, true
-  for a = 2, #args, BATCH_ENTRY_ARGS do
-    if args[a] == '1' then replies_to = replies_to + 1 end
-    flags_ok = flags_ok and (args[a] == '1' or args[a] == '0')
-  end
-  local k = partition_keys({unpack(keys, 1, BATCH_SHARED_KEYS)}, SETTLE_ROLES)
-  if not (k and flags_ok) or entries ~= math.floor(entries) or entries > MAX_BATCH
-      or #keys ~= BATCH_SHARED_KEYS + entries + replies_to then
-    return refuse('wrong_arguments', 'settle_batch takes the 7 keys of one partition, then 1 or 2 keys and 15 '
-                  .. 'arguments per entry, at most ' .. MAX_BATCH .. ' entries')
-  end
-  if entries == 0 then return {} end
-  local items, at = {}, BATCH_SHARED_KEYS + 1
-  for a = 1, #args, BATCH_ENTRY_ARGS do
-    local item = {op = args[a], args = args, base = a + 1, seen = keys[at]}
-    at = at + 1
-    if args[a + 1] == '1' then
-      item.reply_to = keys[at]
-      at = at + 1
-    end
-    items[#items + 1] = item
-  end
-  local ahead, err = batch_ahead(k, items)
-  if not ahead then return err end
-  local replies = {}
-  for i, item in ipairs(items) do replies[i] = settle_item(k, item, ahead) end
-  write_ahead(k, ahead)
-  return replies
 end
 
 --[[
@@ -1274,7 +1228,7 @@ end
 --[[
 settle_entries: settle entries of one partition's request stream as XREADGROUP gave them,
 judged here (judge_entry): what the worker sends. A good entry is settled exactly as
-settle_batch settles it (the same read ahead, settle_entry and write ahead); a bad one,
+its own function would, through one read ahead, settle_entry and write ahead; a bad one,
 one delivered more than max_deliveries times or one whose id is more than
 max_clock_skew_ms ahead of the server's clock is acked and dead-lettered with its own
 pairs, as dead_letter does, in the same call. The record keys (<ns>:{pN}:seen:<rid>) and
@@ -1286,7 +1240,7 @@ ARGV: group, window_ms, reply_ttl_ms, partition, partitions, deadletter maxlen, 
       default reservation ttl (s), max_deliveries, max_clock_skew_ms; then per entry:
       entry_id, its delivery count, n, and its n field/value pairs (n = 0: deleted)
 Every key and argument is checked, and every entry judged, before anything is written.
-Returns one reply per entry, in order: what settle_batch returns for it, {'dead', reason}
+Returns one reply per entry, in order: what its own function returns, {'dead', reason}
 or {'stale'} (another consumer had settled it), or an error (that entry wrote nothing and
 stays pending).
 ]]
@@ -1802,7 +1756,6 @@ redis.register_function('reserve', function(keys, args) return settle('reserve',
 redis.register_function('commit', function(keys, args) return settle('commit', keys, args) end)
 redis.register_function('extend', function(keys, args) return settle('extend', keys, args) end)
 redis.register_function('release', function(keys, args) return settle('release', keys, args) end)
-redis.register_function('settle_batch', settle_batch)
 redis.register_function('settle_entries', settle_entries)
 redis.register_function('pump', pump)
 redis.register_function('expire_reservations', expire_reservations)

@@ -115,7 +115,7 @@ def test_the_gateway_role_is_refused_what_a_gateway_must_not_do(server, scene):
         "XADD to a key of another shape": lambda: gateway.xadd("ch:{p0}:x}:requests", {"a": "1"}),
         "trim the results": lambda: gateway.xtrim(KEYS.results, maxlen=0),
         "read a producer's replies": lambda: gateway.xread({KEYS.reply("producer"): "0"}),
-        "settle as the workers": lambda: codec.settle_batch(gateway, settings, KEYS, []),
+        "settle as the workers": lambda: codec.pump(gateway, settings, KEYS, "rogue", 1),
         "dead-letter": lambda: gateway.fcall("dead_letter", 3, KEYS.deadletter, KEYS.requests,
                                              KEYS.deadletter_reasons, "1-1", "", "x", "", 10),
         "load code": lambda: gateway.function_load(library_source(), replace=True),

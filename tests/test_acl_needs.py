@@ -104,20 +104,6 @@ def posted_before(scene: redis.Redis, *streams: str) -> None:
         scene.xadd(stream, {"earlier": "1"})
 
 
-def batch_scene(scene, settings):
-    settle_scene(scene, settings)
-    posted_before(scene, KEYS.results, KEYS.reply("someone"))
-    requests = [Producer(scene, settings, "someone").prepare(data, reply=True) for data in BATCH]
-    return list(zip(requests, pending(scene, settings, [r.to_fields() for r in requests])))
-
-
-def batch_call(client, settings, entries):
-    """settle_batch: every op, from pending stream entries, each with a reply stream."""
-    items = [(request, price(request, settings), entry_id) for request, entry_id in entries]
-    replies = codec.batch_replies(codec.settle_batch(client, settings, KEYS, items), len(items))
-    assert [r.status for r in replies] == ["approved"] * len(BATCH), replies
-
-
 def pump_scene(scene, settings):
     """Every path of pump: entries of a dead consumer to reclaim (one of them deleted while
     pending), new ones, every op with a reply stream, and a bad entry to dead-letter."""
@@ -220,7 +206,6 @@ class Row:
 
 ROWS = [
     Row(("charge", "reserve", "extend", "commit", "release"), ("authorizer", "gateway"), settle_scene, settle_call),
-    Row(("settle_batch",), (), batch_scene, batch_call),
     Row(("pump",), ("worker",), pump_scene, pump_call),
     Row(("settle_entries",), (), entries_scene, entries_call),
     Row(("expire_reservations",), ("worker",), settle_scene, expire_call),

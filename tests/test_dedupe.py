@@ -22,6 +22,14 @@ def charge(settings, request_id: str, amount: int = 10, account: str = "acct"):
     return parse_request({"request_id": request_id, "account": account, "amount": amount}, settings)
 
 
+def pumped(client, settings, request_id: str, amount: int = 10) -> codec.Summary:
+    """The request XADDed to its stream, then settled by one pump call, as a worker would."""
+    keys = keys_of("acct", settings)
+    client.xgroup_create(keys.requests, settings.group, id="0", mkstream=True)
+    client.xadd(keys.requests, {"request_id": request_id, "account": "acct", "amount": amount})
+    return codec.summary(codec.pump(client, settings, keys, "w0", 10))
+
+
 def server_ms(client) -> int:
     seconds, micros = client.time()
     return seconds * 1000 + micros // 1000
@@ -92,10 +100,11 @@ def test_a_corrupt_record_in_a_bucket_is_refused_before_anything_is_written(clie
 
     with pytest.raises(Exception, match="corrupt_record"):
         codec.settle(client, settings, charge(settings, "d3"), 10)
-    [reply] = codec.settle_batch(client, settings, keys, [(charge(settings, "d3"), 10, "")])
+    done = pumped(client, settings, "d3")
 
-    assert "corrupt_record" in str(reply)
+    assert done.refused == 1 and "corrupt_record" in done.error
     assert client.hget(keys.balances, "acct") == b"100" and client.xlen(keys.results) == 0
+    assert client.xpending(keys.requests, settings.group)["pending"] == 1
 
 
 def test_a_window_changed_within_its_slice_still_finds_the_records_of_the_old_one(client, settings):
@@ -104,11 +113,10 @@ def test_a_window_changed_within_its_slice_still_finds_the_records_of_the_old_on
     codec.settle(client, settings, charge(settings, "d4"), 10, given={"window_ms": 60_000})
 
     again = codec.settled(codec.settle(client, settings, charge(settings, "d4"), 10, given={"window_ms": 61_000}))
-    [batched] = codec.settle_batch(client, settings.model_copy(update={"dedupe_window_s": 61}), keys_of("acct", settings),
-                                   [(charge(settings, "d4"), 10, "")])
+    pumped_again = pumped(client, settings.model_copy(update={"dedupe_window_s": 61}), "d4")
 
     assert (again.duplicate, again.balance) == (True, 90)
-    assert codec.settled(batched).duplicate and client.hget(keys_of("acct", settings).balances, "acct") == b"90"
+    assert pumped_again.duplicate == 1 and client.hget(keys_of("acct", settings).balances, "acct") == b"90"
 
 
 def test_a_record_written_by_a_clock_ahead_is_found_after_the_clock_stepped_back(client, settings):
@@ -121,9 +129,9 @@ def test_a_record_written_by_a_clock_ahead_is_found_after_the_clock_stepped_back
                                                                            "", "10", "90"]))
 
     direct = codec.settled(codec.settle(client, settings, charge(settings, "d5"), 10))
-    [batched] = codec.settle_batch(client, settings, keys, [(charge(settings, "d5"), 10, "")])
+    pumped_again = pumped(client, settings, "d5")
 
-    assert (direct.duplicate, direct.balance) == (True, 90) and codec.settled(batched).duplicate
+    assert (direct.duplicate, direct.balance) == (True, 90) and pumped_again.duplicate == 1
     assert client.hget(keys.balances, "acct") == b"100"
 
 
