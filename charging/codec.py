@@ -17,17 +17,17 @@ import redis
 
 from charging.keys import Keys, keys_of
 from charging.plan import Plan, pipelined, run
-from charging.schema import ChargeRequest, Invalid, Outcome, field_pairs
+from charging.schema import ChargeRequest, Outcome
 from charging.settings import SERVICES, Settings
 from charging.streams import text
 from charging.tariff import unit_price
 
-DEADLETTER_FIELD_BYTES = 1024  # an oversized field is kept only up to this, so dead letters stay small
+DEADLETTER_FIELD_BYTES = 1024  # lua/charging.lua keeps an oversized field of a dead letter only up to this
 SET_BALANCES_CHUNK = 1000  # accounts per set_balances call: bounded argument lists
 RESERVATION_SEP = "\x1f"  # lua/charging.lua packs records (reservations, dedupe records) with this separator
 
 
-# ---- settling: charge, reserve, commit, extend, release, settle_entries, pump -------------
+# ---- settling: charge, reserve, commit, extend, release, pump ----------------------------
 
 # The 13 ARGV of a settling function by name, in the order lua/charging.lua `settle` reads them.
 SETTLE_ARGUMENTS = ("request_id", "account", "fingerprint", "entry_id", "group", "window_ms", "submitted_at",
@@ -80,7 +80,7 @@ def settle(target, settings: Settings, request: ChargeRequest, amount: int | Non
 
 
 def entries_header(settings: Settings, keys: Keys) -> list:
-    """The 15 ARGV settle_entries and pump share: the group, the dedupe window, the reply
+    """The 15 ARGV of pump after its own four: the group, the dedupe window, the reply
     ttl, the partition and the partition count, the dead-letter maxlen, the tariff and the
     limits the library judges an entry by."""
     return [settings.group, settings.dedupe_window_ms, settings.reply_ttl_s * 1000, keys.partition,
@@ -90,22 +90,8 @@ def entries_header(settings: Settings, keys: Keys) -> list:
 
 
 def entries_keys(keys: Keys) -> list[str]:
-    """The 9 KEYS of settle_entries and pump."""
+    """The 9 KEYS of pump."""
     return [*partition_keys(keys), keys.deadletter, keys.deadletter_reasons]
-
-
-def settle_entries(target, settings: Settings, keys: Keys, entries: Iterable[tuple[str, int, Any]]):
-    """Queue one FCALL that judges and settles (entry_id, deliveries, fields) entries of the
-    partition's request stream as they were read: fields every pair of the entry (EntryFields
-    or pairs; None for one deleted before it was read). The library judges each entry as
-    schema.parse_request and tariff.price would, dead-letters (and acks) a bad one, and
-    settles a good one as its own function would. Read its reply with batch_replies()."""
-    names = entries_keys(keys)
-    args: list = entries_header(settings, keys)
-    for entry_id, deliveries, fields in entries:
-        pairs = field_pairs(fields)
-        args += (entry_id, deliveries, len(pairs), *(part for pair in pairs for part in pair))
-    return target.fcall("settle_entries", len(names), *names, *args)
 
 
 def pump(target, settings: Settings, keys: Keys, consumer: str, count: int, reclaim_idle_ms: int = 0,
@@ -163,8 +149,7 @@ def summary(reply: Sequence[Any]) -> Summary:
 @dataclass(frozen=True)
 class Settled:
     """The reply of a settling function for one request. status 'stale': the entry had
-    already been settled by another consumer and this call changed nothing; 'dead'
-    (settle_entries): the entry was dead-lettered, with reason."""
+    already been settled by another consumer and this call changed nothing."""
 
     status: str
     reason: str = ""
@@ -182,10 +167,6 @@ class Settled:
         return self.status == "stale"
 
     @property
-    def dead(self) -> bool:
-        return self.status == "dead"
-
-    @property
     def replayed(self) -> bool:
         """Answered from the dedupe record (an idempotency conflict is a rejection, not a replay)."""
         return self.duplicate and self.reason != "idempotency_conflict"
@@ -193,9 +174,9 @@ class Settled:
 
 def settled(reply: Sequence[Any]) -> Settled:
     """Parse {status, reason, charged, balance, duplicate, processed_at[, held, reserved,
-    expires_at]}, {'stale'} or {'dead', reason}."""
-    if len(reply) <= 2:
-        return Settled(text(reply[0]), text(reply[1]) if len(reply) == 2 else "")
+    expires_at]} or {'stale'}."""
+    if len(reply) == 1:
+        return Settled(text(reply[0]))
     status, reason, charged, balance, duplicate, processed_at, *session = reply
     parsed = Settled(text(status), text(reason), int(charged), int(balance), bool(int(duplicate)),
                      int(processed_at))
@@ -203,14 +184,6 @@ def settled(reply: Sequence[Any]) -> Settled:
         return parsed
     held, reserved, expires_at = session
     return replace(parsed, held=int(held), reserved=int(reserved), expires_at=_number(text(expires_at)))
-
-
-def batch_replies(reply: Any, count: int) -> list[Any]:
-    """settle_entries' reply, one item per entry: a Settled, or the error of that entry. An
-    error of the whole call (a lost connection, a missing library) is every entry's error."""
-    if isinstance(reply, Exception):
-        return [reply] * count
-    return [item if isinstance(item, Exception) else settled(item) for item in reply]
 
 
 def outcome(request: ChargeRequest, result: Settled) -> Outcome:
@@ -226,19 +199,7 @@ def outcome(request: ChargeRequest, result: Settled) -> Outcome:
                    reserved=result.reserved, expires_at=result.expires_at)
 
 
-# ---- dead letters, balances, upkeep --------------------------------------------------------
-
-def dead_letter(target, settings: Settings, keys: Keys, entry_id: str, invalid: Invalid,
-                fields: Mapping[bytes, bytes] | None, ack: bool = True):
-    """Queue the move of a bad entry to the dead-letter stream, with every pair it has (a
-    repeated name included). Replies 1, or 0 when another consumer had settled the entry.
-    ack=False records an entry that is no longer pending (XAUTOCLAIM found it deleted)."""
-    pairs = [part[:DEADLETTER_FIELD_BYTES] for item in field_pairs(fields) for part in item]
-    return target.fcall(
-        "dead_letter", 3, keys.deadletter, keys.requests, keys.deadletter_reasons,
-        entry_id, settings.group if ack else "", invalid.reason, invalid.detail, settings.deadletter_maxlen, *pairs,
-    )
-
+# ---- balances, upkeep ----------------------------------------------------------------------
 
 def top_up(client: redis.Redis, settings: Settings, account: str, amount: int) -> int:
     """Add amount to an existing account; the new balance. Raises redis.ResponseError

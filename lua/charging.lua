@@ -55,11 +55,11 @@ inside; each is checked against the name its role gives it before anything is wr
                                    CHARGING_RESULTS_MAXLEN, never past an entry a group
                                    in CHARGING_RESULTS_GROUPS has not read and acked.
   <ns>:{pN}:deadletter     stream  entries that could not be read, with the reason.
-                                   Written by dead_letter (and repair: entries removed
+                                   Written by pump (and repair: entries removed
                                    before they were read). Trimmed with MAXLEN ~.
   <ns>:{pN}:deadletter:reasons
                            hash    reason -> number of entries ever dead-lettered with
-                                   it. Written by dead_letter. Lives forever (one field
+                                   it. Written with each dead letter. Lives forever (one field
                                    per reason code), so status never scans the stream.
   <ns>:{pN}:reply:<id>     stream  one producer's replies. Written by the settling
                                    functions; expires CHARGING_REPLY_TTL after the last reply.
@@ -217,10 +217,9 @@ local function postable(stream, cache)
   return found or nil
 end
 
--- Acks entry_id unless it or group is '' (a synchronous call, or a dead letter recorded
--- for an entry that is no longer pending). Returns false when the entry was no longer
--- pending: another consumer settled it (this one was stalled or its reply was lost), so
--- this call must change nothing.
+-- Acks entry_id unless it or group is '' (a synchronous call). Returns false when the
+-- entry was no longer pending: another consumer settled it (this one was stalled or its
+-- reply was lost), so this call must change nothing.
 local function ack(requests, group, entry_id)
   if entry_id == '' or group == '' then return true end
   return redis.call('XACK', requests, group, entry_id) == 1
@@ -929,16 +928,10 @@ local function expire_reservations(keys, args)
   return #due
 end
 
---[[
-dead_letter: move an entry that cannot be read to the dead-letter stream and ack it,
-atomically, so a bad entry is never lost and never blocks the group, and count it
-by reason.
-KEYS: deadletter, requests, reasons (deadletter:reasons)
-ARGV: entry_id, group ('' to record without acking), error, detail, maxlen, then the
-      entry's own field/value pairs
-Returns 1, or 0 when another consumer had already settled the entry.
-]]
-local DEAD_ROLES = {'deadletter', 'requests', 'deadletter:reasons'}
+-- ---- dead letters ------------------------------------------------------------------------
+-- An entry that cannot be read goes to the dead-letter stream with its own pairs, acked in
+-- the same call (pump), so a bad entry is never lost and never blocks the group; its reason
+-- is counted in deadletter:reasons, so status never scans the stream.
 local DEAD_TYPES = {deadletter = 'stream', requests = 'stream', ['deadletter:reasons'] = 'hash'}
 
 -- Appends a dead letter (fields, then error, detail and entry_id) and counts its reason.
@@ -949,25 +942,6 @@ local function write_dead_letter(k, entry_id, reason, detail, maxlen, fields)
   end
   redis.call('XADD', k.deadletter, 'MAXLEN', '~', digits(maxlen), '*', unpack(fields))
   redis.call('HINCRBY', k['deadletter:reasons'], reason, 1)
-end
-
-local function dead_letter(keys, args)
-  local k = #keys == 3 and partition_keys(keys, DEAD_ROLES)
-  if not k or #args < 5 or (#args - 5) % 2 ~= 0 then
-    return refuse('wrong_arguments', 'dead_letter takes the keys deadletter, requests, deadletter:reasons and '
-                  .. '5 arguments, then field/value pairs')
-  end
-  if not text(args[1], ENTRY_ID, 41) then return refuse('invalid_entry_id') end
-  if args[2] ~= '' and not text(args[2], NAME, 64) then return refuse('invalid_group') end
-  if not text(args[3], REASON, 64) then return refuse('invalid_reason') end
-  if not count(args[5], 1, MAX_BALANCE) then return refuse('invalid_maxlen') end
-  local err = wrong_types(k, DEAD_TYPES) or postable(k.deadletter)
-  if err then return err end
-  if not ack(k.requests, args[2], args[1]) then return 0 end
-  local fields = {}
-  for i = 6, #args do fields[#fields + 1] = args[i] end
-  write_dead_letter(k, args[1], args[3], args[4], args[5], fields)
-  return 1
 end
 
 -- ---- judging an entry as it arrives ------------------------------------------------------
@@ -1225,31 +1199,23 @@ local function judge_entry(args, first, n, entry_id, c)
   }, f.reply_to
 end
 
---[[
-settle_entries: settle entries of one partition's request stream as XREADGROUP gave them,
-judged here (judge_entry): what the worker sends. A good entry is settled exactly as
-its own function would, through one read ahead, settle_entry and write ahead; a bad one,
-one delivered more than max_deliveries times or one whose id is more than
-max_clock_skew_ms ahead of the server's clock is acked and dead-lettered with its own
-pairs, as dead_letter does, in the same call. The record keys (<ns>:{pN}:seen:<rid>) and
-reply streams (an entry's reply_to, in this partition) are named here, not in KEYS.
-KEYS: balances, results, requests, held, reservations, expiries, holds, deadletter,
-      deadletter:reasons
-ARGV: group, window_ms, reply_ttl_ms, partition, partitions, deadletter maxlen, the
-      prices of sms, voice and data, max_units, max_amount, max_reservation_ttl_s, the
-      default reservation ttl (s), max_deliveries, max_clock_skew_ms; then per entry:
-      entry_id, its delivery count, n, and its n field/value pairs (n = 0: deleted)
-Every key and argument is checked, and every entry judged, before anything is written.
-Returns one reply per entry, in order: what its own function returns, {'dead', reason}
-or {'stale'} (another consumer had settled it), or an error (that entry wrote nothing and
-stays pending).
-]]
+-- ---- settling entries as read -------------------------------------------------------------
+-- Entries of one partition's request stream as XREADGROUP gave them, judged here
+-- (judge_entry). A good entry is settled exactly as its own function would, through one
+-- read ahead, settle_entry and write ahead; a bad one, one delivered more than
+-- max_deliveries times or one whose id is more than max_clock_skew_ms ahead of the
+-- server's clock is acked and dead-lettered with its own pairs, in the same call. The
+-- record keys (<ns>:{pN}:seen:<rid>) and reply streams (an entry's reply_to, in this
+-- partition) are named here, not in KEYS. The context (the header of pump's ARGV): group,
+-- window_ms, reply_ttl_ms, partition, partitions, deadletter maxlen, the prices of sms,
+-- voice and data, max_units, max_amount, max_reservation_ttl_s, the default reservation
+-- ttl (s), max_deliveries, max_clock_skew_ms.
 local ENTRIES_ROLES = {'balances', 'results', 'requests', 'held', 'reservations', 'expiries', 'holds', 'deadletter',
                        'deadletter:reasons'}
 local ENTRIES_HEADER = 15
 local MAX_PARTITIONS = 1024
 
--- The header of a settle_entries call, checked: the context judge_entry takes; nil and the
+-- The header of a pump call, checked: the context judge_entry takes; nil and the
 -- refusal when a value is out of range.
 local function entries_context(k, args)
   local namespace, tag_partition = string.match(k.tag, '^(.+):{p(%d+)}$')
@@ -1275,23 +1241,6 @@ local function entries_context(k, args)
     if not check[1] then return nil, refuse(check[2], check[3]) end
   end
   return c
-end
-
--- The entries of the call, each {id, deliveries, first (its first pair's name in args),
--- n}; nil and the refusal for a malformed list.
-local function entries_of(args)
-  local entries, at = {}, ENTRIES_HEADER + 1
-  while at <= #args do
-    local id, deliveries, n = args[at], count(args[at + 1], 0, MAX_BALANCE), count(args[at + 2], 0, MAX_BALANCE)
-    if not (deliveries and n and at + 2 + 2 * n <= #args) or #entries == MAX_BATCH then
-      return nil, refuse('wrong_arguments', 'settle_entries takes per entry its id, delivery count, n and n '
-                         .. 'field/value pairs, at most ' .. MAX_BATCH .. ' entries')
-    end
-    if not text(id, ENTRY_ID, 41) then return nil, refuse('invalid_entry_id', id) end
-    entries[#entries + 1] = {id = id, deliveries = deliveries, first = at + 3, n = n}
-    at = at + 3 + 2 * n
-  end
-  return entries
 end
 
 -- Judges each entry: the item settle_item settles (e.item), or the reason and detail it
@@ -1336,11 +1285,13 @@ local function dead_letters_writable(k, reasons)
   return nil
 end
 
--- The settling core of settle_entries and pump, one path for both: entries read from the
--- request stream ({id, deliveries, first, n}, their pairs n from raw[first]) judged,
--- dead-lettered or settled through settle_item, in one read ahead and one write ahead.
--- Every check comes before the first write. Returns one reply per entry (see
--- settle_entries), or nil and the refusal of the whole call (nothing written).
+-- The settling core of pump: entries read from the request stream ({id, deliveries,
+-- first, n}, their pairs n from raw[first]) judged, dead-lettered or settled through
+-- settle_item, in one read ahead and one write ahead. Every check comes before the first
+-- write. Returns one reply per entry, in order: what its own function returns,
+-- {'dead', reason}, {'stale'} (another consumer had settled it) or an error (that entry
+-- wrote nothing and stays pending); or nil and the refusal of the whole call (nothing
+-- written).
 local function settle_read(k, c, raw, entries)
   local items, reasons = judge_entries(k, raw, entries, c)
   local err = #reasons > 0 and dead_letters_writable(k, reasons)
@@ -1367,25 +1318,9 @@ local function settle_read(k, c, raw, entries)
   return replies
 end
 
-local function settle_entries(keys, args)
-  local k = #keys == #ENTRIES_ROLES and #args >= ENTRIES_HEADER and partition_keys(keys, ENTRIES_ROLES)
-  if not k then
-    return refuse('wrong_arguments', 'settle_entries takes the keys ' .. table.concat(ENTRIES_ROLES, ', ') .. ', '
-                  .. ENTRIES_HEADER .. ' arguments, then the entries')
-  end
-  local c, err = entries_context(k, args)
-  if not c then return err end
-  local entries
-  entries, err = entries_of(args)
-  if not entries then return err end
-  local replies
-  replies, err = settle_read(k, c, args, entries)
-  return replies or err
-end
-
 --[[
 pump: what a worker calls, over and over, per partition: the library reads its own
-entries, judges, rates and settles them (settle_read, the settle_entries path) and answers
+entries, judges, rates and settles them (settle_read) and answers
 with a summary; no entry crosses the wire. In one call, for consumer of the workers' group:
  1. reclaim_idle_ms > 0: XAUTOCLAIM (JUSTID: claiming counts no delivery; the read below
     does) up to count entries idle that long from other consumers (dead or stalled),
@@ -1399,12 +1334,13 @@ with a summary; no entry crosses the wire. In one call, for consumer of the work
  3. each entry's delivery count (XPENDING of this consumer), for the max_deliveries rule;
     the entry id given as waited (the worker's wait delivered it once; its settling is the
     first try) counts one less.
- 4. settles them all as settle_entries would. A refused entry (or a whole call refused)
+ 4. settles them all (settle_read). A refused entry (or a whole call refused)
     writes nothing and stays pending to this consumer: the next call reads it again (and
     counts one more delivery), so the worker waits a little first.
-KEYS: the 9 of settle_entries.
+KEYS: balances, results, requests, held, reservations, expiries, holds, deadletter,
+      deadletter:reasons
 ARGV: consumer, count (1..1000), reclaim_idle_ms (0: no reclaim), waited ('' or an entry
-      id), then the 15 of settle_entries' header.
+      id), then the 15 of the context (above: settling entries as read).
 Returns a flat summary:
   {read, reclaimed, last_id ('' when none read), approved, duplicate, stale, refused,
    error (the first refusal's text, '' when none),
@@ -1756,10 +1692,8 @@ redis.register_function('reserve', function(keys, args) return settle('reserve',
 redis.register_function('commit', function(keys, args) return settle('commit', keys, args) end)
 redis.register_function('extend', function(keys, args) return settle('extend', keys, args) end)
 redis.register_function('release', function(keys, args) return settle('release', keys, args) end)
-redis.register_function('settle_entries', settle_entries)
 redis.register_function('pump', pump)
 redis.register_function('expire_reservations', expire_reservations)
-redis.register_function('dead_letter', dead_letter)
 redis.register_function('top_up', top_up)
 redis.register_function('set_balances', set_balances)
 redis.register_function('trim', trim)

@@ -27,10 +27,8 @@ from charging import codec
 from charging.codec import RESERVATION_SEP
 from charging.connection import connect, library_source
 from charging.plan import run
-from charging.schema import Invalid
 from charging.settings import Settings
 from charging.streams import ensure_group
-from charging.tariff import price
 from producer import Producer
 from tests.documents import section
 from tests.roles import KEYS, ROLES, ROOT, acl_server, role, root
@@ -126,32 +124,8 @@ def pump_call(client, settings, _):
                                ("release", "approved"): 1}, done
 
 
-def entries_call(client, settings, entries):
-    """settle_entries: what pump settles, given as read (the bench and tests call it; no role does)."""
-    replies = codec.batch_replies(codec.settle_entries(client, settings, KEYS, entries), len(entries))
-    assert [r.status for r in replies] == ["approved"] * len(BATCH) + ["dead"], replies
-
-
-def entries_scene(scene, settings):
-    settle_scene(scene, settings)
-    posted_before(scene, KEYS.results, KEYS.reply("someone"), KEYS.deadletter)
-    fields = [Producer(scene, settings, "someone").prepare(data, reply=True).to_fields() for data in BATCH]
-    pending(scene, settings, [*fields, {"account": "account1"}])
-    return [(eid.decode(), 1, entry) for eid, entry in scene.xrange(KEYS.requests)]
-
-
 def expire_call(client, settings, _):
     assert codec.expire_reservations(client, settings, KEYS) == 1
-
-
-def dead_letter_scene(scene, settings):
-    posted_before(scene, KEYS.deadletter)
-    return pending(scene, settings, [{"account": "account1"}])
-
-
-def dead_letter_call(client, settings, entry_ids):
-    assert codec.dead_letter(client, settings, KEYS, entry_ids[0], Invalid("missing_field", "request_id"),
-                             {b"account": b"account1"}) == 1
 
 
 def trim_scene(scene, settings):
@@ -207,9 +181,7 @@ class Row:
 ROWS = [
     Row(("charge", "reserve", "extend", "commit", "release"), ("authorizer", "gateway"), settle_scene, settle_call),
     Row(("pump",), ("worker",), pump_scene, pump_call),
-    Row(("settle_entries",), (), entries_scene, entries_call),
     Row(("expire_reservations",), ("worker",), settle_scene, expire_call),
-    Row(("dead_letter",), (), dead_letter_scene, dead_letter_call),
     Row(("trim",), ("maintainer",), trim_scene, trim_call),
     Row(("repair",), ("maintainer",), repair_scene, repair_call),
     Row(("set_balances", "top_up"), ("admin",), lambda scene, settings: None, accounts_call),

@@ -14,7 +14,7 @@ import redis
 from charging import codec
 from charging.app.audit import audit
 from charging.keys import Keys, keys_of
-from charging.schema import Invalid, parse_request
+from charging.schema import parse_request
 from tests.conftest import BOTH_BACKENDS, drain, results
 from tests.records import recorded
 
@@ -215,17 +215,13 @@ def test_an_entry_whose_outcome_cannot_be_posted_stays_pending_until_dead_letter
 
 
 def test_a_dead_letter_that_cannot_be_posted_leaves_its_entry_pending(client, settings):
-    keys = Keys(settings.namespace, 0)
-    client.xgroup_create(keys.requests, settings.group, id="0", mkstream=True)
-    client.xadd(keys.requests, {"account": "acct"})  # no request_id: a dead letter
-    [[_, [(entry_id, _)]]] = client.xreadgroup(settings.group, "w", {keys.requests: ">"})
+    keys = pending_to_w0(client, settings, {"account": "acct"})  # no request_id: a dead letter
     exhaust(client, keys.deadletter)
     before = snapshot(client, settings)
 
-    message = refused(lambda: codec.dead_letter(client, settings, keys, entry_id.decode(),
-                                                Invalid("missing_field", "request_id"), {b"account": b"acct"}))
+    done = pump(client, settings, keys)
 
-    assert "stream_exhausted" in message and snapshot(client, settings) == before
+    assert done.refused == 1 and "stream_exhausted" in done.error and snapshot(client, settings) == before
     assert client.xpending(keys.requests, settings.group)["pending"] == 1
 
 
