@@ -39,10 +39,9 @@ def partition_keys(keys: Keys) -> list[str]:
     return [keys.balances, keys.results, keys.requests, keys.held, keys.reservations, keys.expiries, keys.holds]
 
 
-def settle_keys(keys: Keys, request_id: str, reply_to: str | None = None) -> list[str]:
+def settle_keys(keys: Keys, reply_to: str | None = None) -> list[str]:
     """The KEYS of a settling function, in the order lua/charging.lua `settle` reads them."""
-    balances, *shared = partition_keys(keys)
-    names = [balances, keys.seen(request_id), *shared]
+    names = partition_keys(keys)
     return names + [reply_to] if reply_to else names
 
 
@@ -74,7 +73,7 @@ def settle(target, settings: Settings, request: ChargeRequest, amount: int | Non
            given: Mapping[str, Any] | None = None):
     """Queue the function of the request's op (charge, reserve, commit, extend, release).
     given: see settle_arguments."""
-    names = settle_keys(keys_of(request.account, settings), request.request_id, request.reply_to)
+    names = settle_keys(keys_of(request.account, settings), request.reply_to)
     return target.fcall(request.op, len(names), *names,
                         *settle_arguments(settings, request, amount, entry_id, given))
 
@@ -274,8 +273,8 @@ def reservation(packed: bytes | str) -> Reservation:
 
 @dataclass(frozen=True)
 class Recorded:
-    """The outcome a dedupe record (``<ns>:{pN}:seen:<request_id>``, lua/charging.lua
-    record()) keeps for the dedupe window: what a replay of the request id is answered with.
+    """The outcome a dedupe record (a field of ``<ns>:{pN}:dedupe:<slice>:<slot>``,
+    lua/charging.lua record()) keeps for the dedupe window: what a replay of the request id is answered with.
     It keeps no times. op, held, reserved and expires_at for reservation operations only."""
 
     request_id: str
@@ -325,23 +324,19 @@ def dedupe_buckets(keys: Keys, window_ms: int, now_ms: int) -> list[str]:
 def find_records(settings: Settings, places: Sequence[Keys], request_id: str) -> Plan[list[Recorded]]:
     """The outcome recorded for request_id within the dedupe window, in each partition of
     places that has one, as a settling call would find it: the newest record of the
-    buckets if the window still covers it, else the old layout's key. Two round trips:
-    the server's time, then every lookup."""
+    buckets if the window still covers it. Two round trips: the server's time, then every
+    lookup."""
     seconds, micros = yield lambda client: client.time()
     now_ms, window_ms = int(seconds) * 1000 + int(micros) // 1000, settings.dedupe_window_ms
     names = [dedupe_buckets(keys, window_ms, now_ms) for keys in places]
-    answers = yield pipelined(lambda pipe: [
-        *(pipe.hget(name, request_id) for buckets in names for name in buckets),
-        *(pipe.get(keys.seen(request_id)) for keys in places)])
-    legacy = answers[-len(places):]
+    answers = yield pipelined(lambda pipe: [pipe.hget(name, request_id) for buckets in names for name in buckets])
     found, at = [], 0
-    for buckets, old in zip(names, legacy):
+    for buckets in names:
         newest = next((value for value in answers[at:at + len(buckets)] if value is not None), None)
         at += len(buckets)
         settled_at, _, packed = text(newest or "0").partition(RESERVATION_SEP)
         counts = newest is not None and settled_at.isdigit() and int(settled_at) + window_ms > now_ms
-        record = (counts and _checked(request_id, packed)) or (old is not None and _checked(request_id, old))
-        if record:
+        if counts and (record := _checked(request_id, packed)):
             found.append(record)
     return found
 

@@ -9,8 +9,8 @@ when a function here changes).
 
 Keys. <ns> is the namespace (CHARGING_NAMESPACE, default "ch"); {pN} is the partition
 hash tag, so every key one call touches lives in one Redis Cluster slot. Every key a
-function touches is passed to it in KEYS (but the dedupe buckets, below), none is made up
-inside; each is checked against the name its role gives it before anything is written.
+function touches is passed to it in KEYS (but the dedupe buckets, below, and the reply
+streams pump reads from its entries), none is made up inside; each is checked against the name its role gives it before anything is written.
 
   <ns>:{pN}:balances       hash    account -> balance in minor units (held funds included:
                                    available = balance - held). Written by charge, commit,
@@ -41,9 +41,6 @@ inside; each is checked against the name its role gives it before anything is wr
                                    once its last record has (see bucket()). The only keys
                                    named here rather than passed in KEYS: made from the
                                    partition's tag and the time, so in its slot.
-  <ns>:{pN}:seen:<rid>     string  outcome of request id <rid>, packed: the layout before
-                                   the buckets. Read (never written) until the last of
-                                   them expires, one dedupe window after the upgrade.
   <ns>:{pN}:requests       stream  charge and reservation requests, XADDed by producers,
                                    read by the worker group inside pump (XREADGROUP,
                                    XAUTOCLAIM; the worker's own read only waits); acked
@@ -330,24 +327,8 @@ local function read_account(k, account, now, ahead)
       end
     end
   end
-  -- The stored total covers every reservation of the account (those made before the index
-  -- existed too); one smaller than what was read is not a total the library wrote.
-  if s.stored_held < s.counted then return nil, 'corrupt_held' end
-  s.held = s.stored_held - s.released
-  return s
-end
-
--- The reservation a request names when the index did not list it (one made before the
--- index existed), read and checked the same way. Returns nil and a reason when it is not
--- one the library wrote.
-local function read_named(k, s, id, now)
-  if s.open[id] or s.expired[id] then return s end
-  local packed = redis.call('HGET', k.reservations, id)
-  if not packed then return s end
-  local r = parse_reservation(packed, id)
-  if not r then return nil, 'corrupt_reservation' end
-  holding(s)
-  count_reservation(s, id, r, now)
+  -- The stored total covers every reservation of the account: one smaller than what was
+  -- read is not a total the library wrote.
   if s.stored_held < s.counted then return nil, 'corrupt_held' end
   s.held = s.stored_held - s.released
   return s
@@ -544,13 +525,12 @@ local function record(a, o)
   return packed .. SEP .. digits(o.held) .. SEP .. digits(o.reserved) .. SEP .. digits(o.expires_at)
 end
 
--- A stored record, checked; nil when it is not one the library wrote. dated: it starts
--- with the time it was settled (a bucket's record), else it is a key of its own (the
--- layout before buckets, read until those keys expire).
-local function parse_record(stored, dated)
+-- A stored record (a bucket's field: the time it was settled, then the record), checked;
+-- nil when it is not one the library wrote.
+local function parse_record(stored)
   local r = split(stored)
-  local at = dated and count(table.remove(r, 1), 0, MAX_TIME_MS)
-  if dated and not at then return nil end
+  local at = count(table.remove(r, 1), 0, MAX_TIME_MS)
+  if not at then return nil end
   if #r == 5 then r[6], r[7], r[8] = '0', '0', '' end -- a charge's record
   local o = {fingerprint = r[1], status = r[2], reason = r[3], charged = count(r[4], 0, MAX_BALANCE),
              balance = count(r[5], 0, MAX_BALANCE), held = count(r[6], 0, MAX_BALANCE),
@@ -595,8 +575,7 @@ end
 -- The record of a request id settled within the window, checked: false when there is
 -- none, nil and a detail when one is not a record the library wrote. Looks in what
 -- pump read ahead when it did, else in the buckets, newest first (a newer record
--- of an id is the one that counts); then in the request id's key of the layout before
--- buckets.
+-- of an id is the one that counts).
 local function read_record(k, a, now, ahead)
   local slice = slice_of(a.window_ms)
   local stored = ahead and ahead.records[slice] and ahead.records[slice][a.request_id]
@@ -610,17 +589,10 @@ local function read_record(k, a, now, ahead)
       if stored and slot < last then break end
     end
   end
-  if stored then
-    local o = parse_record(stored, true)
-    if not o then return nil, 'dedupe record of ' .. a.request_id end
-    if o.at + a.window_ms > now then return o end
-  end
-  local legacy = ahead and ahead.legacy[k.seen]
-  if legacy == nil then legacy = redis.call('GET', k.seen) end
-  if not legacy then return false end
-  local o = parse_record(legacy, false)
-  if not o then return nil, k.seen end
-  return o
+  if not stored then return false end
+  local o = parse_record(stored)
+  if not o then return nil, 'dedupe record of ' .. a.request_id end
+  return o.at + a.window_ms > now and o
 end
 
 -- A bucket lives until its last record has expired: the expiry is set when it is made,
@@ -697,7 +669,7 @@ local SETTLE_WRITES = {reservations = 'hash', expiries = 'zset', holds = 'zset'}
 
 --[[
 charge, reserve, commit, extend, release: settle one request exactly once.
-KEYS: balances, seen, results, requests, held, reservations, expiries, holds, [reply_to]
+KEYS: balances, results, requests, held, reservations, expiries, holds, [reply_to]
 ARGV: request_id, account, fingerprint, entry_id ('' for a synchronous call), group,
       window_ms, submitted_at, reply_ttl_ms, amount, units, unit_price, reservation, ttl_ms
       ('' for what an operation does not use; a value it does not use is refused):
@@ -719,7 +691,7 @@ Returns {status, reason, charged, balance, duplicate, processed_at}, then for th
 reservation operations {held, reserved, expires_at}; or {'stale'} when the entry had
 already been settled by another consumer. A refused call (an error) writes nothing.
 ]]
--- One entry: k, the partition's keys with this entry's seen and reply_to; its 13
+-- One entry: k, the partition's keys with this entry's reply_to; its 13
 -- arguments from args[base + 1]; ahead, what pump read for the whole call (nil
 -- for a call of its own).
 local function settle_entry(op, k, args, base, ahead)
@@ -727,7 +699,6 @@ local function settle_entry(op, k, args, base, ahead)
   -- directly, for whom a negative amount would be a top-up.
   local a, err, detail = read_args(op, args, base, ahead and ahead.known)
   if not a then return refuse(err, detail) end
-  if string.sub(k.seen, 1, #k.seen_prefix) ~= k.seen_prefix then return refuse('wrong_arguments', 'seen key') end
   if k.reply_to then
     local prefix = k.tag .. ':reply:'
     if string.sub(k.reply_to, 1, #prefix) ~= prefix or not text(string.sub(k.reply_to, #prefix + 1), NAME, 64) then
@@ -746,7 +717,6 @@ local function settle_entry(op, k, args, base, ahead)
   local stored, corrupt = read_record(k, a, now, ahead)
   if stored == nil then return refuse('corrupt_record', corrupt) end
   local s, bad = read_account(k, a.account, now, ahead)
-  if s and a.reservation then s, bad = read_named(k, s, a.reservation, now) end
   if not s then return refuse(bad, a.account) end
   local o = stored and replay(s, a, stored)
   if not o then
@@ -769,37 +739,33 @@ end
 local function settle(op, keys, args)
   -- A caller of another layout (a process of an older version during an upgrade) is
   -- refused before anything is written: nothing acked, so its entry stays pending.
-  local k = (#keys == 8 or #keys == 9) and #args == 13
-      and partition_keys({keys[1], keys[3], keys[4], keys[5], keys[6], keys[7], keys[8]}, SETTLE_ROLES)
+  local k = (#keys == #SETTLE_ROLES or #keys == #SETTLE_ROLES + 1) and #args == 13
+      and partition_keys(keys, SETTLE_ROLES)
   if not k then
-    return refuse('wrong_arguments', op .. ' takes 8 or 9 keys of one partition (balances, seen, results, '
-                  .. 'requests, held, reservations, expiries, holds, [reply_to]) and 13 arguments')
+    return refuse('wrong_arguments', op .. ' takes 7 or 8 keys of one partition (' .. table.concat(SETTLE_ROLES, ', ')
+                  .. ', [reply_to]) and 13 arguments')
   end
-  k.seen, k.reply_to, k.seen_prefix = keys[2], keys[9], k.tag .. ':seen:'
+  k.reply_to = keys[#SETTLE_ROLES + 1]
   return settle_entry(op, k, args, 0)
 end
 
 -- What the entries of a batch read, in a few commands for the whole call instead of a few
 -- each: the balances and held totals of their accounts, their dedupe records (one HMGET
--- per bucket) and the old layout's record keys (one MGET); and the server time, once
+-- per bucket); and the server time, once
 -- (every entry of a call is processed at the same millisecond). Entries write through it
 -- (apply, write_record), so a later entry of the same account or request id reads what an
 -- earlier one wrote; the balances and records are written at the end, one HSET for the
 -- balances and one per bucket. Shared arguments are checked once (known). A bucket of
--- another type fails its HMGET here, before anything is written. An old record key of
--- another type reads as no record (MGET answers nil for it).
-local function read_ahead(k, accounts, legacy_keys, slices, windows)
+-- another type fails its HMGET here, before anything is written.
+local function read_ahead(k, accounts, slices, windows)
   local now = now_ms()
   local ahead = {now = now, stamp = digits(now), accounts = accounts, balances = {}, held = {}, charged = {},
-                 records = {}, legacy = {}, writes = {}, written = {}, streams = {},
+                 records = {}, writes = {}, written = {}, streams = {},
                  known = {group = {}, window = windows, reply_ttl = {}}}
   local balances = redis.call('HMGET', k.balances, unpack(accounts))
   local held = redis.call('HMGET', k.held, unpack(accounts))
   for i, account in ipairs(accounts) do
     ahead.balances[account], ahead.held[account] = balances[i], held[i]
-  end
-  if #legacy_keys > 0 then
-    for i, stored in ipairs(redis.call('MGET', unpack(legacy_keys))) do ahead.legacy[legacy_keys[i]] = stored end
   end
   for slice, wanted in pairs(slices) do
     local found = {}
@@ -833,20 +799,17 @@ local function write_ahead(k, ahead)
   end
 end
 
--- The reads a batch shares, planned from its items ({op, args, base, seen, reply_to}: an
--- entry's op, its 13 arguments from args[base + 1], its record key and reply stream): the
--- accounts, old-layout record keys and dedupe buckets of every item. The keys shared by
+-- The reads a batch shares, planned from its items ({op, args, base, reply_to}: an entry's
+-- op, its 13 arguments from args[base + 1] and its reply stream): the accounts and dedupe
+-- buckets of every item. The keys shared by
 -- every entry are checked once for the whole call, before it writes. Returns what
 -- read_ahead read, or nil and the error that refuses the call.
 local function batch_ahead(k, items)
-  local accounts, legacy_keys, listed, slices, writes = {}, {}, {}, {}, CHARGE_WRITES
+  local accounts, listed, slices, writes = {}, {}, {}, CHARGE_WRITES
   local windows = {} -- the windows checked, shared with the entries' own checks (read_args)
-  k.seen_prefix = k.tag .. ':seen:'
   for _, item in ipairs(items) do
     local args, base = item.args, item.base
-    -- settle_entry refuses a record key outside the partition, or a window out of range,
-    -- before it reads a record
-    if string.sub(item.seen, 1, #k.seen_prefix) == k.seen_prefix then legacy_keys[#legacy_keys + 1] = item.seen end
+    -- settle_entry refuses a window out of range before it reads a record
     local window_ms = shared(windows, args[base + 6], duration_arg)
     if window_ms then -- the buckets of a slice, read over the longest window of its entries
       local slice = slice_of(window_ms)
@@ -863,7 +826,7 @@ local function batch_ahead(k, items)
   end
   local err = wrong_types(k, writes) or postable(k.results)
   if err then return nil, err end
-  return read_ahead(k, accounts, legacy_keys, slices, windows)
+  return read_ahead(k, accounts, slices, windows)
 end
 
 -- One item of a batch, settled through what the call read ahead. A refused entry wrote
@@ -871,7 +834,7 @@ end
 -- own reply.
 local function settle_item(k, item, ahead)
   if not OPS[item.op] then return refuse('unknown_op', tostring(item.op)) end
-  k.seen, k.reply_to = item.seen, item.reply_to
+  k.reply_to = item.reply_to
   local ok, result = pcall(settle_entry, item.op, k, item.args, item.base, ahead)
   return ok and result or {err = type(result) == 'table' and result.err or tostring(result)}
 end
@@ -1205,8 +1168,7 @@ end
 -- read ahead, settle_entry and write ahead; a bad one, one delivered more than
 -- max_deliveries times or one whose id is more than max_clock_skew_ms ahead of the
 -- server's clock is acked and dead-lettered with its own pairs, in the same call. The
--- record keys (<ns>:{pN}:seen:<rid>) and reply streams (an entry's reply_to, in this
--- partition) are named here, not in KEYS. The context (the header of pump's ARGV): group,
+-- reply streams (an entry's reply_to, in this partition) are named here, not in KEYS. The context (the header of pump's ARGV): group,
 -- window_ms, reply_ttl_ms, partition, partitions, deadletter maxlen, the prices of sms,
 -- voice and data, max_units, max_amount, max_reservation_ttl_s, the default reservation
 -- ttl (s), max_deliveries, max_clock_skew_ms.
@@ -1257,7 +1219,7 @@ local function judge_entries(k, args, entries, c)
     else
       local op, settle_args, reply_to = judge_entry(args, e.first, e.n, e.id, c)
       if op then
-        e.item = {op = op, args = settle_args, base = 0, seen = k.tag .. ':seen:' .. settle_args[1], reply_to = reply_to}
+        e.item = {op = op, args = settle_args, base = 0, reply_to = reply_to}
         items[#items + 1] = e.item
       else
         e.reason, e.detail = settle_args, reply_to

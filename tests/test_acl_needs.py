@@ -36,7 +36,7 @@ from tests.roles import KEYS, ROLES, ROOT, acl_server, role, root
 # Key kinds, as the ACL file spells their patterns; every key a function touches must be one.
 KINDS = {
     "balances": "ch:{p*}:balances", "held": "ch:{p*}:held", "reservations": "ch:{p*}:reservations",
-    "expiries": "ch:{p*}:expiries", "holds": "ch:{p*}:holds", "seen:*": "ch:{p*}:seen:*",
+    "expiries": "ch:{p*}:expiries", "holds": "ch:{p*}:holds",
     "dedupe:*": "ch:{p*}:dedupe:*", "requests": "ch:{p*}:requests",
     "results": "ch:{p*}:results", "reply:*": "ch:{p*}:reply:*", "deadletter": "ch:{p*}:deadletter",
     "deadletter:reasons": "ch:{p*}:deadletter:reasons", "partitions": "ch:partitions",
@@ -196,7 +196,7 @@ DIRECT = {
     # charging status reads, and XINFO STREAM / XREVRANGE of the results).
     "gateway": {("xadd", "requests"), ("xlen", "requests"), ("xpending", "requests"), ("xinfo|groups", "requests"),
                 ("xinfo|consumers", "requests"), ("hget", "balances"), ("hget", "held"), ("hvals", "held"),
-                ("hlen", "reservations"), ("get", "seen:*"), ("xlen", "results"), ("xread", "results"),
+                ("hlen", "reservations"), ("xlen", "results"), ("xread", "results"),
                 ("xrevrange", "results"), ("xinfo|stream", "results"), ("xreadgroup", "results"),
                 ("xack", "results"), ("xgroup|create", "results"), ("xlen", "deadletter"),
                 ("hgetall", "deadletter:reasons"), ("get", "partitions")},
@@ -377,7 +377,7 @@ KEY_PROBES = {
 }
 # A concrete key of each kind, and the kinds it belongs to.
 PROBE_KEYS = {KEYS.balances: {"balances"}, KEYS.held: {"held"}, KEYS.reservations: {"reservations"},
-              KEYS.expiries: {"expiries"}, KEYS.holds: {"holds"}, KEYS.seen("r1"): {"seen:*"}, KEYS.requests: {"requests"},
+              KEYS.expiries: {"expiries"}, KEYS.holds: {"holds"}, KEYS.requests: {"requests"},
               KEYS.results: {"results"}, KEYS.reply("someone"): {"reply:*"},
               KEYS.reply("producer"): {"reply:*", "reply:producer"}, KEYS.deadletter: {"deadletter"},
               KEYS.deadletter_reasons: {"deadletter:reasons"}, "ch:partitions": {"partitions"},

@@ -1,7 +1,6 @@
 """Dedupe records in time buckets (lua/charging.lua, bucket()): a request id answers as a
-duplicate for exactly its window, each bucket expires once its last record has, and the
-records an earlier version kept in a key per request id still answer replays after an
-upgrade, through a call of its own and through a worker."""
+duplicate for exactly its window, each bucket expires once its last record has, through a
+call of its own and through pump."""
 
 from __future__ import annotations
 
@@ -12,7 +11,7 @@ import pytest
 from charging import codec
 from charging.keys import keys_of
 from charging.schema import parse_request
-from tests.conftest import BOTH_BACKENDS, drain, results
+from tests.conftest import BOTH_BACKENDS
 from tests.records import recorded
 
 SEP = codec.RESERVATION_SEP
@@ -67,28 +66,6 @@ def test_a_request_id_is_a_duplicate_for_exactly_its_window(client, settings):
     later = codec.settled(codec.settle(client, settings, charge(settings, "d2"), 10, given=window))
 
     assert (later.duplicate, later.status, later.balance) == (False, "approved", 80)
-
-
-@BOTH_BACKENDS
-def test_a_record_of_the_layout_before_buckets_still_answers_a_replay(client, settings, producer):
-    """An upgrade within a dedupe window: request ids settled by the previous version (a key
-    per id) are still answered from those keys, by a call of its own and by a worker."""
-    keys = keys_of("acct", settings)
-    codec.set_balances(client, settings, [("acct", 100)])
-    for rid in ("old1", "old2"):
-        client.set(keys.seen(rid), SEP.join(["acct|amount|10", "approved", "", "10", "90"]), px=60_000)
-
-    direct = codec.settled(codec.settle(client, settings, charge(settings, "old1"), 10))
-    producer.submit([{"request_id": "old2", "account": "acct", "amount": 10},
-                     {"request_id": "old2", "account": "acct", "amount": 11}])
-    drain(settings)
-
-    assert (direct.duplicate, direct.charged, direct.balance) == (True, 10, 90)
-    replayed, conflict = [r for r in results(client, settings) if r["request_id"] == "old2"]
-    assert (replayed["duplicate"], replayed["charged"], replayed["balance"]) == ("1", "10", "90")
-    assert (conflict["duplicate"], conflict["reason"]) == ("1", "idempotency_conflict")
-    assert client.hget(keys.balances, "acct") == b"100"
-    assert [r.charged for r in recorded(client, settings, "old1")] == [10]
 
 
 def test_a_corrupt_record_in_a_bucket_is_refused_before_anything_is_written(client, settings):
