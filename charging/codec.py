@@ -17,17 +17,17 @@ import redis
 
 from charging.keys import Keys, keys_of
 from charging.plan import Plan, pipelined, run
-from charging.schema import ChargeRequest, Invalid, Outcome, field_pairs
+from charging.schema import ChargeRequest, Outcome
 from charging.settings import SERVICES, Settings
 from charging.streams import text
 from charging.tariff import unit_price
 
-DEADLETTER_FIELD_BYTES = 1024  # an oversized field is kept only up to this, so dead letters stay small
+DEADLETTER_FIELD_BYTES = 1024  # lua/charging.lua keeps an oversized field of a dead letter only up to this
 SET_BALANCES_CHUNK = 1000  # accounts per set_balances call: bounded argument lists
 RESERVATION_SEP = "\x1f"  # lua/charging.lua packs records (reservations, dedupe records) with this separator
 
 
-# ---- settling: charge, reserve, commit, extend, release, settle_batch, settle_entries -----
+# ---- settling: charge, reserve, commit, extend, release, pump ----------------------------
 
 # The 13 ARGV of a settling function by name, in the order lua/charging.lua `settle` reads them.
 SETTLE_ARGUMENTS = ("request_id", "account", "fingerprint", "entry_id", "group", "window_ms", "submitted_at",
@@ -35,14 +35,13 @@ SETTLE_ARGUMENTS = ("request_id", "account", "fingerprint", "entry_id", "group",
 
 
 def partition_keys(keys: Keys) -> list[str]:
-    """The partition's keys every settling call shares, in the order settle_batch takes them."""
+    """The partition's keys every settling call shares, in the order the library takes them."""
     return [keys.balances, keys.results, keys.requests, keys.held, keys.reservations, keys.expiries, keys.holds]
 
 
-def settle_keys(keys: Keys, request_id: str, reply_to: str | None = None) -> list[str]:
+def settle_keys(keys: Keys, reply_to: str | None = None) -> list[str]:
     """The KEYS of a settling function, in the order lua/charging.lua `settle` reads them."""
-    balances, *shared = partition_keys(keys)
-    names = [balances, keys.seen(request_id), *shared]
+    names = partition_keys(keys)
     return names + [reply_to] if reply_to else names
 
 
@@ -74,36 +73,13 @@ def settle(target, settings: Settings, request: ChargeRequest, amount: int | Non
            given: Mapping[str, Any] | None = None):
     """Queue the function of the request's op (charge, reserve, commit, extend, release).
     given: see settle_arguments."""
-    names = settle_keys(keys_of(request.account, settings), request.request_id, request.reply_to)
+    names = settle_keys(keys_of(request.account, settings), request.reply_to)
     return target.fcall(request.op, len(names), *names,
                         *settle_arguments(settings, request, amount, entry_id, given))
 
 
-def batch_entries(settings: Settings, keys: Keys,
-                  items: Sequence[tuple[ChargeRequest, int | None, str]]) -> tuple[list[str], list]:
-    """The KEYS and ARGV a settle_batch call takes per (request, amount, entry_id) item, after
-    the partition's keys: seen and reply_to if any; op, has_reply and the 13 arguments."""
-    names: list[str] = []
-    args: list = []
-    for request, amount, entry_id in items:
-        names.append(keys.seen(request.request_id))
-        if request.reply_to:
-            names.append(request.reply_to)
-        args += (request.op, 1 if request.reply_to else 0, *settle_arguments(settings, request, amount, entry_id))
-    return names, args
-
-
-def settle_batch(target, settings: Settings, keys: Keys, items: Sequence[tuple[ChargeRequest, int | None, str]]):
-    """Queue one FCALL that settles (request, amount, entry_id) items of one partition, in
-    order, each exactly as settle() would (the same keys and arguments per entry). Read its
-    reply with batch_replies()."""
-    names, args = batch_entries(settings, keys, items)
-    names = partition_keys(keys) + names
-    return target.fcall("settle_batch", len(names), *names, *args)
-
-
 def entries_header(settings: Settings, keys: Keys) -> list:
-    """The 15 ARGV settle_entries and pump share: the group, the dedupe window, the reply
+    """The 15 ARGV of pump after its own four: the group, the dedupe window, the reply
     ttl, the partition and the partition count, the dead-letter maxlen, the tariff and the
     limits the library judges an entry by."""
     return [settings.group, settings.dedupe_window_ms, settings.reply_ttl_s * 1000, keys.partition,
@@ -113,22 +89,8 @@ def entries_header(settings: Settings, keys: Keys) -> list:
 
 
 def entries_keys(keys: Keys) -> list[str]:
-    """The 9 KEYS of settle_entries and pump."""
+    """The 9 KEYS of pump."""
     return [*partition_keys(keys), keys.deadletter, keys.deadletter_reasons]
-
-
-def settle_entries(target, settings: Settings, keys: Keys, entries: Iterable[tuple[str, int, Any]]):
-    """Queue one FCALL that judges and settles (entry_id, deliveries, fields) entries of the
-    partition's request stream as they were read: fields every pair of the entry (EntryFields
-    or pairs; None for one deleted before it was read). The library judges each entry as
-    schema.parse_request and tariff.price would, dead-letters (and acks) a bad one, and
-    settles a good one as its own function would. Read its reply with batch_replies()."""
-    names = entries_keys(keys)
-    args: list = entries_header(settings, keys)
-    for entry_id, deliveries, fields in entries:
-        pairs = field_pairs(fields)
-        args += (entry_id, deliveries, len(pairs), *(part for pair in pairs for part in pair))
-    return target.fcall("settle_entries", len(names), *names, *args)
 
 
 def pump(target, settings: Settings, keys: Keys, consumer: str, count: int, reclaim_idle_ms: int = 0,
@@ -186,8 +148,7 @@ def summary(reply: Sequence[Any]) -> Summary:
 @dataclass(frozen=True)
 class Settled:
     """The reply of a settling function for one request. status 'stale': the entry had
-    already been settled by another consumer and this call changed nothing; 'dead'
-    (settle_entries): the entry was dead-lettered, with reason."""
+    already been settled by another consumer and this call changed nothing."""
 
     status: str
     reason: str = ""
@@ -205,10 +166,6 @@ class Settled:
         return self.status == "stale"
 
     @property
-    def dead(self) -> bool:
-        return self.status == "dead"
-
-    @property
     def replayed(self) -> bool:
         """Answered from the dedupe record (an idempotency conflict is a rejection, not a replay)."""
         return self.duplicate and self.reason != "idempotency_conflict"
@@ -216,9 +173,9 @@ class Settled:
 
 def settled(reply: Sequence[Any]) -> Settled:
     """Parse {status, reason, charged, balance, duplicate, processed_at[, held, reserved,
-    expires_at]}, {'stale'} or {'dead', reason}."""
-    if len(reply) <= 2:
-        return Settled(text(reply[0]), text(reply[1]) if len(reply) == 2 else "")
+    expires_at]} or {'stale'}."""
+    if len(reply) == 1:
+        return Settled(text(reply[0]))
     status, reason, charged, balance, duplicate, processed_at, *session = reply
     parsed = Settled(text(status), text(reason), int(charged), int(balance), bool(int(duplicate)),
                      int(processed_at))
@@ -226,14 +183,6 @@ def settled(reply: Sequence[Any]) -> Settled:
         return parsed
     held, reserved, expires_at = session
     return replace(parsed, held=int(held), reserved=int(reserved), expires_at=_number(text(expires_at)))
-
-
-def batch_replies(reply: Any, count: int) -> list[Any]:
-    """settle_batch's (or settle_entries') reply, one item per entry: a Settled, or the error of that entry. An
-    error of the whole call (a lost connection, a missing library) is every entry's error."""
-    if isinstance(reply, Exception):
-        return [reply] * count
-    return [item if isinstance(item, Exception) else settled(item) for item in reply]
 
 
 def outcome(request: ChargeRequest, result: Settled) -> Outcome:
@@ -249,19 +198,7 @@ def outcome(request: ChargeRequest, result: Settled) -> Outcome:
                    reserved=result.reserved, expires_at=result.expires_at)
 
 
-# ---- dead letters, balances, upkeep --------------------------------------------------------
-
-def dead_letter(target, settings: Settings, keys: Keys, entry_id: str, invalid: Invalid,
-                fields: Mapping[bytes, bytes] | None, ack: bool = True):
-    """Queue the move of a bad entry to the dead-letter stream, with every pair it has (a
-    repeated name included). Replies 1, or 0 when another consumer had settled the entry.
-    ack=False records an entry that is no longer pending (XAUTOCLAIM found it deleted)."""
-    pairs = [part[:DEADLETTER_FIELD_BYTES] for item in field_pairs(fields) for part in item]
-    return target.fcall(
-        "dead_letter", 3, keys.deadletter, keys.requests, keys.deadletter_reasons,
-        entry_id, settings.group if ack else "", invalid.reason, invalid.detail, settings.deadletter_maxlen, *pairs,
-    )
-
+# ---- balances, upkeep ----------------------------------------------------------------------
 
 def top_up(client: redis.Redis, settings: Settings, account: str, amount: int) -> int:
     """Add amount to an existing account; the new balance. Raises redis.ResponseError
@@ -336,8 +273,8 @@ def reservation(packed: bytes | str) -> Reservation:
 
 @dataclass(frozen=True)
 class Recorded:
-    """The outcome a dedupe record (``<ns>:{pN}:seen:<request_id>``, lua/charging.lua
-    record()) keeps for the dedupe window: what a replay of the request id is answered with.
+    """The outcome a dedupe record (a field of ``<ns>:{pN}:dedupe:<slice>:<slot>``,
+    lua/charging.lua record()) keeps for the dedupe window: what a replay of the request id is answered with.
     It keeps no times. op, held, reserved and expires_at for reservation operations only."""
 
     request_id: str
@@ -387,23 +324,19 @@ def dedupe_buckets(keys: Keys, window_ms: int, now_ms: int) -> list[str]:
 def find_records(settings: Settings, places: Sequence[Keys], request_id: str) -> Plan[list[Recorded]]:
     """The outcome recorded for request_id within the dedupe window, in each partition of
     places that has one, as a settling call would find it: the newest record of the
-    buckets if the window still covers it, else the old layout's key. Two round trips:
-    the server's time, then every lookup."""
+    buckets if the window still covers it. Two round trips: the server's time, then every
+    lookup."""
     seconds, micros = yield lambda client: client.time()
     now_ms, window_ms = int(seconds) * 1000 + int(micros) // 1000, settings.dedupe_window_ms
     names = [dedupe_buckets(keys, window_ms, now_ms) for keys in places]
-    answers = yield pipelined(lambda pipe: [
-        *(pipe.hget(name, request_id) for buckets in names for name in buckets),
-        *(pipe.get(keys.seen(request_id)) for keys in places)])
-    legacy = answers[-len(places):]
+    answers = yield pipelined(lambda pipe: [pipe.hget(name, request_id) for buckets in names for name in buckets])
     found, at = [], 0
-    for buckets, old in zip(names, legacy):
+    for buckets in names:
         newest = next((value for value in answers[at:at + len(buckets)] if value is not None), None)
         at += len(buckets)
         settled_at, _, packed = text(newest or "0").partition(RESERVATION_SEP)
         counts = newest is not None and settled_at.isdigit() and int(settled_at) + window_ms > now_ms
-        record = (counts and _checked(request_id, packed)) or (old is not None and _checked(request_id, old))
-        if record:
+        if counts and (record := _checked(request_id, packed)):
             found.append(record)
     return found
 

@@ -66,11 +66,6 @@ class Keys:
     def deadletter_reasons(self) -> str:
         return f"{self.tag}:deadletter:reasons"
 
-    def seen(self, request_id: str) -> str:
-        """The request id's dedupe record key of the layout before buckets: passed to the
-        settling functions, which still read it until the last of those keys expires."""
-        return f"{self.tag}:seen:{request_id}"
-
     def dedupe(self, slice_ms: int | str, slot: int | str) -> str:
         """A dedupe bucket: the records of the requests settled in one slice of time (slot x
         slice_ms is when it starts)."""

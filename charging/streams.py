@@ -112,7 +112,7 @@ def read_partition_status(replies: list, settings: Settings, keys: Keys, now_ms:
         "partition": keys.partition,
         "requests_stream": keys.requests, "results_stream": keys.results, "deadletter_stream": keys.deadletter,
         "length": length, "results": results, "deadletters": deadletters,
-        # Counted by the dead_letter function since the start; the stream itself is trimmed.
+        # Counted with each dead letter since the start; the stream itself is trimmed.
         "deadletter_reasons": {text(r): int(n) for r, n in sorted(reasons.items())},
         "open_reservations": reservations, "held": sum(int(v) for v in held),
         "pending": 0, "lag": None, "oldest_pending_age_ms": None, "consumers": [],

@@ -9,8 +9,8 @@ when a function here changes).
 
 Keys. <ns> is the namespace (CHARGING_NAMESPACE, default "ch"); {pN} is the partition
 hash tag, so every key one call touches lives in one Redis Cluster slot. Every key a
-function touches is passed to it in KEYS (but the dedupe buckets, below), none is made up
-inside; each is checked against the name its role gives it before anything is written.
+function touches is passed to it in KEYS (but the dedupe buckets, below, and the reply
+streams pump reads from its entries), none is made up inside; each is checked against the name its role gives it before anything is written.
 
   <ns>:{pN}:balances       hash    account -> balance in minor units (held funds included:
                                    available = balance - held). Written by charge, commit,
@@ -41,9 +41,6 @@ inside; each is checked against the name its role gives it before anything is wr
                                    once its last record has (see bucket()). The only keys
                                    named here rather than passed in KEYS: made from the
                                    partition's tag and the time, so in its slot.
-  <ns>:{pN}:seen:<rid>     string  outcome of request id <rid>, packed: the layout before
-                                   the buckets. Read (never written) until the last of
-                                   them expires, one dedupe window after the upgrade.
   <ns>:{pN}:requests       stream  charge and reservation requests, XADDed by producers,
                                    read by the worker group inside pump (XREADGROUP,
                                    XAUTOCLAIM; the worker's own read only waits); acked
@@ -55,11 +52,11 @@ inside; each is checked against the name its role gives it before anything is wr
                                    CHARGING_RESULTS_MAXLEN, never past an entry a group
                                    in CHARGING_RESULTS_GROUPS has not read and acked.
   <ns>:{pN}:deadletter     stream  entries that could not be read, with the reason.
-                                   Written by dead_letter (and repair: entries removed
+                                   Written by pump (and repair: entries removed
                                    before they were read). Trimmed with MAXLEN ~.
   <ns>:{pN}:deadletter:reasons
                            hash    reason -> number of entries ever dead-lettered with
-                                   it. Written by dead_letter. Lives forever (one field
+                                   it. Written with each dead letter. Lives forever (one field
                                    per reason code), so status never scans the stream.
   <ns>:{pN}:reply:<id>     stream  one producer's replies. Written by the settling
                                    functions; expires CHARGING_REPLY_TTL after the last reply.
@@ -71,7 +68,7 @@ keys of their own, because the sweep finds them through the expiries zset: a key
 reservation or per account would be a key the function was not given.
 
 Nothing after the ack can fail. A function that errors half way keeps every write it
-made (there is no rollback, and settle_batch's pcall only hides the error), so each one
+made (there is no rollback, and pump's per-entry pcall only hides the error), so each one
 first reads and checks every argument and every stored value its decision needs, and
 every stream it will post to (postable: of its type, not exhausted), then writes: the ack
 first, then only commands that cannot fail on what was checked. A call that is refused
@@ -86,7 +83,7 @@ local SEP = '\31'
 local MAX_BALANCE = 1000000000000000
 local MAX_DURATION_MS = 315360000000
 local MAX_TIME_MS = 100000000000000
-local MAX_BATCH = 1000 -- entries per settle_batch call
+local MAX_BATCH = 1000 -- entries per pump call
 local MAX_SWEEP = 100000 -- reservations per expire_reservations call
 local READ_CHUNK = 500 -- reservation ids per HMGET
 
@@ -217,10 +214,9 @@ local function postable(stream, cache)
   return found or nil
 end
 
--- Acks entry_id unless it or group is '' (a synchronous call, or a dead letter recorded
--- for an entry that is no longer pending). Returns false when the entry was no longer
--- pending: another consumer settled it (this one was stalled or its reply was lost), so
--- this call must change nothing.
+-- Acks entry_id unless it or group is '' (a synchronous call). Returns false when the
+-- entry was no longer pending: another consumer settled it (this one was stalled or its
+-- reply was lost), so this call must change nothing.
 local function ack(requests, group, entry_id)
   if entry_id == '' or group == '' then return true end
   return redis.call('XACK', requests, group, entry_id) == 1
@@ -252,7 +248,7 @@ local function remove_reservation(k, id)
   redis.call('ZREM', k.holds, id)
 end
 
--- A field of a hash, from what settle_batch read ahead for its whole call when it did
+-- A field of a hash, from what pump read ahead for its whole call when it did
 -- (kind: 'balances' or 'held'; false for no field), else read now.
 local function field(k, ahead, kind, name)
   local known = ahead and ahead[kind][name]
@@ -331,24 +327,8 @@ local function read_account(k, account, now, ahead)
       end
     end
   end
-  -- The stored total covers every reservation of the account (those made before the index
-  -- existed too); one smaller than what was read is not a total the library wrote.
-  if s.stored_held < s.counted then return nil, 'corrupt_held' end
-  s.held = s.stored_held - s.released
-  return s
-end
-
--- The reservation a request names when the index did not list it (one made before the
--- index existed), read and checked the same way. Returns nil and a reason when it is not
--- one the library wrote.
-local function read_named(k, s, id, now)
-  if s.open[id] or s.expired[id] then return s end
-  local packed = redis.call('HGET', k.reservations, id)
-  if not packed then return s end
-  local r = parse_reservation(packed, id)
-  if not r then return nil, 'corrupt_reservation' end
-  holding(s)
-  count_reservation(s, id, r, now)
+  -- The stored total covers every reservation of the account: one smaller than what was
+  -- read is not a total the library wrote.
   if s.stored_held < s.counted then return nil, 'corrupt_held' end
   s.held = s.stored_held - s.released
   return s
@@ -545,13 +525,12 @@ local function record(a, o)
   return packed .. SEP .. digits(o.held) .. SEP .. digits(o.reserved) .. SEP .. digits(o.expires_at)
 end
 
--- A stored record, checked; nil when it is not one the library wrote. dated: it starts
--- with the time it was settled (a bucket's record), else it is a key of its own (the
--- layout before buckets, read until those keys expire).
-local function parse_record(stored, dated)
+-- A stored record (a bucket's field: the time it was settled, then the record), checked;
+-- nil when it is not one the library wrote.
+local function parse_record(stored)
   local r = split(stored)
-  local at = dated and count(table.remove(r, 1), 0, MAX_TIME_MS)
-  if dated and not at then return nil end
+  local at = count(table.remove(r, 1), 0, MAX_TIME_MS)
+  if not at then return nil end
   if #r == 5 then r[6], r[7], r[8] = '0', '0', '' end -- a charge's record
   local o = {fingerprint = r[1], status = r[2], reason = r[3], charged = count(r[4], 0, MAX_BALANCE),
              balance = count(r[5], 0, MAX_BALANCE), held = count(r[6], 0, MAX_BALANCE),
@@ -595,9 +574,8 @@ end
 
 -- The record of a request id settled within the window, checked: false when there is
 -- none, nil and a detail when one is not a record the library wrote. Looks in what
--- settle_batch read ahead when it did, else in the buckets, newest first (a newer record
--- of an id is the one that counts); then in the request id's key of the layout before
--- buckets.
+-- pump read ahead when it did, else in the buckets, newest first (a newer record
+-- of an id is the one that counts).
 local function read_record(k, a, now, ahead)
   local slice = slice_of(a.window_ms)
   local stored = ahead and ahead.records[slice] and ahead.records[slice][a.request_id]
@@ -611,17 +589,10 @@ local function read_record(k, a, now, ahead)
       if stored and slot < last then break end
     end
   end
-  if stored then
-    local o = parse_record(stored, true)
-    if not o then return nil, 'dedupe record of ' .. a.request_id end
-    if o.at + a.window_ms > now then return o end
-  end
-  local legacy = ahead and ahead.legacy[k.seen]
-  if legacy == nil then legacy = redis.call('GET', k.seen) end
-  if not legacy then return false end
-  local o = parse_record(legacy, false)
-  if not o then return nil, k.seen end
-  return o
+  if not stored then return false end
+  local o = parse_record(stored)
+  if not o then return nil, 'dedupe record of ' .. a.request_id end
+  return o.at + a.window_ms > now and o
 end
 
 -- A bucket lives until its last record has expired: the expiry is set when it is made,
@@ -632,7 +603,7 @@ local function expire_bucket(name, at)
 end
 
 -- Records the outcome in the bucket of now, which the call has read (so this write cannot
--- fail): at once, or (settle_batch) in what it read ahead, written with the others of the
+-- fail): at once, or (pump) in what it read ahead, written with the others of the
 -- call in one HSET per bucket.
 local function write_record(k, a, o, now, stamp, ahead)
   local slice = slice_of(a.window_ms)
@@ -698,7 +669,7 @@ local SETTLE_WRITES = {reservations = 'hash', expiries = 'zset', holds = 'zset'}
 
 --[[
 charge, reserve, commit, extend, release: settle one request exactly once.
-KEYS: balances, seen, results, requests, held, reservations, expiries, holds, [reply_to]
+KEYS: balances, results, requests, held, reservations, expiries, holds, [reply_to]
 ARGV: request_id, account, fingerprint, entry_id ('' for a synchronous call), group,
       window_ms, submitted_at, reply_ttl_ms, amount, units, unit_price, reservation, ttl_ms
       ('' for what an operation does not use; a value it does not use is refused):
@@ -720,15 +691,14 @@ Returns {status, reason, charged, balance, duplicate, processed_at}, then for th
 reservation operations {held, reserved, expires_at}; or {'stale'} when the entry had
 already been settled by another consumer. A refused call (an error) writes nothing.
 ]]
--- One entry: k, the partition's keys with this entry's seen and reply_to; its 13
--- arguments from args[base + 1]; ahead, what settle_batch read for the whole call (nil
+-- One entry: k, the partition's keys with this entry's reply_to; its 13
+-- arguments from args[base + 1]; ahead, what pump read for the whole call (nil
 -- for a call of its own).
 local function settle_entry(op, k, args, base, ahead)
   -- Callers validate; this guards the balances against any client allowed to FCALL
   -- directly, for whom a negative amount would be a top-up.
   local a, err, detail = read_args(op, args, base, ahead and ahead.known)
   if not a then return refuse(err, detail) end
-  if string.sub(k.seen, 1, #k.seen_prefix) ~= k.seen_prefix then return refuse('wrong_arguments', 'seen key') end
   if k.reply_to then
     local prefix = k.tag .. ':reply:'
     if string.sub(k.reply_to, 1, #prefix) ~= prefix or not text(string.sub(k.reply_to, #prefix + 1), NAME, 64) then
@@ -747,7 +717,6 @@ local function settle_entry(op, k, args, base, ahead)
   local stored, corrupt = read_record(k, a, now, ahead)
   if stored == nil then return refuse('corrupt_record', corrupt) end
   local s, bad = read_account(k, a.account, now, ahead)
-  if s and a.reservation then s, bad = read_named(k, s, a.reservation, now) end
   if not s then return refuse(bad, a.account) end
   local o = stored and replay(s, a, stored)
   if not o then
@@ -770,52 +739,33 @@ end
 local function settle(op, keys, args)
   -- A caller of another layout (a process of an older version during an upgrade) is
   -- refused before anything is written: nothing acked, so its entry stays pending.
-  local k = (#keys == 8 or #keys == 9) and #args == 13
-      and partition_keys({keys[1], keys[3], keys[4], keys[5], keys[6], keys[7], keys[8]}, SETTLE_ROLES)
+  local k = (#keys == #SETTLE_ROLES or #keys == #SETTLE_ROLES + 1) and #args == 13
+      and partition_keys(keys, SETTLE_ROLES)
   if not k then
-    return refuse('wrong_arguments', op .. ' takes 8 or 9 keys of one partition (balances, seen, results, '
-                  .. 'requests, held, reservations, expiries, holds, [reply_to]) and 13 arguments')
+    return refuse('wrong_arguments', op .. ' takes 7 or 8 keys of one partition (' .. table.concat(SETTLE_ROLES, ', ')
+                  .. ', [reply_to]) and 13 arguments')
   end
-  k.seen, k.reply_to, k.seen_prefix = keys[2], keys[9], k.tag .. ':seen:'
+  k.reply_to = keys[#SETTLE_ROLES + 1]
   return settle_entry(op, k, args, 0)
 end
 
---[[
-settle_batch: settle many entries of one partition in one call, each exactly as its own
-function (charge, reserve, commit, extend, release) would: the same settle, given the same
-keys and the same 13 arguments, in the given order. An entry that is refused gets its own
-error reply (and wrote nothing) and the others go on, as in a pipeline of per-entry calls.
-One call settling many costs Redis and the worker far less than one call each; the worker
-keeps each call short (a bounded number of entries), since Redis serves no one else while
-a function runs.
-KEYS: balances, results, requests, held, reservations, expiries, holds, then per entry:
-      seen, and reply_to if it has one
-ARGV: per entry 15 values: op, has_reply ('1' or '0'), then its 13 arguments of settle
-Returns one reply per entry, in order: what the entry's own function returns, or an error.
-]]
-local BATCH_SHARED_KEYS, BATCH_ENTRY_ARGS = 7, 15
-
 -- What the entries of a batch read, in a few commands for the whole call instead of a few
 -- each: the balances and held totals of their accounts, their dedupe records (one HMGET
--- per bucket) and the old layout's record keys (one MGET); and the server time, once
+-- per bucket); and the server time, once
 -- (every entry of a call is processed at the same millisecond). Entries write through it
 -- (apply, write_record), so a later entry of the same account or request id reads what an
 -- earlier one wrote; the balances and records are written at the end, one HSET for the
 -- balances and one per bucket. Shared arguments are checked once (known). A bucket of
--- another type fails its HMGET here, before anything is written. An old record key of
--- another type reads as no record (MGET answers nil for it).
-local function read_ahead(k, accounts, legacy_keys, slices, windows)
+-- another type fails its HMGET here, before anything is written.
+local function read_ahead(k, accounts, slices, windows)
   local now = now_ms()
   local ahead = {now = now, stamp = digits(now), accounts = accounts, balances = {}, held = {}, charged = {},
-                 records = {}, legacy = {}, writes = {}, written = {}, streams = {},
+                 records = {}, writes = {}, written = {}, streams = {},
                  known = {group = {}, window = windows, reply_ttl = {}}}
   local balances = redis.call('HMGET', k.balances, unpack(accounts))
   local held = redis.call('HMGET', k.held, unpack(accounts))
   for i, account in ipairs(accounts) do
     ahead.balances[account], ahead.held[account] = balances[i], held[i]
-  end
-  if #legacy_keys > 0 then
-    for i, stored in ipairs(redis.call('MGET', unpack(legacy_keys))) do ahead.legacy[legacy_keys[i]] = stored end
   end
   for slice, wanted in pairs(slices) do
     local found = {}
@@ -849,20 +799,17 @@ local function write_ahead(k, ahead)
   end
 end
 
--- The reads a batch shares, planned from its items ({op, args, base, seen, reply_to}: an
--- entry's op, its 13 arguments from args[base + 1], its record key and reply stream): the
--- accounts, old-layout record keys and dedupe buckets of every item. The keys shared by
+-- The reads a batch shares, planned from its items ({op, args, base, reply_to}: an entry's
+-- op, its 13 arguments from args[base + 1] and its reply stream): the accounts and dedupe
+-- buckets of every item. The keys shared by
 -- every entry are checked once for the whole call, before it writes. Returns what
 -- read_ahead read, or nil and the error that refuses the call.
 local function batch_ahead(k, items)
-  local accounts, legacy_keys, listed, slices, writes = {}, {}, {}, {}, CHARGE_WRITES
+  local accounts, listed, slices, writes = {}, {}, {}, CHARGE_WRITES
   local windows = {} -- the windows checked, shared with the entries' own checks (read_args)
-  k.seen_prefix = k.tag .. ':seen:'
   for _, item in ipairs(items) do
     local args, base = item.args, item.base
-    -- settle_entry refuses a record key outside the partition, or a window out of range,
-    -- before it reads a record
-    if string.sub(item.seen, 1, #k.seen_prefix) == k.seen_prefix then legacy_keys[#legacy_keys + 1] = item.seen end
+    -- settle_entry refuses a window out of range before it reads a record
     local window_ms = shared(windows, args[base + 6], duration_arg)
     if window_ms then -- the buckets of a slice, read over the longest window of its entries
       local slice = slice_of(window_ms)
@@ -879,7 +826,7 @@ local function batch_ahead(k, items)
   end
   local err = wrong_types(k, writes) or postable(k.results)
   if err then return nil, err end
-  return read_ahead(k, accounts, legacy_keys, slices, windows)
+  return read_ahead(k, accounts, slices, windows)
 end
 
 -- One item of a batch, settled through what the call read ahead. A refused entry wrote
@@ -887,40 +834,9 @@ end
 -- own reply.
 local function settle_item(k, item, ahead)
   if not OPS[item.op] then return refuse('unknown_op', tostring(item.op)) end
-  k.seen, k.reply_to = item.seen, item.reply_to
+  k.reply_to = item.reply_to
   local ok, result = pcall(settle_entry, item.op, k, item.args, item.base, ahead)
   return ok and result or {err = type(result) == 'table' and result.err or tostring(result)}
-end
-
-local function settle_batch(keys, args)
-  local entries, replies_to, flags_ok = #args / BATCH_ENTRY_ARGS, 0, true
-  for a = 2, #args, BATCH_ENTRY_ARGS do
-    if args[a] == '1' then replies_to = replies_to + 1 end
-    flags_ok = flags_ok and (args[a] == '1' or args[a] == '0')
-  end
-  local k = partition_keys({unpack(keys, 1, BATCH_SHARED_KEYS)}, SETTLE_ROLES)
-  if not (k and flags_ok) or entries ~= math.floor(entries) or entries > MAX_BATCH
-      or #keys ~= BATCH_SHARED_KEYS + entries + replies_to then
-    return refuse('wrong_arguments', 'settle_batch takes the 7 keys of one partition, then 1 or 2 keys and 15 '
-                  .. 'arguments per entry, at most ' .. MAX_BATCH .. ' entries')
-  end
-  if entries == 0 then return {} end
-  local items, at = {}, BATCH_SHARED_KEYS + 1
-  for a = 1, #args, BATCH_ENTRY_ARGS do
-    local item = {op = args[a], args = args, base = a + 1, seen = keys[at]}
-    at = at + 1
-    if args[a + 1] == '1' then
-      item.reply_to = keys[at]
-      at = at + 1
-    end
-    items[#items + 1] = item
-  end
-  local ahead, err = batch_ahead(k, items)
-  if not ahead then return err end
-  local replies = {}
-  for i, item in ipairs(items) do replies[i] = settle_item(k, item, ahead) end
-  write_ahead(k, ahead)
-  return replies
 end
 
 --[[
@@ -975,16 +891,10 @@ local function expire_reservations(keys, args)
   return #due
 end
 
---[[
-dead_letter: move an entry that cannot be read to the dead-letter stream and ack it,
-atomically, so a bad entry is never lost and never blocks the group, and count it
-by reason.
-KEYS: deadletter, requests, reasons (deadletter:reasons)
-ARGV: entry_id, group ('' to record without acking), error, detail, maxlen, then the
-      entry's own field/value pairs
-Returns 1, or 0 when another consumer had already settled the entry.
-]]
-local DEAD_ROLES = {'deadletter', 'requests', 'deadletter:reasons'}
+-- ---- dead letters ------------------------------------------------------------------------
+-- An entry that cannot be read goes to the dead-letter stream with its own pairs, acked in
+-- the same call (pump), so a bad entry is never lost and never blocks the group; its reason
+-- is counted in deadletter:reasons, so status never scans the stream.
 local DEAD_TYPES = {deadletter = 'stream', requests = 'stream', ['deadletter:reasons'] = 'hash'}
 
 -- Appends a dead letter (fields, then error, detail and entry_id) and counts its reason.
@@ -995,25 +905,6 @@ local function write_dead_letter(k, entry_id, reason, detail, maxlen, fields)
   end
   redis.call('XADD', k.deadletter, 'MAXLEN', '~', digits(maxlen), '*', unpack(fields))
   redis.call('HINCRBY', k['deadletter:reasons'], reason, 1)
-end
-
-local function dead_letter(keys, args)
-  local k = #keys == 3 and partition_keys(keys, DEAD_ROLES)
-  if not k or #args < 5 or (#args - 5) % 2 ~= 0 then
-    return refuse('wrong_arguments', 'dead_letter takes the keys deadletter, requests, deadletter:reasons and '
-                  .. '5 arguments, then field/value pairs')
-  end
-  if not text(args[1], ENTRY_ID, 41) then return refuse('invalid_entry_id') end
-  if args[2] ~= '' and not text(args[2], NAME, 64) then return refuse('invalid_group') end
-  if not text(args[3], REASON, 64) then return refuse('invalid_reason') end
-  if not count(args[5], 1, MAX_BALANCE) then return refuse('invalid_maxlen') end
-  local err = wrong_types(k, DEAD_TYPES) or postable(k.deadletter)
-  if err then return err end
-  if not ack(k.requests, args[2], args[1]) then return 0 end
-  local fields = {}
-  for i = 6, #args do fields[#fields + 1] = args[i] end
-  write_dead_letter(k, args[1], args[3], args[4], args[5], fields)
-  return 1
 end
 
 -- ---- judging an entry as it arrives ------------------------------------------------------
@@ -1271,31 +1162,22 @@ local function judge_entry(args, first, n, entry_id, c)
   }, f.reply_to
 end
 
---[[
-settle_entries: settle entries of one partition's request stream as XREADGROUP gave them,
-judged here (judge_entry): what the worker sends. A good entry is settled exactly as
-settle_batch settles it (the same read ahead, settle_entry and write ahead); a bad one,
-one delivered more than max_deliveries times or one whose id is more than
-max_clock_skew_ms ahead of the server's clock is acked and dead-lettered with its own
-pairs, as dead_letter does, in the same call. The record keys (<ns>:{pN}:seen:<rid>) and
-reply streams (an entry's reply_to, in this partition) are named here, not in KEYS.
-KEYS: balances, results, requests, held, reservations, expiries, holds, deadletter,
-      deadletter:reasons
-ARGV: group, window_ms, reply_ttl_ms, partition, partitions, deadletter maxlen, the
-      prices of sms, voice and data, max_units, max_amount, max_reservation_ttl_s, the
-      default reservation ttl (s), max_deliveries, max_clock_skew_ms; then per entry:
-      entry_id, its delivery count, n, and its n field/value pairs (n = 0: deleted)
-Every key and argument is checked, and every entry judged, before anything is written.
-Returns one reply per entry, in order: what settle_batch returns for it, {'dead', reason}
-or {'stale'} (another consumer had settled it), or an error (that entry wrote nothing and
-stays pending).
-]]
+-- ---- settling entries as read -------------------------------------------------------------
+-- Entries of one partition's request stream as XREADGROUP gave them, judged here
+-- (judge_entry). A good entry is settled exactly as its own function would, through one
+-- read ahead, settle_entry and write ahead; a bad one, one delivered more than
+-- max_deliveries times or one whose id is more than max_clock_skew_ms ahead of the
+-- server's clock is acked and dead-lettered with its own pairs, in the same call. The
+-- reply streams (an entry's reply_to, in this partition) are named here, not in KEYS. The context (the header of pump's ARGV): group,
+-- window_ms, reply_ttl_ms, partition, partitions, deadletter maxlen, the prices of sms,
+-- voice and data, max_units, max_amount, max_reservation_ttl_s, the default reservation
+-- ttl (s), max_deliveries, max_clock_skew_ms.
 local ENTRIES_ROLES = {'balances', 'results', 'requests', 'held', 'reservations', 'expiries', 'holds', 'deadletter',
                        'deadletter:reasons'}
 local ENTRIES_HEADER = 15
 local MAX_PARTITIONS = 1024
 
--- The header of a settle_entries call, checked: the context judge_entry takes; nil and the
+-- The header of a pump call, checked: the context judge_entry takes; nil and the
 -- refusal when a value is out of range.
 local function entries_context(k, args)
   local namespace, tag_partition = string.match(k.tag, '^(.+):{p(%d+)}$')
@@ -1323,23 +1205,6 @@ local function entries_context(k, args)
   return c
 end
 
--- The entries of the call, each {id, deliveries, first (its first pair's name in args),
--- n}; nil and the refusal for a malformed list.
-local function entries_of(args)
-  local entries, at = {}, ENTRIES_HEADER + 1
-  while at <= #args do
-    local id, deliveries, n = args[at], count(args[at + 1], 0, MAX_BALANCE), count(args[at + 2], 0, MAX_BALANCE)
-    if not (deliveries and n and at + 2 + 2 * n <= #args) or #entries == MAX_BATCH then
-      return nil, refuse('wrong_arguments', 'settle_entries takes per entry its id, delivery count, n and n '
-                         .. 'field/value pairs, at most ' .. MAX_BATCH .. ' entries')
-    end
-    if not text(id, ENTRY_ID, 41) then return nil, refuse('invalid_entry_id', id) end
-    entries[#entries + 1] = {id = id, deliveries = deliveries, first = at + 3, n = n}
-    at = at + 3 + 2 * n
-  end
-  return entries
-end
-
 -- Judges each entry: the item settle_item settles (e.item), or the reason and detail it
 -- is dead-lettered with. Returns the items and the reasons used.
 local function judge_entries(k, args, entries, c)
@@ -1354,7 +1219,7 @@ local function judge_entries(k, args, entries, c)
     else
       local op, settle_args, reply_to = judge_entry(args, e.first, e.n, e.id, c)
       if op then
-        e.item = {op = op, args = settle_args, base = 0, seen = k.tag .. ':seen:' .. settle_args[1], reply_to = reply_to}
+        e.item = {op = op, args = settle_args, base = 0, reply_to = reply_to}
         items[#items + 1] = e.item
       else
         e.reason, e.detail = settle_args, reply_to
@@ -1382,11 +1247,13 @@ local function dead_letters_writable(k, reasons)
   return nil
 end
 
--- The settling core of settle_entries and pump, one path for both: entries read from the
--- request stream ({id, deliveries, first, n}, their pairs n from raw[first]) judged,
--- dead-lettered or settled through settle_item, in one read ahead and one write ahead.
--- Every check comes before the first write. Returns one reply per entry (see
--- settle_entries), or nil and the refusal of the whole call (nothing written).
+-- The settling core of pump: entries read from the request stream ({id, deliveries,
+-- first, n}, their pairs n from raw[first]) judged, dead-lettered or settled through
+-- settle_item, in one read ahead and one write ahead. Every check comes before the first
+-- write. Returns one reply per entry, in order: what its own function returns,
+-- {'dead', reason}, {'stale'} (another consumer had settled it) or an error (that entry
+-- wrote nothing and stays pending); or nil and the refusal of the whole call (nothing
+-- written).
 local function settle_read(k, c, raw, entries)
   local items, reasons = judge_entries(k, raw, entries, c)
   local err = #reasons > 0 and dead_letters_writable(k, reasons)
@@ -1413,25 +1280,9 @@ local function settle_read(k, c, raw, entries)
   return replies
 end
 
-local function settle_entries(keys, args)
-  local k = #keys == #ENTRIES_ROLES and #args >= ENTRIES_HEADER and partition_keys(keys, ENTRIES_ROLES)
-  if not k then
-    return refuse('wrong_arguments', 'settle_entries takes the keys ' .. table.concat(ENTRIES_ROLES, ', ') .. ', '
-                  .. ENTRIES_HEADER .. ' arguments, then the entries')
-  end
-  local c, err = entries_context(k, args)
-  if not c then return err end
-  local entries
-  entries, err = entries_of(args)
-  if not entries then return err end
-  local replies
-  replies, err = settle_read(k, c, args, entries)
-  return replies or err
-end
-
 --[[
 pump: what a worker calls, over and over, per partition: the library reads its own
-entries, judges, rates and settles them (settle_read, the settle_entries path) and answers
+entries, judges, rates and settles them (settle_read) and answers
 with a summary; no entry crosses the wire. In one call, for consumer of the workers' group:
  1. reclaim_idle_ms > 0: XAUTOCLAIM (JUSTID: claiming counts no delivery; the read below
     does) up to count entries idle that long from other consumers (dead or stalled),
@@ -1445,12 +1296,13 @@ with a summary; no entry crosses the wire. In one call, for consumer of the work
  3. each entry's delivery count (XPENDING of this consumer), for the max_deliveries rule;
     the entry id given as waited (the worker's wait delivered it once; its settling is the
     first try) counts one less.
- 4. settles them all as settle_entries would. A refused entry (or a whole call refused)
+ 4. settles them all (settle_read). A refused entry (or a whole call refused)
     writes nothing and stays pending to this consumer: the next call reads it again (and
     counts one more delivery), so the worker waits a little first.
-KEYS: the 9 of settle_entries.
+KEYS: balances, results, requests, held, reservations, expiries, holds, deadletter,
+      deadletter:reasons
 ARGV: consumer, count (1..1000), reclaim_idle_ms (0: no reclaim), waited ('' or an entry
-      id), then the 15 of settle_entries' header.
+      id), then the 15 of the context (above: settling entries as read).
 Returns a flat summary:
   {read, reclaimed, last_id ('' when none read), approved, duplicate, stale, refused,
    error (the first refusal's text, '' when none),
@@ -1802,11 +1654,8 @@ redis.register_function('reserve', function(keys, args) return settle('reserve',
 redis.register_function('commit', function(keys, args) return settle('commit', keys, args) end)
 redis.register_function('extend', function(keys, args) return settle('extend', keys, args) end)
 redis.register_function('release', function(keys, args) return settle('release', keys, args) end)
-redis.register_function('settle_batch', settle_batch)
-redis.register_function('settle_entries', settle_entries)
 redis.register_function('pump', pump)
 redis.register_function('expire_reservations', expire_reservations)
-redis.register_function('dead_letter', dead_letter)
 redis.register_function('top_up', top_up)
 redis.register_function('set_balances', set_balances)
 redis.register_function('trim', trim)

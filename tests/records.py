@@ -11,7 +11,7 @@ from charging.settings import Settings
 
 
 def recorded(client: redis.Redis, settings: Settings, request_id: str) -> list[codec.Recorded]:
-    """The records of request_id, a partition each that has one, in the buckets or the old
-    layout's key ([] when there is none)."""
+    """The records of request_id, a partition each that has one, in its dedupe buckets ([]
+    when there is none)."""
     return run(client, codec.find_records(settings, all_partitions(settings.namespace, settings.partitions),
                                           request_id))

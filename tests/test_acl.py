@@ -131,7 +131,7 @@ def test_the_cli_prints_noperm_for_a_producer_that_tries_to_top_up_or_authorize(
 
 def direct_fcall(client, op: str, request_id: str, amount="", units="", unit_price="", reservation="", ttl_ms=""):
     """FCALL one settling function by hand, as a client holding the role could."""
-    names = codec.settle_keys(KEYS, request_id)
+    names = codec.settle_keys(KEYS)
     return client.fcall(op, len(names), *names, request_id, "account1", f"account1|{op}|{request_id}", "", "",
                         60_000, "", 60_000, amount, units, unit_price, reservation, ttl_ms)
 

@@ -27,10 +27,8 @@ from charging import codec
 from charging.codec import RESERVATION_SEP
 from charging.connection import connect, library_source
 from charging.plan import run
-from charging.schema import Invalid
 from charging.settings import Settings
 from charging.streams import ensure_group
-from charging.tariff import price
 from producer import Producer
 from tests.documents import section
 from tests.roles import KEYS, ROLES, ROOT, acl_server, role, root
@@ -38,7 +36,7 @@ from tests.roles import KEYS, ROLES, ROOT, acl_server, role, root
 # Key kinds, as the ACL file spells their patterns; every key a function touches must be one.
 KINDS = {
     "balances": "ch:{p*}:balances", "held": "ch:{p*}:held", "reservations": "ch:{p*}:reservations",
-    "expiries": "ch:{p*}:expiries", "holds": "ch:{p*}:holds", "seen:*": "ch:{p*}:seen:*",
+    "expiries": "ch:{p*}:expiries", "holds": "ch:{p*}:holds",
     "dedupe:*": "ch:{p*}:dedupe:*", "requests": "ch:{p*}:requests",
     "results": "ch:{p*}:results", "reply:*": "ch:{p*}:reply:*", "deadletter": "ch:{p*}:deadletter",
     "deadletter:reasons": "ch:{p*}:deadletter:reasons", "partitions": "ch:partitions",
@@ -104,20 +102,6 @@ def posted_before(scene: redis.Redis, *streams: str) -> None:
         scene.xadd(stream, {"earlier": "1"})
 
 
-def batch_scene(scene, settings):
-    settle_scene(scene, settings)
-    posted_before(scene, KEYS.results, KEYS.reply("someone"))
-    requests = [Producer(scene, settings, "someone").prepare(data, reply=True) for data in BATCH]
-    return list(zip(requests, pending(scene, settings, [r.to_fields() for r in requests])))
-
-
-def batch_call(client, settings, entries):
-    """settle_batch: every op, from pending stream entries, each with a reply stream."""
-    items = [(request, price(request, settings), entry_id) for request, entry_id in entries]
-    replies = codec.batch_replies(codec.settle_batch(client, settings, KEYS, items), len(items))
-    assert [r.status for r in replies] == ["approved"] * len(BATCH), replies
-
-
 def pump_scene(scene, settings):
     """Every path of pump: entries of a dead consumer to reclaim (one of them deleted while
     pending), new ones, every op with a reply stream, and a bad entry to dead-letter."""
@@ -140,32 +124,8 @@ def pump_call(client, settings, _):
                                ("release", "approved"): 1}, done
 
 
-def entries_call(client, settings, entries):
-    """settle_entries: what pump settles, given as read (the bench and tests call it; no role does)."""
-    replies = codec.batch_replies(codec.settle_entries(client, settings, KEYS, entries), len(entries))
-    assert [r.status for r in replies] == ["approved"] * len(BATCH) + ["dead"], replies
-
-
-def entries_scene(scene, settings):
-    settle_scene(scene, settings)
-    posted_before(scene, KEYS.results, KEYS.reply("someone"), KEYS.deadletter)
-    fields = [Producer(scene, settings, "someone").prepare(data, reply=True).to_fields() for data in BATCH]
-    pending(scene, settings, [*fields, {"account": "account1"}])
-    return [(eid.decode(), 1, entry) for eid, entry in scene.xrange(KEYS.requests)]
-
-
 def expire_call(client, settings, _):
     assert codec.expire_reservations(client, settings, KEYS) == 1
-
-
-def dead_letter_scene(scene, settings):
-    posted_before(scene, KEYS.deadletter)
-    return pending(scene, settings, [{"account": "account1"}])
-
-
-def dead_letter_call(client, settings, entry_ids):
-    assert codec.dead_letter(client, settings, KEYS, entry_ids[0], Invalid("missing_field", "request_id"),
-                             {b"account": b"account1"}) == 1
 
 
 def trim_scene(scene, settings):
@@ -220,11 +180,8 @@ class Row:
 
 ROWS = [
     Row(("charge", "reserve", "extend", "commit", "release"), ("authorizer", "gateway"), settle_scene, settle_call),
-    Row(("settle_batch",), (), batch_scene, batch_call),
     Row(("pump",), ("worker",), pump_scene, pump_call),
-    Row(("settle_entries",), (), entries_scene, entries_call),
     Row(("expire_reservations",), ("worker",), settle_scene, expire_call),
-    Row(("dead_letter",), (), dead_letter_scene, dead_letter_call),
     Row(("trim",), ("maintainer",), trim_scene, trim_call),
     Row(("repair",), ("maintainer",), repair_scene, repair_call),
     Row(("set_balances", "top_up"), ("admin",), lambda scene, settings: None, accounts_call),
@@ -239,7 +196,7 @@ DIRECT = {
     # charging status reads, and XINFO STREAM / XREVRANGE of the results).
     "gateway": {("xadd", "requests"), ("xlen", "requests"), ("xpending", "requests"), ("xinfo|groups", "requests"),
                 ("xinfo|consumers", "requests"), ("hget", "balances"), ("hget", "held"), ("hvals", "held"),
-                ("hlen", "reservations"), ("get", "seen:*"), ("xlen", "results"), ("xread", "results"),
+                ("hlen", "reservations"), ("xlen", "results"), ("xread", "results"),
                 ("xrevrange", "results"), ("xinfo|stream", "results"), ("xreadgroup", "results"),
                 ("xack", "results"), ("xgroup|create", "results"), ("xlen", "deadletter"),
                 ("hgetall", "deadletter:reasons"), ("get", "partitions")},
@@ -420,7 +377,7 @@ KEY_PROBES = {
 }
 # A concrete key of each kind, and the kinds it belongs to.
 PROBE_KEYS = {KEYS.balances: {"balances"}, KEYS.held: {"held"}, KEYS.reservations: {"reservations"},
-              KEYS.expiries: {"expiries"}, KEYS.holds: {"holds"}, KEYS.seen("r1"): {"seen:*"}, KEYS.requests: {"requests"},
+              KEYS.expiries: {"expiries"}, KEYS.holds: {"holds"}, KEYS.requests: {"requests"},
               KEYS.results: {"results"}, KEYS.reply("someone"): {"reply:*"},
               KEYS.reply("producer"): {"reply:*", "reply:producer"}, KEYS.deadletter: {"deadletter"},
               KEYS.deadletter_reasons: {"deadletter:reasons"}, "ch:partitions": {"partitions"},

@@ -435,7 +435,7 @@ def test_every_money_rule_holds_after_every_step_of_random_sequences(redis_url):
     run_state_machine_as_test(lambda: LedgerMachine(client, redis_url), settings=profile(EXAMPLES, STEPS))
 
 
-# ---- settle_batch through a worker killed between steps ------------------------------------
+# ---- pump through a worker killed between steps -------------------------------------------
 
 CONSUMER = "model-worker"  # one stable name: a restarted worker settles its own pending entries first
 WORKER_ACCOUNTS = ("alice", "bob")

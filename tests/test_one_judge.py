@@ -1,5 +1,5 @@
 """The library is the only judge of a stream entry (lua/charging.lua judge_entry, run by
-settle_entries): for every entry, well formed or hostile, it must give the verdict the
+pump): for every entry, well formed or hostile, it must give the verdict the
 schema gives (charging/schema.py parse_request, charging/tariff.py price, and the
 partition rule): the same accept or refuse, the same reason. An entry it accepts must be
 the request the schema reads, fingerprint included: replayed through the synchronous path
@@ -11,6 +11,7 @@ import itertools
 import re
 import time
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 
 import redis
 from hypothesis import HealthCheck, given
@@ -140,19 +141,26 @@ def schema_verdict(pairs, partition: int, settings: Settings):
         return invalid.reason, None
 
 
-def library_verdicts(client, settings: Settings, keys: Keys, entries) -> list:
-    """settle_entries' reply for each (entry_id, deliveries, fields), ENTRIES_PER_CALL a call."""
-    replies = []
-    for start in range(0, len(entries), ENTRIES_PER_CALL):
-        chunk = entries[start:start + ENTRIES_PER_CALL]
-        replies += codec.batch_replies(codec.settle_entries(client, settings, keys, chunk), len(chunk))
-    return replies
+@dataclass(frozen=True)
+class Verdict:
+    """What the library did with one entry, read from what Redis holds: its dead letter's
+    reason, or the outcome it posted (status, reason, charged, balance)."""
+
+    entry_id: str
+    dead: str | None
+    posted: dict | None
 
 
-def pending(client, settings: Settings, keys: Keys, deliveries: int = 1) -> list:
-    """Every pending entry of the partition's stream, read as the workers' group reads it."""
-    read = client.xreadgroup(settings.group, "w1", {keys.requests: ">"})
-    return [(eid.decode(), deliveries, fields) for _, messages in read for eid, fields in messages]
+def library_verdicts(client, settings: Settings, keys: Keys, consumer: str = "w1") -> list[Verdict]:
+    """pump the partition, ENTRIES_PER_CALL entries a call, until it reads nothing; then the
+    verdict on every entry of its stream, in order, from its dead letter or its outcome."""
+    while (done := codec.summary(codec.pump(client, settings, keys, consumer, ENTRIES_PER_CALL))).read:
+        assert done.refused == 0, done
+    dead = {f[b"entry_id"].decode(): f[b"error"].decode() for _, f in client.xrange(keys.deadletter)}
+    posted = {f[b"entry_id"].decode(): f for _, f in client.xrange(keys.results)}
+    ids = [eid.decode() for eid, _ in client.xrange(keys.requests)]
+    ids += sorted(set(dead) - set(ids), key=lambda eid: tuple(map(int, eid.split("-"))))  # deleted ones
+    return [Verdict(eid, dead.get(eid), posted.get(eid)) for eid in ids]
 
 
 def compare(client, settings: Settings, placed: dict[int, list]) -> Counter:
@@ -165,35 +173,33 @@ def compare(client, settings: Settings, placed: dict[int, list]) -> Counter:
         run(client, ensure_group(keys.requests, settings.group))
         for pairs in entries:
             client.execute_command("XADD", keys.requests, "*", *[part for pair in pairs for part in pair])
-        read = pending(client, settings, keys)
-        replies = library_verdicts(client, settings, keys, read)
+        verdicts = library_verdicts(client, settings, keys)
         assert client.xpending(keys.requests, settings.group)["pending"] == 0
-        outcomes = {f[b"entry_id"].decode(): f for _, f in client.xrange(keys.results)}
-        for pairs, (entry_id, _, _), reply in zip(entries, read, replies):
+        assert len(verdicts) == len(entries)
+        for pairs, verdict in zip(entries, verdicts):
             reason, request = schema_verdict(pairs, partition, settings)
-            assert not isinstance(reply, Exception), (pairs, reply)
-            verdict = reply.reason if reply.dead else None
-            assert verdict == reason, \
-                f"{pairs}: the library says {verdict or 'settled'}, the schema {reason or 'settled'}"
+            assert (verdict.dead is None) != (verdict.posted is None), (pairs, verdict)
+            assert verdict.dead == reason, \
+                f"{pairs}: the library says {verdict.dead or 'settled'}, the schema {reason or 'settled'}"
             seen[reason or "settled"] += 1
             if request is not None:
-                same_request(client, settings, request, reply, outcomes[entry_id])
+                same_request(client, settings, request, verdict.posted)
     return seen
 
 
-def same_request(client, settings: Settings, request, reply: codec.Settled, posted: dict) -> None:
+def same_request(client, settings: Settings, request, posted: dict) -> None:
     """What the library settled is the request the schema read: the outcome it posted, and
     a synchronous replay of the request answered from the record it left."""
     assert posted[b"request_id"].decode() == request.request_id and posted[b"account"].decode() == request.account
     assert posted[b"submitted_at"].decode() == str(request.submitted_at or "")
     if request.op != "charge":
         assert (posted[b"op"].decode(), posted[b"reservation"].decode()) == (request.op, request.reservation_id)
-    if reply.reason == "idempotency_conflict":
+    if posted[b"reason"] == b"idempotency_conflict":
         return  # another entry of the request id was settled first: its record is not this one's
     again = codec.settled(codec.settle(client, settings, request, price(request, settings)))
     assert again.duplicate and again.reason != "idempotency_conflict", (request, again)
-    assert (again.status, again.reason, again.charged, again.balance) == \
-        (reply.status, reply.reason, reply.charged, reply.balance)
+    assert (again.status, again.reason, str(again.charged), str(again.balance)) == \
+        tuple(posted[name].decode() for name in (b"status", b"reason", b"charged", b"balance"))
 
 
 def limited(settings: Settings, tag: str) -> Settings:
@@ -262,28 +268,29 @@ def test_deleted_entries_are_dead_lettered_entry_deleted(client, settings):
     settings = limited(settings, "del")
     keys = Keys(settings.namespace, partition_of("acct1", PARTITIONS))
     run(client, ensure_group(keys.requests, settings.group))
-    client.xadd(keys.requests, GOOD)
-    (entry_id, _, _), = pending(client, settings, keys)
+    entry_id = client.xadd(keys.requests, GOOD).decode()
+    client.xreadgroup(settings.group, "w1", {keys.requests: ">"})  # pending to w1
     client.xdel(keys.requests, entry_id)
     _, messages = client.xreadgroup(settings.group, "w1", {keys.requests: "0"})[0]
     assert messages[0][0].decode() == entry_id and not messages[0][1]  # its id, no pair
 
-    reply, = library_verdicts(client, settings, keys, [(entry_id, 2, messages[0][1])])
+    verdict, = library_verdicts(client, settings, keys)
 
-    assert (reply.status, reply.reason) == ("dead", "entry_deleted")
+    assert (verdict.entry_id, verdict.dead) == (entry_id, "entry_deleted")
     assert client.hgetall(keys.deadletter_reasons) == {b"entry_deleted": b"1"}
 
 
 def test_an_entry_delivered_too_often_is_dead_lettered_with_the_workers_detail(client, settings):
-    settings = limited(settings, "max")
+    settings = limited(settings, "max").model_copy(update={"max_deliveries": 2})
     keys = Keys(settings.namespace, partition_of("acct1", PARTITIONS))
     run(client, ensure_group(keys.requests, settings.group))
-    client.xadd(keys.requests, GOOD)
-    (entry_id, _, fields), = pending(client, settings, keys)
+    entry_id = client.xadd(keys.requests, GOOD).decode()
+    client.xreadgroup(settings.group, "w1", {keys.requests: ">"})  # delivered, never settled: a worker
+    client.xreadgroup(settings.group, "w1", {keys.requests: "0"})  # that died, twice
 
-    reply, = library_verdicts(client, settings, keys, [(entry_id, settings.max_deliveries + 1, fields)])
+    verdict, = library_verdicts(client, settings, keys)  # its delivery max_deliveries + 1
 
-    assert (reply.status, reply.reason) == ("dead", "max_deliveries")
+    assert (verdict.entry_id, verdict.dead) == (entry_id, "max_deliveries")
     (_, letter), = client.xrange(keys.deadletter)
     assert letter[b"detail"].decode() == f"delivered {settings.max_deliveries + 1} times without being settled"
     assert letter[b"request_id"] == b"r-row" and letter[b"entry_id"].decode() == entry_id
@@ -295,12 +302,11 @@ def test_an_entry_whose_id_is_ahead_of_the_server_clock_is_dead_lettered_id_in_f
     keys = Keys(settings.namespace, partition_of("acct1", PARTITIONS))
     run(client, ensure_group(keys.requests, settings.group))
     ahead_ms = settings.max_clock_skew_ms + 3_600_000
-    client.xadd(keys.requests, GOOD, id=f"{int(time.time() * 1000) + ahead_ms}-0")
-    (entry_id, _, fields), = pending(client, settings, keys)
+    entry_id = client.xadd(keys.requests, GOOD, id=f"{int(time.time() * 1000) + ahead_ms}-0").decode()
 
-    reply, = library_verdicts(client, settings, keys, [(entry_id, 1, fields)])
+    verdict, = library_verdicts(client, settings, keys)
 
-    assert (reply.status, reply.reason) == ("dead", "id_in_future")
+    assert (verdict.entry_id, verdict.dead) == (entry_id, "id_in_future")
     (_, letter), = client.xrange(keys.deadletter)
     assert re.fullmatch(rf"entry id {entry_id} is \d+ ms ahead of the Redis clock; producers must let Redis "
                         r"choose the id \(XADD \*\)", letter[b"detail"].decode())
@@ -319,8 +325,8 @@ def test_a_call_with_a_header_out_of_range_is_refused_before_anything_is_written
     run(client, ensure_group(keys.requests, settings.group))
     client.xadd(keys.requests, {"request_id": "r", "account": "acct0", "amount": "5"})  # wrong_partition
     call = Recorder()
-    codec.settle_entries(call, settings, keys, pending(client, settings, keys))
-    header = 2 + 9  # the function's name, the key count, the keys
+    codec.pump(call, settings, keys, "w1", ENTRIES_PER_CALL)
+    header = 2 + 9 + 4  # the function's name, the key count, the keys, pump's own four
     for at, value, reason in ((0, "", "invalid_group"), (4, "1", "invalid_partition"), (3, "2", "invalid_partition"),
                               (7, "0", "invalid_price"), (9, "1e3", "invalid_max_units"),
                               (10, "0", "invalid_max_amount"), (12, "3601", "invalid_reservation_ttl"),
@@ -331,4 +337,4 @@ def test_a_call_with_a_header_out_of_range_is_refused_before_anything_is_written
             raise AssertionError(f"{reason}: accepted")
         except redis.ResponseError as exc:
             assert reason in str(exc)
-    assert client.xlen(keys.deadletter) == 0 and client.xpending(keys.requests, settings.group)["pending"] == 1
+    assert client.xlen(keys.deadletter) == 0 and client.xinfo_groups(keys.requests)[0]["consumers"] == 0  # nothing read

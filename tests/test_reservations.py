@@ -420,7 +420,7 @@ def test_a_call_in_the_layout_of_an_older_version_changes_nothing_and_leaves_its
     entry_id = client.xadd(keys.requests, {"request_id": "old", "account": "account1", "amount": "5"})
     client.xreadgroup(settings.group, "old-version", {keys.requests: ">"})
     with pytest.raises(redis.ResponseError, match="wrong_arguments"):
-        client.fcall("charge", 4, keys.balances, keys.seen("old"), keys.results, keys.requests,
+        client.fcall("charge", 4, keys.balances, f"{keys.tag}:seen:old", keys.results, keys.requests,
                      "old", "account1", 5, "account1|amount|5", entry_id, settings.group, 60_000, "", 300_000)
     assert client.xpending(keys.requests, settings.group)["pending"] == 1
     drain(settings)  # an upgraded worker reclaims and settles it

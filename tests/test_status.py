@@ -1,5 +1,5 @@
-"""`charging status`: dead letters by reason (kept by the dead_letter function as a
-counter, so status never scans the stream) and pending entries per consumer."""
+"""`charging status`: dead letters by reason (counted by the library with each dead letter,
+as a counter, so status never scans the stream) and pending entries per consumer."""
 
 from __future__ import annotations
 

@@ -56,9 +56,8 @@ def _redis_benchmark(ctx: Context, settings: Settings, requests: int) -> ModeRes
     if conn.get("password"):
         args += ["-a", conn["password"]] + (["--user", conn["username"]] if conn.get("username") else [])
     request = parse_request({"request_id": ACCOUNT, "account": ACCOUNT, "amount": PRICE}, settings)
-    # A charge in the authorize form (no entry to ack), with a random request id per call
-    # (each __rand_int__ gets a number of its own: the old layout's record key another).
-    names = codec.settle_keys(keys_of(ACCOUNT, settings), "__rand_int__")
+    # A charge in the authorize form (no entry to ack), with a random request id per call.
+    names = codec.settle_keys(keys_of(ACCOUNT, settings))
     arguments = codec.settle_arguments(settings, request, PRICE, given={"request_id": "__rand_int__"})
     args += ["FCALL", "charge", str(len(names)), *names, *(str(a) for a in arguments)]
     with ctx.task(f"ceiling: redis-benchmark -c {CLIENTS} -P {PIPELINE}", requests) as advance:
