@@ -248,8 +248,8 @@ local function remove_reservation(k, id)
   redis.call('ZREM', k.holds, id)
 end
 
--- A field of a hash, from what pump read ahead for its whole call when it did
--- (kind: 'balances' or 'held'; false for no field), else read now.
+-- A field of a hash, from what a settling call read ahead (kind: 'balances' or 'held';
+-- false for no field), or read now (the sweep, which reads ahead nothing).
 local function field(k, ahead, kind, name)
   local known = ahead and ahead[kind][name]
   if known ~= nil then return known end
@@ -340,15 +340,13 @@ end
 local function apply(k, s, ahead)
   for _, id in ipairs(s.expired_ids) do remove_reservation(k, id) end
   for _, id in ipairs(s.gone) do redis.call('ZREM', k.holds, id) end
-  if s.charge and ahead then -- written with the others of the call (write_ahead)
+  if s.charge then -- written with the others of the call (write_ahead)
     ahead.balances[s.account], ahead.charged[s.account] = digits(s.balance - s.charge), true
-  elseif s.charge then
-    redis.call('HINCRBY', k.balances, s.account, digits(-s.charge))
   end
   if s.put then write_reservation(k, s.put.id, s.put) end
   if s.close then remove_reservation(k, s.close) end
   write_held(k, s.account, s.stored_held, s.held)
-  if ahead then ahead.held[s.account] = s.held > 0 and digits(s.held) or false end
+  ahead.held[s.account] = s.held > 0 and digits(s.held) or false
 end
 
 -- ---- deciding one request ------------------------------------------------------------
@@ -573,22 +571,11 @@ local function slots(slice, window_ms, now)
 end
 
 -- The record of a request id settled within the window, checked: false when there is
--- none, nil and a detail when one is not a record the library wrote. Looks in what
--- pump read ahead when it did, else in the buckets, newest first (a newer record
--- of an id is the one that counts).
-local function read_record(k, a, now, ahead)
-  local slice = slice_of(a.window_ms)
-  local stored = ahead and ahead.records[slice] and ahead.records[slice][a.request_id]
-  if stored == nil then
-    local first, last = slots(slice, a.window_ms, now)
-    stored = false
-    for slot = last, first, -1 do
-      local found = redis.call('HGET', bucket(k, slice, slot), a.request_id)
-      if not stored then stored = found end
-      -- not before now's bucket is read: a record settled now is written there
-      if stored and slot < last then break end
-    end
-  end
+-- none, nil and a detail when one is not a record the library wrote. From what the call
+-- read ahead (read_ahead: every bucket of the window, a newer record of an id replacing
+-- an older one), where the call's earlier entries also wrote theirs.
+local function read_record(a, now, ahead)
+  local stored = ahead.records[slice_of(a.window_ms)][a.request_id]
   if not stored then return false end
   local o = parse_record(stored)
   if not o then return nil, 'dedupe record of ' .. a.request_id end
@@ -603,18 +590,11 @@ local function expire_bucket(name, at)
 end
 
 -- Records the outcome in the bucket of now, which the call has read (so this write cannot
--- fail): at once, or (pump) in what it read ahead, written with the others of the
--- call in one HSET per bucket.
+-- fail), in what it read ahead: written with the others of the call in one HSET per bucket.
 local function write_record(k, a, o, now, stamp, ahead)
   local slice = slice_of(a.window_ms)
   local slot = math.floor(now / slice)
   local packed, expire_at = stamp .. SEP .. record(a, o), (slot + 1) * slice + a.window_ms
-  if not ahead then
-    local name = bucket(k, slice, slot)
-    redis.call('HSET', name, a.request_id, packed)
-    expire_bucket(name, expire_at)
-    return
-  end
   ahead.records[slice] = ahead.records[slice] or {}
   ahead.records[slice][a.request_id] = packed
   local pending = ahead.writes[slice] -- every entry of a call is settled at the same now
@@ -697,24 +677,19 @@ already been settled by another consumer. A refused call (an error) writes nothi
 local function settle_entry(op, k, args, base, ahead)
   -- Callers validate; this guards the balances against any client allowed to FCALL
   -- directly, for whom a negative amount would be a top-up.
-  local a, err, detail = read_args(op, args, base, ahead and ahead.known)
+  local a, err, detail = read_args(op, args, base, ahead.known)
   if not a then return refuse(err, detail) end
   if k.reply_to then
     local prefix = k.tag .. ':reply:'
     if string.sub(k.reply_to, 1, #prefix) ~= prefix or not text(string.sub(k.reply_to, #prefix + 1), NAME, 64) then
       return refuse('invalid_reply_to', k.reply_to)
     end
-    err = postable(k.reply_to, ahead and ahead.streams)
-    if err then return err end
-  end
-  if not ahead then
-    err = wrong_types(k, op == 'charge' and CHARGE_WRITES or SETTLE_WRITES) or postable(k.results)
+    err = postable(k.reply_to, ahead.streams)
     if err then return err end
   end
 
-  local now = ahead and ahead.now or now_ms()
-  local stamp = ahead and ahead.stamp or digits(now) -- now as digits, for the outcome and the record
-  local stored, corrupt = read_record(k, a, now, ahead)
+  local now, stamp = ahead.now, ahead.stamp -- stamp: now as digits, for the outcome and the record
+  local stored, corrupt = read_record(a, now, ahead)
   if stored == nil then return refuse('corrupt_record', corrupt) end
   local s, bad = read_account(k, a.account, now, ahead)
   if not s then return refuse(bad, a.account) end
@@ -736,18 +711,6 @@ local function settle_entry(op, k, args, base, ahead)
   return reply
 end
 
-local function settle(op, keys, args)
-  -- A caller of another layout (a process of an older version during an upgrade) is
-  -- refused before anything is written: nothing acked, so its entry stays pending.
-  local k = (#keys == #SETTLE_ROLES or #keys == #SETTLE_ROLES + 1) and #args == 13
-      and partition_keys(keys, SETTLE_ROLES)
-  if not k then
-    return refuse('wrong_arguments', op .. ' takes 7 or 8 keys of one partition (' .. table.concat(SETTLE_ROLES, ', ')
-                  .. ', [reply_to]) and 13 arguments')
-  end
-  k.reply_to = keys[#SETTLE_ROLES + 1]
-  return settle_entry(op, k, args, 0)
-end
 
 -- What the entries of a batch read, in a few commands for the whole call instead of a few
 -- each: the balances and held totals of their accounts, their dedupe records (one HMGET
@@ -837,6 +800,24 @@ local function settle_item(k, item, ahead)
   k.reply_to = item.reply_to
   local ok, result = pcall(settle_entry, item.op, k, item.args, item.base, ahead)
   return ok and result or {err = type(result) == 'table' and result.err or tostring(result)}
+end
+
+local function settle(op, keys, args)
+  -- A caller of another layout (a process of an older version during an upgrade) is
+  -- refused before anything is written: nothing acked, so its entry stays pending.
+  local k = (#keys == #SETTLE_ROLES or #keys == #SETTLE_ROLES + 1) and #args == 13
+      and partition_keys(keys, SETTLE_ROLES)
+  if not k then
+    return refuse('wrong_arguments', op .. ' takes 7 or 8 keys of one partition (' .. table.concat(SETTLE_ROLES, ', ')
+                  .. ', [reply_to]) and 13 arguments')
+  end
+  -- A batch of one: the same read ahead, settle_entry and write ahead as pump's entries.
+  k.reply_to = keys[#SETTLE_ROLES + 1]
+  local ahead, err = batch_ahead(k, {{op = op, args = args, base = 0}})
+  if not ahead then return err end
+  local reply = settle_entry(op, k, args, 0, ahead)
+  write_ahead(k, ahead)
+  return reply
 end
 
 --[[

@@ -106,7 +106,7 @@ def test_the_gateway_role_is_refused_what_a_gateway_must_not_do(server, scene):
     refusals = {
         "set balances": lambda: codec.set_balances(gateway, settings, [("account1", 10**9)]),
         "top up": lambda: codec.top_up(gateway, settings, "account1", 1),
-        "HSET a balance": lambda: gateway.hset(KEYS.balances, "account1", 10**9),
+        "HINCRBY a balance": lambda: gateway.hincrby(KEYS.balances, "account1", 10**9),  # its charges HSET
         "SET over the balances": lambda: gateway.set(KEYS.balances, "x"),
         "DEL the balances": lambda: gateway.delete(KEYS.balances),
         "read the request stream": lambda: gateway.xrange(KEYS.requests),

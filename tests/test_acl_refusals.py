@@ -62,11 +62,11 @@ def test_a_settling_role_gets_noperm_overwriting_the_balances(server, clients, u
     assert clients[ROOT].hget(KEYS.balances, "account1") == b"100"
 
 
-def test_the_authorizer_gets_noperm_setting_a_balance(server, clients):
-    """The worker may HSET balances (pump writes a call's balances with one HSET),
-    a power it had already through HINCRBY by any amount; the authorizer's functions only
-    ever HINCRBY."""
-    assert denied(lambda: clients["authorizer"].hset(KEYS.balances, "account1", 10**9))
+def test_the_authorizer_gets_noperm_on_balances_beyond_what_its_functions_run(server, clients):
+    """A single call is a batch of one: it reads balances with HMGET and writes them with
+    HSET, as pump does; the authorizer holds those two and nothing else on them."""
+    assert denied(lambda: clients["authorizer"].hincrby(KEYS.balances, "account1", 10**9))
+    assert denied(lambda: clients["authorizer"].hdel(KEYS.balances, "account1"))
     assert clients[ROOT].hget(KEYS.balances, "account1") == b"100"
 
 
@@ -77,9 +77,9 @@ def test_a_settling_role_gets_noperm_changing_the_partition_count(server, client
 
 
 # What each settling role's functions write to a balance, so Redis lets it write so directly:
-# the authorizer's HINCRBY, the worker's HSET (pump), both adding 1,000 here.
+# an HSET (a settling call writes the balances it charged with one), adding 1,000 here.
 RAW_BALANCE_WRITE = {
-    "authorizer": lambda client: client.hincrby(KEYS.balances, "account1", 1000),
+    "authorizer": lambda client: client.hset(KEYS.balances, "account1", 1090),
     "worker": lambda client: client.hset(KEYS.balances, "account1", 1090),
 }
 
