@@ -156,3 +156,16 @@ def _produce_through_a_failover(cluster: LocalCluster, settings: Settings, names
     assert not thread.is_alive(), "producer did not get through the failover"
     cluster.wait_healthy()
     return confirmed, retries
+
+
+def test_a_local_cluster_that_does_not_come_up_leaves_no_node_running(tmp_path, monkeypatch):
+    """A cluster fixture whose set-up timed out once left its six nodes running after the
+    suite: a failed start stops what it started."""
+    def never_healthy(self, timeout: float = 60.0) -> None:
+        raise TimeoutError("cluster not healthy in time")
+
+    monkeypatch.setattr(LocalCluster, "wait_healthy", never_healthy)
+    cluster = LocalCluster(tmp_path)
+    with pytest.raises(TimeoutError):
+        cluster.start()
+    assert [n.port for n in cluster.nodes if n.process.poll() is None] == []

@@ -72,7 +72,11 @@ class RedisServer:
              "--lazyfree-lazy-expire", "yes", "--logfile", "redis.log", *self.extra_args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=self.own_session,
         )
-        self._wait_ready()
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.kill()  # a server that never became ready is not left running
+            raise
         return self
 
     def _wait_ready(self, timeout: float = 30.0) -> None:
@@ -135,6 +139,13 @@ class LocalCluster:
         return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes) + "/0"
 
     def start(self) -> LocalCluster:
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()  # a cluster that never came up leaves no node running
+            raise
+
+    def _start(self) -> LocalCluster:
         for node in self.nodes:
             node.start()
         cli = shutil.which("redis-cli")
@@ -149,14 +160,15 @@ class LocalCluster:
 
     def _wait_replicas_in_sync(self, timeout: float = 60.0) -> None:
         """A replica that has not finished its first sync cannot take over: wait for it."""
-        deadline = time.monotonic() + timeout
+        deadline, infos = time.monotonic() + timeout, []
         while time.monotonic() < deadline:
             infos = [redis.Redis(port=n.port, socket_timeout=1).info("replication") for n in self.primary_nodes()]
             if len(infos) == self.primaries and all(
                     i.get("connected_slaves", 0) >= 1 and i["slave0"]["state"] == "online" for i in infos):
                 return
             time.sleep(0.2)
-        raise TimeoutError("cluster replicas not in sync in time")
+        seen = [(i.get("connected_slaves", 0), i.get("slave0", {}).get("state")) for i in infos]
+        raise TimeoutError(f"cluster replicas not in sync in time (primaries: replicas, state: {seen})")
 
     def wait_healthy(self, timeout: float = 60.0) -> None:
         """Every live node says cluster_state:ok and sees every slot served."""
