@@ -393,12 +393,6 @@ def reload_functions(error: Exception) -> Plan[bool]:
     return True
 
 
-def server_clock_offset_ms() -> Plan[int]:
-    """How far the Redis server's clock (TIME) is ahead of this host's, in ms."""
-    seconds, micros = yield lambda client: client.time()
-    return seconds * 1000 + micros // 1000 - int(time.time() * 1000)
-
-
 def missing_function(reply: object) -> bool:
     return isinstance(reply, redis.ResponseError) and "Function not found" in str(reply)
 

@@ -714,14 +714,13 @@ end
 
 -- What the entries of a batch read, in a few commands for the whole call instead of a few
 -- each: the balances and held totals of their accounts, their dedupe records (one HMGET
--- per bucket); and the server time, once
--- (every entry of a call is processed at the same millisecond). Entries write through it
+-- per bucket) at now, the call's one server time (every entry of a call is processed at
+-- the same millisecond). Entries write through it
 -- (apply, write_record), so a later entry of the same account or request id reads what an
 -- earlier one wrote; the balances and records are written at the end, one HSET for the
 -- balances and one per bucket. Shared arguments are checked once (known). A bucket of
 -- another type fails its HMGET here, before anything is written.
-local function read_ahead(k, accounts, slices, windows)
-  local now = now_ms()
+local function read_ahead(k, accounts, slices, windows, now)
   local ahead = {now = now, stamp = digits(now), accounts = accounts, balances = {}, held = {}, charged = {},
                  records = {}, writes = {}, written = {}, streams = {},
                  known = {group = {}, window = windows, reply_ttl = {}}}
@@ -767,7 +766,7 @@ end
 -- buckets of every item. The keys shared by
 -- every entry are checked once for the whole call, before it writes. Returns what
 -- read_ahead read, or nil and the error that refuses the call.
-local function batch_ahead(k, items)
+local function batch_ahead(k, items, now)
   local accounts, listed, slices, writes = {}, {}, {}, CHARGE_WRITES
   local windows = {} -- the windows checked, shared with the entries' own checks (read_args)
   for _, item in ipairs(items) do
@@ -789,7 +788,7 @@ local function batch_ahead(k, items)
   end
   local err = wrong_types(k, writes) or postable(k.results)
   if err then return nil, err end
-  return read_ahead(k, accounts, slices, windows)
+  return read_ahead(k, accounts, slices, windows, now)
 end
 
 -- One item of a batch, settled through what the call read ahead. A refused entry wrote
@@ -813,7 +812,7 @@ local function settle(op, keys, args)
   end
   -- A batch of one: the same read ahead, settle_entry and write ahead as pump's entries.
   k.reply_to = keys[#SETTLE_ROLES + 1]
-  local ahead, err = batch_ahead(k, {{op = op, args = args, base = 0}})
+  local ahead, err = batch_ahead(k, {{op = op, args = args, base = 0}}, now_ms())
   if not ahead then return err end
   local reply = settle_entry(op, k, args, 0, ahead)
   write_ahead(k, ahead)
@@ -1059,7 +1058,7 @@ end
 
 -- The request as a whole: the fields its op uses, one of amount or service with units,
 -- and a reply stream in the account's partition. nil, or the reason and a detail.
-local function request_rules(f, v, c)
+local function request_rules(f, v, c, partition)
   for _, name in ipairs(OPTIONAL_FIELDS) do
     if f[name] and not OP_FIELDS[v.op][name] then
       return 'field_not_allowed', "field '" .. name .. "' is not used by op '" .. v.op .. "'"
@@ -1077,7 +1076,7 @@ local function request_rules(f, v, c)
     end
   end
   if f.reply_to then
-    local prefix = c.namespace .. ':{p' .. digits(crc32(f.account) % c.partitions) .. '}:reply:'
+    local prefix = c.namespace .. ':{p' .. digits(partition) .. '}:reply:'
     local id = string.sub(f.reply_to, #prefix + 1)
     if string.sub(f.reply_to, 1, #prefix) ~= prefix or not text(id, REPLY_ID, 64) then
       return 'invalid_reply_to', 'reply_to must be a key ' .. prefix .. "<id> in the account's partition"
@@ -1122,9 +1121,10 @@ local function judge_entry(args, first, n, entry_id, c)
   local v
   v, reason, detail = field_values(f, c)
   if not v then return nil, reason, detail end
-  reason, detail = request_rules(f, v, c)
+  local partition = crc32(f.account) % c.partitions -- the account's, which the reply stream must be in
+  reason, detail = request_rules(f, v, c, partition)
   if reason then return nil, reason, detail end
-  if crc32(f.account) % c.partitions ~= c.partition then
+  if partition ~= c.partition then
     return nil, 'wrong_partition', 'account ' .. f.account .. ' does not belong to partition ' .. digits(c.partition)
   end
   local amount = v.amount or (f.service and c.prices[f.service] * v.units)
@@ -1188,8 +1188,8 @@ end
 
 -- Judges each entry: the item settle_item settles (e.item), or the reason and detail it
 -- is dead-lettered with. Returns the items and the reasons used.
-local function judge_entries(k, args, entries, c)
-  local now, items, reasons, listed = now_ms(), {}, {}, {}
+local function judge_entries(k, args, entries, c, now)
+  local items, reasons, listed = {}, {}, {}
   for _, e in ipairs(entries) do
     local ahead_ms = tonumber(string.match(e.id, '^%d+')) - now
     if ahead_ms > c.max_skew_ms then
@@ -1236,12 +1236,13 @@ end
 -- wrote nothing and stays pending); or nil and the refusal of the whole call (nothing
 -- written).
 local function settle_read(k, c, raw, entries)
-  local items, reasons = judge_entries(k, raw, entries, c)
+  local now = now_ms() -- one for the call: the id_in_future rule, the dedupe window, expiries
+  local items, reasons = judge_entries(k, raw, entries, c, now)
   local err = #reasons > 0 and dead_letters_writable(k, reasons)
   if err then return nil, err end
   local ahead
   if #items > 0 then
-    ahead, err = batch_ahead(k, items)
+    ahead, err = batch_ahead(k, items, now)
     if not ahead then return nil, err end
   end
   local replies = {}

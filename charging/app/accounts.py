@@ -71,17 +71,22 @@ def read_funds(replies: list, account: str) -> tuple[int, int]:
 
 
 def all_balances(client: redis.Redis, settings: Settings) -> Iterator[tuple[str, int]]:
-    """Every account's balance; those the library did not write are corrupt_balances'."""
+    """Every account's balance; those the library did not write are stored_balances' second half."""
+    yield from stored_balances(client, settings)[0].items()
+
+
+def stored_balances(client: redis.Redis, settings: Settings) -> tuple[dict[str, int], dict[str, str]]:
+    """In one scan: every account's balance, and apart (account -> the stored value) the
+    balances the library did not write."""
+    balances: dict[str, int] = {}
+    corrupt: dict[str, str] = {}
     for account, value in _stored(client, settings):
         checked = checked_balance(value)
-        if checked is not None:
-            yield account, checked
-
-
-def corrupt_balances(client: redis.Redis, settings: Settings) -> dict[str, str]:
-    """account -> the stored value, for every balance the library did not write."""
-    return {account: value.decode("utf-8", "replace") for account, value in _stored(client, settings)
-            if checked_balance(value) is None}
+        if checked is None:
+            corrupt[account] = value.decode("utf-8", "replace")
+        else:
+            balances[account] = checked
+    return balances, corrupt
 
 
 def _stored(client: redis.Redis, settings: Settings) -> Iterator[tuple[str, bytes]]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import redis
 
 from charging import codec
-from charging.app.accounts import all_balances, corrupt_balances
+from charging.app.accounts import stored_balances
 from charging.keys import all_partitions, partition_of
 from charging.settings import Settings
 
@@ -90,8 +90,7 @@ def audit(client: redis.Redis, settings: Settings, start_balances: Mapping[str, 
     if expected is not None:
         firsts = set(charged.firsts)
         report.missing = [rid for rid in expected if rid not in firsts]
-    balances = dict(all_balances(client, settings))
-    report.corrupt = corrupt_balances(client, settings)
+    balances, report.corrupt = stored_balances(client, settings)
     # A raw write that still reads as a whole number (negative, above the limit) counts in the money too.
     balances.update((a, int(v)) for a, v in report.corrupt.items() if re.fullmatch(r"-?[0-9]+", v))
     report.negative = {a: b for a, b in balances.items() if b < 0}

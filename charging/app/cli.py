@@ -256,11 +256,11 @@ def accounts_top_up(account: str, amount: str, as_json: AsJson = False):
 @talks_to_redis
 def accounts_list(as_json: AsJson = False):
     """List every account: balance, held by open reservations, available."""
-    rows = sorted(accounts_mod.all_balances(state.client, state.settings))
+    balances, corrupt = accounts_mod.stored_balances(state.client, state.settings)
     held = accounts_mod.all_held(state.client, state.settings)
-    listed = [{"account": a, "balance": b, "held": held.get(a, 0), "available": b - held.get(a, 0)} for a, b in rows]
+    listed = [{"account": a, "balance": b, "held": held.get(a, 0), "available": b - held.get(a, 0)}
+              for a, b in sorted(balances.items())]
     # A balance the library did not write is listed as it is stored: every charge on it is refused.
-    corrupt = accounts_mod.corrupt_balances(state.client, state.settings)
     listed += [{"account": a, "corrupt_balance": v} for a, v in sorted(corrupt.items())]
     table = Table("account", "balance", "held", "available")
     for row in listed:
