@@ -4,6 +4,8 @@ summary; the worker only calls it."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import redis
 
@@ -79,6 +81,7 @@ def test_reclaim_takes_over_a_dead_consumers_entries_and_dead_letters_deleted_on
     client.xdel(keys.requests, gone)
 
     assert pump(client, settings, keys).read == 0  # not idle yet: not taken
+    time.sleep(0.01)  # idle is counted in whole ms: all of the above can fit in one
     done = pump(client, settings, keys, reclaim_idle_ms=1)
 
     assert (done.reclaimed, done.read, done.approved, done.dead) == (1, 1, 1, {"entry_deleted": 1})
