@@ -67,12 +67,13 @@ Reservations live in partition-wide structures (two hashes and two zsets) rather
 keys of their own, because the sweep finds them through the expiries zset: a key per
 reservation or per account would be a key the function was not given.
 
-Nothing after the ack can fail. A function that errors half way keeps every write it
-made (there is no rollback, and pump's per-entry pcall only hides the error), so each one
-first reads and checks every argument and every stored value its decision needs, and
-every stream it will post to (postable: of its type, not exhausted), then writes: the ack
-first, then only commands that cannot fail on what was checked. A call that is refused
-writes nothing and its entry stays pending.
+Nothing after the first write can fail. A function that errors half way keeps every write
+it made (there is no rollback, and pump's per-entry pcall only hides the error), so each one
+first reads and checks every argument and every stored value its decision needs, then
+writes: an entry's ack first, after checking every stream it will post to (postable: of its
+type, not exhausted); a call that acks nothing (authorize) posts its outcome first, an XADD
+that refuses the call by failing before anything is written; then only commands that cannot
+fail on what was checked. A call that is refused writes nothing and its entry stays pending.
 ]]
 local SEP = '\31'
 
@@ -465,40 +466,28 @@ local function reservation_ok(a, rule)
       'invalid_reservation'
 end
 
--- The arguments an entry of a worker's batch shares with the others (its group, dedupe
--- window and reply ttl) are checked once per call: cache maps a value checked to what it
--- read as (false: not valid); nil for a call of its own.
-local function shared(cache, value, check)
-  local found = cache and cache[value]
-  if found == nil then
-    found = check(value) or false
-    if cache then cache[value] = found end
-  end
-  return found
-end
-
-local function group_arg(value) return value == '' or text(value, NAME, 64) end
 local function duration_arg(value) return count(value, 1, MAX_DURATION_MS) end
 
--- The 13 arguments of a settling call, every one checked as the wire format would check
--- it; nil, a reason and a detail when one is not.
-local function read_args(op, args, base, known)
+-- The 13 arguments of a single settling call, every one checked as the wire format would
+-- check it: the request (a) it settles, as judge_entry makes one of an entry pump read;
+-- nil, a reason and a detail when one is not.
+local function read_args(op, args)
   local rule = OPS[op]
-  local a = {op = op, request_id = args[base + 1], account = args[base + 2], fingerprint = args[base + 3],
-             entry_id = args[base + 4], group = args[base + 5], submitted_at = args[base + 7],
-             reservation = args[base + 12], window_ms = 0, reply_ttl_ms = 0} -- sized once: see read_account
+  local a = {op = op, request_id = args[1], account = args[2], fingerprint = args[3], entry_id = args[4],
+             group = args[5], submitted_at = args[7], reservation = args[12], window_ms = 0,
+             reply_ttl_ms = 0} -- sized once: see read_account
   if not text(a.request_id, REQUEST_ID, 128) then return nil, 'invalid_request_id' end
   if not text(a.account, ACCOUNT, 64) then return nil, 'invalid_account' end
   if not text(a.fingerprint, FINGERPRINT, 1024) then return nil, 'invalid_fingerprint' end
   if a.entry_id ~= '' and not text(a.entry_id, ENTRY_ID, 41) then return nil, 'invalid_entry_id' end
-  if not shared(known and known.group, a.group, group_arg) then return nil, 'invalid_group' end
-  a.window_ms = shared(known and known.window, args[base + 6], duration_arg)
+  if a.group ~= '' and not text(a.group, NAME, 64) then return nil, 'invalid_group' end
+  a.window_ms = duration_arg(args[6])
   if not a.window_ms then return nil, 'invalid_window', 'the dedupe window must be 1..' .. MAX_DURATION_MS .. ' ms' end
   if a.submitted_at ~= '' and not count(a.submitted_at, 0, MAX_TIME_MS) then return nil, 'invalid_submitted_at' end
-  a.reply_ttl_ms = shared(known and known.reply_ttl, args[base + 8], duration_arg)
+  a.reply_ttl_ms = duration_arg(args[8])
   if not a.reply_ttl_ms then return nil, 'invalid_reply_ttl' end
   for _, number in ipairs(NUMBERS) do
-    local value = args[base + number.at]
+    local value = args[number.at]
     if value ~= '' then
       if not rule[number.name] then return nil, 'field_not_allowed', number.name end
       a[number.name] = count(value, 1, number.high)
@@ -631,21 +620,33 @@ local function post(k, a, o, stamp)
       fields[#fields + 1] = v
     end
   end
-  -- No MAXLEN here: trim (maintenance) keeps what subscriber groups have not read.
-  redis.call('XADD', k.results, '*', unpack(fields))
+  -- No MAXLEN here: trim (maintenance) keeps what subscriber groups have not read. The
+  -- first write of a call that acks no entry: failing, it has written nothing.
+  local added = redis.pcall('XADD', k.results, '*', unpack(fields))
+  if type(added) == 'table' and added.err then
+    if string.find(added.err, 'exhausted', 1, true) then
+      return refuse('stream_exhausted', k.results .. ' has reached the last possible id')
+    end
+    return refuse('WRONGTYPE', k.results .. ' is not a stream')
+  end
   if k.reply_to then
     redis.call('XADD', k.reply_to, 'MAXLEN', '~', 10000, '*', unpack(fields))
     redis.call('PEXPIRE', k.reply_to, digits(a.reply_ttl_ms))
   end
+  return nil
 end
 
 local SETTLE_ROLES = {'balances', 'results', 'requests', 'held', 'reservations', 'expiries', 'holds'}
--- The keys a settling call writes without having read them first, whose type is checked
+-- The keys a settling call may write without having read them first, whose type is checked
 -- before anything is written: balances, held and the dedupe record are read (a read of
--- another type fails before any write), the results stream is postable, and the ack is the
--- first write.
-local CHARGE_WRITES = {expiries = 'zset'} -- releasing an expired hold
-local SETTLE_WRITES = {reservations = 'hash', expiries = 'zset', holds = 'zset'}
+-- another type fails before any write), and so is the results stream checked (postable)
+-- when an ack comes first.
+local RESERVATION_WRITES = {reservations = 'hash', expiries = 'zset', holds = 'zset'}
+
+local function reservations_writable(k, ahead)
+  if ahead.reservations_writable == nil then ahead.reservations_writable = wrong_types(k, RESERVATION_WRITES) or false end
+  return ahead.reservations_writable or nil
+end
 
 --[[
 charge, reserve, commit, extend, release: settle one request exactly once.
@@ -671,14 +672,11 @@ Returns {status, reason, charged, balance, duplicate, processed_at}, then for th
 reservation operations {held, reserved, expires_at}; or {'stale'} when the entry had
 already been settled by another consumer. A refused call (an error) writes nothing.
 ]]
--- One entry: k, the partition's keys with this entry's reply_to; its 13
--- arguments from args[base + 1]; ahead, what pump read for the whole call (nil
--- for a call of its own).
-local function settle_entry(op, k, args, base, ahead)
-  -- Callers validate; this guards the balances against any client allowed to FCALL
-  -- directly, for whom a negative amount would be a top-up.
-  local a, err, detail = read_args(op, args, base, ahead.known)
-  if not a then return refuse(err, detail) end
+-- One request a, checked (read_args of a single call's arguments, judge_entry of an
+-- entry pump read): k, the partition's keys with its reply_to; ahead, what the call read
+-- ahead for all of its requests.
+local function settle_entry(k, a, ahead)
+  local err
   if k.reply_to then
     local prefix = k.tag .. ':reply:'
     if string.sub(k.reply_to, 1, #prefix) ~= prefix or not text(string.sub(k.reply_to, #prefix + 1), NAME, 64) then
@@ -695,17 +693,24 @@ local function settle_entry(op, k, args, base, ahead)
   if not s then return refuse(bad, a.account) end
   local o = stored and replay(s, a, stored)
   if not o then
-    o = OPS[op].decide(s, a, now)
+    o = OPS[a.op].decide(s, a, now)
     o.duplicate = 0
   end
 
-  -- Everything is read and checked: from the ack on, nothing can fail.
+  -- Everything is read and checked but the streams and keys written unread, checked here
+  -- (once per call each): before an ack, the results stream; the reservation keys when
+  -- this request changes a reservation. From the ack on (or the outcome, for a call that
+  -- acks nothing), nothing can fail.
+  err = (a.entry_id ~= '' and postable(k.results, ahead.streams))
+      or ((s.put or s.close or #s.expired_ids > 0) and reservations_writable(k, ahead)) or nil
+  if err then return err end
   if not ack(k.requests, a.group, a.entry_id) then return {'stale'} end
+  err = post(k, a, o, stamp)
+  if err then return err end
   apply(k, s, ahead)
   if not stored then write_record(k, a, o, now, stamp, ahead) end
-  post(k, a, o, stamp)
   local reply = {o.status, o.reason, o.charged, o.balance, o.duplicate, now}
-  if op ~= 'charge' then
+  if a.op ~= 'charge' then
     for _, v in ipairs({o.held, o.reserved, o.expires_at}) do reply[#reply + 1] = v end
   end
   return reply
@@ -718,12 +723,11 @@ end
 -- the same millisecond). Entries write through it
 -- (apply, write_record), so a later entry of the same account or request id reads what an
 -- earlier one wrote; the balances and records are written at the end, one HSET for the
--- balances and one per bucket. Shared arguments are checked once (known). A bucket of
--- another type fails its HMGET here, before anything is written.
-local function read_ahead(k, accounts, slices, windows, now)
+-- balances and one per bucket. A bucket of another type fails its HMGET here, before
+-- anything is written.
+local function read_ahead(k, accounts, slices, now)
   local ahead = {now = now, stamp = digits(now), accounts = accounts, balances = {}, held = {}, charged = {},
-                 records = {}, writes = {}, written = {}, streams = {},
-                 known = {group = {}, window = windows, reply_ttl = {}}}
+                 records = {}, writes = {}, written = {}, streams = {}}
   local balances = redis.call('HMGET', k.balances, unpack(accounts))
   local held = redis.call('HMGET', k.held, unpack(accounts))
   for i, account in ipairs(accounts) do
@@ -761,43 +765,33 @@ local function write_ahead(k, ahead)
   end
 end
 
--- The reads a batch shares, planned from its items ({op, args, base, reply_to}: an entry's
--- op, its 13 arguments from args[base + 1] and its reply stream): the accounts and dedupe
--- buckets of every item. The keys shared by
--- every entry are checked once for the whole call, before it writes. Returns what
--- read_ahead read, or nil and the error that refuses the call.
+-- The reads a batch shares, planned from its items ({a, reply_to}: a request, checked,
+-- and its reply stream): the accounts and dedupe buckets of every item. The keys shared
+-- by every entry are checked by the entries (settle_entry), once per call. Returns what
+-- read_ahead read.
 local function batch_ahead(k, items, now)
-  local accounts, listed, slices, writes = {}, {}, {}, CHARGE_WRITES
-  local windows = {} -- the windows checked, shared with the entries' own checks (read_args)
+  local accounts, listed, slices = {}, {}, {}
   for _, item in ipairs(items) do
-    local args, base = item.args, item.base
-    -- settle_entry refuses a window out of range before it reads a record
-    local window_ms = shared(windows, args[base + 6], duration_arg)
-    if window_ms then -- the buckets of a slice, read over the longest window of its entries
-      local slice = slice_of(window_ms)
-      slices[slice] = slices[slice] or {ids = {}, window_ms = 0}
-      table.insert(slices[slice].ids, args[base + 1])
-      slices[slice].window_ms = math.max(slices[slice].window_ms, window_ms)
+    local a = item.a
+    -- the buckets of a slice, read over the longest window of its entries
+    local slice = slice_of(a.window_ms)
+    slices[slice] = slices[slice] or {ids = {}, window_ms = 0}
+    table.insert(slices[slice].ids, a.request_id)
+    slices[slice].window_ms = math.max(slices[slice].window_ms, a.window_ms)
+    if not listed[a.account] then
+      listed[a.account] = true
+      accounts[#accounts + 1] = a.account
     end
-    local account = args[base + 2]
-    if not listed[account] then
-      listed[account] = true
-      accounts[#accounts + 1] = account
-    end
-    if item.op ~= 'charge' then writes = SETTLE_WRITES end
   end
-  local err = wrong_types(k, writes) or postable(k.results)
-  if err then return nil, err end
-  return read_ahead(k, accounts, slices, windows, now)
+  return read_ahead(k, accounts, slices, now)
 end
 
 -- One item of a batch, settled through what the call read ahead. A refused entry wrote
 -- nothing (settle_entry checks before it writes); pcall turns an error into that entry's
 -- own reply.
 local function settle_item(k, item, ahead)
-  if not OPS[item.op] then return refuse('unknown_op', tostring(item.op)) end
   k.reply_to = item.reply_to
-  local ok, result = pcall(settle_entry, item.op, k, item.args, item.base, ahead)
+  local ok, result = pcall(settle_entry, k, item.a, ahead)
   return ok and result or {err = type(result) == 'table' and result.err or tostring(result)}
 end
 
@@ -810,11 +804,14 @@ local function settle(op, keys, args)
     return refuse('wrong_arguments', op .. ' takes 7 or 8 keys of one partition (' .. table.concat(SETTLE_ROLES, ', ')
                   .. ', [reply_to]) and 13 arguments')
   end
+  -- Callers validate; this guards the balances against any client allowed to FCALL
+  -- directly, for whom a negative amount would be a top-up.
+  local a, err, detail = read_args(op, args)
+  if not a then return refuse(err, detail) end
   -- A batch of one: the same read ahead, settle_entry and write ahead as pump's entries.
   k.reply_to = keys[#SETTLE_ROLES + 1]
-  local ahead, err = batch_ahead(k, {{op = op, args = args, base = 0}}, now_ms())
-  if not ahead then return err end
-  local reply = settle_entry(op, k, args, 0, ahead)
+  local ahead = batch_ahead(k, {{a = a}}, now_ms())
+  local reply = settle_entry(k, a, ahead)
   write_ahead(k, ahead)
   return reply
 end
@@ -959,9 +956,10 @@ end
 
 local function crc32(s)
   crc_table = crc_table or build_crc_table()
+  local t, band, bxor, rshift, byte = crc_table, bit.band, bit.bxor, bit.rshift, string.byte
   local c = -1
   for i = 1, #s do
-    c = bit.bxor(bit.rshift(c, 8), crc_table[bit.band(bit.bxor(c, string.byte(s, i)), 0xFF)])
+    c = bxor(rshift(c, 8), t[band(bxor(c, byte(s, i)), 0xFF)])
   end
   c = bit.bnot(c)
   if c < 0 then c = c + 4294967296 end
@@ -974,7 +972,8 @@ end
 -- below 2^53.)
 local function wire_number(value, low, high)
   if #value > 20 or not string.find(value, '^[0-9]+$') then return nil end
-  local significant = string.match(value, '^0*(%d+)$')
+  local significant = value
+  if #value > 16 or string.byte(value) == 48 then significant = string.match(value, '^0*(%d+)$') end -- 48: '0'
   if #significant > 16 then return nil end
   local n = tonumber(significant)
   if n < low or n > high then return nil end
@@ -988,28 +987,42 @@ local function reservation_account(value)
   return nil
 end
 
--- The fields of an entry, n pairs from args[first]: a table by name, or nil and the
+-- The fields of an entry, its flat name/value pairs: a table by name, or nil and the
 -- reason. A name is judged before its value, and a repeated name before the names after
 -- it (the schema counts them all, and so reports a bad one among them first).
-local function entry_fields(args, first, n)
+-- A name or value over the size limit or not UTF-8: the reason and a detail. ascii: the
+-- entry has no byte above 127 (one scan of it all), so none needs decoding.
+local function bad(value, what, ascii)
+  if #value > MAX_FIELD_BYTES then
+    return 'field_too_long', what .. ' is ' .. #value .. ' bytes, at most ' .. MAX_FIELD_BYTES
+  end
+  if not ascii and not utf8_valid(value) then return 'invalid_encoding', what .. ' is not valid UTF-8' end
+  return nil
+end
+
+local function entry_fields(args)
+  local first, n = 1, #args / 2
   if n == 0 then return nil, 'entry_deleted', 'the entry has no fields (deleted or trimmed before it was read)' end
   if n > MAX_FIELDS then return nil, 'too_many_fields', n .. ' fields, at most ' .. MAX_FIELDS end
-  local function bad(value, what)
-    if #value > MAX_FIELD_BYTES then
-      return 'field_too_long', what .. ' is ' .. #value .. ' bytes, at most ' .. MAX_FIELD_BYTES
-    end
-    if not utf8_valid(value) then return 'invalid_encoding', what .. ' is not valid UTF-8' end
-    return nil
-  end
+  local joined = table.concat(args, '', first, first + 2 * n - 1)
+  local ascii = not string.find(joined, '[\128-\255]')
   local fields = {}
+  if ascii and #joined <= MAX_FIELD_BYTES then -- no name or value can be too long or badly encoded
+    for i = first, first + 2 * n - 2, 2 do
+      if fields[args[i]] then fields = nil break end -- a repeated name: judged below
+      fields[args[i]] = args[i + 1]
+    end
+    if fields then return fields end
+    fields = {}
+  end
   for i = first, first + 2 * n - 2, 2 do
     local name = args[i]
-    local reason, detail = bad(name, 'field name')
+    local reason, detail = bad(name, 'field name', ascii)
     if reason then return nil, reason, detail end
     if fields[name] then
       local times = 1
       for j = i + 2, first + 2 * n - 2, 2 do
-        reason, detail = bad(args[j], 'field name')
+        reason, detail = bad(args[j], 'field name', ascii)
         if reason then return nil, reason, detail end
         if args[j] == name then times = times + 1 end
       end
@@ -1018,7 +1031,7 @@ local function entry_fields(args, first, n)
       end
       return nil, 'duplicate_field', "field '" .. name .. "' is given " .. times .. ' times'
     end
-    reason, detail = bad(args[i + 1], name)
+    reason, detail = bad(args[i + 1], name, ascii)
     if reason then return nil, reason, detail end
     fields[name] = args[i + 1]
   end
@@ -1034,10 +1047,7 @@ local function field_values(f, c)
   if not f.account then return nil, 'missing_field', "field 'account' is required" end
   if not text(f.account, ACCOUNT, 64) then return nil, 'invalid_account', 'account' end
   if f.service and not SERVICES[f.service] then return nil, 'unknown_service', 'service ' .. f.service end
-  local numbers = {{'units', 1, c.max_units, 'invalid_units'}, {'amount', 1, c.max_amount, 'invalid_amount'},
-                   {'reservation'}, {'ttl', 1, c.max_ttl_s, 'invalid_ttl'},
-                   {'submitted_at', 0, MAX_TIME_MS, 'invalid_submitted_at'}}
-  for _, rule in ipairs(numbers) do
+  for _, rule in ipairs(c.numbers) do
     local name, value = rule[1], f[rule[1]]
     if name == 'reservation' then
       if value and not reservation_account(value) then
@@ -1098,16 +1108,16 @@ local function fingerprint(f, v)
 end
 
 --[[
-judge_entry: an entry's raw field/value pairs (n of them from args[first], as XREADGROUP
+judge_entry: an entry's raw field/value pairs (flat, as XREADGROUP
 gives them) judged against the wire format, with the call's context c: namespace,
 partition, partitions, prices (per service), max_units, max_amount, max_ttl_s,
-default_ttl_s, group, window_ms, reply_ttl_ms. Returns the op, the 13 arguments of its
-settling call (see settle: amount rated, units only for a commit or extend in units,
-unit_price and ttl_ms for a reserve) and its reply stream; or nil, the dead-letter reason
-and a detail. Writes nothing, reads nothing.
+default_ttl_s, group, window_ms, reply_ttl_ms. Returns the request settle_entry settles,
+as read_args makes one of a single call's arguments (see settle: amount rated, units only
+for a commit or extend in units, unit_price and ttl_ms for a reserve), and its reply
+stream; or nil, the dead-letter reason and a detail. Writes nothing, reads nothing.
 ]]
-local function judge_entry(args, first, n, entry_id, c)
-  local f, reason, detail = entry_fields(args, first, n)
+local function judge_entry(pairs_, entry_id, c)
+  local f, reason, detail = entry_fields(pairs_)
   if not f then return nil, reason, detail end
   if ON_RESERVATION[f.op] then -- the account is the reservation's own
     if not f.reservation then return nil, 'missing_field', "field 'reservation' is required for op '" .. f.op .. "'" end
@@ -1121,7 +1131,8 @@ local function judge_entry(args, first, n, entry_id, c)
   local v
   v, reason, detail = field_values(f, c)
   if not v then return nil, reason, detail end
-  local partition = crc32(f.account) % c.partitions -- the account's, which the reply stream must be in
+  -- the account's, which the reply stream must be in
+  local partition = c.partitions == 1 and 0 or crc32(f.account) % c.partitions
   reason, detail = request_rules(f, v, c, partition)
   if reason then return nil, reason, detail end
   if partition ~= c.partition then
@@ -1134,12 +1145,12 @@ local function judge_entry(args, first, n, entry_id, c)
   end
   local reserve = v.op == 'reserve'
   local ttl_s = v.ttl or (reserve and c.default_ttl_s)
-  local submitted_at = v.submitted_at and v.submitted_at > 0 and digits(v.submitted_at) or ''
-  return v.op, {
-    f.request_id, f.account, fingerprint(f, v), entry_id, c.group, c.window_ms, submitted_at, c.reply_ttl_ms,
-    amount and digits(amount) or '', (not amount and v.units) and digits(v.units) or '',
-    reserve and digits(f.service and c.prices[f.service] or 1) or '',
-    reserve and (f.account .. '/' .. f.request_id) or f.reservation or '', ttl_s and digits(ttl_s * 1000) or '',
+  return {
+    op = v.op, request_id = f.request_id, account = f.account, fingerprint = fingerprint(f, v), entry_id = entry_id,
+    group = c.group, submitted_at = v.submitted_at and v.submitted_at > 0 and digits(v.submitted_at) or '',
+    reservation = reserve and (f.account .. '/' .. f.request_id) or f.reservation, window_ms = c.window_ms,
+    reply_ttl_ms = c.reply_ttl_ms, amount = amount, units = not amount and v.units or nil,
+    unit_price = reserve and (f.service and c.prices[f.service] or 1) or nil, ttl_ms = ttl_s and ttl_s * 1000 or nil,
   }, f.reply_to
 end
 
@@ -1162,7 +1173,8 @@ local MAX_PARTITIONS = 1024
 -- refusal when a value is out of range.
 local function entries_context(k, args)
   local namespace, tag_partition = string.match(k.tag, '^(.+):{p(%d+)}$')
-  local c = {group = args[1], window_ms = args[2], reply_ttl_ms = args[3], namespace = namespace,
+  local c = {group = args[1], window_ms = duration_arg(args[2]), reply_ttl_ms = duration_arg(args[3]),
+             namespace = namespace,
              partition = count(args[4], 0, MAX_PARTITIONS - 1), partitions = count(args[5], 1, MAX_PARTITIONS),
              maxlen = count(args[6], 1, MAX_BALANCE),
              prices = {sms = count(args[7], 1, MAX_BALANCE), voice = count(args[8], 1, MAX_BALANCE),
@@ -1171,8 +1183,8 @@ local function entries_context(k, args)
              max_ttl_s = count(args[12], 1, MAX_DURATION_MS / 1000), default_ttl_s = count(args[13], 1, MAX_DURATION_MS / 1000),
              max_deliveries = count(args[14], 1, MAX_BALANCE), max_skew_ms = count(args[15], 1000, MAX_DURATION_MS)}
   local checks = {
-    {text(c.group, NAME, 64), 'invalid_group'}, {duration_arg(c.window_ms), 'invalid_window'},
-    {duration_arg(c.reply_ttl_ms), 'invalid_reply_ttl'},
+    {text(c.group, NAME, 64), 'invalid_group'}, {c.window_ms, 'invalid_window'},
+    {c.reply_ttl_ms, 'invalid_reply_ttl'},
     {c.partitions and c.partition and c.partition < c.partitions and c.partition == tonumber(tag_partition),
      'invalid_partition', 'the partition of the keys, below partitions'},
     {c.maxlen, 'invalid_maxlen'}, {c.prices.sms and c.prices.voice and c.prices.data, 'invalid_price'},
@@ -1183,12 +1195,16 @@ local function entries_context(k, args)
   for _, check in ipairs(checks) do
     if not check[1] then return nil, refuse(check[2], check[3]) end
   end
+  -- the numbers of an entry, in the schema's order: name, range, reason (field_values)
+  c.numbers = {{'units', 1, c.max_units, 'invalid_units'}, {'amount', 1, c.max_amount, 'invalid_amount'},
+               {'reservation'}, {'ttl', 1, c.max_ttl_s, 'invalid_ttl'},
+               {'submitted_at', 0, MAX_TIME_MS, 'invalid_submitted_at'}}
   return c
 end
 
 -- Judges each entry: the item settle_item settles (e.item), or the reason and detail it
 -- is dead-lettered with. Returns the items and the reasons used.
-local function judge_entries(k, args, entries, c, now)
+local function judge_entries(entries, c, now)
   local items, reasons, listed = {}, {}, {}
   for _, e in ipairs(entries) do
     local ahead_ms = tonumber(string.match(e.id, '^%d+')) - now
@@ -1198,12 +1214,12 @@ local function judge_entries(k, args, entries, c, now)
     elseif e.deliveries > c.max_deliveries then
       e.reason, e.detail = 'max_deliveries', 'delivered ' .. digits(e.deliveries) .. ' times without being settled'
     else
-      local op, settle_args, reply_to = judge_entry(args, e.first, e.n, e.id, c)
-      if op then
-        e.item = {op = op, args = settle_args, base = 0, reply_to = reply_to}
+      local a, reply_to, detail = judge_entry(e.pairs, e.id, c)
+      if a then
+        e.item = {a = a, reply_to = reply_to}
         items[#items + 1] = e.item
       else
-        e.reason, e.detail = settle_args, reply_to
+        e.reason, e.detail = reply_to, detail
       end
     end
     if e.reason and not listed[e.reason] then
@@ -1229,22 +1245,18 @@ local function dead_letters_writable(k, reasons)
 end
 
 -- The settling core of pump: entries read from the request stream ({id, deliveries,
--- first, n}, their pairs n from raw[first]) judged, dead-lettered or settled through
+-- pairs}) judged, dead-lettered or settled through
 -- settle_item, in one read ahead and one write ahead. Every check comes before the first
 -- write. Returns one reply per entry, in order: what its own function returns,
 -- {'dead', reason}, {'stale'} (another consumer had settled it) or an error (that entry
 -- wrote nothing and stays pending); or nil and the refusal of the whole call (nothing
 -- written).
-local function settle_read(k, c, raw, entries)
+local function settle_read(k, c, entries)
   local now = now_ms() -- one for the call: the id_in_future rule, the dedupe window, expiries
-  local items, reasons = judge_entries(k, raw, entries, c, now)
+  local items, reasons = judge_entries(entries, c, now)
   local err = #reasons > 0 and dead_letters_writable(k, reasons)
   if err then return nil, err end
-  local ahead
-  if #items > 0 then
-    ahead, err = batch_ahead(k, items, now)
-    if not ahead then return nil, err end
-  end
+  local ahead = #items > 0 and batch_ahead(k, items, now)
   local replies = {}
   for i, e in ipairs(entries) do
     if e.item then
@@ -1253,7 +1265,7 @@ local function settle_read(k, c, raw, entries)
       replies[i] = {'stale'}
     else
       local fields = {}
-      for j = e.first, e.first + 2 * e.n - 1 do fields[#fields + 1] = string.sub(raw[j], 1, DEADLETTER_FIELD_BYTES) end
+      for j, v in ipairs(e.pairs) do fields[j] = string.sub(v, 1, DEADLETTER_FIELD_BYTES) end
       write_dead_letter(k, e.id, e.reason, e.detail, c.maxlen, fields)
       replies[i] = {'dead', e.reason}
     end
@@ -1316,13 +1328,12 @@ local function reclaim(k, c, consumer, wanted, idle_ms)
   return claimed, #deleted
 end
 
--- Appends what one XREADGROUP gave to entries and raw (their pairs, as settle_read takes them).
-local function read_into(reply, entries, raw)
+-- Appends what one XREADGROUP gave to entries, as settle_read takes them.
+local function read_into(reply, entries)
   local messages = reply and reply[1] and reply[1][2] or {}
   for _, m in ipairs(messages) do
-    local pairs_ = m[2] or {} -- false: deleted while pending, read as no fields
-    entries[#entries + 1] = {id = m[1], deliveries = 1, first = #raw + 1, n = #pairs_ / 2}
-    for _, v in ipairs(pairs_) do raw[#raw + 1] = v end
+    -- pairs false: deleted while pending, read as no fields
+    entries[#entries + 1] = {id = m[1], deliveries = 1, pairs = m[2] or {}}
   end
 end
 
@@ -1366,12 +1377,12 @@ local function pump(keys, args)
     for _ = 1, deleted do tally(dead, 'entry_deleted') end
   end
 
-  local entries, raw = {}, {}
+  local entries = {}
   read_into(redis.call('XREADGROUP', 'GROUP', c.group, consumer, 'COUNT', wanted, 'STREAMS', k.requests, '0'),
-            entries, raw)
+            entries)
   if #entries < wanted then
     read_into(redis.call('XREADGROUP', 'GROUP', c.group, consumer, 'COUNT', wanted - #entries, 'STREAMS',
-                         k.requests, '>'), entries, raw)
+                         k.requests, '>'), entries)
   end
   local replies, refusal = {}, nil
   if #entries > 0 then
@@ -1384,7 +1395,7 @@ local function pump(keys, args)
       e.deliveries = delivered[e.id] or 1
       if e.id == waited and e.deliveries > 1 then e.deliveries = e.deliveries - 1 end
     end
-    replies, refusal = settle_read(k, c, raw, entries)
+    replies, refusal = settle_read(k, c, entries)
   end
 
   local summary = {#entries, reclaimed, #entries > 0 and entries[#entries].id or '', 0, 0, 0, 0, ''}
@@ -1401,8 +1412,8 @@ local function pump(keys, args)
     else
       local result = r[2] ~= '' and r[2] or 'approved'
       if r[5] == 1 and r[2] ~= 'idempotency_conflict' then result = 'duplicate' end
-      if e.item.op ~= 'charge' then
-        tally(ops, e.item.op, result)
+      if e.item.a.op ~= 'charge' then
+        tally(ops, e.item.a.op, result)
       elseif result == 'approved' then
         summary[4] = summary[4] + 1
       elseif result == 'duplicate' then
