@@ -38,7 +38,8 @@ streams pump reads from its entries), none is made up inside; each is checked ag
                                    slice of time (a quarter to a half of the window;
                                    slot x slice is when it starts, in ms). Written
                                    by charge and the reservation operations; expires whole
-                                   once its last record has (see bucket()). The only keys
+                                   once its last record has (see bucket()); the field ''
+                                   holds that expiry (write_bucket). The only keys
                                    named here rather than passed in KEYS: made from the
                                    partition's tag and the time, so in its slot.
   <ns>:{pN}:requests       stream  charge and reservation requests, XADDed by producers,
@@ -572,10 +573,23 @@ local function read_record(a, now, ahead)
 end
 
 -- A bucket lives until its last record has expired: the expiry is set when it is made,
--- and only ever pushed later (a record of a longer window of the same slice).
-local function expire_bucket(name, at)
-  redis.call('PEXPIREAT', name, digits(at), 'NX')
-  redis.call('PEXPIREAT', name, digits(at), 'GT')
+-- and only ever pushed later (a record of a longer window of the same slice). The bucket
+-- keeps the expiry it was given in its field EXPIRY (no request id is empty), read with its
+-- records, so a call that writes into a bucket sets it only when it must: once per bucket,
+-- unless a longer window pushes it. known: that field as read (nil: none, a bucket made by
+-- this call or by an older version, which gets NX and GT).
+local EXPIRY = ''
+
+local function write_bucket(pending, known)
+  local expire = not known or pending.expire_at > known
+  if expire then
+    pending.fields[#pending.fields + 1] = EXPIRY
+    pending.fields[#pending.fields + 1] = digits(pending.expire_at)
+  end
+  redis.call('HSET', pending.name, unpack(pending.fields))
+  if not expire then return end
+  if not known then redis.call('PEXPIREAT', pending.name, digits(pending.expire_at), 'NX') end
+  redis.call('PEXPIREAT', pending.name, digits(pending.expire_at), 'GT')
 end
 
 -- Records the outcome in the bucket of now, which the call has read (so this write cannot
@@ -727,7 +741,7 @@ end
 -- anything is written.
 local function read_ahead(k, accounts, slices, now)
   local ahead = {now = now, stamp = digits(now), accounts = accounts, balances = {}, held = {}, charged = {},
-                 records = {}, writes = {}, written = {}, streams = {}}
+                 records = {}, writes = {}, written = {}, streams = {}, expiries = {}}
   local balances = redis.call('HMGET', k.balances, unpack(accounts))
   local held = redis.call('HMGET', k.held, unpack(accounts))
   for i, account in ipairs(accounts) do
@@ -737,9 +751,13 @@ local function read_ahead(k, accounts, slices, now)
     local found = {}
     for _, id in ipairs(wanted.ids) do found[id] = false end
     local first, last = slots(slice, wanted.window_ms, ahead.now)
+    local now_slot = math.floor(now / slice) -- the bucket written: its expiry is read too
     for slot = first, last do -- oldest first: a newer record of an id replaces an older one
-      for i, stored in ipairs(redis.call('HMGET', bucket(k, slice, slot), unpack(wanted.ids))) do
-        if stored then found[wanted.ids[i]] = stored end
+      local name = bucket(k, slice, slot)
+      local stored = redis.call('HMGET', name, EXPIRY, unpack(wanted.ids))
+      if slot == now_slot then ahead.expiries[name] = count(stored[1], 0, MAX_TIME_MS) end
+      for i, id in ipairs(wanted.ids) do
+        if stored[i + 1] then found[id] = stored[i + 1] end
       end
     end
     ahead.records[slice] = found
@@ -759,10 +777,7 @@ local function write_ahead(k, ahead)
     end
   end
   if #balances > 0 then redis.call('HSET', k.balances, unpack(balances)) end
-  for _, pending in ipairs(ahead.written) do
-    redis.call('HSET', pending.name, unpack(pending.fields))
-    expire_bucket(pending.name, pending.expire_at)
-  end
+  for _, pending in ipairs(ahead.written) do write_bucket(pending, ahead.expiries[pending.name]) end
 end
 
 -- The reads a batch shares, planned from its items ({a, reply_to}: a request, checked,
