@@ -1370,6 +1370,25 @@ local function flat_tally(out, t)
   end
 end
 
+-- The context of a pump call, checked once per partition and header: every call of a
+-- worker repeats them, and checking them costs more than a short call's entries. Kept by
+-- the library between calls (a pure function of the arguments; dropped when the library is
+-- loaded again), at most MAX_KNOWN of them.
+local MAX_KNOWN = 4096
+local known, known_n = {}, 0
+
+local function known_context(k, args)
+  local key = k.tag .. SEP .. table.concat(args, SEP, PUMP_ARGS + 1)
+  local c = known[key]
+  if c then return c end
+  local err
+  c, err = entries_context(k, {unpack(args, PUMP_ARGS + 1)})
+  if not c then return nil, err end
+  if known_n >= MAX_KNOWN then known, known_n = {}, 0 end
+  known[key], known_n = c, known_n + 1
+  return c
+end
+
 local function pump(keys, args)
   local k = #keys == #ENTRIES_ROLES and #args == PUMP_ARGS + ENTRIES_HEADER and partition_keys(keys, ENTRIES_ROLES)
   if not k then
@@ -1382,7 +1401,7 @@ local function pump(keys, args)
   if not wanted then return refuse('invalid_count', '1..' .. MAX_BATCH) end
   if not idle_ms then return refuse('invalid_reclaim_idle') end
   if waited ~= '' and not text(waited, ENTRY_ID, 41) then return refuse('invalid_entry_id', waited) end
-  local c, err = entries_context(k, {unpack(args, PUMP_ARGS + 1)})
+  local c, err = known_context(k, args)
   if not c then return err end
   local dead, reclaimed, deleted = {order = {}, n = {}}, 0, 0
   if idle_ms > 0 then
