@@ -187,7 +187,8 @@ end
 -- outcome or a dead letter after writes it cannot undo (the ack, the charge), so it checks
 -- every stream it will post to first and is refused before it writes (stream_exhausted);
 -- its entry stays pending. (Refused from the first such id on, not only at the very last:
--- nothing the library writes ever comes near it.)
+-- nothing the library writes ever comes near it. A call that acks nothing posts its outcome
+-- first instead, and is refused by the XADD itself, at the very last id.)
 local EXHAUSTED_MS = '18446744073709551615-'
 
 local function exhausted(stream)
@@ -577,7 +578,7 @@ end
 -- keeps the expiry it was given in its field EXPIRY (no request id is empty), read with its
 -- records, so a call that writes into a bucket sets it only when it must: once per bucket,
 -- unless a longer window pushes it. known: that field as read (nil: none, a bucket made by
--- this call or by an older version, which gets NX and GT).
+-- this call or by an older version).
 local EXPIRY = ''
 
 local function write_bucket(pending, known)
@@ -588,7 +589,7 @@ local function write_bucket(pending, known)
   end
   redis.call('HSET', pending.name, unpack(pending.fields))
   if not expire then return end
-  if not known then redis.call('PEXPIREAT', pending.name, digits(pending.expire_at), 'NX') end
+  redis.call('PEXPIREAT', pending.name, digits(pending.expire_at), 'NX')
   redis.call('PEXPIREAT', pending.name, digits(pending.expire_at), 'GT')
 end
 
@@ -641,7 +642,7 @@ local function post(k, a, o, stamp)
     if string.find(added.err, 'exhausted', 1, true) then
       return refuse('stream_exhausted', k.results .. ' has reached the last possible id')
     end
-    return refuse('WRONGTYPE', k.results .. ' is not a stream')
+    return redis.error_reply(added.err)
   end
   if k.reply_to then
     redis.call('XADD', k.reply_to, 'MAXLEN', '~', 10000, '*', unpack(fields))
@@ -1379,11 +1380,14 @@ local known, known_n = {}, 0
 
 local function known_context(k, args)
   local key = k.tag .. SEP .. table.concat(args, SEP, PUMP_ARGS + 1)
-  local c = known[key]
+  -- one key per input only when no part holds SEP itself: else checked, never kept
+  local unambiguous = select(2, string.gsub(key, SEP, '')) == ENTRIES_HEADER
+  local c = unambiguous and known[key]
   if c then return c end
   local err
   c, err = entries_context(k, {unpack(args, PUMP_ARGS + 1)})
   if not c then return nil, err end
+  if not unambiguous then return c end
   if known_n >= MAX_KNOWN then known, known_n = {}, 0 end
   known[key], known_n = c, known_n + 1
   return c

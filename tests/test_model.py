@@ -390,6 +390,22 @@ class LedgerMachine(RuleBasedStateMachine):
                                               given={"window_ms": self.window_ms}),
                          "stream_exhausted", request_id)
 
+    @rule()
+    def pump_header_joined_alike(self):
+        """Found by review: pump keeps each checked context keyed by its tag and header joined
+        with the library's separator; a crafted tag made another call's parts join to the
+        same text, and that call (whose group is invalid) ran on the kept context. Refused,
+        whatever the model says."""
+        header = [str(v) for v in codec.entries_header(self.settings, self.keys)]
+        crafted_tag = f"{self.keys.tag}\x1fx:{{p0}}"
+        crafted = [crafted_tag + name[len(self.keys.tag):] for name in codec.entries_keys(self.keys)]
+        with pytest.raises(redis.ResponseError):  # checked and kept; then no group there
+            self.client.fcall("pump", len(crafted), *crafted, "model", 1, 0, "", *header)
+        names = codec.entries_keys(self.keys)
+        joined_alike = ["x:{p0}", *header[:13], f"{header[13]}\x1f{header[14]}"]
+        self.refused(lambda: self.client.fcall("pump", len(names), *names, "model", 1, 0, "", *joined_alike),
+                     "invalid_group")
+
     # ---- after every step -------------------------------------------------------------------
 
     def stored_reservations(self) -> dict[str, codec.Reservation]:

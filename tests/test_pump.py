@@ -113,3 +113,25 @@ def test_malformed_pump_calls_are_refused(client, settings, keys):
         with pytest.raises(redis.ResponseError):
             client.fcall("pump", len(names), *names, *args)
     assert client.xinfo_groups(keys.requests)[0]["consumers"] == 0  # nothing read
+
+
+def test_a_context_is_never_taken_for_another_calls_whose_parts_join_to_the_same_text(client, settings, keys):
+    """Found by review: the checked context a pump call keeps was keyed by its tag and header
+    joined with the library's separator, which a crafted tag or argument may hold: a call
+    with an invalid group then ran on another call's context (and dead-lettered an entry
+    that judged valid)."""
+    header = [str(v) for v in codec.entries_header(settings, keys)]
+    crafted_tag = f"{keys.tag}\x1fx:{{p0}}"
+    crafted = [f"{crafted_tag}:{name.rsplit(':', 1)[-1]}" if not name.endswith("deadletter:reasons")
+               else f"{crafted_tag}:deadletter:reasons" for name in codec.entries_keys(keys)]
+    with pytest.raises(redis.ResponseError):  # its context is checked (and kept), then it finds no group
+        client.fcall("pump", len(crafted), *crafted, "w0", 25, 0, "", *header)
+    client.xadd(keys.requests, {"request_id": "q1", "account": "account1", "amount": "5",
+                                "reply_to": f"{keys.tag}:reply:abc"})
+    joined_alike = ["x:{p0}", *header[:13], f"{header[13]}\x1f{header[14]}"]
+    names = codec.entries_keys(keys)
+
+    with pytest.raises(redis.ResponseError, match="invalid_group"):
+        client.fcall("pump", len(names), *names, "w0", 25, 0, "", *joined_alike)
+
+    assert client.xlen(keys.deadletter) == 0 and pump(client, settings, keys).approved == 1
