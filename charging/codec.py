@@ -116,7 +116,6 @@ class Summary:
     last_id: str = ""
     approved: int = 0
     duplicate: int = 0
-    stale: int = 0
     refused: int = 0
     error: str = ""
     rejected: dict[str, int] = field(default_factory=dict)
@@ -130,7 +129,7 @@ class Summary:
 
 def summary(reply: Sequence[Any]) -> Summary:
     """Parse pump's flat reply (lua/charging.lua, pump)."""
-    read, reclaimed, last_id, approved, duplicate, stale, refused, error, *rest = reply
+    read, reclaimed, last_id, approved, duplicate, refused, error, *rest = reply
     groups: list[dict] = []
     at = 0
     for width in (1, 1, 2):  # labels per count: reason, reason, (op, result)
@@ -141,14 +140,13 @@ def summary(reply: Sequence[Any]) -> Summary:
             at += width + 1
         groups.append(found)
         at += 1
-    return Summary(int(read), int(reclaimed), text(last_id), int(approved), int(duplicate), int(stale), int(refused),
+    return Summary(int(read), int(reclaimed), text(last_id), int(approved), int(duplicate), int(refused),
                    text(error), *groups)
 
 
 @dataclass(frozen=True)
 class Settled:
-    """The reply of a settling function for one request. status 'stale': the entry had
-    already been settled by another consumer and this call changed nothing."""
+    """The reply of a settling function for one request."""
 
     status: str
     reason: str = ""
@@ -162,10 +160,6 @@ class Settled:
     expires_at: int | None = None
 
     @property
-    def stale(self) -> bool:
-        return self.status == "stale"
-
-    @property
     def replayed(self) -> bool:
         """Answered from the dedupe record (an idempotency conflict is a rejection, not a replay)."""
         return self.duplicate and self.reason != "idempotency_conflict"
@@ -173,9 +167,7 @@ class Settled:
 
 def settled(reply: Sequence[Any]) -> Settled:
     """Parse {status, reason, charged, balance, duplicate, processed_at[, held, reserved,
-    expires_at]} or {'stale'}."""
-    if len(reply) == 1:
-        return Settled(text(reply[0]))
+    expires_at]}."""
     status, reason, charged, balance, duplicate, processed_at, *session = reply
     parsed = Settled(text(status), text(reason), int(charged), int(balance), bool(int(duplicate)),
                      int(processed_at))

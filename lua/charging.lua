@@ -70,11 +70,11 @@ reservation or per account would be a key the function was not given.
 
 Nothing after the first write can fail. A function that errors half way keeps every write
 it made (there is no rollback, and pump's per-entry pcall only hides the error), so each one
-first reads and checks every argument and every stored value its decision needs, then
-writes: an entry's ack first, after checking every stream it will post to (postable: of its
-type, not exhausted); a call that acks nothing (authorize) posts its outcome first, an XADD
-that refuses the call by failing before anything is written; then only commands that cannot
-fail on what was checked. A call that is refused writes nothing and its entry stays pending.
+first reads and checks every argument and every stored value its decision needs, and
+every other stream it will post to (postable: of its type, not exhausted), then writes: a
+request's outcome first, an XADD to the results stream that refuses the request by failing
+before anything of it is written, then its ack and only commands that cannot fail on what
+was checked. A call that is refused writes nothing and its entry stays pending.
 ]]
 local SEP = '\31'
 
@@ -187,8 +187,8 @@ end
 -- outcome or a dead letter after writes it cannot undo (the ack, the charge), so it checks
 -- every stream it will post to first and is refused before it writes (stream_exhausted);
 -- its entry stays pending. (Refused from the first such id on, not only at the very last:
--- nothing the library writes ever comes near it. A call that acks nothing posts its outcome
--- first instead, and is refused by the XADD itself, at the very last id.)
+-- nothing the library writes ever comes near it. The results stream is not checked: the
+-- outcome is a request's first write, refused by the XADD itself at the very last id.)
 local EXHAUSTED_MS = '18446744073709551615-'
 
 local function exhausted(stream)
@@ -217,12 +217,10 @@ local function postable(stream, cache)
   return found or nil
 end
 
--- Acks entry_id unless it or group is '' (a synchronous call). Returns false when the
--- entry was no longer pending: another consumer settled it (this one was stalled or its
--- reply was lost), so this call must change nothing.
+-- Acks an entry pump read in this same call: pending to its consumer, so this cannot fail
+-- and the entry cannot have been settled by another (no worker holds an entry between calls).
 local function ack(requests, group, entry_id)
-  if entry_id == '' or group == '' then return true end
-  return redis.call('XACK', requests, group, entry_id) == 1
+  redis.call('XACK', requests, group, entry_id)
 end
 
 -- ---- reservations --------------------------------------------------------------------
@@ -339,7 +337,7 @@ end
 
 -- Writes what the decision left in s: the expired reservations released, the index
 -- entries of ended ones dropped, the charge, the reservation made, changed or closed, and
--- the held total. Every value here was checked before the ack: none of these can fail.
+-- the held total. Every value here was checked before the outcome was posted: none of these can fail.
 local function apply(k, s, ahead)
   for _, id in ipairs(s.expired_ids) do remove_reservation(k, id) end
   for _, id in ipairs(s.gone) do redis.call('ZREM', k.holds, id) end
@@ -481,7 +479,7 @@ local function read_args(op, args)
   if not text(a.request_id, REQUEST_ID, 128) then return nil, 'invalid_request_id' end
   if not text(a.account, ACCOUNT, 64) then return nil, 'invalid_account' end
   if not text(a.fingerprint, FINGERPRINT, 1024) then return nil, 'invalid_fingerprint' end
-  if a.entry_id ~= '' and not text(a.entry_id, ENTRY_ID, 41) then return nil, 'invalid_entry_id' end
+  if a.entry_id ~= '' then return nil, 'invalid_entry_id', 'a single call settles no stream entry (pump does)' end
   if a.group ~= '' and not text(a.group, NAME, 64) then return nil, 'invalid_group' end
   a.window_ms = duration_arg(args[6])
   if not a.window_ms then return nil, 'invalid_window', 'the dedupe window must be 1..' .. MAX_DURATION_MS .. ' ms' end
@@ -683,9 +681,10 @@ ARGV: request_id, account, fingerprint, entry_id ('' for a synchronous call), gr
 Every number is decimal digits within the library's limits; request_id, account and
 reservation as on the wire. Before deciding, the call releases the account's own
 reservations past their expiry: available = balance - what its unexpired ones hold.
-Returns {status, reason, charged, balance, duplicate, processed_at}, then for the
-reservation operations {held, reserved, expires_at}; or {'stale'} when the entry had
-already been settled by another consumer. A refused call (an error) writes nothing.
+entry_id and group are '' (a single call settles no stream entry: pump does; they keep
+their places for callers of this layout). Returns {status, reason, charged, balance,
+duplicate, processed_at}, then for the reservation operations {held, reserved, expires_at}.
+A refused call (an error) writes nothing.
 ]]
 -- One request a, checked (read_args of a single call's arguments, judge_entry of an
 -- entry pump read): k, the partition's keys with its reply_to; ahead, what the call read
@@ -712,16 +711,14 @@ local function settle_entry(k, a, ahead)
     o.duplicate = 0
   end
 
-  -- Everything is read and checked but the streams and keys written unread, checked here
-  -- (once per call each): before an ack, the results stream; the reservation keys when
-  -- this request changes a reservation. From the ack on (or the outcome, for a call that
-  -- acks nothing), nothing can fail.
-  err = (a.entry_id ~= '' and postable(k.results, ahead.streams))
-      or ((s.put or s.close or #s.expired_ids > 0) and reservations_writable(k, ahead)) or nil
+  -- Everything is read and checked but the keys written unread: the reservation keys when
+  -- this request changes a reservation (once per call), and the results stream, whose XADD
+  -- (the outcome, the first write) refuses the request by failing. After it nothing can fail.
+  err = (s.put or s.close or #s.expired_ids > 0) and reservations_writable(k, ahead)
   if err then return err end
-  if not ack(k.requests, a.group, a.entry_id) then return {'stale'} end
   err = post(k, a, o, stamp)
   if err then return err end
+  if a.entry_id ~= '' then ack(k.requests, a.group, a.entry_id) end
   apply(k, s, ahead)
   if not stored then write_record(k, a, o, now, stamp, ahead) end
   local reply = {o.status, o.reason, o.charged, o.balance, o.duplicate, now}
@@ -1264,7 +1261,7 @@ end
 -- pairs}) judged, dead-lettered or settled through
 -- settle_item, in one read ahead and one write ahead. Every check comes before the first
 -- write. Returns one reply per entry, in order: what its own function returns,
--- {'dead', reason}, {'stale'} (another consumer had settled it) or an error (that entry
+-- {'dead', reason} or an error (that entry
 -- wrote nothing and stays pending); or nil and the refusal of the whole call (nothing
 -- written).
 local function settle_read(k, c, entries)
@@ -1277,9 +1274,8 @@ local function settle_read(k, c, entries)
   for i, e in ipairs(entries) do
     if e.item then
       replies[i] = settle_item(k, e.item, ahead)
-    elseif not ack(k.requests, c.group, e.id) then
-      replies[i] = {'stale'}
     else
+      ack(k.requests, c.group, e.id)
       local fields = {}
       for j, v in ipairs(e.pairs) do fields[j] = string.sub(v, 1, DEADLETTER_FIELD_BYTES) end
       write_dead_letter(k, e.id, e.reason, e.detail, c.maxlen, fields)
@@ -1314,7 +1310,7 @@ KEYS: balances, results, requests, held, reservations, expiries, holds, deadlett
 ARGV: consumer, count (1..1000), reclaim_idle_ms (0: no reclaim), waited ('' or an entry
       id), then the 15 of the context (above: settling entries as read).
 Returns a flat summary:
-  {read, reclaimed, last_id ('' when none read), approved, duplicate, stale, refused,
+  {read, reclaimed, last_id ('' when none read), approved, duplicate, refused,
    error (the first refusal's text, '' when none),
    R, R pairs (reason, n): charges rejected,
    D, D pairs (reason, n): entries dead-lettered (entry_deleted ones of the claim included),
@@ -1436,15 +1432,13 @@ local function pump(keys, args)
     replies, refusal = settle_read(k, c, entries)
   end
 
-  local summary = {#entries, reclaimed, #entries > 0 and entries[#entries].id or '', 0, 0, 0, 0, ''}
+  local summary = {#entries, reclaimed, #entries > 0 and entries[#entries].id or '', 0, 0, 0, ''}
   local rejected, ops = {order = {}, n = {}}, {order = {}, n = {}}
   for i, e in ipairs(entries) do
     local r = replies and replies[i] or refusal
     if r.err then
-      summary[7] = summary[7] + 1
-      if summary[8] == '' then summary[8] = r.err end
-    elseif r[1] == 'stale' then
       summary[6] = summary[6] + 1
+      if summary[7] == '' then summary[7] = r.err end
     elseif r[1] == 'dead' then
       tally(dead, r[2])
     else

@@ -164,11 +164,9 @@ class Worker:
         events.debug("entries_settled", read=summary.read, last_id=summary.last_id, approved=summary.approved,
                      duplicate=summary.duplicate, rejected=summary.rejected, dead=summary.dead,
                      operations={f"{op}_{result}": n for (op, result), n in summary.operations.items()},
-                     stale=summary.stale, refused=summary.refused)
+                     refused=summary.refused)
         if summary.reclaimed:
             events.info("entries_reclaimed", count=summary.reclaimed)
-        if summary.stale:
-            events.info("entry_already_settled", count=summary.stale)
         for reason, n in summary.dead.items():
             events.warning("entry_dead_lettered", reason=reason, count=n)
         if summary.refused:

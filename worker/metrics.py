@@ -29,7 +29,6 @@ REJECTED = Counter("charging_charges_rejected", "Charges rejected, by reason (re
                                                 "idempotency conflicts included).", ["reason"])
 DEAD_LETTERED = Counter("charging_dead_letters", "Entries moved to the dead-letter stream, by reason.", ["reason"])
 DUPLICATES = Counter("charging_duplicates", "Replayed request ids answered with the stored outcome.")
-ALREADY_SETTLED = Counter("charging_entries_already_settled", "Entries another consumer had settled first.")
 SETTLE_ERRORS = Counter("charging_settle_errors", "Function calls that failed; the entry stays pending.")
 RECLAIMED = Counter("charging_entries_reclaimed", "Entries taken over from idle consumers (XAUTOCLAIM).")
 RESERVATION_OPS = Counter("charging_reservation_operations", "Reservation operations (reserve, extend, commit, "
@@ -111,7 +110,6 @@ def record_summary(summary: codec.Summary, seconds: float) -> None:
         BATCH_SECONDS.observe(seconds)
     APPROVED.inc(summary.approved)
     DUPLICATES.inc(summary.duplicate)
-    ALREADY_SETTLED.inc(summary.stale)
     SETTLE_ERRORS.inc(summary.refused)
     RECLAIMED.inc(summary.reclaimed)
     for reason, n in summary.rejected.items():
@@ -120,7 +118,7 @@ def record_summary(summary: codec.Summary, seconds: float) -> None:
         DEAD_LETTERED.labels(reason).inc(n)
     for (op, result), n in summary.operations.items():
         RESERVATION_OPS.labels(op, result).inc(n)
-    processed = (summary.approved + summary.duplicate + summary.stale + sum(summary.rejected.values())
+    processed = (summary.approved + summary.duplicate + sum(summary.rejected.values())
                  + sum(summary.dead.values()) + sum(summary.operations.values()))
     if processed:
         PROCESSED.inc(processed)

@@ -21,7 +21,7 @@ log = logger("charging.chaos")
 
 STOP_TIMEOUT_S = 30
 # Worker log events the report counts: evidence of what the faults made the workers do.
-EVENTS = ("redis_unavailable", "entries_reclaimed", "entry_already_settled", "settle_failed",
+EVENTS = ("redis_unavailable", "entries_reclaimed", "settle_failed",
           "functions_reloaded", "entry_dead_lettered", "worker_started")
 
 
