@@ -135,3 +135,37 @@ def test_a_context_is_never_taken_for_another_calls_whose_parts_join_to_the_same
         client.fcall("pump", len(names), *names, "w0", 25, 0, "", *joined_alike)
 
     assert client.xlen(keys.deadletter) == 0 and pump(client, settings, keys).approved == 1
+
+
+def test_a_worker_asks_for_more_entries_per_call_while_calls_come_back_full(client, settings):
+    """A backlog: each full call doubles the next one's size up to MAX_ENTRIES_PER_CALL (fewer,
+    cheaper calls); the first call that is not full goes back to ENTRIES_PER_CALL (short
+    calls, so authorize callers barely wait). CHARGING_BATCH caps both."""
+    from worker.loop import ENTRIES_PER_CALL, MAX_ENTRIES_PER_CALL, Worker
+
+    worker = Worker(client, settings, "w0")
+    sizes = [worker.size(0)]
+    for _ in range(3):
+        worker.resize(0, codec.Summary(read=worker.size(0)))
+        sizes.append(worker.size(0))
+    worker.resize(0, codec.Summary(read=3))
+
+    assert sizes == [ENTRIES_PER_CALL, 2 * ENTRIES_PER_CALL, MAX_ENTRIES_PER_CALL, MAX_ENTRIES_PER_CALL]
+    assert worker.size(0) == ENTRIES_PER_CALL
+    capped = Worker(client, settings.model_copy(update={"batch": 40}), "w1")
+    capped.resize(0, codec.Summary(read=25))
+    assert capped.size(0) == 40
+
+
+def test_a_backlog_is_settled_in_calls_that_grow(client, settings, keys):
+    from worker.loop import MAX_ENTRIES_PER_CALL, Worker
+
+    for n in range(400):
+        client.xadd(keys.requests, {"request_id": f"b{n}", "account": "account1", "amount": "1"})
+    worker = Worker(client, settings, "w0", burst=True)
+    worker.ensure_groups()
+    calls = []
+    while (done := worker.pump([keys], 0)[0]).read:
+        calls.append(done.read)
+
+    assert sum(calls) == 400 and max(calls) == MAX_ENTRIES_PER_CALL and len(calls) < 400 // 25
