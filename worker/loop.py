@@ -57,7 +57,8 @@ class Worker:
 
     def run(self) -> int:
         """Pump until stopped (SIGTERM / SIGINT finish the call in hand), or in burst mode
-        until a round finds nothing and nothing is pending. Returns the exit code."""
+        until a round finds the partitions empty and nothing is pending. Returns the exit
+        code."""
         self.log.info("worker_started", partitions=[k.partition for k in self.partitions], burst=self.burst)
         next_maintenance = 0.0
         backoff = Backoff()
@@ -70,8 +71,8 @@ class Worker:
                 if maintaining:  # the sweep first: holds past their expiry go before the entries are read
                     self.maintain()
                     next_maintenance = time.monotonic() + self.settings.maintenance_interval_s
-                found = self.pump_round(self.settings.reclaim_idle_ms if maintaining else 0)
-                if not found:
+                busy = self.pump_round(self.settings.reclaim_idle_ms if maintaining else 0)
+                if not busy:
                     if self.burst and self.drained():
                         break
                     self.wait()
@@ -115,23 +116,26 @@ class Worker:
 
     def pump_round(self, reclaim_idle_ms: int = 0) -> bool:
         """Call pump on every partition (but those pausing after refusals), again on those
-        that found work, until none does. reclaim_idle_ms goes with each partition's first
-        call. True when any call read an entry."""
+        whose call came back full, until none does: a call that read less than it asked for
+        found the partition empty, and the wait that follows wakes at its next entry.
+        reclaim_idle_ms goes with each partition's first call. True when any call came back
+        full (more may be waiting)."""
         now = time.monotonic()
         todo = [k for k in self.partitions if self.resume_at.get(k.partition, 0.0) <= now]
-        found = False
+        busy = False
         while todo and not self.stopping:
+            asked = [self.size(k.partition) for k in todo]
             summaries = self.pump(todo, reclaim_idle_ms)
             reclaim_idle_ms = 0
             again = []
-            for keys, summary in zip(todo, summaries):
+            for keys, size, summary in zip(todo, asked, summaries):
                 if summary.refused:
                     self.resume_at[keys.partition] = time.monotonic() + REFUSED_PAUSE_S
-                elif summary.read:
+                elif summary.read >= size:
                     again.append(keys)
-                found = found or summary.read > 0
+                    busy = True
             todo = again
-        return found
+        return busy
 
     def pump(self, todo: list[Keys], reclaim_idle_ms: int) -> list[codec.Summary]:
         """One pipeline of pump calls, one per partition: one round trip. A call refused as
