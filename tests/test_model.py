@@ -551,14 +551,20 @@ class WorkerMachine(RuleBasedStateMachine):
     @rule(stream=st.sampled_from(("results", "deadletter")), ms=st.integers(50, 400))
     def stream_at_last_id(self, stream, ms):
         """A worker runs for a while with the results or the dead-letter stream at the last
-        possible id: what it cannot post stays pending, and nothing is acked without it."""
+        possible id: what it cannot post stays pending, and nothing is acked without it. While
+        its calls are refused it pauses the partition and reads no more of it than one call
+        holds (found by review: its wait read the pausing partition, pulling every unread
+        entry into its pending list one per wait, each counting a delivery nobody tried)."""
         if self.settled() >= len(self.entries):
             return
+        before = self.client.xpending(self.keys.requests, self.settings.group)["pending"]
         with at_last_id(self.client, getattr(self.keys, stream)):
             pid = start_worker(self.settings)
             time.sleep(ms / 1000)
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
+        grown = self.client.xpending(self.keys.requests, self.settings.group)["pending"] - before
+        assert grown <= self.settings.batch + 1, f"a refused worker took {grown} entries into its pending list"
 
     @rule()
     def drain(self):

@@ -169,3 +169,49 @@ def test_a_backlog_is_settled_in_calls_that_grow(client, settings, keys):
         calls.append(done.read)
 
     assert sum(calls) == 400 and max(calls) == MAX_ENTRIES_PER_CALL and len(calls) < 400 // 25
+
+
+def test_a_quiet_partition_is_called_while_another_drains_a_backlog(client, settings):
+    """Found by review: a partition whose call was not full dropped out of the round, so an
+    entry that reached it next waited for another partition's whole backlog."""
+    from worker.loop import Worker
+
+    two = settings.model_copy(update={"partitions": 2})
+    busy, quiet = Keys(two.namespace, 0), Keys(two.namespace, 1)
+    worker = Worker(client, two, "w0")
+    worker.ensure_groups()
+    for n in range(400):
+        client.xadd(busy.requests, {"request_id": f"b{n}", "account": "account1", "amount": "1"})
+    calls, pump_ = [], worker.pump
+
+    def pump(todo, reclaim_idle_ms):
+        summaries = pump_(todo, reclaim_idle_ms)
+        calls.append({keys.partition: summary.read for keys, summary in zip(todo, summaries)})
+        if len(calls) == 1:  # it arrives just after the quiet partition's first call
+            client.xadd(quiet.requests, {"request_id": "q", "account": "account2", "amount": "1"})
+        return summaries
+
+    worker.pump = pump
+    worker.pump_round()
+
+    settled_quiet_at = next(i for i, call in enumerate(calls) if call.get(1))
+    assert settled_quiet_at == 1 and calls[settled_quiet_at][0] > 0  # while the backlog was still being read
+    assert sum(call.get(0, 0) for call in calls) == 400
+
+
+def test_a_pausing_partition_is_not_read_by_the_wait(client, settings, keys):
+    """Found by review: the wait read every partition, a pausing one included, so its unread
+    entries were pulled one per wait (a busy loop), each counting a delivery nobody tried."""
+    from worker.loop import Worker
+
+    worker = Worker(client, settings, "w0")
+    worker.ensure_groups()
+    for n in range(3):
+        client.xadd(keys.requests, {"request_id": f"p{n}", "account": "account1", "amount": "1"})
+    worker.resume_at[keys.partition] = time.monotonic() + 0.05
+
+    started = time.monotonic()
+    worker.wait()
+
+    assert time.monotonic() - started >= 0.04 and worker.waited == {}
+    assert client.xpending(keys.requests, settings.group)["pending"] == 0

@@ -57,8 +57,7 @@ class Worker:
 
     def run(self) -> int:
         """Pump until stopped (SIGTERM / SIGINT finish the call in hand), or in burst mode
-        until a round finds the partitions empty and nothing is pending. Returns the exit
-        code."""
+        until nothing is pending after a round. Returns the exit code."""
         self.log.info("worker_started", partitions=[k.partition for k in self.partitions], burst=self.burst)
         next_maintenance = 0.0
         backoff = Backoff()
@@ -71,11 +70,11 @@ class Worker:
                 if maintaining:  # the sweep first: holds past their expiry go before the entries are read
                     self.maintain()
                     next_maintenance = time.monotonic() + self.settings.maintenance_interval_s
-                busy = self.pump_round(self.settings.reclaim_idle_ms if maintaining else 0)
-                if not busy:
-                    if self.burst and self.drained():
-                        break
-                    self.wait()
+                # a round ends when its calls find the partitions empty (or all pausing)
+                self.pump_round(self.settings.reclaim_idle_ms if maintaining else 0)
+                if self.burst and self.drained():
+                    break
+                self.wait()
                 backoff.reset()
             except TRANSIENT_ERRORS as exc:
                 backoff.wait(unavailable, exc)  # what was read stays pending: the next call settles it
@@ -115,27 +114,31 @@ class Worker:
         self.groups_ensured = self.groups_ready = True
 
     def pump_round(self, reclaim_idle_ms: int = 0) -> bool:
-        """Call pump on every partition (but those pausing after refusals), again on those
-        whose call came back full, until none does: a call that read less than it asked for
-        found the partition empty, and the wait that follows wakes at its next entry.
-        reclaim_idle_ms goes with each partition's first call. True when any call came back
-        full (more may be waiting)."""
-        now = time.monotonic()
-        todo = [k for k in self.partitions if self.resume_at.get(k.partition, 0.0) <= now]
-        busy = False
-        while todo and not self.stopping:
+        """Call pump on every partition but those pausing after refusals, again while any
+        call comes back full; each time on all of them, so a quiet partition is not left
+        waiting behind another's backlog. A round whose calls all read less than they asked
+        for found the partitions empty, and the wait that follows wakes at the next entry.
+        reclaim_idle_ms goes with each partition's first call. True when any call read an
+        entry."""
+        found = False
+        while (todo := self.active()) and not self.stopping:
             asked = [self.size(k.partition) for k in todo]
             summaries = self.pump(todo, reclaim_idle_ms)
             reclaim_idle_ms = 0
-            again = []
+            full = False
             for keys, size, summary in zip(todo, asked, summaries):
                 if summary.refused:
                     self.resume_at[keys.partition] = time.monotonic() + REFUSED_PAUSE_S
-                elif summary.read >= size:
-                    again.append(keys)
-                    busy = True
-            todo = again
-        return busy
+                full = full or (not summary.refused and summary.read >= size)
+                found = found or summary.read > 0
+            if not full:
+                break
+        return found
+
+    def active(self) -> list[Keys]:
+        """The partitions not pausing after refusals."""
+        now = time.monotonic()
+        return [k for k in self.partitions if self.resume_at.get(k.partition, 0.0) <= now]
 
     def pump(self, todo: list[Keys], reclaim_idle_ms: int) -> list[codec.Summary]:
         """One pipeline of pump calls, one per partition: one round trip. A call refused as
@@ -194,16 +197,21 @@ class Worker:
             events.error("settle_failed", count=summary.refused, error=summary.error)
 
     def wait(self) -> None:
-        """Nothing to do: block on every partition's request stream (XREADGROUP COUNT 1) until
-        an entry comes, block_ms passes, or a pausing partition is due. The entry read stays
-        pending to this consumer; the next round's pump settles it as its own."""
+        """Nothing to do: block on the request streams of the partitions not pausing
+        (XREADGROUP COUNT 1) until an entry comes, block_ms passes, or a pausing partition is
+        due. The entry read stays pending to this consumer; the next round's pump settles it
+        as its own. A pausing partition is not read: its unread entries would come one per
+        wait, each counting a delivery nobody tried."""
         block = BURST_BLOCK_MS if self.burst else self.settings.block_ms
         now = time.monotonic()
         self.resume_at = {p: at for p, at in self.resume_at.items() if at > now}
         if self.resume_at:
             block = max(1, min(block, int((min(self.resume_at.values()) - now) * 1000) + 1))
-        reply = run(self.client, read_streams({k.requests: ">" for k in self.partitions}, 1, block,
-                                              group=self.settings.group, consumer=self.consumer))
+        streams = {k.requests: ">" for k in self.active()}
+        if not streams:
+            time.sleep(block / 1000)
+            return
+        reply = run(self.client, read_streams(streams, 1, block, group=self.settings.group, consumer=self.consumer))
         for stream, messages in reply:
             for entry_id, _ in messages:
                 self.waited[self.by_stream[text(stream)].partition] = text(entry_id)
