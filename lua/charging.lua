@@ -652,8 +652,8 @@ end
 local SETTLE_ROLES = {'balances', 'results', 'requests', 'held', 'reservations', 'expiries', 'holds'}
 -- The keys a settling call may write without having read them first, whose type is checked
 -- before anything is written: balances, held and the dedupe record are read (a read of
--- another type fails before any write), and so is the results stream checked (postable)
--- when an ack comes first.
+-- another type fails before any write), and the results stream's XADD is the first write
+-- (failing, it writes nothing).
 local RESERVATION_WRITES = {reservations = 'hash', expiries = 'zset', holds = 'zset'}
 
 local function reservations_writable(k, ahead)
