@@ -633,8 +633,8 @@ local function post(k, a, o, stamp)
       fields[#fields + 1] = v
     end
   end
-  -- No MAXLEN here: trim (maintenance) keeps what subscriber groups have not read. The
-  -- first write of a call that acks no entry: failing, it has written nothing.
+  -- No MAXLEN here: trim (maintenance) keeps what subscriber groups have not read. A
+  -- request's first write: failing, it has written nothing of the request.
   local added = redis.pcall('XADD', k.results, '*', unpack(fields))
   if type(added) == 'table' and added.err then
     if string.find(added.err, 'exhausted', 1, true) then
