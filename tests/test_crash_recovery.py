@@ -10,11 +10,12 @@ import subprocess
 import time
 
 import pytest
+import redis
 
 from charging import codec
 from charging.app.audit import audit
 from charging.connection import connect
-from charging.keys import all_partitions
+from charging.keys import Keys, all_partitions
 from tests.conftest import BOTH_BACKENDS, CHARGING, cli, environment
 from worker.loop import Worker
 
@@ -95,3 +96,57 @@ def test_worker_reloads_the_function_library_a_server_lost(client, settings, pro
 
     assert worker.run() == 0
     assert audit(client, settings, {"acct1": 100}, [request_id]).ok
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            found += [int(child) for child in f.read().split()]
+    return found
+
+
+def running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads /proc (Linux)")
+def test_consumers_stop_when_their_supervisor_is_killed(client, settings):
+    """Found from outside: `kill -9` of `charging worker --processes 2` left both consumers
+    pumping on their own; the next supervisor would start a second consumer of each name."""
+    supervisor = subprocess.Popen([CHARGING, "worker", "--consumer", "orphan", "--processes", "2"],
+                                  env=environment(settings), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while len(consumers := [c for c in children_of(supervisor.pid) if "spawn_main" in cmdline(c)]) < 2:
+        assert time.monotonic() < deadline, "the consumers did not start"
+        time.sleep(0.1)
+    while consumers_of_group(client, settings) < 2:
+        assert time.monotonic() < deadline, "the consumers did not start pumping"
+        time.sleep(0.1)
+
+    supervisor.kill()
+    supervisor.wait()
+
+    deadline = time.monotonic() + 10
+    while any(running(c) for c in consumers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(running(c) for c in consumers), "consumers outlived their supervisor"
+
+
+def consumers_of_group(client, settings) -> int:
+    try:
+        return len(client.xinfo_consumers(Keys(settings.namespace, 0).requests, settings.group))
+    except redis.ResponseError:  # no stream or group yet
+        return 0
+
+
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline") as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""

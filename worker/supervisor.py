@@ -5,7 +5,9 @@ the supervisor serves the consumers' metrics summed (worker/metrics.py)."""
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
+import os
 import signal
 import socket
 import sys
@@ -27,6 +29,7 @@ log = logger("charging.supervisor")
 # A consumer's exit code for an error no restart can fix (a refused login, say): the
 # supervisor stops the others and exits 1 instead of restarting it forever.
 REFUSED_EXIT = 3
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def consumer_names(base: str | None, processes: int) -> list[str]:
@@ -82,8 +85,20 @@ def connect_when_up(settings: Settings, wait: bool = True):
             backoff.wait(unavailable, exc)
 
 
+def _die_with(supervisor: int) -> None:
+    """SIGTERM this consumer when its supervisor dies, however it dies (SIGKILL too): it then
+    finishes the call in hand, as at any stop. Left running it would go on alone, and the
+    next supervisor would start a second consumer of the same name. Linux only (prctl)."""
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != supervisor:  # it died before that took hold
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _child(settings_dump: dict, consumer: str, burst: bool, partitions: list[int] | None,
-           record_metrics: bool) -> None:
+           record_metrics: bool, supervisor: int) -> None:
+    _die_with(supervisor)
     try:
         code = run_one(Settings(**settings_dump), consumer, burst, partitions, record_metrics=record_metrics)
     except FATAL_ERRORS as exc:
@@ -115,7 +130,8 @@ def _supervise(settings: Settings, names: list[str], burst: bool, partitions: li
     stopping = False
 
     def start(name: str):
-        proc = ctx.Process(target=_child, args=(dump, name, burst, partitions, record_metrics), name=name)
+        proc = ctx.Process(target=_child, args=(dump, name, burst, partitions, record_metrics, os.getpid()),
+                           name=name)
         proc.start()
         return proc
 
