@@ -5,7 +5,6 @@ the supervisor serves the consumers' metrics summed (worker/metrics.py)."""
 
 from __future__ import annotations
 
-import ctypes
 import multiprocessing
 import os
 import signal
@@ -91,16 +90,26 @@ def _die_with(supervisor: int) -> None:
     next supervisor would start a second consumer of the same name. Linux only (prctl)."""
     if not sys.platform.startswith("linux"):
         return
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    try:
+        import ctypes  # here: a Python built without it still runs every other command
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) refused")
+    except (ImportError, OSError, AttributeError) as exc:  # no dlopen (a static build), no prctl
+        log.warning("supervisor_death_unwatched", error=str(exc))
+        return
     if os.getppid() != supervisor:  # it died before that took hold
         os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _child(settings_dump: dict, consumer: str, burst: bool, partitions: list[int] | None,
            record_metrics: bool, supervisor: int) -> None:
+    settings = Settings(**settings_dump)
+    logging_setup.configure(settings.log_level)
     _die_with(supervisor)
     try:
-        code = run_one(Settings(**settings_dump), consumer, burst, partitions, record_metrics=record_metrics)
+        code = run_one(settings, consumer, burst, partitions, record_metrics=record_metrics)
     except FATAL_ERRORS as exc:
         log.error("consumer_refused", consumer=consumer, error=str(exc))
         code = REFUSED_EXIT
