@@ -48,7 +48,8 @@ def settle_keys(keys: Keys, reply_to: str | None = None) -> list[str]:
 def settle_arguments(settings: Settings, request: ChargeRequest, amount: int | None, entry_id: str = "",
                      given: Mapping[str, Any] | None = None) -> list:
     """The 13 ARGV of a settling function. amount: the rated price (tariff.price), None for a
-    commit or extend in units and for a release; entry_id '' for a synchronous call. given:
+    commit or extend in units and for a release; entry_id: '' (today's library settles
+    entries only through pump; the bench's frozen library takes one). given:
     values by name (SETTLE_ARGUMENTS) in place of those the settings and the request make,
     for tests that drive the library with millisecond ttls or malformed values."""
     reserve = request.op == "reserve"
@@ -69,13 +70,12 @@ def settle_arguments(settings: Settings, request: ChargeRequest, amount: int | N
     return [values[name] for name in SETTLE_ARGUMENTS]
 
 
-def settle(target, settings: Settings, request: ChargeRequest, amount: int | None, entry_id: str = "",
+def settle(target, settings: Settings, request: ChargeRequest, amount: int | None,
            given: Mapping[str, Any] | None = None):
-    """Queue the function of the request's op (charge, reserve, commit, extend, release).
-    given: see settle_arguments."""
+    """Queue the function of the request's op (charge, reserve, commit, extend, release): a
+    synchronous call, which settles no stream entry. given: see settle_arguments."""
     names = settle_keys(keys_of(request.account, settings), request.reply_to)
-    return target.fcall(request.op, len(names), *names,
-                        *settle_arguments(settings, request, amount, entry_id, given))
+    return target.fcall(request.op, len(names), *names, *settle_arguments(settings, request, amount, given=given))
 
 
 def entries_header(settings: Settings, keys: Keys) -> list:

@@ -692,10 +692,6 @@ A refused call (an error) writes nothing.
 local function settle_entry(k, a, ahead)
   local err
   if k.reply_to then
-    local prefix = k.tag .. ':reply:'
-    if string.sub(k.reply_to, 1, #prefix) ~= prefix or not text(string.sub(k.reply_to, #prefix + 1), NAME, 64) then
-      return refuse('invalid_reply_to', k.reply_to)
-    end
     err = postable(k.reply_to, ahead.streams)
     if err then return err end
   end
@@ -821,8 +817,14 @@ local function settle(op, keys, args)
   -- directly, for whom a negative amount would be a top-up.
   local a, err, detail = read_args(op, args)
   if not a then return refuse(err, detail) end
-  -- A batch of one: the same read ahead, settle_entry and write ahead as pump's entries.
+  -- The reply stream as pump's judge takes one (request_rules): this partition's.
   k.reply_to = keys[#SETTLE_ROLES + 1]
+  local prefix = k.tag .. ':reply:'
+  if k.reply_to and (string.sub(k.reply_to, 1, #prefix) ~= prefix
+                     or not text(string.sub(k.reply_to, #prefix + 1), NAME, 64)) then
+    return refuse('invalid_reply_to', k.reply_to)
+  end
+  -- A batch of one: the same read ahead, settle_entry and write ahead as pump's entries.
   local ahead = batch_ahead(k, {{a = a}}, now_ms())
   local reply = settle_entry(k, a, ahead)
   write_ahead(k, ahead)

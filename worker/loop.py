@@ -230,7 +230,8 @@ class Worker:
                 metrics.record_partition(partition_status(self.client, self.settings, keys))
 
     def drained(self) -> bool:
-        """Nothing pending in the group (the caller's round found nothing to read). Pending
-        entries of other consumers are reclaimed at maintenance once they go idle."""
+        """Nothing pending in the group (after a round, whose calls found the partitions
+        empty). Pending entries of other consumers are reclaimed at maintenance once they go
+        idle."""
         return all(self.client.xpending(k.requests, self.settings.group)["pending"] == 0
                    for k in self.partitions)
