@@ -29,14 +29,16 @@ RESERVATION_SEP = "\x1f"  # lua/charging.lua packs records (reservations, dedupe
 
 # ---- settling: charge, reserve, commit, extend, release, pump ----------------------------
 
-# The 13 ARGV of a settling function by name, in the order lua/charging.lua `settle` reads them.
+# The 14 ARGV of a settling function by name, in the order lua/charging.lua `settle` reads them.
 SETTLE_ARGUMENTS = ("request_id", "account", "fingerprint", "entry_id", "group", "window_ms", "submitted_at",
-                    "reply_ttl_ms", "amount", "units", "unit_price", "reservation", "ttl_ms")
+                    "reply_ttl_ms", "amount", "units", "unit_price", "reservation", "ttl_ms", "service")
+RATED_OPS = ("charge", "reserve")  # their units are priced by the account's plan when settled
 
 
 def partition_keys(keys: Keys) -> list[str]:
     """The partition's keys every settling call shares, in the order the library takes them."""
-    return [keys.balances, keys.results, keys.requests, keys.held, keys.reservations, keys.expiries, keys.holds]
+    return [keys.balances, keys.results, keys.requests, keys.held, keys.reservations, keys.expiries, keys.holds,
+            keys.wallets, keys.lot_expiries, keys.plans]
 
 
 def settle_keys(keys: Keys, reply_to: str | None = None) -> list[str]:
@@ -47,12 +49,16 @@ def settle_keys(keys: Keys, reply_to: str | None = None) -> list[str]:
 
 def settle_arguments(settings: Settings, request: ChargeRequest, amount: int | None, entry_id: str = "",
                      given: Mapping[str, Any] | None = None) -> list:
-    """The 13 ARGV of a settling function. amount: the rated price (tariff.price), None for a
-    commit or extend in units and for a release; entry_id: '' (today's library settles
-    entries only through pump; the bench's frozen library takes one). given:
-    values by name (SETTLE_ARGUMENTS) in place of those the settings and the request make,
-    for tests that drive the library with millisecond ttls or malformed values."""
+    """The 14 ARGV of a settling function. amount: None to let the library price units of a
+    charge or reserve by the account's plan (the tariff is the default plan's price) and for
+    a commit or extend in units and a release; else the amount the request is worth (a
+    price the caller rated: the library takes it as it is). entry_id: '' (today's library
+    settles entries only through pump; the bench's frozen library takes one, and the first
+    13 arguments). given: values by name (SETTLE_ARGUMENTS) in place of those the settings
+    and the request make, for tests that drive the library with millisecond ttls or
+    malformed values."""
     reserve = request.op == "reserve"
+    rated = amount is None and request.op in RATED_OPS and request.service is not None
     ttl_s = request.ttl or (settings.reservation_ttl_s if reserve else None)
     values = {
         "request_id": request.request_id, "account": request.account, "fingerprint": request.fingerprint,
@@ -60,9 +66,10 @@ def settle_arguments(settings: Settings, request: ChargeRequest, amount: int | N
         "submitted_at": request.submitted_at or "", "reply_ttl_ms": settings.reply_ttl_s * 1000,
         "amount": "" if amount is None else amount,
         "units": request.units if amount is None and request.units is not None else "",
-        "unit_price": unit_price(request, settings) if reserve else "",
+        "unit_price": unit_price(request, settings) if reserve or rated else "",
         "reservation": request.reservation_id or "",
         "ttl_ms": "" if ttl_s is None else ttl_s * 1000,
+        "service": request.service if rated else "",
     }
     if unknown := set(given or ()) - set(values):
         raise TypeError(f"not arguments of a settling function: {sorted(unknown)}")
@@ -73,7 +80,7 @@ def settle_arguments(settings: Settings, request: ChargeRequest, amount: int | N
 def settle(target, settings: Settings, request: ChargeRequest, amount: int | None,
            given: Mapping[str, Any] | None = None):
     """Queue the function of the request's op (charge, reserve, commit, extend, release): a
-    synchronous call, which settles no stream entry. given: see settle_arguments."""
+    synchronous call, which settles no stream entry. amount, given: see settle_arguments."""
     names = settle_keys(keys_of(request.account, settings), request.reply_to)
     return target.fcall(request.op, len(names), *names, *settle_arguments(settings, request, amount, given=given))
 
@@ -89,7 +96,7 @@ def entries_header(settings: Settings, keys: Keys) -> list:
 
 
 def entries_keys(keys: Keys) -> list[str]:
-    """The 9 KEYS of pump."""
+    """The 12 KEYS of pump."""
     return [*partition_keys(keys), keys.deadletter, keys.deadletter_reasons]
 
 
@@ -158,6 +165,8 @@ class Settled:
     held: int | None = None
     reserved: int | None = None
     expires_at: int | None = None
+    # What each lot gave ('sms100:4u,promo:6,main:3'), '' when only the main balance did.
+    draws: str = ""
 
     @property
     def replayed(self) -> bool:
@@ -167,10 +176,10 @@ class Settled:
 
 def settled(reply: Sequence[Any]) -> Settled:
     """Parse {status, reason, charged, balance, duplicate, processed_at[, held, reserved,
-    expires_at]}."""
-    status, reason, charged, balance, duplicate, processed_at, *session = reply
+    expires_at], draws}."""
+    status, reason, charged, balance, duplicate, processed_at, *session, draws = reply
     parsed = Settled(text(status), text(reason), int(charged), int(balance), bool(int(duplicate)),
-                     int(processed_at))
+                     int(processed_at), draws=text(draws))
     if not session:
         return parsed
     held, reserved, expires_at = session
@@ -182,7 +191,7 @@ def outcome(request: ChargeRequest, result: Settled) -> Outcome:
     made = Outcome(
         request_id=request.request_id, account=request.account, status=result.status, reason=result.reason,
         charged=result.charged, balance=result.balance, duplicate=result.duplicate,
-        submitted_at=request.submitted_at, processed_at=result.processed_at,
+        submitted_at=request.submitted_at, processed_at=result.processed_at, draws=result.draws or None,
     )
     if request.op == "charge":
         return made
@@ -219,9 +228,12 @@ def setting_balances(settings: Settings, balances: Iterable[tuple[str, int]]) ->
 
 
 def expire_reservations(target, settings: Settings, keys: Keys) -> int:
-    """Release up to sweep_batch reservations of the partition whose expiry has passed."""
-    return target.fcall("expire_reservations", 4, keys.held, keys.reservations, keys.expiries, keys.holds,
-                        settings.sweep_batch)
+    """The sweep: release up to sweep_batch reservations of the partition whose expiry has
+    passed, and record the breakage of up to sweep_batch lots that have expired (with
+    every other of the same accounts). How many reservations it released."""
+    names = [keys.balances, keys.results, keys.held, keys.reservations, keys.expiries, keys.holds, keys.wallets,
+             keys.lot_expiries]
+    return target.fcall("expire_reservations", len(names), *names, settings.sweep_batch)
 
 
 def trim_requests(target, settings: Settings, keys: Keys):
@@ -243,6 +255,103 @@ def repair(target, settings: Settings, keys: Keys) -> tuple[int, bool]:
     removed, rewound = target.fcall("repair", 3, keys.requests, keys.deadletter, keys.deadletter_reasons,
                                     settings.max_clock_skew_ms, settings.deadletter_maxlen, settings.group)
     return int(removed), bool(rewound)
+
+
+# ---- plans and credit lots (docs/plans-and-lots.md) -----------------------------------------
+
+WALLET_SEP = "\x1e"  # lua/charging.lua packs a wallet's records with this, each record's fields with RESERVATION_SEP
+
+
+def set_plan(target, keys: Keys, name: str, prices: Mapping[str, int]):
+    """Queue set_plan on one partition (a plan is kept by every partition: set each)."""
+    return target.fcall("set_plan", 1, keys.plans, name, *(prices[s] for s in SERVICES))
+
+
+def assign_plan(client: redis.Redis, settings: Settings, account: str, plan: str) -> str:
+    """Put an account on a plan ('default': take it off its plan). Raises redis.ResponseError
+    invalid_account / unknown_account / invalid_plan / unknown_plan."""
+    return run(client, assigning_plan(settings, account, plan))
+
+
+def assigning_plan(settings: Settings, account: str, plan: str) -> Plan[str]:
+    """assign_plan as a plan, for the sync and the asyncio client."""
+    keys = keys_of(account, settings)
+    return text((yield lambda client: client.fcall("assign_plan", 3, keys.balances, keys.wallets, keys.plans,
+                                                   account, plan)))
+
+
+def plan_prices(packed: bytes | str) -> dict[str, int]:
+    """Parse a stored plan (a field of <ns>:{pN}:plans): its price of each service."""
+    return dict(zip(SERVICES, (int(price) for price in text(packed).split(RESERVATION_SEP))))
+
+
+@dataclass(frozen=True)
+class Granted:
+    """The reply of grant: status granted or duplicate (the lot was granted before with the
+    same content; nothing granted now), the lot as it is."""
+
+    status: str
+    lot: str
+    left: int
+    expires_at: int | None
+
+
+def grant(client: redis.Redis, settings: Settings, account: str, lot: str, kind: str, quantity: int,
+          service: str | None = None, expires_at: int | None = None, expires_in_ms: int | None = None) -> Granted:
+    """Give an account a credit lot (kind money or units). Raises redis.ResponseError whose
+    text starts with the reason: invalid_account, unknown_account, invalid_lot, invalid_kind,
+    invalid_amount, invalid_units, unknown_service, missing_service, invalid_expiry,
+    too_many_lots, idempotency_conflict."""
+    return run(client, granting(settings, account, lot, kind, quantity, service, expires_at, expires_in_ms))
+
+
+def granting(settings: Settings, account: str, lot: str, kind: str, quantity: int, service: str | None = None,
+             expires_at: int | None = None, expires_in_ms: int | None = None) -> Plan[Granted]:
+    """grant as a plan, for the sync and the asyncio client."""
+    keys = keys_of(account, settings)
+    status, lot_id, left, expires = yield lambda client: client.fcall(
+        "grant", 3, keys.balances, keys.wallets, keys.lot_expiries, account, lot, kind, quantity, service or "",
+        "" if expires_at is None else expires_at, "" if expires_in_ms is None else expires_in_ms)
+    return Granted(text(status), text(lot_id), int(left), _number(text(expires)))
+
+
+@dataclass(frozen=True)
+class Lot:
+    """A credit lot as lua/charging.lua stores it in a wallet. left includes held (what open
+    reservations pin); expires_at None: never; spec: the expiry as the grant gave it."""
+
+    id: str
+    kind: str
+    service: str
+    granted: int
+    left: int
+    held: int
+    expires_at: int | None
+    spec: str
+
+
+@dataclass(frozen=True)
+class Wallet:
+    """An account's plan ('' the default plan), breakage ever recorded (money, and units by
+    service) and lots, in the order granted."""
+
+    plan: str = ""
+    breakage: int = 0
+    breakage_units: dict[str, int] = field(default_factory=dict)
+    lots: tuple[Lot, ...] = ()
+
+
+def wallet(packed: bytes | str | None) -> Wallet:
+    """Parse a stored wallet (None: the account has none)."""
+    if packed is None:
+        return Wallet()
+    head, *records = text(packed).split(WALLET_SEP)
+    plan, money, *units = head.split(RESERVATION_SEP)
+    lots = []
+    for record in records:
+        lot_id, kind, service, granted, left, held, expires_at, spec = record.split(RESERVATION_SEP)
+        lots.append(Lot(lot_id, kind, service, int(granted), int(left), int(held), _number(expires_at), spec))
+    return Wallet(plan, int(money), dict(zip(SERVICES, (int(u) for u in units))), tuple(lots))
 
 
 # ---- stored records ------------------------------------------------------------------------

@@ -59,6 +59,19 @@ class Keys:
         return f"{self.tag}:holds"
 
     @property
+    def wallets(self) -> str:
+        """account -> its plan, breakage and credit lots (lua/charging.lua, wallets)."""
+        return f"{self.tag}:wallets"
+
+    @property
+    def lot_expiries(self) -> str:
+        return f"{self.tag}:lot_expiries"
+
+    @property
+    def plans(self) -> str:
+        return f"{self.tag}:plans"
+
+    @property
     def deadletter(self) -> str:
         return f"{self.tag}:deadletter"
 

@@ -345,6 +345,12 @@ class Outcome:
     held: int | None = None
     reserved: int | None = None
     expires_at: int | None = None
+    # What each credit lot gave ('sms100:4u,promo:6,main:3'; docs/plans-and-lots.md), when
+    # a lot besides the main balance did.
+    draws: str | None = None
+    # A lot's expiry (op 'expire', status 'expired'): the lot, and what was left in it.
+    lot: str | None = None
+    breakage: int | None = None
 
     @property
     def available(self) -> int | None:
@@ -363,7 +369,8 @@ class Outcome:
             submitted_at=int(f["submitted_at"]) if f["submitted_at"] else None,
             processed_at=int(f["processed_at"]),
             op=f.get("op"), reservation=f.get("reservation"), held=_int(f.get("held")),
-            reserved=_int(f.get("reserved")), expires_at=_int(f.get("expires_at")),
+            reserved=_int(f.get("reserved")), expires_at=_int(f.get("expires_at")), draws=f.get("draws"),
+            lot=f.get("lot"), breakage=_int(f.get("breakage")),
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -374,7 +381,8 @@ class Outcome:
         } | ({} if self.op is None else {
             "op": self.op, "reservation": self.reservation, "held": self.held, "available": self.available,
             "reserved": self.reserved, "expires_at": self.expires_at,
-        })
+        }) | ({} if self.draws is None else {"draws": self.draws}) | (
+            {} if self.lot is None else {"lot": self.lot, "breakage": self.breakage})
 
 
 def _int(value: str | None) -> int | None:

@@ -95,6 +95,7 @@ local NAME = '^[A-Za-z0-9_.%-]+$' -- a consumer group, a reply stream id
 local ENTRY_ID = '^[0-9]+%-[0-9]+$'
 local REASON = '^[a-z_]+$'
 local FINGERPRINT = '^[^' .. SEP .. ']+$' -- it opens the packed dedupe record
+local SERVICES = {sms = true, voice = true, data = true}
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -223,22 +224,213 @@ local function ack(requests, group, entry_id)
   redis.call('XACK', requests, group, entry_id)
 end
 
+-- ---- wallets: an account's plan, breakage and credit lots -----------------------------
+-- <ns>:{pN}:wallets, account -> its wallet, packed: records split by RS, fields by SEP.
+-- The first record: the plan ('' the default plan), then the breakage ever recorded, in
+-- money and in units of sms, voice and data. Then one record per lot, in the order granted:
+-- id, kind (money or units), service ('' for money of any service), granted, left, held
+-- (what open reservations pin of left), expires_at ('' never), and the expiry as the grant
+-- gave it (what a replayed grant must match). An account that has neither plan nor lot has
+-- no wallet. The main balance stays in balances; it is the lot 'main' of the spend order.
+local RS = '\30'
+local LOT_ID = '^[A-Za-z0-9_.%-]+$'
+local MAX_LOTS = 32
+local KINDS = {money = true, units = true}
+
+local function split_on(packed, sep)
+  local parts = {}
+  for part in string.gmatch(packed .. sep, '(.-)' .. sep) do parts[#parts + 1] = part end
+  return parts
+end
+
+-- A stored lot, checked; nil when it is not one the library wrote.
+local function parse_lot(packed, index)
+  local p = split(packed)
+  local lot = {id = p[1], kind = p[2], service = p[3], granted = count(p[4], 1, MAX_BALANCE),
+               left = count(p[5], 0, MAX_BALANCE), held = count(p[6], 0, MAX_BALANCE),
+               expires_at = p[7] ~= '' and count(p[7], 0, MAX_TIME_MS), spec = p[8], index = index}
+  if #p ~= 8 or not text(lot.id, LOT_ID, 64) or not KINDS[lot.kind]
+      or not (lot.service == '' or SERVICES[lot.service]) or (lot.kind == 'units' and lot.service == '')
+      or not (lot.granted and lot.left and lot.held) or lot.held > lot.left or lot.expires_at == nil then
+    return nil
+  end
+  return lot
+end
+
+-- What an account without a wallet reads as; never changed (no lot to change), never written.
+local EMPTY_WALLET = {plan = '', broken = {money = 0, sms = 0, voice = 0, data = 0}, lots = {}, by_id = {}}
+
+-- A stored wallet, checked (a fresh one when the account has none); nil when it is not one
+-- the library wrote.
+local function parse_wallet(packed)
+  if not packed then
+    return {plan = '', broken = {money = 0, sms = 0, voice = 0, data = 0}, lots = {}, by_id = {}}
+  end
+  local records = split_on(packed, RS)
+  local head = split(records[1])
+  local w = {plan = head[1], lots = {}, by_id = {},
+             broken = {money = count(head[2], 0, MAX_BALANCE), sms = count(head[3], 0, MAX_BALANCE),
+                       voice = count(head[4], 0, MAX_BALANCE), data = count(head[5], 0, MAX_BALANCE)}}
+  if #head ~= 5 or not (w.plan == '' or text(w.plan, LOT_ID, 64))
+      or not (w.broken.money and w.broken.sms and w.broken.voice and w.broken.data) then
+    return nil
+  end
+  for i = 2, #records do
+    local lot = parse_lot(records[i], i - 1)
+    if not lot or w.by_id[lot.id] then return nil end
+    w.lots[#w.lots + 1], w.by_id[lot.id] = lot, lot
+  end
+  return w
+end
+
+local function pack_wallet(w)
+  local b = w.broken
+  local records = {pack({w.plan, b.money, b.sms, b.voice, b.data})}
+  for _, lot in ipairs(w.lots) do
+    records[#records + 1] = pack({lot.id, lot.kind, lot.service, lot.granted, lot.left, lot.held,
+                                  lot.expires_at or '', lot.spec})
+  end
+  return table.concat(records, RS)
+end
+
+-- Whether a wallet says nothing a fresh one would not: it need not be stored.
+local function blank(w)
+  local b = w.broken
+  return w.plan == '' and #w.lots == 0 and b.money == 0 and b.sms == 0 and b.voice == 0 and b.data == 0
+end
+
+-- A plan's prices as set_plan stores them (<ns>:{pN}:plans, name -> sms, voice, data),
+-- checked; nil when they are not the library's.
+local function parse_prices(packed)
+  local p = split(packed)
+  local prices = {sms = count(p[1], 1, MAX_BALANCE), voice = count(p[2], 1, MAX_BALANCE),
+                  data = count(p[3], 1, MAX_BALANCE)}
+  if #p ~= 3 or not (prices.sms and prices.voice and prices.data) then return nil end
+  return prices
+end
+
+local function live(lot, now) return not lot.expires_at or lot.expires_at > now end
+
+-- Earliest expiry first (no expiry last), then in the order granted.
+local function by_expiry(x, y)
+  local xe, ye = x.expires_at or MAX_TIME_MS + 1, y.expires_at or MAX_TIME_MS + 1
+  if xe ~= ye then return xe < ye end
+  return x.index < y.index
+end
+
+-- The money lots a charge of service (nil: an amount) may spend, in the spend order: those
+-- limited to the service, then those of any service (expiring ones first: see by_expiry).
+local function money_lots(lots, service, now)
+  local scoped, any = {}, {}
+  for _, lot in ipairs(lots) do
+    if lot.kind == 'money' and live(lot, now) then
+      if lot.service == '' then any[#any + 1] = lot
+      elseif lot.service == service then scoped[#scoped + 1] = lot end
+    end
+  end
+  table.sort(scoped, by_expiry)
+  table.sort(any, by_expiry)
+  for _, lot in ipairs(any) do scoped[#scoped + 1] = lot end
+  return scoped
+end
+
+-- What a charge or a reserve takes, in the spend order (docs/plans-and-lots.md): units of
+-- service (nil: none) at price each, or amount; the main balance last (lot false), what
+-- the account's reservations do not hold of it. Returns the draws ({lot, qty, unit}), the
+-- money among them; nil when the funds do not cover it all (nothing is taken).
+local function plan_draws(s, service, units, price, amount, now)
+  local draws, need = {}, amount
+  if units then
+    local unit_lots = {}
+    for _, lot in ipairs(s.wallet.lots) do
+      if lot.kind == 'units' and lot.service == service and live(lot, now) then unit_lots[#unit_lots + 1] = lot end
+    end
+    table.sort(unit_lots, by_expiry)
+    local left = units
+    for _, lot in ipairs(unit_lots) do
+      local take = math.min(left, lot.left - lot.held)
+      if take > 0 then
+        draws[#draws + 1] = {lot = lot, qty = take, unit = true}
+        left = left - take
+      end
+      if left == 0 then break end
+    end
+    need = left * price
+  end
+  local money = need
+  if need > 0 and #s.wallet.lots > 0 then
+    for _, lot in ipairs(money_lots(s.wallet.lots, service, now)) do
+      local take = math.min(need, lot.left - lot.held)
+      if take > 0 then
+        draws[#draws + 1] = {lot = lot, qty = take}
+        need = need - take
+      end
+      if need == 0 then break end
+    end
+  end
+  if need > 0 then
+    if not s.balance or s.balance - s.held < need then return nil end
+    draws[#draws + 1] = {lot = false, qty = need}
+  end
+  return draws, money
+end
+
+-- Draws as the outcome and the reservation name them: <lot>:<qty>, u after a unit lot's,
+-- main for the main balance. as_outcome: '' when only main gave (a plain account's outcome
+-- stays as it was).
+local function draws_text(draws, as_outcome)
+  local parts, lots = {}, false
+  for _, d in ipairs(draws) do
+    local id = d.lot and d.lot.id or d.id or 'main'
+    if id ~= 'main' then lots = true end
+    parts[#parts + 1] = id .. ':' .. digits(d.qty) .. (d.unit and 'u' or '')
+  end
+  if as_outcome and not lots then return '' end
+  return table.concat(parts, ',')
+end
+
+-- A reservation's stored draws (<lot>:<qty>[u],...), checked: {id, qty, unit}; nil when not.
+local function parse_draws(packed)
+  local draws = {}
+  for _, part in ipairs(split_on(packed, ',')) do
+    local id, qty, unit = string.match(part, '^([A-Za-z0-9_.%-]+):([0-9]+)(u?)$')
+    qty = qty and count(qty, 1, MAX_BALANCE)
+    if not qty or (unit == 'u' and id == 'main') then return nil end
+    draws[#draws + 1] = {id = id, qty = qty, unit = unit == 'u'}
+  end
+  return #draws > 0 and draws or nil
+end
+
 -- ---- reservations --------------------------------------------------------------------
 
--- A stored reservation, checked; nil when it is not one the library wrote.
+-- A stored reservation, checked; nil when it is not one the library wrote. Five fields
+-- (an amount held of the main balance, as written before lots) or seven: then the service
+-- it was reserved for ('' an amount) and its draws.
 local function parse_reservation(packed, id)
   local p = split(packed)
   local r = {account = p[1], amount = count(p[2], 1, MAX_BALANCE), expires_at = count(p[3], 0, MAX_TIME_MS),
-             unit_price = count(p[4], 1, MAX_BALANCE), ttl_ms = count(p[5], 1, MAX_DURATION_MS)}
-  if #p ~= 5 or not text(r.account, ACCOUNT, 64) or string.sub(id, 1, #r.account + 1) ~= r.account .. '/'
-      or not (r.amount and r.expires_at and r.unit_price and r.ttl_ms) then
+             unit_price = count(p[4], 1, MAX_BALANCE), ttl_ms = count(p[5], 1, MAX_DURATION_MS),
+             service = p[6] or '', draws = nil, main = 0}
+  if (#p ~= 5 and #p ~= 7) or not text(r.account, ACCOUNT, 64) or string.sub(id, 1, #r.account + 1) ~= r.account .. '/'
+      or not (r.amount and r.expires_at and r.unit_price and r.ttl_ms)
+      or not (r.service == '' or SERVICES[r.service]) then
     return nil
+  end
+  r.draws = #p == 7 and parse_draws(p[7]) or {{id = 'main', qty = r.amount}}
+  if not r.draws then return nil end
+  for _, d in ipairs(r.draws) do
+    if d.id == 'main' then r.main = r.main + d.qty end
   end
   return r
 end
 
 local function write_reservation(k, id, r)
-  redis.call('HSET', k.reservations, id, pack({r.account, r.amount, r.expires_at, r.unit_price, r.ttl_ms}))
+  local fields = {r.account, r.amount, r.expires_at, r.unit_price, r.ttl_ms}
+  local draws = draws_text(r.draws)
+  if r.service ~= '' or draws ~= 'main:' .. digits(r.amount) then
+    fields[6], fields[7] = r.service, draws
+  end
+  redis.call('HSET', k.reservations, id, pack(fields))
   redis.call('ZADD', k.expiries, digits(r.expires_at), id)
   redis.call('ZADD', k.holds, 0, id)
 end
@@ -249,16 +441,16 @@ local function remove_reservation(k, id)
   redis.call('ZREM', k.holds, id)
 end
 
--- A field of a hash, from what a settling call read ahead (kind: 'balances' or 'held';
--- false for no field), or read now (the sweep, which reads ahead nothing).
+-- A field of a hash, from what a settling call read ahead (kind: 'balances', 'held' or
+-- 'wallets'; false for no field), or read now.
 local function field(k, ahead, kind, name)
   local known = ahead and ahead[kind][name]
   if known ~= nil then return known end
   return redis.call('HGET', k[kind], name)
 end
 
--- The stored held total of an account, checked: 0 when there is no field, nil when the
--- field is not a count.
+-- The stored held total of an account (what its reservations hold of the main balance),
+-- checked: 0 when there is no field, nil when the field is not a count.
 local function stored_held(k, account, ahead)
   local held = field(k, ahead, 'held', account)
   if not held then return 0 end
@@ -274,23 +466,79 @@ local function write_held(k, account, before, after)
   end
 end
 
+-- Gives a reservation's draws back: to the main balance's held total, and to each lot's
+-- held part (a lot that has expired loses it to breakage: settle_lots). false when a draw
+-- names a lot the wallet does not hold, or more than the lot holds (not the library's).
+local function unpin(s, r)
+  for _, d in ipairs(r.draws) do
+    if d.id == 'main' then
+      s.held = s.held - d.qty
+    else
+      local lot = s.wallet.by_id[d.id]
+      if not lot or lot.held < d.qty or (lot.kind == 'units') ~= d.unit then return false end
+      lot.held = lot.held - d.qty
+      s.wallet_changed = true
+    end
+  end
+  return true
+end
+
 -- Sorts one stored reservation into the account's open or expired ones.
 local function count_reservation(s, id, r, now)
-  s.counted = s.counted + r.amount
+  s.counted = s.counted + r.main
   if r.expires_at <= now then
     s.expired[id] = r
     s.expired_ids[#s.expired_ids + 1] = id
-    s.released = s.released + r.amount
+    s.released = s.released + r.main
   else
     s.open[id] = r
   end
 end
 
+-- Records breakage: what is left unpinned in each lot that has expired goes, and a lot
+-- with nothing left leaves the wallet (and the expiries index). Each lot's breakage of the
+-- call is summed in s.broken for its event (breakage_events).
+local function settle_lots(s, now)
+  local w, kept = s.wallet, nil
+  for i, lot in ipairs(w.lots) do
+    if not live(lot, now) then
+      local lost = lot.left - lot.held
+      if lost > 0 then
+        lot.left = lot.held
+        local measure = lot.kind == 'units' and lot.service or 'money'
+        w.broken[measure] = w.broken[measure] + lost
+        s.broken = s.broken or {order = {}, by = {}}
+        local known = s.broken.by[lot.id]
+        if known then
+          known.qty = known.qty + lost
+        else
+          s.broken.by[lot.id] = {lot = lot, qty = lost}
+          s.broken.order[#s.broken.order + 1] = lot.id
+        end
+        s.wallet_changed = true
+      end
+      if lot.left == 0 then
+        kept = kept or {unpack(w.lots, 1, i - 1)}
+        s.gone_lots = s.gone_lots or {}
+        s.gone_lots[#s.gone_lots + 1] = s.account .. '/' .. lot.id
+        w.by_id[lot.id] = nil
+        s.wallet_changed = true
+      elseif kept then
+        kept[#kept + 1] = lot
+      end
+    elseif kept then
+      kept[#kept + 1] = lot
+    end
+  end
+  if kept then w.lots = kept end
+end
+
 -- What a settling call knows about an account before it writes anything, all of it
--- checked: its balance (false when unknown), its open reservations by id, those past
--- their expiry (released by this call, whatever the sweep has reached), and held: what
--- the ones not expired hold, the held total this call decides on. O(reservations of the
--- account). Returns nil and a reason for a stored value the library did not write.
+-- checked: its balance (false when unknown), its wallet (plan, lots), its open reservations
+-- by id, those past their expiry (released by this call, whatever the sweep has reached),
+-- and held: what the ones not expired hold of the main balance, the held total this call
+-- decides on. O(reservations of the account). Returns nil and a reason for a stored value
+-- the library did not write.
 local NONE = {} -- what an account that holds nothing has of each kind; never written
 
 -- Tables of its own for an account whose reservations are being read.
@@ -301,16 +549,26 @@ end
 local function read_account(k, account, now, ahead)
   -- every field named here, so the table is made at its size once (no rehash as it fills)
   local s = {account = account, open = NONE, expired = NONE, expired_ids = NONE, gone = NONE, counted = 0,
-             released = 0, balance = false, stored_held = 0, held = 0, charge = false}
+             released = 0, balance = false, stored_held = 0, held = 0, charge = false, wallet = EMPTY_WALLET,
+             wallet_changed = false, broken = false, gone_lots = false}
   local balance = field(k, ahead, 'balances', account)
   s.balance = balance and stored_balance(balance)
   if balance and not s.balance then return nil, 'corrupt_balance' end
   s.stored_held = stored_held(k, account, ahead)
   if not s.stored_held then return nil, 'corrupt_held' end
-  -- The stored total covers every reservation of the account, so an account that holds
-  -- nothing (most of them, and every plain charge's) has none to read.
-  if s.stored_held == 0 then
+  local wallet = field(k, ahead, 'wallets', account)
+  if wallet then
+    s.wallet = parse_wallet(wallet)
+    if not s.wallet then return nil, 'corrupt_wallet' end
+  end
+  -- The stored total covers every reservation of the account's main balance, and a lot's
+  -- held part every draw on it, so an account that holds nothing (most of them, and every
+  -- plain charge's) has none to read.
+  local pinned = false
+  for _, lot in ipairs(s.wallet.lots) do pinned = pinned or lot.held > 0 end
+  if s.stored_held == 0 and not pinned then
     s.held = 0
+    if wallet then settle_lots(s, now) end
     return s
   end
   holding(s)
@@ -331,13 +589,28 @@ local function read_account(k, account, now, ahead)
   -- The stored total covers every reservation of the account: one smaller than what was
   -- read is not a total the library wrote.
   if s.stored_held < s.counted then return nil, 'corrupt_held' end
-  s.held = s.stored_held - s.released
+  s.held = s.stored_held
+  for _, id in ipairs(s.expired_ids) do
+    if not unpin(s, s.expired[id]) then return nil, 'corrupt_reservation' end
+  end
+  settle_lots(s, now)
   return s
 end
 
+-- The account's money: the main balance, and the money left in its lots (an expired lot
+-- keeps only what reservations pin), after this call's charge; and what is held of it.
+local function money_of(s)
+  local balance, held = s.balance and (s.balance - (s.charge or 0)) or 0, s.held
+  for _, lot in ipairs(s.wallet.lots) do
+    if lot.kind == 'money' then balance, held = balance + lot.left, held + lot.held end
+  end
+  return balance, held
+end
+
 -- Writes what the decision left in s: the expired reservations released, the index
--- entries of ended ones dropped, the charge, the reservation made, changed or closed, and
--- the held total. Every value here was checked before the outcome was posted: none of these can fail.
+-- entries of ended ones dropped, the charge, the reservation made, changed or closed, the
+-- held total and the wallet. Every value here was checked before the outcome was posted:
+-- none of these can fail.
 local function apply(k, s, ahead)
   for _, id in ipairs(s.expired_ids) do remove_reservation(k, id) end
   for _, id in ipairs(s.gone) do redis.call('ZREM', k.holds, id) end
@@ -348,39 +621,88 @@ local function apply(k, s, ahead)
   if s.close then remove_reservation(k, s.close) end
   write_held(k, s.account, s.stored_held, s.held)
   ahead.held[s.account] = s.held > 0 and digits(s.held) or false
+  if s.wallet_changed then
+    ahead.wallets[s.account] = not blank(s.wallet) and pack_wallet(s.wallet) or false
+    ahead.wallet_written[s.account] = true
+    if s.gone_lots then redis.call('ZREM', k.lot_expiries, unpack(s.gone_lots)) end
+  end
 end
 
 -- ---- deciding one request ------------------------------------------------------------
 -- Each decide function judges a request that has no dedupe record yet, against the state
--- read_account gave, and leaves its effect in that state (charge, put, close, held) for
--- apply. It returns the outcome: status, reason, charged, balance, and for the reservation
--- operations held (the account's total after), reserved and expires_at (the reservation
--- as this request left it, or as it was when it closed).
+-- read_account gave, and leaves its effect in that state (charge, put, close, held, the
+-- lots) for apply. It returns the outcome: status, reason, charged, balance, and for the
+-- reservation operations held (the account's total after), reserved and expires_at (the
+-- reservation as this request left it, or as it was when it closed); and draws, what each
+-- lot gave ('' when only the main balance did).
 
-local function outcome(status, reason, charged, balance, held, r)
-  return {status = status, reason = reason, charged = charged, balance = balance or 0, held = held,
-          reserved = r and r.amount or 0, expires_at = r and r.expires_at or ''}
+local function outcome(status, reason, charged, s, r, draws)
+  local balance, held = money_of(s)
+  return {status = status, reason = reason, charged = charged, balance = balance, held = held,
+          reserved = r and r.amount or 0, expires_at = r and r.expires_at or '', draws = draws or ''}
 end
 
-local function decide_charge(s, a)
-  if not s.balance then return outcome('rejected', 'unknown_account', 0, 0, s.held) end
-  if s.balance < a.amount or s.balance - s.held < a.amount then
-    return outcome('rejected', 'insufficient_funds', 0, s.balance, s.held)
+-- Takes the draws of a charge from their lots and the main balance.
+local function take(s, draws)
+  for _, d in ipairs(draws) do
+    if d.lot then
+      d.lot.left = d.lot.left - d.qty
+      s.wallet_changed = true
+    else
+      s.charge = (s.charge or 0) + d.qty
+    end
   end
-  s.charge = a.amount
-  return outcome('approved', '', a.amount, s.balance - a.amount, s.held)
+end
+
+-- Pins the draws of a reserve or extend in their lots and the main balance's held total.
+local function pin(s, draws)
+  for _, d in ipairs(draws) do
+    if d.lot then
+      d.lot.held = d.lot.held + d.qty
+      s.wallet_changed = true
+    else
+      s.held = s.held + d.qty
+    end
+  end
+end
+
+-- The draws a reservation keeps: {id, qty, unit}, those of one lot merged.
+local function kept_draws(before, draws)
+  local kept, at = {}, {}
+  for _, d in ipairs(before or {}) do
+    kept[#kept + 1] = {id = d.id, qty = d.qty, unit = d.unit}
+    at[d.id] = kept[#kept]
+  end
+  for _, d in ipairs(draws) do
+    local id = d.lot and d.lot.id or 'main'
+    if at[id] then at[id].qty = at[id].qty + d.qty else
+      kept[#kept + 1] = {id = id, qty = d.qty, unit = d.unit}
+      at[id] = kept[#kept]
+    end
+  end
+  return kept
+end
+
+local function decide_charge(s, a, now)
+  if not s.balance then return outcome('rejected', 'unknown_account', 0, s) end
+  local draws, money = plan_draws(s, a.service, a.units, a.price, a.amount, now)
+  if not draws then return outcome('rejected', 'insufficient_funds', 0, s) end
+  take(s, draws)
+  return outcome('approved', '', money, s, nil, draws_text(draws, true))
 end
 
 local function decide_reserve(s, a, now)
-  if not s.balance then return outcome('rejected', 'unknown_account', 0, 0, s.held) end
+  if not s.balance then return outcome('rejected', 'unknown_account', 0, s) end
   -- Only when the reserve's dedupe record expired while extends kept it open.
   local open = s.open[a.reservation]
-  if open then return outcome('rejected', 'reservation_exists', 0, s.balance, s.held, open) end
-  if s.balance - s.held < a.amount then return outcome('rejected', 'insufficient_funds', 0, s.balance, s.held) end
-  s.put = {id = a.reservation, account = a.account, amount = a.amount, expires_at = now + a.ttl_ms,
-           unit_price = a.unit_price, ttl_ms = a.ttl_ms}
-  s.held = s.held + a.amount
-  return outcome('approved', '', 0, s.balance, s.held, s.put)
+  if open then return outcome('rejected', 'reservation_exists', 0, s, open) end
+  local draws = plan_draws(s, a.service, a.units, a.price, a.amount, now)
+  if not draws then return outcome('rejected', 'insufficient_funds', 0, s) end
+  pin(s, draws)
+  s.put = {id = a.reservation, account = a.account, amount = a.amount or a.units * a.price,
+           expires_at = now + a.ttl_ms, unit_price = a.price or a.unit_price, ttl_ms = a.ttl_ms,
+           service = a.service or '', draws = kept_draws(nil, draws)}
+  return outcome('approved', '', 0, s, s.put, draws_text(draws, true))
 end
 
 -- The open reservation a commit, extend or release acts on; else nil and the rejection
@@ -392,56 +714,87 @@ local function open_reservation(s, a)
   return nil, 'unknown_reservation'
 end
 
--- What a commit or extend is worth: its amount, or its units at the reservation's unit
--- price (the tariff in force when the reservation was made).
-local function worth(a, r)
-  return a.amount or a.units * r.unit_price
+-- What each of a reservation's draws gives to a commit of units (its unit draws first,
+-- then its money at the reservation's unit price) or of an amount (its money): by draw,
+-- and the money among it; nil when the reservation holds too little.
+local function commit_draws(r, units, amount)
+  local gives, left = {}, units or 0
+  for i, d in ipairs(r.draws) do
+    if d.unit and left > 0 then
+      gives[i] = math.min(d.qty, left)
+      left = left - gives[i]
+    end
+  end
+  local need = amount or left * r.unit_price
+  local money = need
+  for i, d in ipairs(r.draws) do
+    if not d.unit and need > 0 then
+      gives[i] = math.min(d.qty, need)
+      need = need - gives[i]
+    end
+  end
+  if need > 0 then return nil end
+  return gives, money
 end
 
-local function decide_commit(s, a)
+local function decide_commit(s, a, now)
   local r, reason, closed = open_reservation(s, a)
-  if not r then return outcome('rejected', reason, 0, s.balance, s.held, closed) end
-  local used = worth(a, r)
-  if used > r.amount then return outcome('rejected', 'exceeds_reservation', 0, s.balance, s.held, r) end
+  if not r then return outcome('rejected', reason, 0, s, closed) end
+  local gives, money = commit_draws(r, a.units, a.amount)
+  if not gives then return outcome('rejected', 'exceeds_reservation', 0, s, r) end
+  local main, taken = 0, {}
+  for i, d in ipairs(r.draws) do
+    if d.id == 'main' then main = main + (gives[i] or 0) end
+  end
   -- Cannot happen through the engine (a hold is always covered); an operator's
   -- set_balances can lower a balance under its holds, and no balance goes below zero.
-  if not s.balance or s.balance < used then
-    return outcome('rejected', 'insufficient_funds', 0, s.balance, s.held, r)
+  if not s.balance or s.balance < main then return outcome('rejected', 'insufficient_funds', 0, s, r) end
+  unpin(s, r) -- checked by read_account
+  for i, d in ipairs(r.draws) do
+    if gives[i] and gives[i] > 0 then
+      taken[#taken + 1] = {lot = d.id ~= 'main' and s.wallet.by_id[d.id], qty = gives[i], unit = d.unit}
+    end
   end
-  s.charge, s.close, s.held = used, a.reservation, s.held - r.amount
-  return outcome('approved', '', used, s.balance - used, s.held, r)
+  take(s, taken)
+  s.close = a.reservation
+  settle_lots(s, now) -- what went back to a lot that has expired meanwhile
+  return outcome('approved', '', money, s, r, draws_text(taken, true))
 end
 
 local function decide_extend(s, a, now)
   local r, reason, closed = open_reservation(s, a)
-  if not r then return outcome('rejected', reason, 0, s.balance, s.held, closed) end
-  local more = worth(a, r)
-  if not s.balance or s.balance - s.held < more then
-    return outcome('rejected', 'insufficient_funds', 0, s.balance, s.held, r)
-  end
-  s.put = {id = a.reservation, account = r.account, amount = r.amount + more,
-           expires_at = now + (a.ttl_ms or r.ttl_ms), unit_price = r.unit_price, ttl_ms = r.ttl_ms}
-  s.held = s.held + more
-  return outcome('approved', '', 0, s.balance, s.held, s.put)
+  if not r then return outcome('rejected', reason, 0, s, closed) end
+  local service = r.service ~= '' and r.service or nil
+  local draws = plan_draws(s, service, a.units, r.unit_price, a.amount, now)
+  if not draws then return outcome('rejected', 'insufficient_funds', 0, s, r) end
+  pin(s, draws)
+  s.put = {id = a.reservation, account = r.account, amount = r.amount + (a.amount or a.units * r.unit_price),
+           expires_at = now + (a.ttl_ms or r.ttl_ms), unit_price = r.unit_price, ttl_ms = r.ttl_ms,
+           service = r.service, draws = kept_draws(r.draws, draws)}
+  return outcome('approved', '', 0, s, s.put, draws_text(draws, true))
 end
 
-local function decide_release(s, a)
+local function decide_release(s, a, now)
   local r, reason, closed = open_reservation(s, a)
-  if not r then return outcome('rejected', reason, 0, s.balance, s.held, closed) end
-  s.close, s.held = a.reservation, s.held - r.amount
-  return outcome('approved', '', 0, s.balance, s.held, r)
+  if not r then return outcome('rejected', reason, 0, s, closed) end
+  unpin(s, r) -- checked by read_account
+  s.close = a.reservation
+  settle_lots(s, now)
+  return outcome('approved', '', 0, s, r)
 end
 
 -- ---- the one settling path: check, read, decide, ack, write, post ---------------------
 
 -- Per operation: how to decide, and how it uses each optional argument: 'required',
 -- 'optional', or absent (the argument must be ''). 'usage' is exactly one of amount and
--- units; 'own' is a reservation id that must be <account>/<request_id>, 'named' one that
--- must be of the account.
+-- units; 'rated': units are of a service, priced at settling by the account's plan
+-- (unit_price: the default plan's price, the caller's tariff); 'own' is a reservation id
+-- that must be <account>/<request_id>, 'named' one that must be of the account.
 local OPS = {
-  charge = {decide = decide_charge, amount = 'required'},
-  reserve = {decide = decide_reserve, amount = 'required', unit_price = 'required', ttl_ms = 'required',
-             reservation = 'own'},
+  charge = {decide = decide_charge, amount = 'optional', units = 'optional', usage = true, rated = true,
+            unit_price = 'optional'},
+  reserve = {decide = decide_reserve, amount = 'optional', units = 'optional', usage = true, rated = true,
+             unit_price = 'required', ttl_ms = 'required', reservation = 'own'},
   commit = {decide = decide_commit, amount = 'optional', units = 'optional', usage = true, reservation = 'named'},
   extend = {decide = decide_extend, amount = 'optional', units = 'optional', usage = true, reservation = 'named',
             ttl_ms = 'optional'},
@@ -468,14 +821,14 @@ end
 
 local function duration_arg(value) return count(value, 1, MAX_DURATION_MS) end
 
--- The 13 arguments of a single settling call, every one checked as the wire format would
+-- The 13 or 14 arguments of a single settling call, every one checked as the wire format would
 -- check it: the request (a) it settles, as judge_entry makes one of an entry pump read;
 -- nil, a reason and a detail when one is not.
 local function read_args(op, args)
   local rule = OPS[op]
   local a = {op = op, request_id = args[1], account = args[2], fingerprint = args[3], entry_id = args[4],
              group = args[5], submitted_at = args[7], reservation = args[12], window_ms = 0,
-             reply_ttl_ms = 0} -- sized once: see read_account
+             reply_ttl_ms = 0, service = nil} -- sized once: see read_account
   if not text(a.request_id, REQUEST_ID, 128) then return nil, 'invalid_request_id' end
   if not text(a.account, ACCOUNT, 64) then return nil, 'invalid_account' end
   if not text(a.fingerprint, FINGERPRINT, 1024) then return nil, 'invalid_fingerprint' end
@@ -497,6 +850,17 @@ local function read_args(op, args)
     end
   end
   if rule.usage and (a.amount == nil) == (a.units == nil) then return nil, 'invalid_amount', 'give amount or units' end
+  -- units of a charge or reserve are of a service, with the default plan's price of it
+  local service = args[14] or ''
+  if service ~= '' then
+    if not (rule.rated and a.units) then return nil, 'field_not_allowed', 'service' end
+    if not SERVICES[service] then return nil, 'unknown_service', service end
+    a.service = service
+  elseif rule.rated and a.units then
+    return nil, 'missing_field', 'service (units of a charge or reserve are of a service)'
+  end
+  if rule.rated and a.units and not a.unit_price then return nil, 'invalid_unit_price' end
+  if op == 'charge' and a.amount and a.unit_price then return nil, 'field_not_allowed', 'unit_price' end
   local ok, err, detail = reservation_ok(a, rule)
   if not ok then return nil, err, detail end
   if a.reservation == '' then a.reservation = nil end
@@ -614,11 +978,32 @@ end
 -- idempotency conflict when the request is not the one that was settled.
 local function replay(s, a, stored)
   if stored.fingerprint ~= a.fingerprint then
-    local o = outcome('rejected', 'idempotency_conflict', 0, s.balance, s.held)
+    local o = outcome('rejected', 'idempotency_conflict', 0, s)
     o.duplicate = 1
     return o
   end
   return stored
+end
+
+-- A call's first XADD to the results stream, through pcall: failing (a stream of another
+-- type, or exhausted: its last id the largest there is), it wrote nothing, and refuses the
+-- call. Returns the error.
+local function first_post(stream, fields)
+  local added = redis.pcall('XADD', stream, '*', unpack(fields))
+  if type(added) == 'table' and added.err then
+    if string.find(added.err, 'exhausted', 1, true) then
+      return refuse('stream_exhausted', stream .. ' has reached the last possible id')
+    end
+    return redis.error_reply(added.err)
+  end
+  return nil
+end
+
+-- An event posted after a first post of the same call: it cannot fail, but for a first
+-- post that took the very last id there is (then the event is lost; the wallet keeps the
+-- breakage it tells of).
+local function post_after(stream, fields)
+  redis.pcall('XADD', stream, '*', unpack(fields))
 end
 
 local function post(k, a, o, stamp)
@@ -633,15 +1018,13 @@ local function post(k, a, o, stamp)
       fields[#fields + 1] = v
     end
   end
+  if o.draws and o.draws ~= '' then
+    fields[#fields + 1], fields[#fields + 2] = 'draws', o.draws
+  end
   -- No MAXLEN here: trim (maintenance) keeps what subscriber groups have not read. A
   -- request's first write: failing, it has written nothing of the request.
-  local added = redis.pcall('XADD', k.results, '*', unpack(fields))
-  if type(added) == 'table' and added.err then
-    if string.find(added.err, 'exhausted', 1, true) then
-      return refuse('stream_exhausted', k.results .. ' has reached the last possible id')
-    end
-    return redis.error_reply(added.err)
-  end
+  local err = first_post(k.results, fields)
+  if err then return err end
   if k.reply_to then
     redis.call('XADD', k.reply_to, 'MAXLEN', '~', 10000, '*', unpack(fields))
     redis.call('PEXPIRE', k.reply_to, digits(a.reply_ttl_ms))
@@ -649,11 +1032,27 @@ local function post(k, a, o, stamp)
   return nil
 end
 
-local SETTLE_ROLES = {'balances', 'results', 'requests', 'held', 'reservations', 'expiries', 'holds'}
+-- The breakage a call recorded (settle_lots): one event per lot for the results stream,
+-- as lists of fields. The event's balance is the account's after the call.
+local function breakage_events(s, stamp)
+  if not s.broken then return NONE end
+  local balance, events = digits((money_of(s))), {}
+  for _, id in ipairs(s.broken.order) do
+    local b = s.broken.by[id]
+    events[#events + 1] = {'request_id', 'expired:' .. s.account .. '/' .. id, 'account', s.account,
+                           'status', 'expired', 'reason', 'lot_expired', 'charged', '0', 'balance', balance,
+                           'duplicate', '0', 'submitted_at', '', 'processed_at', stamp, 'entry_id', '', 'op', 'expire',
+                           'lot', id, 'kind', b.lot.kind, 'service', b.lot.service, 'breakage', digits(b.qty)}
+  end
+  return events
+end
+
+local SETTLE_ROLES = {'balances', 'results', 'requests', 'held', 'reservations', 'expiries', 'holds', 'wallets',
+                      'lot_expiries', 'plans'}
 -- The keys a settling call may write without having read them first, whose type is checked
--- before anything is written: balances, held and the dedupe record are read (a read of
--- another type fails before any write), and the results stream's XADD is the first write
--- (failing, it writes nothing).
+-- before anything is written: balances, held, wallets and the dedupe record are read (a
+-- read of another type fails before any write), and the results stream's XADD is the first
+-- write (failing, it writes nothing).
 local RESERVATION_WRITES = {reservations = 'hash', expiries = 'zset', holds = 'zset'}
 
 local function reservations_writable(k, ahead)
@@ -661,30 +1060,58 @@ local function reservations_writable(k, ahead)
   return ahead.reservations_writable or nil
 end
 
+local function lots_writable(k, ahead)
+  if ahead.lots_writable == nil then ahead.lots_writable = wrong_type(k.lot_expiries, 'zset') or false end
+  return ahead.lots_writable or nil
+end
+
+-- The price a charge or reserve of units pays: the account's plan's price of its service,
+-- or the default plan's (the price it came with). Leaves it in a.price; returns the
+-- rejection (unknown_plan, invalid_amount: over the library's limit) or, for a plan
+-- the library did not write, nil and the refusal.
+local function rate(s, a, ahead)
+  if not (a.units and OPS[a.op].rated) then return false end
+  a.price = a.unit_price
+  local plan = s.wallet.plan
+  if plan ~= '' then
+    local prices = ahead.plans[plan]
+    if prices == 'corrupt' then return nil, refuse('corrupt_plan', plan) end
+    if not prices then return 'unknown_plan' end
+    a.price = prices[a.service]
+  end
+  if a.units * a.price > MAX_BALANCE then return 'invalid_amount' end
+  return false
+end
+
 --[[
 charge, reserve, commit, extend, release: settle one request exactly once.
-KEYS: balances, results, requests, held, reservations, expiries, holds, [reply_to]
+KEYS: balances, results, requests, held, reservations, expiries, holds, wallets,
+      lot_expiries, plans, [reply_to]
 ARGV: request_id, account, fingerprint, entry_id ('' for a synchronous call), group,
-      window_ms, submitted_at, reply_ttl_ms, amount, units, unit_price, reservation, ttl_ms
-      ('' for what an operation does not use; a value it does not use is refused):
-  charge   amount                      takes amount from the available funds
-  reserve  amount, unit_price, ttl_ms, reservation (<account>/<request_id>)
-                                       holds amount until now + ttl_ms
+      window_ms, submitted_at, reply_ttl_ms, amount, units, unit_price, reservation, ttl_ms,
+      service ('' for what an operation does not use; a value it does not use is refused):
+  charge   amount, or units, unit_price and service
+                                       takes amount, or units of service at the account
+                                       plan's price (unit_price: the default plan's), from
+                                       the account's lots and main balance in the spend order
+  reserve  amount and unit_price, or units, unit_price and service; ttl_ms, reservation
+           (<account>/<request_id>)    pins that much until now + ttl_ms
   commit   amount or units, reservation
                                        charges it (units at the reservation's unit price),
                                        at most what the reservation holds; the rest is
                                        released
   extend   amount or units, reservation, [ttl_ms]
-                                       holds that much more, until now + ttl_ms (default:
+                                       pins that much more, until now + ttl_ms (default:
                                        the reserve's ttl)
   release  reservation                 releases all of it
 Every number is decimal digits within the library's limits; request_id, account and
 reservation as on the wire. Before deciding, the call releases the account's own
-reservations past their expiry: available = balance - what its unexpired ones hold.
-entry_id and group are '' (a single call settles no stream entry: pump does; they keep
-their places for callers of this layout). Returns {status, reason, charged, balance,
-duplicate, processed_at}, then for the reservation operations {held, reserved, expires_at}.
-A refused call (an error) writes nothing.
+reservations past their expiry and records the breakage of its lots that have expired
+(docs/plans-and-lots.md). entry_id and group are '' (a single call settles no stream entry:
+pump does; they keep their places for callers of this layout); service may be left out
+(13 arguments). Returns {status, reason, charged, balance, duplicate, processed_at}, then
+for the reservation operations {held, reserved, expires_at}, then draws ('' when only the
+main balance gave). A refused call (an error) writes nothing.
 ]]
 -- One request a, checked (read_args of a single call's arguments, judge_entry of an
 -- entry pump read): k, the partition's keys with its reply_to; ahead, what the call read
@@ -703,17 +1130,22 @@ local function settle_entry(k, a, ahead)
   if not s then return refuse(bad, a.account) end
   local o = stored and replay(s, a, stored)
   if not o then
-    o = OPS[a.op].decide(s, a, now)
+    local rejected, refusal = rate(s, a, ahead)
+    if rejected == nil then return refusal end
+    o = rejected and outcome('rejected', rejected, 0, s) or OPS[a.op].decide(s, a, now)
     o.duplicate = 0
   end
 
   -- Everything is read and checked but the keys written unread: the reservation keys when
-  -- this request changes a reservation (once per call), and the results stream, whose XADD
-  -- (the outcome, the first write) refuses the request by failing. After it nothing can fail.
+  -- this request changes a reservation, the lots' expiries index when a lot goes (each
+  -- once per call), and the results stream, whose XADD (the outcome, the first write)
+  -- refuses the request by failing. After it nothing can fail.
   err = (s.put or s.close or #s.expired_ids > 0) and reservations_writable(k, ahead)
+        or s.gone_lots and lots_writable(k, ahead)
   if err then return err end
   err = post(k, a, o, stamp)
   if err then return err end
+  for _, fields in ipairs(breakage_events(s, stamp)) do post_after(k.results, fields) end
   if a.entry_id ~= '' then ack(k.requests, a.group, a.entry_id) end
   apply(k, s, ahead)
   if not stored then write_record(k, a, o, now, stamp, ahead) end
@@ -721,26 +1153,47 @@ local function settle_entry(k, a, ahead)
   if a.op ~= 'charge' then
     for _, v in ipairs({o.held, o.reserved, o.expires_at}) do reply[#reply + 1] = v end
   end
+  reply[#reply + 1] = o.draws or ''
   return reply
 end
 
+-- The plans named by the wallets read: name -> prices by service, false when the partition
+-- has no such plan, 'corrupt' when the stored value is not one the library wrote.
+local function read_plans(k, wallets)
+  local names, listed, plans = {}, {}, {}
+  for _, packed in pairs(wallets) do
+    local plan = packed and string.match(packed, '^([^' .. SEP .. RS .. ']*)')
+    if plan and plan ~= '' and not listed[plan] then
+      listed[plan] = true
+      names[#names + 1] = plan
+    end
+  end
+  if #names == 0 then return plans end
+  for i, stored in ipairs(redis.call('HMGET', k.plans, unpack(names))) do
+    plans[names[i]] = stored and parse_prices(stored) or (stored and 'corrupt') or false
+  end
+  return plans
+end
 
 -- What the entries of a batch read, in a few commands for the whole call instead of a few
--- each: the balances and held totals of their accounts, their dedupe records (one HMGET
--- per bucket) at now, the call's one server time (every entry of a call is processed at
--- the same millisecond). Entries write through it
+-- each: the balances, held totals and wallets of their accounts and the plans these name,
+-- their dedupe records (one HMGET per bucket) at now, the call's one server time (every
+-- entry of a call is processed at the same millisecond). Entries write through it
 -- (apply, write_record), so a later entry of the same account or request id reads what an
--- earlier one wrote; the balances and records are written at the end, one HSET for the
--- balances and one per bucket. A bucket of another type fails its HMGET here, before
--- anything is written.
+-- earlier one wrote; the balances, wallets and records are written at the end, one HSET for
+-- the balances, one for the wallets and one per bucket. A key of another type fails its
+-- HMGET here, before anything is written.
 local function read_ahead(k, accounts, slices, now)
   local ahead = {now = now, stamp = digits(now), accounts = accounts, balances = {}, held = {}, charged = {},
-                 records = {}, writes = {}, written = {}, streams = {}, expiries = {}}
+                 wallets = {}, wallet_written = {}, plans = {}, records = {}, writes = {}, written = {}, streams = {},
+                 expiries = {}}
   local balances = redis.call('HMGET', k.balances, unpack(accounts))
   local held = redis.call('HMGET', k.held, unpack(accounts))
+  local wallets = redis.call('HMGET', k.wallets, unpack(accounts))
   for i, account in ipairs(accounts) do
-    ahead.balances[account], ahead.held[account] = balances[i], held[i]
+    ahead.balances[account], ahead.held[account], ahead.wallets[account] = balances[i], held[i], wallets[i]
   end
+  ahead.plans = read_plans(k, ahead.wallets)
   for slice, wanted in pairs(slices) do
     local found = {}
     for _, id in ipairs(wanted.ids) do found[id] = false end
@@ -759,18 +1212,28 @@ local function read_ahead(k, accounts, slices, now)
   return ahead
 end
 
--- The balances the entries of a batch charged and the records they made: one HSET for the
--- balances, one per bucket. Each key was read (HMGET) before the first write, so none of
--- these can fail.
+-- The balances the entries of a batch charged, the wallets they changed and the records
+-- they made: one HSET for the balances, one HSET and one HDEL for the wallets, one per
+-- bucket. Each key was read (HMGET) before the first write, so none of these can fail.
 local function write_ahead(k, ahead)
-  local balances = {}
+  local balances, wallets, blanks = {}, {}, {}
   for _, account in ipairs(ahead.accounts) do
     if ahead.charged[account] then
       balances[#balances + 1] = account
       balances[#balances + 1] = ahead.balances[account]
     end
+    if ahead.wallet_written[account] then
+      if ahead.wallets[account] then
+        wallets[#wallets + 1] = account
+        wallets[#wallets + 1] = ahead.wallets[account]
+      else
+        blanks[#blanks + 1] = account
+      end
+    end
   end
   if #balances > 0 then redis.call('HSET', k.balances, unpack(balances)) end
+  if #wallets > 0 then redis.call('HSET', k.wallets, unpack(wallets)) end
+  if #blanks > 0 then redis.call('HDEL', k.wallets, unpack(blanks)) end
   for _, pending in ipairs(ahead.written) do write_bucket(pending, ahead.expiries[pending.name]) end
 end
 
@@ -807,11 +1270,11 @@ end
 local function settle(op, keys, args)
   -- A caller of another layout (a process of an older version during an upgrade) is
   -- refused before anything is written: nothing acked, so its entry stays pending.
-  local k = (#keys == #SETTLE_ROLES or #keys == #SETTLE_ROLES + 1) and #args == 13
+  local k = (#keys == #SETTLE_ROLES or #keys == #SETTLE_ROLES + 1) and (#args == 13 or #args == 14)
       and partition_keys(keys, SETTLE_ROLES)
   if not k then
-    return refuse('wrong_arguments', op .. ' takes 7 or 8 keys of one partition (' .. table.concat(SETTLE_ROLES, ', ')
-                  .. ', [reply_to]) and 13 arguments')
+    return refuse('wrong_arguments', op .. ' takes ' .. #SETTLE_ROLES .. ' or ' .. #SETTLE_ROLES + 1
+                  .. ' keys of one partition (' .. table.concat(SETTLE_ROLES, ', ') .. ', [reply_to]) and 13 or 14 arguments')
   end
   -- Callers validate; this guards the balances against any client allowed to FCALL
   -- directly, for whom a negative amount would be a top-up.
@@ -832,55 +1295,90 @@ local function settle(op, keys, args)
 end
 
 --[[
-expire_reservations: the worker's sweep, the background cleaner. Releases up to limit
-reservations whose expiry has passed, oldest first, charging none. Settling calls never
-count an expired reservation and release those of their own account; this gives back the
-held funds of accounts nobody touches. A commit racing the sweep is safe: each call is
-atomic, and whichever runs second finds the reservation gone.
-KEYS: held, reservations, expiries, holds. ARGV: limit (1..100000).
-Returns how many it released. A reservation that is not one the library wrote leaves the
-expiries index (so the sweep moves on) and stays for the audit to report.
+expire_reservations: the worker's sweep, the background cleaner. Ends what has passed its
+expiry on accounts nobody touches: up to limit reservations (released, charging none)
+and up to limit lots (their breakage recorded), oldest first, and with them every other
+expired reservation and lot of the same accounts, exactly as the accounts' next settling
+call would (read_account). Settling calls never count either once expired. A commit racing
+the sweep is safe: each call is atomic, and whichever runs second finds the reservation
+gone.
+KEYS: balances, results, held, reservations, expiries, holds, wallets, lot_expiries.
+ARGV: limit (1..100000).
+Returns how many reservations it released. An account whose stored values are not the
+library's leaves both indexes (so the sweep moves on) and stays for the audit to report.
 ]]
-local SWEEP_ROLES = {'held', 'reservations', 'expiries', 'holds'}
-local SWEEP_TYPES = {held = 'hash', reservations = 'hash', expiries = 'zset', holds = 'zset'}
+local SWEEP_ROLES = {'balances', 'results', 'held', 'reservations', 'expiries', 'holds', 'wallets', 'lot_expiries'}
+local SWEEP_TYPES = {held = 'hash', reservations = 'hash', expiries = 'zset', holds = 'zset', wallets = 'hash',
+                     lot_expiries = 'zset'}
+
+-- The accounts of the ids of an index (<account>/<rest>), each once in accounts (seen:
+-- those listed), and the ids of each in by_account.
+local function accounts_of(ids, accounts, seen, by_account)
+  for _, id in ipairs(ids) do
+    local account = string.match(id, '^([^/]+)/')
+    if account then
+      if not seen[account] then
+        seen[account] = true
+        accounts[#accounts + 1] = account
+      end
+      by_account[account] = by_account[account] or {}
+      table.insert(by_account[account], id)
+    end
+  end
+end
 
 local function expire_reservations(keys, args)
-  local k = #keys == 4 and partition_keys(keys, SWEEP_ROLES)
+  local k = #keys == #SWEEP_ROLES and #args == 1 and partition_keys(keys, SWEEP_ROLES)
   if not k then return refuse('wrong_arguments', 'expire_reservations takes the keys ' .. table.concat(SWEEP_ROLES, ', ')) end
   local limit = count(args[1], 1, MAX_SWEEP)
   if not limit then return refuse('invalid_limit', '1..' .. MAX_SWEEP) end
   local err = wrong_types(k, SWEEP_TYPES)
   if err then return err end
   local now = now_ms()
-  -- Read and check everything first: the expired reservations, and the held total of each
-  -- account they belong to, which must cover them.
-  local due, dropped, held, released = {}, {}, {}, {}
-  for _, id in ipairs(redis.call('ZRANGE', k.expiries, '-inf', now, 'BYSCORE', 'LIMIT', 0, limit)) do
-    local packed = redis.call('HGET', k.reservations, id)
-    local r = packed and parse_reservation(packed, id)
-    if r and held[r.account] == nil then held[r.account] = stored_held(k, r.account) or false end
-    if r and held[r.account] then
-      released[r.account] = (released[r.account] or 0) + r.amount
-      due[#due + 1] = id
-    else
-      dropped[#dropped + 1] = id -- gone already, or not one the library wrote
-    end
+  -- Read and check everything first: the accounts with a reservation or a lot due, each as
+  -- a settling call reads it.
+  local accounts, seen, due_reservations, due_lots = {}, {}, {}, {}
+  accounts_of(redis.call('ZRANGE', k.expiries, '-inf', now, 'BYSCORE', 'LIMIT', 0, limit), accounts, seen,
+              due_reservations)
+  accounts_of(redis.call('ZRANGE', k.lot_expiries, '-inf', now, 'BYSCORE', 'LIMIT', 0, limit), accounts, seen,
+              due_lots)
+  if #accounts == 0 then return 0 end
+  local ahead = {accounts = accounts, balances = {}, held = {}, wallets = {}, charged = {}, wallet_written = {},
+                 written = {}}
+  local balances = redis.call('HMGET', k.balances, unpack(accounts))
+  local held = redis.call('HMGET', k.held, unpack(accounts))
+  local wallets = redis.call('HMGET', k.wallets, unpack(accounts))
+  for i, account in ipairs(accounts) do
+    ahead.balances[account], ahead.held[account], ahead.wallets[account] = balances[i], held[i], wallets[i]
   end
-  for account, amount in pairs(released) do
-    if held[account] < amount then
-      -- A held total smaller than its reservations: leave the account for the audit.
-      for i = #due, 1, -1 do
-        if string.sub(due[i], 1, #account + 1) == account .. '/' then
-          dropped[#dropped + 1] = table.remove(due, i)
-        end
+  local read, released = {}, 0
+  for _, account in ipairs(accounts) do
+    read[#read + 1] = read_account(k, account, now, ahead) -- nil: not the library's, left alone
+  end
+  -- Then write: the breakage events first (the first XADD refuses the call, nothing written).
+  local stamp, first = digits(now), true
+  for _, s in ipairs(read) do
+    for _, fields in ipairs(breakage_events(s, stamp)) do
+      if first then
+        err = first_post(k.results, fields)
+        if err then return err end
+        first = false
+      else
+        post_after(k.results, fields)
       end
-      released[account] = nil
     end
   end
-  for _, id in ipairs(due) do remove_reservation(k, id) end
-  for _, id in ipairs(dropped) do redis.call('ZREM', k.expiries, id) end
-  for account, amount in pairs(released) do write_held(k, account, held[account], held[account] - amount) end
-  return #due
+  for _, s in ipairs(read) do
+    apply(k, s, ahead)
+    released = released + #s.expired_ids
+  end
+  write_ahead(k, ahead)
+  -- Every id found due leaves its index: its reservation or lot is gone, or is a lot still
+  -- pinned (its breakage comes when its reservation ends), or is of an account left for
+  -- the audit.
+  for _, ids in pairs(due_reservations) do redis.call('ZREM', k.expiries, unpack(ids)) end
+  for _, ids in pairs(due_lots) do redis.call('ZREM', k.lot_expiries, unpack(ids)) end
+  return released
 end
 
 -- ---- dead letters ------------------------------------------------------------------------
@@ -908,7 +1406,6 @@ end
 local MAX_FIELDS, MAX_FIELD_BYTES = 16, 256
 local DEADLETTER_FIELD_BYTES = 1024 -- a dead letter keeps each name and value up to this
 local REPLY_ID = '^[A-Za-z0-9_%-]+$' -- a reply stream's <id>, 1..64 of them
-local SERVICES = {sms = true, voice = true, data = true}
 -- The fields of the format, in the order the schema checks them (its fields' order).
 local FIELDS = {'op', 'request_id', 'account', 'service', 'units', 'amount', 'reservation', 'ttl', 'reply_to',
                 'submitted_at'}
@@ -1153,7 +1650,10 @@ local function judge_entry(pairs_, entry_id, c)
   if partition ~= c.partition then
     return nil, 'wrong_partition', 'account ' .. f.account .. ' does not belong to partition ' .. digits(c.partition)
   end
-  local amount = v.amount or (f.service and c.prices[f.service] * v.units)
+  -- The maximum charge is judged on the default plan (the tariff), as a client can; the
+  -- account's plan prices a charge or reserve of units when it is settled (rate).
+  local rated = f.service and (v.op == 'charge' or v.op == 'reserve')
+  local amount = v.amount or (rated and c.prices[f.service] * v.units)
   if amount and amount > c.max_amount then
     return nil, 'invalid_amount', digits(v.units) .. ' ' .. f.service .. ' units cost ' .. digits(amount)
         .. ', over the maximum charge of ' .. digits(c.max_amount)
@@ -1164,8 +1664,8 @@ local function judge_entry(pairs_, entry_id, c)
     op = v.op, request_id = f.request_id, account = f.account, fingerprint = fingerprint(f, v), entry_id = entry_id,
     group = c.group, submitted_at = v.submitted_at and v.submitted_at > 0 and digits(v.submitted_at) or '',
     reservation = reserve and (f.account .. '/' .. f.request_id) or f.reservation, window_ms = c.window_ms,
-    reply_ttl_ms = c.reply_ttl_ms, amount = amount, units = not amount and v.units or nil,
-    unit_price = reserve and (f.service and c.prices[f.service] or 1) or nil, ttl_ms = ttl_s and ttl_s * 1000 or nil,
+    reply_ttl_ms = c.reply_ttl_ms, amount = v.amount, units = v.units, service = rated and f.service or nil,
+    unit_price = rated and c.prices[f.service] or (reserve and 1 or nil), ttl_ms = ttl_s and ttl_s * 1000 or nil,
   }, f.reply_to
 end
 
@@ -1179,8 +1679,8 @@ end
 -- window_ms, reply_ttl_ms, partition, partitions, deadletter maxlen, the prices of sms,
 -- voice and data, max_units, max_amount, max_reservation_ttl_s, the default reservation
 -- ttl (s), max_deliveries, max_clock_skew_ms.
-local ENTRIES_ROLES = {'balances', 'results', 'requests', 'held', 'reservations', 'expiries', 'holds', 'deadletter',
-                       'deadletter:reasons'}
+local ENTRIES_ROLES = {'balances', 'results', 'requests', 'held', 'reservations', 'expiries', 'holds', 'wallets',
+                       'lot_expiries', 'plans', 'deadletter', 'deadletter:reasons'}
 local ENTRIES_HEADER = 15
 local MAX_PARTITIONS = 1024
 
@@ -1509,6 +2009,127 @@ local function set_balances(keys, args)
   return #args / 2
 end
 
+-- ---- plans and lots ------------------------------------------------------------------
+
+--[[
+set_plan: create or change a plan in one partition (the client sets every partition).
+KEYS: plans. ARGV: name, then the unit prices of sms, voice and data (1..10^15).
+The name 'default' is the tariff's and cannot be set. Returns 1 when the plan is new
+here, 0 when it changed.
+]]
+local PLAN = LOT_ID
+
+local function set_plan(keys, args)
+  local k = #keys == 1 and #args == 4 and partition_keys(keys, {'plans'})
+  if not k then return refuse('wrong_arguments', 'set_plan takes the key plans and name, sms, voice, data') end
+  if not text(args[1], PLAN, 64) or args[1] == 'default' then
+    return refuse('invalid_plan', 'a name of 1..64 of A-Z a-z 0-9 _ . -, not default')
+  end
+  local prices = {}
+  for i = 2, 4 do
+    prices[i - 1] = count(args[i], 1, MAX_BALANCE)
+    if not prices[i - 1] then return refuse('invalid_price', 'a whole number 1..' .. MAX_BALANCE) end
+  end
+  return redis.call('HSET', k.plans, args[1], pack(prices))
+end
+
+-- An account's wallet for a change that is not a charge: its balance must exist (nil and
+-- the refusal when not), and its wallet be the library's.
+local function wallet_of(k, account)
+  if not text(account, ACCOUNT, 64) then return nil, refuse('invalid_account') end
+  if not redis.call('HGET', k.balances, account) then return nil, refuse('unknown_account', account) end
+  local w = parse_wallet(redis.call('HGET', k.wallets, account))
+  if not w then return nil, refuse('corrupt_wallet', account) end
+  return w
+end
+
+local function write_wallet(k, account, w)
+  if blank(w) then redis.call('HDEL', k.wallets, account) else redis.call('HSET', k.wallets, account, pack_wallet(w)) end
+end
+
+--[[
+assign_plan: put an account on a plan of its partition ('default': take it off its plan).
+KEYS: balances, wallets, plans. ARGV: account, plan. Returns the plan.
+]]
+local function assign_plan(keys, args)
+  local k = #keys == 3 and #args == 2 and partition_keys(keys, {'balances', 'wallets', 'plans'})
+  if not k then return refuse('wrong_arguments', 'assign_plan takes the keys balances, wallets, plans and account, plan') end
+  local plan = args[2]
+  if not text(plan, PLAN, 64) then return refuse('invalid_plan', plan) end
+  local w, err = wallet_of(k, args[1])
+  if not w then return err end
+  if plan ~= 'default' and redis.call('HEXISTS', k.plans, plan) == 0 then return refuse('unknown_plan', plan) end
+  w.plan = plan == 'default' and '' or plan
+  write_wallet(k, args[1], w)
+  return plan
+end
+
+--[[
+grant: give an account a credit lot. KEYS: balances, wallets, lot_expiries.
+ARGV: account, lot id, kind (money or units), quantity (1..10^15), service ('' for money
+of any service; required for units), expires_at (ms since the epoch, later than now) or
+expires_in_ms (1..10 years), at most one of them ('' for a lot that never expires).
+Idempotent by lot id while the account holds the lot: the same content again is a
+duplicate, other content idempotency_conflict. Returns {granted or duplicate, lot, left,
+expires_at ('' never)}.
+]]
+local GRANT_ROLES = {'balances', 'wallets', 'lot_expiries'}
+
+-- The expiry of a grant from now: expires_at and the spec a replay must match; nil and
+-- the refusal when it is not one.
+local function grant_expiry(at, within, now)
+  if at ~= '' and within ~= '' then return nil, refuse('invalid_expiry', 'give expires_at or expires_in, not both') end
+  if at ~= '' then
+    local when = count(at, 0, MAX_TIME_MS)
+    if not when or when <= now then return nil, refuse('invalid_expiry', 'expires_at must be later than now') end
+    return when, 'at:' .. digits(when)
+  end
+  if within ~= '' then
+    local ms = duration_arg(within)
+    if not ms then return nil, refuse('invalid_expiry', 'expires_in must be 1..' .. MAX_DURATION_MS .. ' ms') end
+    return now + ms, 'in:' .. digits(ms)
+  end
+  return false, ''
+end
+
+local function grant(keys, args)
+  local k = #keys == 3 and #args == 7 and partition_keys(keys, GRANT_ROLES)
+  if not k then
+    return refuse('wrong_arguments', 'grant takes the keys ' .. table.concat(GRANT_ROLES, ', ')
+                  .. ' and account, lot, kind, quantity, service, expires_at, expires_in_ms')
+  end
+  local account, id, kind, service = args[1], args[2], args[3], args[5]
+  if not text(account, ACCOUNT, 64) then return refuse('invalid_account') end
+  if not text(id, LOT_ID, 64) or id == 'main' then
+    return refuse('invalid_lot', 'a lot id is 1..64 of A-Z a-z 0-9 _ . -, not main')
+  end
+  if not KINDS[kind] then return refuse('invalid_kind', 'money or units') end
+  local qty = count(args[4], 1, MAX_BALANCE)
+  if not qty then return refuse(kind == 'money' and 'invalid_amount' or 'invalid_units', '1..' .. MAX_BALANCE) end
+  if service ~= '' and not SERVICES[service] then return refuse('unknown_service', service) end
+  if kind == 'units' and service == '' then return refuse('missing_service', 'a lot of units is of one service') end
+  local expires_at, spec = grant_expiry(args[6], args[7], now_ms())
+  if expires_at == nil then return spec end
+  local w, err = wallet_of(k, account)
+  if not w then return err end
+  local lot = w.by_id[id]
+  if lot then
+    if lot.kind ~= kind or lot.service ~= service or lot.granted ~= qty or lot.spec ~= spec then
+      return refuse('idempotency_conflict', 'lot ' .. id .. ' was granted with other content')
+    end
+    return {'duplicate', id, lot.left, lot.expires_at or ''}
+  end
+  if #w.lots >= MAX_LOTS then return refuse('too_many_lots', 'an account holds at most ' .. MAX_LOTS) end
+  err = wrong_type(k.lot_expiries, 'zset')
+  if err then return err end
+  local index = #w.lots > 0 and w.lots[#w.lots].index + 1 or 1
+  w.lots[#w.lots + 1] = {id = id, kind = kind, service = service, granted = qty, left = qty, held = 0,
+                         expires_at = expires_at, spec = spec, index = index}
+  write_wallet(k, account, w)
+  if expires_at then redis.call('ZADD', k.lot_expiries, digits(expires_at), account .. '/' .. id) end
+  return {'granted', id, qty, expires_at or ''}
+end
+
 -- An XINFO reply (alternating names and values) as a table.
 local function map_of(flat)
   local t = {}
@@ -1685,5 +2306,8 @@ redis.register_function('pump', pump)
 redis.register_function('expire_reservations', expire_reservations)
 redis.register_function('top_up', top_up)
 redis.register_function('set_balances', set_balances)
+redis.register_function('set_plan', set_plan)
+redis.register_function('assign_plan', assign_plan)
+redis.register_function('grant', grant)
 redis.register_function('trim', trim)
 redis.register_function('repair', repair)

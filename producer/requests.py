@@ -215,7 +215,8 @@ class Requests(Generic[C, O]):
 
     def _authorizing(self, data: Request) -> Plan[Outcome]:
         request = self.prepare(data)
-        amount = price(request, self.settings)
+        price(request, self.settings)  # the maximum charge, judged on the default plan as the workers judge it
+        amount = request.amount  # units of a charge or reserve: priced by the account's plan in the library
         if self.settings.wait_replicas:
             [raw] = yield from with_functions(lambda: replicated(
                 self.settings, self._keys(request.account).balances,

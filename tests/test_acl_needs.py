@@ -36,7 +36,8 @@ from tests.roles import KEYS, ROLES, ROOT, acl_server, role, root
 # Key kinds, as the ACL file spells their patterns; every key a function touches must be one.
 KINDS = {
     "balances": "ch:{p*}:balances", "held": "ch:{p*}:held", "reservations": "ch:{p*}:reservations",
-    "expiries": "ch:{p*}:expiries", "holds": "ch:{p*}:holds",
+    "expiries": "ch:{p*}:expiries", "holds": "ch:{p*}:holds", "wallets": "ch:{p*}:wallets",
+    "lot_expiries": "ch:{p*}:lot_expiries", "plans": "ch:{p*}:plans",
     "dedupe:*": "ch:{p*}:dedupe:*", "requests": "ch:{p*}:requests",
     "results": "ch:{p*}:results", "reply:*": "ch:{p*}:reply:*", "deadletter": "ch:{p*}:deadletter",
     "deadletter:reasons": "ch:{p*}:deadletter:reasons", "partitions": "ch:partitions",
@@ -70,25 +71,38 @@ def pending(scene: redis.Redis, settings: Settings, entries: list[dict]) -> list
     return [eid.decode() for _, messages in read for eid, _ in messages]
 
 
+def lots(scene: redis.Redis, settings: Settings) -> None:
+    """account1 on a plan, with a bundle and a lot that has expired (any settling call, and
+    the sweep, records its breakage)."""
+    codec.set_plan(scene, KEYS, "gold", {"sms": 1, "voice": 4, "data": 8})
+    codec.assign_plan(scene, settings, "account1", "gold")
+    codec.grant(scene, settings, "account1", "bundle", "units", 100, "sms")
+    codec.grant(scene, settings, "account1", "gone", "money", 7, expires_in_ms=1)
+    time.sleep(0.005)
+
+
 def settle_scene(scene, settings):
     accounts(scene, settings)
     expired_reservation(scene)
+    lots(scene, settings)
 
 
 def settle_call(client, settings, _):
     """authorize: every op, synchronously (no entry to ack, no reply stream)."""
     producer = Producer(client, settings)
     outcomes = [producer.authorize({"request_id": "c1", "account": "account1", "amount": 5}),
-                producer.authorize({"request_id": "c1", "account": "account1", "amount": 5})]  # a replay
+                producer.authorize({"request_id": "c1", "account": "account1", "amount": 5}),  # a replay
+                producer.authorize({"request_id": "c2", "account": "account1", "service": "sms", "units": 3})]
     held = producer.reserve({"request_id": "s1", "account": "account1", "amount": 50})
     outcomes += [held, producer.extend({"reservation": held.reservation, "amount": 10}),
                  producer.commit({"reservation": held.reservation, "amount": 20})]
     held = producer.reserve({"request_id": "s2", "account": "account1", "amount": 50})
     outcomes += [held, producer.release({"reservation": held.reservation})]
-    assert [o.status for o in outcomes] == ["approved"] * 7
+    assert [o.status for o in outcomes] == ["approved"] * 8
 
 
 BATCH = [{"request_id": "b1", "account": "account1", "amount": 5},
+         {"request_id": "b4", "account": "account1", "service": "sms", "units": 2},
          {"op": "reserve", "request_id": "b2", "account": "account1", "amount": 50},
          {"op": "extend", "reservation": "account1/b2", "amount": 10},
          {"op": "commit", "reservation": "account1/b2", "amount": 20},
@@ -118,7 +132,7 @@ def pump_scene(scene, settings):
 
 def pump_call(client, settings, _):
     done = codec.summary(codec.pump(client, settings, KEYS, "w2", 25, reclaim_idle_ms=1))
-    assert (done.reclaimed, done.read, done.approved, done.refused) == (2, 7, 1, 0), done
+    assert (done.reclaimed, done.read, done.approved, done.refused) == (2, 8, 2, 0), done
     assert done.dead == {"entry_deleted": 1, "missing_field": 1}, done
     assert done.operations == {("reserve", "approved"): 2, ("extend", "approved"): 1, ("commit", "approved"): 1,
                                ("release", "approved"): 1}, done
@@ -159,6 +173,13 @@ def repair_call(client, settings, _):
     assert codec.repair(client, settings, KEYS) == (2, True)
 
 
+def plans_call(client, settings, _):
+    assert codec.set_plan(client, KEYS, "gold", {"sms": 1, "voice": 4, "data": 8}) == 1
+    assert codec.assign_plan(client, settings, "account1", "gold") == "gold"
+    assert codec.grant(client, settings, "account1", "promo", "money", 500, expires_in_ms=60_000).status == "granted"
+    assert codec.grant(client, settings, "account1", "promo", "money", 500, expires_in_ms=60_000).status == "duplicate"
+
+
 def accounts_call(client, settings, _):
     assert codec.set_balances(client, settings, [("account2", 10)]) == 1
     assert codec.top_up(client, settings, "account2", 5) == 15
@@ -185,6 +206,7 @@ ROWS = [
     Row(("trim",), ("maintainer",), trim_scene, trim_call),
     Row(("repair",), ("maintainer",), repair_scene, repair_call),
     Row(("set_balances", "top_up"), ("admin",), lambda scene, settings: None, accounts_call),
+    Row(("set_plan", "assign_plan", "grant"), ("admin", "gateway"), accounts, plans_call),
 ]
 
 # What each role's own code runs besides its functions: (command, key kind).

@@ -234,14 +234,17 @@ def test_an_extend_pushes_the_expiry_back(client, settings, producer):
 
 
 def test_the_sweep_releases_expired_reservations_in_bounded_batches(client, settings, producer):
+    """The batch bounds the expired reservations a sweep takes from the index; with each it
+    ends every other expired one of the same account, as the account's next call would."""
     settings = settings.model_copy(update={"sweep_batch": 3})
     keys = Keys(settings.namespace, 0)
-    codec.set_balances(client, settings, [("account1", 1000)])
-    for i in range(5):
-        producer.reserve({"request_id": f"s{i}", "account": "account1", "amount": 10, "ttl": 1})
+    codec.set_balances(client, settings, [(f"account{i}", 1000) for i in range(1, 6)])
+    for i in range(1, 6):
+        producer.reserve({"request_id": f"s{i}", "account": f"account{i}", "amount": 10, "ttl": 1})
+    producer.reserve({"request_id": "s0", "account": "account5", "amount": 10, "ttl": 1})
     producer.reserve({"request_id": "lives", "account": "account1", "amount": 10, "ttl": 60})
     time.sleep(1.1)
-    assert [codec.expire_reservations(client, settings, keys) for _ in range(3)] == [3, 2, 0]
+    assert [codec.expire_reservations(client, settings, keys) for _ in range(3)] == [3, 3, 0]
     assert funds(client, settings) == (1000, 10)
     assert client.zcard(keys.expiries) == 1
 

@@ -89,7 +89,7 @@ def settle_frozen(target, settings: Settings, keys: Keys,
         if request.reply_to:
             names.append(request.reply_to)
         args += (request.op, 1 if request.reply_to else 0,
-                 *codec.settle_arguments(settings, request, amount, entry_id))
+                 *codec.settle_arguments(settings, request, amount, entry_id)[:13])
     target.fcall("baseline_settle_batch", len(names), *names, *args)
 
 
