@@ -78,7 +78,7 @@ def test_the_gateway_role_serves_charges_outcomes_readiness_and_the_live_feed(se
         done = http.post("/v1/reservations/account1/gw-r/commit", json={"amount": 4, "request_id": "gw-r.c"})
         assert (done.json()["charged"], done.json()["balance"]) == (4, 86), done.text
         assert http.get("/v1/accounts/account1").json() == {"account": "account1", "balance": 86, "held": 0,
-                                                            "available": 86}
+                                                            "available": 86, "plan": "default", "lots": [], "breakage": {}}
 
         order = ["gw-1", "gw-2", "gw-r", "gw-r.c"]
         assert [e["request_id"] for e in first_events(http, "/v1/outcomes?from=start", "outcome", 4)] == order

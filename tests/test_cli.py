@@ -10,7 +10,7 @@ from tests.conftest import cli
 def test_accounts_reset_show_top_up_and_list(settings):
     assert cli(settings, "accounts", "reset").returncode == 0  # 100 accounts of 100 by default
     shown = cli(settings, "accounts", "show", "account100", "--json")
-    assert json.loads(shown.stdout) == {"account": "account100", "balance": 100, "held": 0, "available": 100}
+    assert json.loads(shown.stdout) == {"account": "account100", "balance": 100, "held": 0, "available": 100, "plan": "default", "lots": [], "breakage": {}}
     assert cli(settings, "accounts", "top-up", "account100", "50").returncode == 0
     assert json.loads(cli(settings, "accounts", "show", "account100", "--json").stdout)["balance"] == 150
     assert cli(settings, "reserve", "--account", "account2", "--amount", "30").returncode == 0

@@ -286,7 +286,7 @@ def test_a_voice_call_over_http_reserves_extends_and_commits(keyed):
         more = ops.post("/v1/reservations/account1/call-9/extend", json={"units": 2}).json()
         assert (more["status"], more["held"]) == ("approved", 60)
         assert ops.get("/v1/accounts/account1").json() == {"account": "account1", "balance": 100, "held": 60,
-                                                           "available": 40}
+                                                           "available": 40, "plan": "default", "lots": [], "breakage": {}}
         done = ops.post("/v1/reservations/account1/call-9/commit", json={"units": 7}).json()
         assert (done["status"], done["charged"], done["balance"], done["held"]) == ("approved", 35, 65, 0)
         gone = ops.post("/v1/reservations/account1/call-9/release", json={}).json()

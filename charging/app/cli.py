@@ -28,11 +28,14 @@ from rich.text import Text
 from charging import __version__, codec
 from charging import log as logging_setup
 from charging.app import accounts as accounts_mod
+from charging.app import lots as lots_mod
+from charging.app import plans as plans_mod
 from charging.app.status import status as read_status
 from charging.connection import NotReplicated, PartitionsChanged, RedisRefused, RedisTooOld, connect, missing_function
 from charging.keys import parse_partitions
 from charging.schema import Invalid, Outcome, parse_top_up
-from charging.settings import LIBRARY_MAX_BALANCE, InvalidSettings, Settings, load
+from charging.plan import run
+from charging.settings import LIBRARY_MAX_BALANCE, SERVICES, InvalidSettings, Settings, load
 from producer import BacklogFull, Producer, WaitTimeout
 from producer.subscriber import Subscriber, outcomes
 from worker import supervisor
@@ -73,6 +76,8 @@ app = typer.Typer(cls=HelpGroup, no_args_is_help=True, add_completion=False, pre
                   help="Prepaid charging engine on Redis.")
 accounts_app = typer.Typer(cls=HelpGroup, no_args_is_help=True, help="Create, inspect and top up accounts.")
 app.add_typer(accounts_app, name="accounts")
+plans_app = typer.Typer(cls=HelpGroup, no_args_is_help=True, help="Set and list plans, the price lists accounts pay.")
+app.add_typer(plans_app, name="plans")
 
 
 def make_console(stderr: bool = False, markup: bool = False) -> Console:
@@ -196,12 +201,18 @@ def outcome_text(outcome: Outcome) -> str:
     text = (f"{outcome.request_id}: {outcome.status}"
             f"{' (' + outcome.reason + ')' if outcome.reason else ''} charged={outcome.charged} "
             f"balance={outcome.balance}{' duplicate' if outcome.duplicate else ''}")
+    if outcome.draws:
+        text += f" draws={outcome.draws}"
     if outcome.op is not None:
-        expires = "" if outcome.expires_at is None else datetime.fromtimestamp(
-            outcome.expires_at / 1000, UTC).strftime(" expires_at=%Y-%m-%dT%H:%M:%SZ")
+        expires = "" if outcome.expires_at is None else f" expires_at={moment(outcome.expires_at)}"
         text += (f"\n  {outcome.op} {outcome.reservation}: reserved={outcome.reserved}{expires}"
                  f"\n  held={outcome.held} available={outcome.available}")
     return text
+
+
+def moment(ms: int) -> str:
+    """A time in ms since the epoch as an operator reads it: 2030-01-06T00:00:00Z."""
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def show_outcome(outcome: Outcome, as_json: bool) -> None:
@@ -230,10 +241,114 @@ def accounts_reset(count: Annotated[int, typer.Option(min=1, max=1_000_000)] = 1
 @accounts_app.command("show")
 @talks_to_redis
 def accounts_show(account: str, as_json: AsJson = False):
-    """Show one account's balance, what its reservations hold, and what is available."""
-    value, held = accounts_mod.funds(state.client, state.settings, account)
-    emit({"account": account, "balance": value, "held": held, "available": value - held}, as_json,
-         f"{account}: {value} (held {held}, available {value - held})")
+    """Show one account's balance, what its reservations hold, what is available, its plan,
+    its lots and its breakage."""
+    main, main_held = accounts_mod.funds(state.client, state.settings, account)
+    holdings = run(state.client, lots_mod.holdings_reading(state.settings, account))
+    data = lots_mod.account_data(account, main, main_held, holdings)
+    lines = [f"{account}: {data['balance']} (held {data['held']}, available {data['available']})",
+             *holdings_lines(holdings)]
+    emit(data, as_json, "\n".join(lines))
+
+
+def holdings_lines(holdings: lots_mod.Holdings) -> list[str]:
+    """Nothing for an account on the default plan with no lots and no breakage."""
+    lines = [] if holdings.plan == lots_mod.DEFAULT_PLAN else [f"  plan {holdings.plan}"]
+    for lot in holdings.lots:
+        measure = f"{lot.service} units" if lot.kind == "units" else "money" + (
+            f", {lot.service} only" if lot.service else "")
+        when = "" if lot.expires_at is None else (
+            f", {'expired' if holdings.expired(lot) else 'expires'} {moment(lot.expires_at)}")
+        lines.append(f"  lot {lot.id}: {lot.left} of {lot.granted} left (held {lot.held}), {measure}{when}")
+    if holdings.breakage:
+        lines.append("  breakage: " + " ".join(f"{name}={n}" for name, n in holdings.breakage.items()))
+    return lines
+
+
+@accounts_app.command("set-plan")
+@talks_to_redis
+def accounts_set_plan(account: str, plan: str, as_json: AsJson = False):
+    """Put ACCOUNT on PLAN (default: the tariff, no plan)."""
+    try:
+        now = codec.assign_plan(state.client, state.settings, account, plan)
+    except redis.exceptions.NoPermissionError:
+        raise  # an ACL refusal, reported by main()
+    except redis.ResponseError as exc:
+        refused(exc, account)
+    emit({"account": account, "plan": now}, as_json, f"{account}: plan {now}")
+
+
+Id = Annotated[str, typer.Option("--id", help="The lot's id: granting it again is a duplicate, not a second lot.")]
+
+
+@accounts_app.command("grant")
+@talks_to_redis
+def accounts_grant(account: str, lot: Id,
+                   amount: Annotated[str | None, typer.Option(help="Money, minor units.")] = None,
+                   units: Annotated[str | None, typer.Option(help="Units of --service, instead of an amount.")] = None,
+                   service: Annotated[str | None, typer.Option(help="sms, voice or data: what the units are of, or "
+                                                                    "the one service the money pays for.")] = None,
+                   expires_in: Annotated[str | None, typer.Option(help="30d, 12h, 90m, 45s or 1500ms after the "
+                                                                       "grant.")] = None,
+                   expires_at: Annotated[str | None, typer.Option(help="An ISO-8601 time with a timezone, "
+                                                                       "2030-01-06T00:00:00Z.")] = None,
+                   as_json: AsJson = False):
+    """Give ACCOUNT a credit lot: money (--amount, optionally for one --service) or --units of
+    a --service, optionally expiring."""
+    if expires_in is not None:
+        refuse_together("--expires-in", expires_at=expires_at)
+    fields = {"account": account, "lot": lot, "amount": amount, "units": units, "service": service,
+              "expires_in": expires_in, "expires_at": expires_at}
+    grant = lots_mod.parse_grant(fields, state.settings, lots_mod.wall_clock_ms())
+    try:
+        granted = run(state.client, lots_mod.granting(state.settings, grant))
+    except redis.exceptions.NoPermissionError:
+        raise
+    except redis.ResponseError as exc:
+        refused(exc, account)
+    data = lots_mod.granted_data(grant, granted)
+    until = "" if granted.expires_at is None else f", expires {moment(granted.expires_at)}"
+    emit(data, as_json, f"{account}: lot {granted.lot} {granted.status}, {granted.left} left{until}")
+
+
+def refused(exc: redis.ResponseError, account: str) -> typing.NoReturn:
+    """A refusal of the library, worded once: exit 2 for what the input got wrong, 1 for the rest."""
+    reason = lots_mod.reason_of(exc)
+    if reason == "unknown_account":
+        raise accounts_mod.UnknownAccount(account) from None
+    fail(2 if lots_mod.is_bad_input(reason) else 1, f"{exc} (account {account!r})")
+
+
+# ---- plans ----------------------------------------------------------------------------
+
+Price = Annotated[str, typer.Option(help="Price per unit, minor units.", show_default=False)]
+
+
+@plans_app.command("set")
+@talks_to_redis
+def plans_set(name: str, sms: Price, voice: Price, data: Price, as_json: AsJson = False):
+    """Set plan NAME's prices on every partition (again, to finish a change that stopped half way)."""
+    prices = plans_mod.parse_prices({"sms": sms, "voice": voice, "data": data})
+    try:
+        created = run(state.client, plans_mod.setting_plan(state.settings, name, prices))
+    except redis.exceptions.NoPermissionError:
+        raise
+    except redis.ResponseError as exc:
+        fail(2 if lots_mod.is_bad_input(lots_mod.reason_of(exc)) else 1, f"{exc} (plan {name!r})")
+    emit({"plan": name, **prices, "created": created}, as_json,
+         f"plan {name} {'created' if created else 'set'}: " + " ".join(f"{s}={prices[s]}" for s in SERVICES))
+
+
+@plans_app.command("list")
+@talks_to_redis
+def plans_list(as_json: AsJson = False):
+    """Every plan with its prices; a plan whose partitions disagree is partial: set it again."""
+    listed = run(state.client, plans_mod.listing_plans(state.settings))
+    table = Table("plan", *SERVICES, "partitions")
+    for plan in listed:
+        table.add_row(plan.name, *(str(plan.prices[s]) for s in SERVICES),
+                      "partial: set it again" if plan.partial else "all")
+    emit([plans_mod.listed_data(plan) for plan in listed], as_json, table)
 
 
 @accounts_app.command("top-up")

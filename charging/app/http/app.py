@@ -1,4 +1,4 @@
-"""The ASGI app: the endpoint tables of legacy, rest, outcomes, live and ops, the pages
+"""The ASGI app: the endpoint tables of legacy, rest, plans, outcomes, live and ops, the pages
 (live page, API docs, OpenAPI), and every error answered as a problem."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from charging import log as logging_setup
-from charging.app.http import legacy, live, ops, outcomes, rest
+from charging.app.http import legacy, live, ops, outcomes, plans, rest
 from charging.app.http.access import Keyring
 from charging.app.http.gateway import Gateway, log
 from charging.app.http.metrics import Measured
@@ -24,7 +24,7 @@ from charging.app.http.problems import Problem
 from charging.settings import Settings
 
 STATIC = Path(__file__).resolve().parent / "static"
-ENDPOINTS = [*legacy.ENDPOINTS, *rest.ENDPOINTS, *outcomes.ENDPOINTS, *live.ENDPOINTS, *ops.ENDPOINTS]
+ENDPOINTS = [*legacy.ENDPOINTS, *rest.ENDPOINTS, *plans.ENDPOINTS, *outcomes.ENDPOINTS, *live.ENDPOINTS, *ops.ENDPOINTS]
 
 
 def create_app(settings: Settings, keyring: Keyring | None = None) -> Starlette:

@@ -9,9 +9,10 @@ from pydantic import TypeAdapter
 
 from charging import codec
 from charging.app.http.body import MAX_BODY_BYTES
+from charging.app.lots import LOT_PATTERN
 from charging.app.http.endpoints import Endpoint
 from charging.schema import ChargeRequest, Outcome
-from charging.settings import Settings
+from charging.settings import LIBRARY_MAX_BALANCE, SERVICES, Settings
 
 # The request fields each body may carry (op and reply_to are the gateway's).
 BODIES = {
@@ -23,11 +24,21 @@ BODIES = {
     "Release": (("request_id",), ()),
 }
 PROBLEM_STATUSES = {400: "Malformed request", 401: "No or unknown API key", 403: "Scope or account not allowed",
-                    404: "Not found", 408: "Headers or body too slow", 409: "A balance the engine did not write",
+                    404: "Not found", 408: "Headers or body too slow", 409: "A balance the engine did not write, "
+                    "a lot id granted with other content, or an account holding the most lots it may",
                     410: "Gone", 413: "Body too large", 422: "Invalid request (reason as on the "
                     "wire)", 429: "Rate limited (Retry-After)", 500: "Redis refused the gateway's user",
                     503: "Redis unreachable or backlog full (Retry-After)"}
 _INTEGER = {"type": "integer"}
+_STRING = {"type": "string"}
+_MAYBE_INTEGER = {"type": ["integer", "null"]}
+_MAYBE_SERVICE = {"enum": [*SERVICES, None]}
+_LOT = {"type": "object", "properties": {
+    "lot": _STRING, "kind": {"enum": ["money", "units"]}, "service": _MAYBE_SERVICE, "granted": _INTEGER,
+    "left": _INTEGER, "held": _INTEGER, "expires_at": _MAYBE_INTEGER, "expired": {"type": "boolean"}}}
+_BREAKAGE = {"type": "object", "description": "what expired lots left: money, and units per service",
+             "additionalProperties": _INTEGER}
+_PRICE = {"type": "integer", "minimum": 1, "maximum": LIBRARY_MAX_BALANCE}
 
 
 def document(endpoints: list[Endpoint], settings: Settings) -> dict[str, Any]:
@@ -54,6 +65,7 @@ def _operation(endpoint: Endpoint) -> dict[str, Any]:
     if endpoint.body:
         operation["requestBody"] = {"required": endpoint.body != "LegacyCharge", "content": {
             "application/json": {"schema": {"$ref": f"#/components/schemas/{endpoint.body}"}}}}
+    if endpoint.body in BODIES:  # a request: its id may come as a header
         parameters.append({"name": "Idempotency-Key", "in": "header", "required": False,
                            "description": "The request id (request_id in the body, if given, must equal it)",
                            "schema": {"type": "string", "pattern": r"^[\x21-\x7e]{1,128}$"}})
@@ -93,13 +105,39 @@ def _schemas(settings: Settings) -> dict[str, Any]:
                                   outcome={"type": "string", "description": "where GET finds the outcome"})
     schemas["LegacyAnswer"] = _object(remainingBalance=_INTEGER, charges=_INTEGER, isAuthorized={"type": "boolean"})
     schemas["ResetAnswer"] = _object(accounts=_INTEGER, balance=_INTEGER)
-    schemas["Funds"] = _object(account={"type": "string"}, balance=_INTEGER, held=_INTEGER, available=_INTEGER)
+    schemas["Funds"] = _object(account={"type": "string"}, balance=_INTEGER, held=_INTEGER, available=_INTEGER,
+                               plan=_STRING, lots={"type": "array", "items": _LOT}, breakage=_BREAKAGE)
+    schemas.update(_plans_and_lots())
     schemas["Health"] = _object(status={"type": "string"})
     schemas["Problem"] = {"type": "object", "required": ["type", "title", "status", "reason"], "properties": {
         "type": {"type": "string", "format": "uri-reference"}, "title": {"type": "string"},
         "status": _INTEGER, "detail": {"type": "string"}, "instance": {"type": "string"},
         "reason": {"type": "string", "description": "the wire format's reason code, or the gateway's own"}}}
     return schemas
+
+
+def _plans_and_lots() -> dict[str, Any]:
+    prices = {service: _PRICE for service in SERVICES}
+    return {
+        "Grant": {"type": "object", "additionalProperties": False, "required": ["lot"], "properties": {
+            "lot": {"type": "string", "pattern": f"^{LOT_PATTERN}$", "description": "the lot's id, not main"},
+            "amount": {**_PRICE, "description": "money, minor units (or units)"},
+            "units": {**_PRICE, "description": "units of the service"},
+            "service": {"enum": list(SERVICES), "description": "what the units are of, or the one service the "
+                                                              "money pays for"},
+            "expires_in": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h|d)$", "examples": ["30d"]},
+            "expires_at": {"type": "string", "format": "date-time"}}},
+        "Granted": _object(account=_STRING, lot=_STRING, status={"enum": ["granted", "duplicate"]},
+                           kind={"enum": ["money", "units"]}, service=_MAYBE_SERVICE, left=_INTEGER,
+                           expires_at=_MAYBE_INTEGER),
+        "Prices": {"type": "object", "additionalProperties": False, "required": list(SERVICES),
+                   "properties": prices},
+        "PlanSet": _object(plan=_STRING, **prices, created={"type": "boolean"}),
+        "Plans": _object(plans={"type": "array", "items": _object(plan=_STRING, **prices,
+                                                                   partial={"type": "boolean"})}),
+        "PlanChoice": {**_object(plan=_STRING), "additionalProperties": False},
+        "AccountPlan": _object(account=_STRING, plan=_STRING),
+    }
 
 
 def _request_fields(settings: Settings) -> dict[str, Any]:

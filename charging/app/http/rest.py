@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse
 
 from charging import codec
 from charging.app.accounts import CorruptBalance, UnknownAccount, funds_reading
+from charging.app.lots import account_data, holdings_reading
 from charging.app.http.access import Caller
 from charging.app.http.body import json_object, request_fields
 from charging.app.http.endpoints import Endpoint
@@ -74,7 +75,8 @@ async def account_funds(request: Request, caller: Caller, gateway: Gateway) -> J
         raise Problem(404, "unknown_account", f"no account {account!r}") from None
     except CorruptBalance as corrupt:
         raise Problem(409, "corrupt_balance", str(corrupt)) from None
-    return JSONResponse({"account": account, "balance": balance, "held": held, "available": balance - held})
+    holdings = await gateway.run(holdings_reading(gateway.settings, account))
+    return JSONResponse(account_data(account, balance, held, holdings))
 
 
 async def reserve(request: Request, caller: Caller, gateway: Gateway) -> JSONResponse:
@@ -109,7 +111,7 @@ ENDPOINTS = [
              body="Charge", answers=_SETTLED, errors=_REFUSALS),
     Endpoint("GET", "/v1/charges/{request_id}", "read", "The stored outcome of a request id (404 while unknown)",
              charge_outcome, "charges", answers=((200, "Recorded"),), errors=(403, 404)),
-    Endpoint("GET", "/v1/accounts/{account}", "read", "Balance, held and available funds of an account",
+    Endpoint("GET", "/v1/accounts/{account}", "read", "Funds, plan, lots and breakage of an account",
              account_funds, "accounts", answers=((200, "Funds"),), errors=(403, 404, 422)),
     Endpoint("POST", "/v1/reservations", "reserve", "Hold funds for a session", reserve, "reservations",
              body="Reserve", answers=_SETTLED, errors=_REFUSALS),
