@@ -6,16 +6,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 
 from charging import codec
-from charging.app.lots import DEFAULT_PLAN, whole
+from charging.app.lots import whole
 from charging.keys import all_partitions
 from charging.plan import Plan, pipelined
 from charging.schema import Invalid
-from charging.streams import text
 from charging.settings import LIBRARY_MAX_BALANCE, SERVICES, Settings
-
-
+from charging.streams import text
 
 @dataclass(frozen=True)
 class Listed:
@@ -29,11 +28,12 @@ class Listed:
 
 def setting_plan(settings: Settings, name: str, prices: Mapping[str, int]) -> Plan[bool]:
     """Write the plan on every partition, in partition order; whether it is new to any.
-    A refusal (invalid_plan) stops at the first partition, which writes nothing."""
-    created = False
+    A refusal (invalid_plan, invalid_price) stops at the first partition, which writes
+    nothing."""
+    created = []
     for keys in all_partitions(settings.namespace, settings.partitions):
-        created |= bool(int((yield lambda client, keys=keys: codec.set_plan(client, keys, name, prices))))
-    return created
+        created.append(int((yield partial(codec.set_plan, keys=keys, name=name, prices=prices))))
+    return any(created)
 
 
 def listing_plans(settings: Settings) -> Plan[list[Listed]]:
