@@ -74,7 +74,7 @@ class HelpGroup(typer.core.TyperGroup):
 
 app = typer.Typer(cls=HelpGroup, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Prepaid charging engine on Redis.")
-accounts_app = typer.Typer(cls=HelpGroup, no_args_is_help=True, help="Create, inspect and top up accounts.")
+accounts_app = typer.Typer(cls=HelpGroup, no_args_is_help=True, help="Create, inspect and top up accounts; put them on plans, grant them lots.")
 app.add_typer(accounts_app, name="accounts")
 plans_app = typer.Typer(cls=HelpGroup, no_args_is_help=True, help="Set and list plans, the price lists accounts pay.")
 app.add_typer(plans_app, name="plans")
@@ -241,8 +241,7 @@ def accounts_reset(count: Annotated[int, typer.Option(min=1, max=1_000_000)] = 1
 @accounts_app.command("show")
 @talks_to_redis
 def accounts_show(account: str, as_json: AsJson = False):
-    """Show one account's balance, what its reservations hold, what is available, its plan,
-    its lots and its breakage."""
+    """Show one account: balance, held, available, plan, lots and breakage."""
     main, main_held = accounts_mod.funds(state.client, state.settings, account)
     holdings = run(state.client, lots_mod.holdings_reading(state.settings, account))
     data = lots_mod.account_data(account, main, main_held, holdings)
@@ -293,8 +292,7 @@ def accounts_grant(account: str, lot: Id,
                    expires_at: Annotated[str | None, typer.Option(help="An ISO-8601 time with a timezone, "
                                                                        "2030-01-06T00:00:00Z.")] = None,
                    as_json: AsJson = False):
-    """Give ACCOUNT a credit lot: money (--amount, optionally for one --service) or --units of
-    a --service, optionally expiring."""
+    """Give ACCOUNT a credit lot: money (--amount) or --units of a --service, optionally expiring."""
     if expires_in is not None:
         refuse_together("--expires-in", expires_at=expires_at)
     fields = {"account": account, "lot": lot, "amount": amount, "units": units, "service": service,
