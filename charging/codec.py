@@ -358,18 +358,37 @@ def wallet(packed: bytes | str | None) -> Wallet:
 
 @dataclass(frozen=True)
 class Reservation:
-    """An open reservation as lua/charging.lua stores it (write_reservation)."""
+    """An open reservation as lua/charging.lua stores it (write_reservation). service: what
+    it was reserved for ('' an amount); draws: what it pins of each lot ('main' the main
+    balance), as (lot, quantity, in units)."""
 
     account: str
     amount: int
     expires_at: int
     unit_price: int
     ttl_ms: int
+    service: str = ""
+    draws: tuple[tuple[str, int, bool], ...] = ()
+
+    @property
+    def main(self) -> int:
+        """What it holds of the main balance: its part of the account's held total."""
+        return sum(qty for lot, qty, _ in self.draws if lot == "main")
 
 
 def reservation(packed: bytes | str) -> Reservation:
-    account, amount, expires_at, price, ttl_ms = text(packed).split(RESERVATION_SEP)[:5]
-    return Reservation(account, int(amount), int(expires_at), int(price), int(ttl_ms))
+    account, amount, expires_at, price, ttl_ms, *rest = text(packed).split(RESERVATION_SEP)
+    service, draws = rest if rest else ("", f"main:{amount}")
+    return Reservation(account, int(amount), int(expires_at), int(price), int(ttl_ms), service, parse_draws(draws))
+
+
+def parse_draws(text_: str) -> tuple[tuple[str, int, bool], ...]:
+    """'sms100:4u,promo:6,main:3' -> (('sms100', 4, True), ('promo', 6, False), ('main', 3, False))."""
+    parsed = []
+    for part in filter(None, text_.split(",")):
+        lot, _, quantity = part.rpartition(":")
+        parsed.append((lot, int(quantity.rstrip("u")), quantity.endswith("u")))
+    return tuple(parsed)
 
 
 @dataclass(frozen=True)

@@ -467,20 +467,18 @@ local function write_held(k, account, before, after)
 end
 
 -- Gives a reservation's draws back: to the main balance's held total, and to each lot's
--- held part (a lot that has expired loses it to breakage: settle_lots). false when a draw
--- names a lot the wallet does not hold, or more than the lot holds (not the library's).
+-- held part (a lot that has expired loses it to breakage: settle_lots). Every draw was
+-- checked against the wallet by read_account.
 local function unpin(s, r)
   for _, d in ipairs(r.draws) do
     if d.id == 'main' then
       s.held = s.held - d.qty
     else
       local lot = s.wallet.by_id[d.id]
-      if not lot or lot.held < d.qty or (lot.kind == 'units') ~= d.unit then return false end
       lot.held = lot.held - d.qty
       s.wallet_changed = true
     end
   end
-  return true
 end
 
 -- Sorts one stored reservation into the account's open or expired ones.
@@ -589,10 +587,22 @@ local function read_account(k, account, now, ahead)
   -- The stored total covers every reservation of the account: one smaller than what was
   -- read is not a total the library wrote.
   if s.stored_held < s.counted then return nil, 'corrupt_held' end
-  s.held = s.stored_held
-  for _, id in ipairs(s.expired_ids) do
-    if not unpin(s, s.expired[id]) then return nil, 'corrupt_reservation' end
+  -- Each lot's held part covers every draw on it, each of a lot the wallet holds.
+  local pins = {}
+  for _, reservations in ipairs({s.open, s.expired}) do
+    for _, r in pairs(reservations) do
+      for _, d in ipairs(r.draws) do
+        if d.id ~= 'main' then
+          local lot = s.wallet.by_id[d.id]
+          if not lot or (lot.kind == 'units') ~= d.unit then return nil, 'corrupt_reservation' end
+          pins[d.id] = (pins[d.id] or 0) + d.qty
+          if pins[d.id] > lot.held then return nil, 'corrupt_reservation' end
+        end
+      end
+    end
   end
+  s.held = s.stored_held
+  for _, id in ipairs(s.expired_ids) do unpin(s, s.expired[id]) end
   settle_lots(s, now)
   return s
 end
@@ -749,7 +759,7 @@ local function decide_commit(s, a, now)
   -- Cannot happen through the engine (a hold is always covered); an operator's
   -- set_balances can lower a balance under its holds, and no balance goes below zero.
   if not s.balance or s.balance < main then return outcome('rejected', 'insufficient_funds', 0, s, r) end
-  unpin(s, r) -- checked by read_account
+  unpin(s, r)
   for i, d in ipairs(r.draws) do
     if gives[i] and gives[i] > 0 then
       taken[#taken + 1] = {lot = d.id ~= 'main' and s.wallet.by_id[d.id], qty = gives[i], unit = d.unit}
@@ -777,7 +787,7 @@ end
 local function decide_release(s, a, now)
   local r, reason, closed = open_reservation(s, a)
   if not r then return outcome('rejected', reason, 0, s, closed) end
-  unpin(s, r) -- checked by read_account
+  unpin(s, r)
   s.close = a.reservation
   settle_lots(s, now)
   return outcome('approved', '', 0, s, r)

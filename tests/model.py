@@ -1,6 +1,7 @@
 """A reference model of the ledger in plain Python: what lua/charging.lua must answer.
 
-Accounts with balances, holds (reservations) with their expiry, and dedupe records with the
+Accounts with balances, plans and credit lots (docs/plans-and-lots.md), holds
+(reservations) with their expiry and what they pin of each lot, and dedupe records with the
 outcome they stored. It is meant to be small enough to be obviously right; tests/test_model.py
 runs it next to the real functions and compares every answer and the money after every step.
 
@@ -19,10 +20,34 @@ the rules leave the library a choice, the model takes the answer the library gav
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections import Counter
+from dataclasses import dataclass, field, replace
 
 EARLY_MS, LATE_MS = 5, 50
 SESSION_OPS = ("reserve", "extend", "commit", "release")
+NEVER = float("inf")
+
+Draw = tuple[str, int, bool]  # a lot's id ('main': the main balance), the quantity, whether in units
+
+
+@dataclass
+class Lot:
+    id: str
+    kind: str  # money or units
+    service: str  # '' for money of any service
+    granted: int
+    left: int  # what is left of it, held included
+    held: int  # what open (or expired, not yet released) holds pin of it
+    expires_at: int | None
+    spec: str  # the expiry as granted: what a replayed grant must match
+    order: int  # granted before a lot of a higher order
+
+    def live(self, now: int) -> bool:
+        return self.expires_at is None or self.expires_at > now
+
+    @property
+    def measure(self) -> str:
+        return self.service if self.kind == "units" else "money"
 
 
 @dataclass(frozen=True)
@@ -32,6 +57,12 @@ class Hold:
     expires_at: int
     unit_price: int
     ttl_ms: int
+    service: str = ""
+    draws: tuple[Draw, ...] = ()
+
+    @property
+    def main(self) -> int:
+        return sum(qty for lot, qty, _ in self.draws if lot == "main")
 
 
 @dataclass(frozen=True)
@@ -46,9 +77,11 @@ class Request:
     window_ms: int
     amount: int | None = None
     units: int | None = None
-    unit_price: int = 1
+    unit_price: int = 1  # a reserve's (a commit or extend in units uses its reservation's)
     reservation: str | None = None
     ttl_ms: int | None = None
+    service: str | None = None  # units of a charge or reserve: priced by the account's plan
+    default_price: int = 1  # the default plan's price of service (the tariff)
 
 
 @dataclass(frozen=True)
@@ -64,6 +97,7 @@ class Answer:
     held: int | None = None
     reserved: int | None = None
     expires_at: int | None = None
+    draws: str = ""  # what each lot gave ('' when only the main balance did, and for a replay)
 
 
 @dataclass(frozen=True)
@@ -78,33 +112,145 @@ class Ledger:
         self.balances: dict[str, int] = {}
         self.holds: dict[str, Hold] = {}  # open reservations by id, expired ones until something ends them
         self.records: dict[str, Record] = {}
+        self.plans: dict[str, dict[str, int]] = {}
+        self.plan_of: dict[str, str] = {}
+        self.lots: dict[str, list[Lot]] = {}  # by account, in the order granted; expired ones until recorded
+        self.breakage: Counter = Counter()  # (account, measure) -> breakage recorded
+        self.granted: Counter = Counter()  # (account, measure) -> granted in lots
+        self.spent: Counter = Counter()  # (account, measure) -> taken from lots by charges and commits
+        self.orders = 0
+        self.broken: dict[str, int] = {}  # the breakage the last call recorded, by lot
 
     def held(self, account: str, now: int) -> int:
-        """What the account's holds not yet expired hold: all that a decision may count."""
-        return sum(h.amount for h in self.holds.values() if h.account == account and h.expires_at > now)
+        """What the account's holds not yet expired hold of its main balance: all a decision may count."""
+        return sum(h.main for h in self.holds.values() if h.account == account and h.expires_at > now)
 
     def open_holds(self, now: int) -> dict[str, Hold]:
         return {rid: h for rid, h in self.holds.items() if h.expires_at > now}
 
-    def forget(self, reservation_ids) -> None:
-        """Holds the sweep released (each past its expiry). The model may have ended one
-        already: it ends an account's expired holds at each of the account's calls, where
-        the library may leave one for the sweep (a refused or replayed call writes nothing)."""
-        for rid in reservation_ids:
-            self.holds.pop(rid, None)
+    def lot(self, account: str, lot_id: str) -> Lot | None:
+        return next((lot for lot in self.lots.get(account, []) if lot.id == lot_id), None)
+
+    def money(self, account: str) -> tuple[int, int]:
+        """The account's money (main balance and money lots, held included) and what is held of it."""
+        lots = [lot for lot in self.lots.get(account, []) if lot.kind == "money"]
+        main_held = sum(h.main for h in self.holds.values() if h.account == account)
+        return (self.balances.get(account, 0) + sum(lot.left for lot in lots),
+                main_held + sum(lot.held for lot in lots))
+
+    # ---- lots -----------------------------------------------------------------------------
+
+    def grant(self, account: str, lot: Lot, now: int) -> str:
+        """granted, duplicate or the refusal: idempotency_conflict, too_many_lots,
+        unknown_account. A lot that has expired is held (its id remembered) until a call on
+        the account or the sweep records its breakage."""
+        if account not in self.balances:
+            return "unknown_account"
+        if (known := self.lot(account, lot.id)) is not None:
+            same = (known.kind, known.service, known.granted, known.spec) == (lot.kind, lot.service, lot.granted,
+                                                                             lot.spec)
+            return "duplicate" if same else "idempotency_conflict"
+        if len(self.lots.get(account, [])) >= 32:
+            return "too_many_lots"
+        self.orders += 1
+        self.lots.setdefault(account, []).append(replace(lot, order=self.orders))
+        self.granted[account, lot.measure] += lot.granted
+        return "granted"
+
+    def end_lots(self, account: str, now: int) -> dict[str, int]:
+        """Breakage: what is left unpinned in each lot that has expired; a lot with nothing
+        left goes. Returns the breakage recorded now, by lot."""
+        broken: dict[str, int] = {}
+        kept = []
+        for lot in self.lots.get(account, []):
+            if not lot.live(now) and lot.left > lot.held:
+                broken[lot.id] = lot.left - lot.held
+                self.breakage[account, lot.measure] += lot.left - lot.held
+                lot.left = lot.held
+            if lot.live(now) or lot.left > 0:
+                kept.append(lot)
+        self.lots[account] = kept
+        return broken
+
+    def end_holds(self, account: str, now: int) -> dict[str, Hold]:
+        """The account's holds past their expiry end: what they pinned goes back."""
+        ended = {rid: h for rid, h in self.holds.items() if h.account == account and h.expires_at <= now}
+        for rid, hold in ended.items():
+            del self.holds[rid]
+            self.unpin(account, hold)
+        return ended
+
+    def unpin(self, account: str, hold: Hold) -> None:
+        for lot_id, qty, _ in hold.draws:
+            if lot_id != "main":
+                self.lot(account, lot_id).held -= qty
+
+    def sweep(self, account: str, now: int) -> tuple[dict[str, Hold], dict[str, int]]:
+        """The sweep ended the account's expired holds and lots, as its next call would."""
+        return self.end_holds(account, now), self.end_lots(account, now)
+
+    def draws(self, account: str, service: str | None, units: int | None, price: int, amount: int | None,
+              now: int) -> tuple[list[Draw], int] | None:
+        """The spend order: unit lots of service, then money lots of service, then money lots
+        of any service (earliest expiry first, then the order granted: those that never expire
+        last), then the main balance. The draws and the money among them; None when short."""
+        def first(lots):
+            return sorted(lots, key=lambda lot: (NEVER if lot.expires_at is None else lot.expires_at, lot.order))
+
+        lots = [lot for lot in self.lots.get(account, []) if lot.live(now)]
+        taken: list[Draw] = []
+        need = amount or 0
+        if units is not None:
+            left = units
+            for lot in first(x for x in lots if x.kind == "units" and x.service == service):
+                if (take := min(left, lot.left - lot.held)) > 0:
+                    taken.append((lot.id, take, True))
+                    left -= take
+            need = left * price
+        money = need
+        sources = first(x for x in lots if x.kind == "money" and service and x.service == service)
+        sources += first(x for x in lots if x.kind == "money" and not x.service)
+        for lot in sources:
+            if need and (take := min(need, lot.left - lot.held)) > 0:
+                taken.append((lot.id, take, False))
+                need -= take
+        if need:
+            if account not in self.balances or self.balances[account] - self.held(account, now) < need:
+                return None
+            taken.append(("main", need, False))
+        return taken, money
+
+    def take(self, account: str, taken: list[Draw]) -> None:
+        for lot_id, qty, _ in taken:
+            if lot_id == "main":
+                self.balances[account] -= qty
+            else:
+                lot = self.lot(account, lot_id)
+                lot.left -= qty
+                self.spent[account, lot.measure] += qty
+
+    def pin(self, account: str, draws: list[Draw]) -> None:
+        for lot_id, qty, _ in draws:
+            if lot_id != "main":
+                self.lot(account, lot_id).held += qty
+
+    # ---- settling ------------------------------------------------------------------------
 
     def settle(self, r: Request, now: int, seen: Answer) -> Answer:
         """The answer to r at now, with its effect on the ledger."""
-        ended = {rid: h for rid, h in self.holds.items() if h.account == r.account and h.expires_at <= now}
-        for rid in ended:
-            del self.holds[rid]
+        ended = self.end_holds(r.account, now)
+        self.broken = self.end_lots(r.account, now)
         record = self._record(r.request_id, now, seen)
         if record is not None:
             if record.fingerprint != r.fingerprint:
                 return self._answer(r, "rejected", "idempotency_conflict", 0, now, duplicate=True, reserved=0)
             return replace(record.answer, duplicate=True)
+        if r.op in ("charge", "reserve") and r.units is not None:
+            plan = self.plan_of.get(r.account)
+            r = replace(r, unit_price=self.plans[plan][r.service] if plan else r.default_price)
         answer = getattr(self, f"_{r.op}")(r, now, ended, seen)
-        self.records[r.request_id] = Record(r.fingerprint, answer, now + r.window_ms)
+        self.broken.update({k: v + self.broken.get(k, 0) for k, v in self.end_lots(r.account, now).items()})
+        self.records[r.request_id] = Record(r.fingerprint, replace(answer, draws=""), now + r.window_ms)
         return answer
 
     def _record(self, request_id: str, now: int, seen: Answer) -> Record | None:
@@ -117,34 +263,42 @@ class Ledger:
         return record
 
     def _answer(self, r: Request, status: str, reason: str, charged: int, now: int, duplicate: bool = False,
-                reserved: int = 0, expires_at: int | None = None) -> Answer:
-        """An answer with the account's balance and held total as they are now."""
-        answer = Answer(status, reason, charged, self.balances.get(r.account, 0), duplicate)
+                reserved: int = 0, expires_at: int | None = None, draws: list[Draw] | None = None) -> Answer:
+        """An answer with the account's money and held total as they are now."""
+        balance, held = self.money(r.account)
+        shown = ",".join(f"{lot}:{qty}{'u' if unit else ''}" for lot, qty, unit in draws or ())
+        answer = Answer(status, reason, charged, balance, duplicate,
+                        draws=shown if any(lot != "main" for lot, _, _ in draws or ()) else "")
         if r.op not in SESSION_OPS:
             return answer
-        return replace(answer, held=self.held(r.account, now), reserved=reserved, expires_at=expires_at)
+        return replace(answer, held=held, reserved=reserved, expires_at=expires_at)
 
     def _charge(self, r: Request, now: int, ended, seen) -> Answer:
-        balance = self.balances.get(r.account)
-        if balance is None:
+        if r.account not in self.balances:
             return self._answer(r, "rejected", "unknown_account", 0, now)
-        if balance - self.held(r.account, now) < r.amount:
+        planned = self.draws(r.account, r.service, r.units, r.unit_price, r.amount, now)
+        if planned is None:
             return self._answer(r, "rejected", "insufficient_funds", 0, now)
-        self.balances[r.account] = balance - r.amount
-        return self._answer(r, "approved", "", r.amount, now)
+        taken, money = planned
+        self.take(r.account, taken)
+        return self._answer(r, "approved", "", money, now, draws=taken)
 
     def _reserve(self, r: Request, now: int, ended, seen) -> Answer:
-        balance = self.balances.get(r.account)
-        if balance is None:
+        if r.account not in self.balances:
             return self._answer(r, "rejected", "unknown_account", 0, now)
         if (open_ := self.holds.get(r.reservation)) is not None:
             return self._answer(r, "rejected", "reservation_exists", 0, now, reserved=open_.amount,
                                 expires_at=open_.expires_at)
-        if balance - self.held(r.account, now) < r.amount:
+        planned = self.draws(r.account, r.service, r.units, r.unit_price, r.amount, now)
+        if planned is None:
             return self._answer(r, "rejected", "insufficient_funds", 0, now)
-        hold = Hold(r.account, r.amount, now + r.ttl_ms, r.unit_price, r.ttl_ms)
+        pinned, _ = planned
+        self.pin(r.account, pinned)
+        amount = r.amount if r.units is None else r.units * r.unit_price
+        hold = Hold(r.account, amount, now + r.ttl_ms, r.unit_price, r.ttl_ms, r.service or "", merged((), pinned))
         self.holds[r.reservation] = hold
-        return self._answer(r, "approved", "", 0, now, reserved=hold.amount, expires_at=hold.expires_at)
+        return self._answer(r, "approved", "", 0, now, reserved=hold.amount, expires_at=hold.expires_at,
+                            draws=pinned)
 
     def _named(self, r: Request, now: int, ended: dict[str, Hold], seen: Answer) -> tuple[Hold | None, Answer | None]:
         """The open hold a commit, extend or release acts on, or the rejection."""
@@ -155,39 +309,65 @@ class Ledger:
             return None, unknown
         expired = self._answer(r, "rejected", "reservation_expired", 0, now, reserved=gone.amount,
                                expires_at=gone.expires_at)
-        return None, unknown if seen == unknown else expired
-
-    def _worth(self, r: Request, hold: Hold) -> int:
-        return r.amount if r.amount is not None else r.units * hold.unit_price
+        return None, unknown if replace(seen, draws="") == unknown else expired
 
     def _commit(self, r: Request, now: int, ended, seen) -> Answer:
         hold, rejected = self._named(r, now, ended, seen)
         if hold is None:
             return rejected
-        used, balance, was = self._worth(r, hold), self.balances.get(r.account), (hold.amount, hold.expires_at)
-        if used > hold.amount:
+        was = (hold.amount, hold.expires_at)
+        # Units from the units it pinned first, then money at its unit price; an amount from its money.
+        gives, left = [], r.units or 0
+        for lot_id, qty, unit in hold.draws:
+            give = min(qty, left) if unit else 0
+            left -= give
+            gives.append(give)
+        need = r.amount if r.amount is not None else left * hold.unit_price
+        money = need
+        for i, (lot_id, qty, unit) in enumerate(hold.draws):
+            if not unit:
+                gives[i] = min(qty, need)
+                need -= gives[i]
+        if need:
             return self._answer(r, "rejected", "exceeds_reservation", 0, now, reserved=was[0], expires_at=was[1])
-        if balance is None or balance < used:
+        main = sum(g for (lot_id, _, _), g in zip(hold.draws, gives) if lot_id == "main")
+        if self.balances.get(r.account, 0) < main:
             return self._answer(r, "rejected", "insufficient_funds", 0, now, reserved=was[0], expires_at=was[1])
-        self.balances[r.account] = balance - used
         del self.holds[r.reservation]
-        return self._answer(r, "approved", "", used, now, reserved=was[0], expires_at=was[1])
+        self.unpin(r.account, hold)
+        taken = [(lot_id, g, unit) for (lot_id, _, unit), g in zip(hold.draws, gives) if g]
+        self.take(r.account, taken)
+        return self._answer(r, "approved", "", money, now, reserved=was[0], expires_at=was[1], draws=taken)
 
     def _extend(self, r: Request, now: int, ended, seen) -> Answer:
         hold, rejected = self._named(r, now, ended, seen)
         if hold is None:
             return rejected
-        more, balance = self._worth(r, hold), self.balances.get(r.account)
-        if balance is None or balance - self.held(r.account, now) < more:
+        planned = self.draws(r.account, hold.service or None, r.units, hold.unit_price, r.amount, now)
+        if planned is None:
             return self._answer(r, "rejected", "insufficient_funds", 0, now, reserved=hold.amount,
                                 expires_at=hold.expires_at)
-        hold = replace(hold, amount=hold.amount + more, expires_at=now + (r.ttl_ms or hold.ttl_ms))
+        pinned, _ = planned
+        self.pin(r.account, pinned)
+        more = r.amount if r.amount is not None else r.units * hold.unit_price
+        hold = replace(hold, amount=hold.amount + more, expires_at=now + (r.ttl_ms or hold.ttl_ms),
+                       draws=merged(hold.draws, pinned))
         self.holds[r.reservation] = hold
-        return self._answer(r, "approved", "", 0, now, reserved=hold.amount, expires_at=hold.expires_at)
+        return self._answer(r, "approved", "", 0, now, reserved=hold.amount, expires_at=hold.expires_at,
+                            draws=pinned)
 
     def _release(self, r: Request, now: int, ended, seen) -> Answer:
         hold, rejected = self._named(r, now, ended, seen)
         if hold is None:
             return rejected
         del self.holds[r.reservation]
+        self.unpin(r.account, hold)
         return self._answer(r, "approved", "", 0, now, reserved=hold.amount, expires_at=hold.expires_at)
+
+
+def merged(before: tuple[Draw, ...], more: list[Draw]) -> tuple[Draw, ...]:
+    """A hold's draws with more pinned: those of one lot added up, in the order first pinned."""
+    out: dict[str, list] = {lot: [qty, unit] for lot, qty, unit in before}
+    for lot, qty, unit in more:
+        out.setdefault(lot, [0, unit])[0] += qty
+    return tuple((lot, qty, unit) for lot, (qty, unit) in out.items())

@@ -5,7 +5,10 @@ every step the money rules are checked:
 - no balance and no held total below zero;
 - held = what the open holds not yet expired hold, and the stored held total of an account
   = what its stored reservations hold; available = balance - held;
-- money is conserved: start + top-ups - charged = balance, per account;
+- money is conserved: start + top-ups - charged = balance, per account; and per account and
+  measure (money, units of each service), granted in lots = spent + breakage + left;
+- the lots are the model's (plans, lots, the spend order, expiry, breakage, what
+  reservations pin); no lot below zero or pinned above what it has left;
 - every answer is the model's, and a replay returns the stored outcome field for field;
 - every call answered posts exactly one outcome, and a refused call writes nothing;
 - through a worker killed with SIGKILL between steps: every acked entry has exactly one
@@ -48,7 +51,7 @@ from charging.schema import ChargeRequest, Outcome, parse_request
 from charging.settings import Settings
 from charging.streams import ensure_group
 from charging.tariff import price, unit_price
-from tests.model import Answer, Ledger, Request
+from tests.model import Answer, Ledger, Lot, Request
 from tests.records import recorded
 from worker.loop import Worker
 
@@ -81,6 +84,19 @@ usages = st.one_of(st.builds(lambda a: {"amount": a}, st.integers(1, 150)),
 # sequence, not of the machine's speed, so a failure replays and shrinks.
 ttls = st.sampled_from((1, 60_000))
 request_ids = st.one_of(st.none(), st.sampled_from(REQUEST_IDS))  # None: a fresh id
+SERVICES = ("sms", "voice", "data")
+PLANS = ("gold", "silver")
+LOT_IDS = ("bundle", "promo", "scoped", "extra")  # reused: idempotent grants and conflicts
+plan_prices = st.fixed_dictionaries({s: st.integers(1, 9) for s in SERVICES})
+# A lot: money of any service or of one, or units of one; for good, for 1 ms (expired at every
+# later call, like a hold), for half a minute or a minute (so that a later grant can expire
+# first), or until a moment common to all lots (equal expiries). Expiry stays a function of
+# the sequence, not of the machine's speed, so that a failure replays and shrinks.
+lots = st.one_of(st.builds(lambda q: ("money", q, ""), st.integers(1, 300)),  # the spend order's edge cases are
+                 st.builds(lambda q: ("money", q, ""), st.integers(1, 300)),  # among these: twice as likely
+                 st.builds(lambda q, s: ("money", q, s), st.integers(1, 300), st.sampled_from(SERVICES)),
+                 st.builds(lambda q, s: ("units", q, s), st.integers(1, 40), st.sampled_from(SERVICES)))
+lot_expiries = st.sampled_from((None, ("in", 1), ("in", 30_000), ("in", 60_000), ("at", "common")))
 
 
 def dedupe_buckets(client: redis.Redis, keys: Keys) -> list[str]:
@@ -108,7 +124,14 @@ def profile(examples: int, steps: int) -> settings:
 
 def answer_of(reply: codec.Settled) -> Answer:
     return Answer(reply.status, reply.reason, reply.charged, reply.balance, reply.duplicate, reply.held,
-                  reply.reserved, reply.expires_at)
+                  reply.reserved, reply.expires_at, reply.draws)
+
+
+def main_taken(charged: int, draws: str) -> int:
+    """What an approved answer took from the main balance (lots' draws aside)."""
+    if not draws or not charged:
+        return charged
+    return sum(qty for lot, qty, unit in codec.parse_draws(draws) if lot == "main" and not unit)
 
 
 class LedgerMachine(RuleBasedStateMachine):
@@ -132,6 +155,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.charged: Counter = Counter()
         self.taken_reply = self.keys.reply("taken")  # a reply stream name someone made a string
         self.reply = self.keys.reply("model")
+        self.common = self.server_ms() + 45_000  # an expiry lots may share
 
     def teardown(self):
         names = [*codec.partition_keys(self.keys), self.keys.deadletter, self.keys.deadletter_reasons,
@@ -148,10 +172,10 @@ class LedgerMachine(RuleBasedStateMachine):
         if data["request_id"] is None:
             data = {**data, "request_id": f"f{next(self.fresh)}"}
         request = parse_request(data, self.settings)
-        amount = price(request, self.settings)
+        price(request, self.settings)  # the maximum charge, judged on the default plan
+        amount = request.amount  # units of a charge or reserve: priced by the account's plan, in the library
         given = {"window_ms": self.window_ms} | ({} if ttl_ms is None else {"ttl_ms": ttl_ms})
-        while self.server_ms() <= self.clock:
-            time.sleep(0.0002)
+        self.wait_past_clock()
         self.history.append((data, ttl_ms))
         self.request_ids.add(request.request_id)
         posted = self.client.xlen(self.keys.results)
@@ -161,12 +185,33 @@ class LedgerMachine(RuleBasedStateMachine):
         expected = self.ledger.settle(self.model_request(request, amount, ttl_ms), reply.processed_at, seen)
         assert seen == expected, f"{request.op} {data}: library {seen}, model {expected}"
         self.clock = max(self.clock, reply.processed_at)
-        assert self.client.xlen(self.keys.results) == posted + 1
-        [(_, fields)] = self.client.xrevrange(self.keys.results, count=1)
-        assert Outcome.from_fields(fields) == codec.outcome(request, reply)
+        added = self.client.xrange(self.keys.results, f"({self.last_result(posted)}", "+") if posted else \
+            self.client.xrange(self.keys.results)
+        outcome, *events = [fields for _, fields in added]
+        assert Outcome.from_fields(outcome) == codec.outcome(request, reply)
+        self.breakage_events_are_the_models(events, request.account, self.ledger.broken)
         if reply.status == "approved" and not reply.duplicate:
-            self.charged[request.account] += reply.charged
+            self.charged[request.account] += main_taken(reply.charged, reply.draws)
         return request
+
+    def last_result(self, count: int) -> str:
+        """The id of the count-th entry of the results stream (the last before a call)."""
+        [(entry_id, _)] = self.client.xrange(self.keys.results, "-", "+", count=count)[-1:]
+        return entry_id.decode()
+
+    def breakage_events_are_the_models(self, events: list, account: str, broken: dict[str, int]) -> None:
+        posted = {}
+        for fields in events:
+            event = Outcome.from_fields(fields)
+            assert (event.op, event.status, event.account) == ("expire", "expired", account), event
+            posted[event.lot] = event.breakage
+        assert posted == broken, f"breakage events {posted}, model {broken}"
+
+    def wait_past_clock(self) -> None:
+        """Every call starts on a server millisecond after the last answer: a 1 ms hold or lot
+        is past its expiry at every later call."""
+        while self.server_ms() <= self.clock:
+            time.sleep(0.0002)
 
     @contextmanager
     def swapped(self, name: str | None) -> Iterator[None]:
@@ -204,10 +249,13 @@ class LedgerMachine(RuleBasedStateMachine):
             ttl_ms = request.ttl * 1000
         if reserve and ttl_ms is None:
             ttl_ms = self.settings.reservation_ttl_s * 1000
+        rated = request.op in ("charge", "reserve") and request.service is not None
         return Request(request.op, request.request_id, request.account, request.fingerprint, self.window_ms,
                        amount=amount, units=request.units if amount is None else None,
                        unit_price=unit_price(request, self.settings) if reserve else 1,
-                       reservation=request.reservation_id, ttl_ms=ttl_ms)
+                       reservation=request.reservation_id, ttl_ms=ttl_ms,
+                       service=request.service if rated else None,
+                       default_price=self.settings.tariff[request.service] if rated else 1)
 
     def refused(self, call, reason: str, request_id: str | None = None) -> None:
         """call must fail with reason and change nothing."""
@@ -224,9 +272,9 @@ class LedgerMachine(RuleBasedStateMachine):
 
     def snapshot(self) -> list:
         pipe = self.client.pipeline(transaction=False)
-        for name in (self.keys.balances, self.keys.held, self.keys.reservations):
+        for name in (self.keys.balances, self.keys.held, self.keys.reservations, self.keys.wallets, self.keys.plans):
             pipe.hgetall(name)
-        for name in (self.keys.expiries, self.keys.holds):
+        for name in (self.keys.expiries, self.keys.holds, self.keys.lot_expiries):
             pipe.zrange(name, 0, -1, withscores=True)
         pipe.xrange(self.keys.results)
         pipe.get(self.taken_reply)
@@ -252,6 +300,17 @@ class LedgerMachine(RuleBasedStateMachine):
         self.ledger.balances.update(opening)
         self.start.update(opening)
 
+    @initialize(granted=st.lists(st.tuples(st.sampled_from(ACCOUNTS), st.sampled_from(LOT_IDS), lots, lot_expiries),
+                                 min_size=2, max_size=8),
+                plans=st.lists(st.tuples(st.sampled_from(ACCOUNTS), st.sampled_from(PLANS), plan_prices), max_size=2))
+    def open_wallets(self, granted, plans):
+        """Most sequences start with lots and plans, so that charges meet them."""
+        for account, plan, prices in plans:
+            self.set_plan(plan, prices)
+            self.assign_plan(account, plan)
+        for account, lot_id, lot, expiry in granted:
+            self.grant(account, lot_id, lot, expiry)
+
     @rule(account=st.sampled_from((*ACCOUNTS, "nobody")), cost=prices, request_id=request_ids)
     def charge(self, account, cost, request_id):
         self.settle({"request_id": request_id, "account": account, **cost})
@@ -274,6 +333,15 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule(reservation=reservations, request_id=request_ids)
     def release(self, reservation, request_id):
         self.settle({"op": "release", "request_id": request_id, "reservation": reservation})
+
+    @rule(account=st.sampled_from(ACCOUNTS), cost=prices)
+    def charge_an_account(self, account, cost):
+        """More charges on accounts that exist, most of which hold lots (open_wallets)."""
+        self.charge(account, cost, None)
+
+    @rule(target=reservations, account=st.sampled_from(ACCOUNTS), cost=prices, ttl_ms=ttls)
+    def reserve_an_account(self, account, cost, ttl_ms):
+        return self.reserve(account, cost, None, ttl_ms)
 
     @precondition(lambda self: self.history)
     @rule(data=st.data())
@@ -301,15 +369,86 @@ class LedgerMachine(RuleBasedStateMachine):
 
     @rule(limit=st.integers(1, 5))
     def sweep(self, limit):
+        """The sweep takes the first limit ids due of each index (reservations, lots) and ends
+        every expired reservation and lot of their accounts."""
+        self.wait_past_clock()
+        now = self.server_ms()
+        due = [*self.client.zrange(self.keys.expiries, "-inf", now, byscore=True, offset=0, num=limit),
+               *self.client.zrange(self.keys.lot_expiries, "-inf", now, byscore=True, offset=0, num=limit)]
+        accounts = list(dict.fromkeys(rid.decode().split("/")[0] for rid in due))
         before = self.stored_reservations()
+        posted = self.client.xlen(self.keys.results)
         released = codec.expire_reservations(self.client, self.settings.model_copy(update={"sweep_batch": limit}),
                                              self.keys)
         now = self.server_ms()
         gone = before.keys() - self.stored_reservations().keys()
-        assert released == len(gone) <= limit
         assert all(before[rid].expires_at <= now for rid in gone), "the sweep released a hold not yet expired"
-        self.ledger.forget(gone)
+        assert released == len(gone)
+        added = self.client.xrange(self.keys.results, f"({self.last_result(posted)}", "+") if posted else \
+            self.client.xrange(self.keys.results)
+        events = [fields for _, fields in added]
+        ended = set()
+        for account in accounts:
+            holds, broken = self.ledger.sweep(account, now)
+            ended |= holds.keys()
+            mine = [f for f in events if f[b"account"].decode() == account]
+            self.breakage_events_are_the_models(mine, account, broken)
+        assert gone == ended
+        assert len(events) == sum(f[b"account"].decode() in accounts for f in events)
         self.clock = max(self.clock, now)
+
+    @rule(account=st.sampled_from((*ACCOUNTS, "nobody")), lot_id=st.sampled_from(LOT_IDS), lot=lots,
+          expiry=lot_expiries)
+    def grant(self, account, lot_id, lot, expiry):
+        kind, quantity, service = lot
+        self.wait_past_clock()
+        before = self.server_ms()
+        ttl = expiry[1] if expiry and expiry[0] == "in" else None
+        at = self.common if expiry and expiry[0] == "at" else None
+        try:
+            granted = codec.grant(self.client, self.settings, account, lot_id, kind, quantity, service or None,
+                                  expires_at=at, expires_in_ms=ttl)
+            seen, expires_at = granted.status, granted.expires_at
+        except redis.ResponseError as refusal:
+            seen, expires_at = str(refusal).split(":")[0], None
+        now = self.server_ms()
+        if seen == "granted":
+            assert expires_at == at if at is not None else (expires_at is None) == (ttl is None)
+            assert ttl is None or before <= expires_at - ttl <= now
+        spec = f"in:{ttl}" if ttl is not None else f"at:{at}" if at is not None else ""
+        made = Lot(lot_id, kind, service, quantity, quantity, 0, expires_at, spec, 0)
+        expected = self.ledger.grant(account, made, now)
+        assert seen == expected, f"grant {account} {lot_id} {lot} {expiry}: library {seen}, model {expected}"
+        self.clock = max(self.clock, now)
+
+    @rule(account=st.sampled_from(ACCOUNTS), kind=st.sampled_from(("money", "units", "gift")),
+          quantity=st.sampled_from((*MALFORMED, "")), service=st.sampled_from(("", "sms", "fax")),
+          expiry=st.sampled_from((("", ""), ("1", ""), ("", "0"), ("", "1e3"), ("1", "1"))))
+    def malformed_grant(self, account, kind, quantity, service, expiry):
+        """A grant no caller may make: refused, nothing written."""
+        names = [self.keys.balances, self.keys.wallets, self.keys.lot_expiries]
+        self.refused(lambda: self.client.fcall("grant", len(names), *names, account, "bad", kind, quantity, service,
+                                               *expiry),
+                     "invalid_|unknown_service|missing_service")
+
+    @rule(plan=st.sampled_from(PLANS), prices=plan_prices)
+    def set_plan(self, plan, prices):
+        assert codec.set_plan(self.client, self.keys, plan, prices) == (0 if plan in self.ledger.plans else 1)
+        self.ledger.plans[plan] = prices
+
+    @rule(account=st.sampled_from((*ACCOUNTS, "nobody")), plan=st.sampled_from((*PLANS, "default")))
+    def assign_plan(self, account, plan):
+        assigning = lambda: codec.assign_plan(self.client, self.settings, account, plan)  # noqa: E731
+        if account not in self.ledger.balances:
+            self.refused(assigning, "unknown_account")
+        elif plan != "default" and plan not in self.ledger.plans:
+            self.refused(assigning, "unknown_plan")
+        else:
+            assert assigning() == plan
+            if plan == "default":
+                self.ledger.plan_of.pop(account, None)
+            else:
+                self.ledger.plan_of[account] = plan
 
     @rule(account=st.sampled_from((*ACCOUNTS, "nobody")),
           amount=st.one_of(st.integers(1, 500), st.just(MAX_BALANCE), st.sampled_from(MALFORMED)))
@@ -434,15 +573,53 @@ class LedgerMachine(RuleBasedStateMachine):
         # The stored held total is what the stored reservations hold, and they are all indexed.
         holding: Counter = Counter()
         for reservation in stored.values():
-            holding[reservation.account] += reservation.amount
+            holding[reservation.account] += reservation.main
         assert {a: int(v) for a, v in held.items()} == {a: n for a, n in holding.items() if n}
         assert {rid.decode(): int(at) for rid, at in expiries} == {rid: r.expires_at for rid, r in stored.items()}
         assert {rid.decode() for rid in index} == stored.keys()
         # held = what the holds not yet expired hold: the same holds as the model's.
-        unexpired = {rid: (r.account, r.amount, r.expires_at, r.unit_price, r.ttl_ms) for rid, r in stored.items()
-                     if r.expires_at > self.clock}
-        assert unexpired == {rid: (h.account, h.amount, h.expires_at, h.unit_price, h.ttl_ms)
+        unexpired = {rid: (r.account, r.amount, r.expires_at, r.unit_price, r.ttl_ms, r.service, r.draws)
+                     for rid, r in stored.items() if r.expires_at > self.clock}
+        assert unexpired == {rid: (h.account, h.amount, h.expires_at, h.unit_price, h.ttl_ms, h.service, h.draws)
                              for rid, h in self.ledger.open_holds(self.clock).items()}
+        self.lots_are_the_models(stored)
+
+    def lots_are_the_models(self, stored: dict[str, codec.Reservation]) -> None:
+        """The wallets against the model, which records a lot's expiry when the library
+        does: at a call on its account, or the sweep of it. Every lot's held part is what the
+        stored reservations pin of it, and its expiry is indexed."""
+        wallets = {a.decode(): codec.wallet(w) for a, w in self.client.hgetall(self.keys.wallets).items()}
+        plans = {p.decode(): v.decode() for p, v in self.client.hgetall(self.keys.plans).items()}
+        assert plans == {p: "\x1f".join(str(prices[s]) for s in SERVICES) for p, prices in self.ledger.plans.items()}
+        indexed = {m.decode(): int(at) for m, at in self.client.zrange(self.keys.lot_expiries, 0, -1, withscores=True)}
+        pins: Counter = Counter()
+        for r in stored.values():
+            for lot_id, qty, _ in r.draws:
+                if lot_id != "main":
+                    pins[r.account, lot_id] += qty
+        for account in {*wallets, *self.ledger.lots, *self.ledger.plan_of}:
+            wallet = wallets.get(account, codec.Wallet())
+            assert wallet.plan == self.ledger.plan_of.get(account, ""), account
+            stored_lots = {lot.id: lot for lot in wallet.lots}
+            model_lots = {lot.id: lot for lot in self.ledger.lots.get(account, [])}
+            for lot in stored_lots.values():
+                assert 0 <= lot.held <= lot.left <= lot.granted, (account, lot)
+                assert lot.held == pins[account, lot.id], (account, lot, pins[account, lot.id])
+                if lot.expires_at is not None:
+                    assert indexed.get(f"{account}/{lot.id}", lot.expires_at) == lot.expires_at, (account, lot)
+            shown = lambda lots: {i: (x.kind, x.service, x.granted, x.left, x.held, x.expires_at, x.spec)  # noqa: E731
+                                  for i, x in lots.items()}
+            assert shown(stored_lots) == shown(model_lots), account
+            breakage = Counter({"money": wallet.breakage, **wallet.breakage_units})
+            assert +breakage == +Counter({m: n for (a, m), n in self.ledger.breakage.items() if a == account})
+            # granted = spent + breakage + left, per measure
+            left: Counter = Counter()
+            for lot in wallet.lots:
+                left[lot.service if lot.kind == "units" else "money"] += lot.left
+            for measure in ("money", *SERVICES):
+                granted = self.ledger.granted[account, measure]
+                broken = wallet.breakage if measure == "money" else wallet.breakage_units.get(measure, 0)
+                assert granted == self.ledger.spent[account, measure] + broken + left[measure], (account, measure)
 
 
 @pytest.mark.slow

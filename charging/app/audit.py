@@ -110,7 +110,7 @@ def audit(client: redis.Redis, settings: Settings, start_balances: Mapping[str, 
 
 @dataclass
 class _Charged:
-    by_account: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # sum of approved charges
+    by_account: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # what approved charges took of main balances
     firsts: dict[str, tuple[str, ...]] = field(default_factory=dict)  # request id -> its first outcome
 
 
@@ -120,6 +120,8 @@ def _tally(report: Audit, outcomes: Iterable[dict[str, str]], partitions: int) -
     per_entry: Counter = Counter()
     replays: list[tuple[str, tuple[str, ...]]] = []
     for outcome in outcomes:
+        if outcome.get("op") == "expire":  # a lot's breakage (docs/plans-and-lots.md): no request's outcome
+            continue
         report.outcomes += 1
         if outcome["entry_id"]:  # '' for authorize, which has no stream entry
             # The worker settles an entry only in its account's partition (else wrong_partition).
@@ -136,7 +138,7 @@ def _tally(report: Audit, outcomes: Iterable[dict[str, str]], partitions: int) -
         charged.firsts.setdefault(outcome["request_id"], answer)
         if outcome["status"] == "approved":
             report.approved += 1
-            charged.by_account[outcome["account"]] += int(outcome["charged"])
+            charged.by_account[outcome["account"]] += main_taken(outcome)
             if outcome.get("op") == "commit" and int(outcome["charged"]) > int(outcome["reserved"]):
                 report.overcommitted.append(outcome["request_id"])
         else:
@@ -149,6 +151,14 @@ def _tally(report: Audit, outcomes: Iterable[dict[str, str]], partitions: int) -
     return charged
 
 
+def main_taken(outcome: Mapping[str, str]) -> int:
+    """What an approved outcome took from the main balance: all it charged, unless credit
+    lots gave part of it (its draws say; a reserve's or an extend's draws are what it pins)."""
+    if not outcome.get("draws") or outcome["charged"] == "0":
+        return int(outcome["charged"])
+    return sum(qty for lot, qty, unit in codec.parse_draws(outcome["draws"]) if lot == "main" and not unit)
+
+
 def _check_holds(client: redis.Redis, settings: Settings, balances: Mapping[str, int], report: Audit) -> None:
     """Per account: the held total against the sum of its open reservations, and balance - held >= 0."""
     held: Counter = Counter()
@@ -158,7 +168,7 @@ def _check_holds(client: redis.Redis, settings: Settings, balances: Mapping[str,
             held[account.decode()] += int(value)
         for _, packed in client.hscan_iter(keys.reservations, count=1000):
             record = codec.reservation(packed)
-            reserved[record.account] += record.amount
+            reserved[record.account] += record.main
             report.open_reservations += 1
     report.held = sum(held.values())
     report.held_mismatch = {a: (held[a], reserved[a]) for a in held.keys() | reserved.keys() if held[a] != reserved[a]}
