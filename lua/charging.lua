@@ -12,15 +12,26 @@ hash tag, so every key one call touches lives in one Redis Cluster slot. Every k
 function touches is passed to it in KEYS (but the dedupe buckets, below, and the reply
 streams pump reads from its entries), none is made up inside; each is checked against the name its role gives it before anything is written.
 
-  <ns>:{pN}:balances       hash    account -> balance in minor units (held funds included:
-                                   available = balance - held). Written by charge, commit,
-                                   top_up, set_balances. Lives forever.
-  <ns>:{pN}:held           hash    account -> total held by its open reservations; no field
-                                   when nothing is held. Written by reserve, extend, commit,
-                                   release and every expiry. Lives forever.
+  <ns>:{pN}:balances       hash    account -> its main balance in minor units (held funds
+                                   included: available = balance - held). Written by charge,
+                                   commit, top_up, set_balances. Lives forever.
+  <ns>:{pN}:held           hash    account -> what its open reservations hold of its main
+                                   balance; no field when nothing is held. Written by
+                                   reserve, extend, commit, release and every expiry. Lives
+                                   forever.
+  <ns>:{pN}:wallets        hash    account -> its wallet: its plan, its breakage and its
+                                   credit lots, packed (see parse_wallet); no field for an
+                                   account with none. Written by the settling functions,
+                                   grant, assign_plan and the sweep.
+  <ns>:{pN}:lot_expiries   zset    <account>/<lot> -> the lot's expiry, for the sweep; an
+                                   entry goes when the lot does, or when the sweep finds it.
+  <ns>:{pN}:plans          hash    plan name -> unit prices of sms, voice and data; every
+                                   partition keeps every plan (set_plan, one partition a
+                                   call). Lives forever.
   <ns>:{pN}:reservations   hash    reservation id -> open reservation, packed (see
                                    write_reservation): account, amount held, expires_at
-                                   (ms, server time), unit price, ttl ms. The field goes
+                                   (ms, server time), unit price, ttl ms, and when it pins
+                                   lots its service and draws. The field goes
                                    when the reservation is committed, released or expired.
                                    A reservation id is <account>/<request id of the reserve>.
   <ns>:{pN}:expiries       zset    reservation id -> expires_at; the index the worker's
@@ -73,8 +84,8 @@ it made (there is no rollback, and pump's per-entry pcall only hides the error),
 first reads and checks every argument and every stored value its decision needs, and
 every other stream it will post to (postable: of its type, not exhausted), then writes: a
 request's outcome first, an XADD to the results stream that refuses the request by failing
-before anything of it is written, then its ack and only commands that cannot fail on what
-was checked. A call that is refused writes nothing and its entry stays pending.
+before anything of it is written (first_post), then its ack and only commands that cannot
+fail on what was checked. A call that is refused writes nothing and its entry stays pending.
 ]]
 local SEP = '\31'
 

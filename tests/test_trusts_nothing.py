@@ -379,3 +379,23 @@ def test_accounts_of_other_partitions_cannot_share_a_call(client, settings):
     names[1] = other.results
     args = codec.settle_arguments(settings, charge(settings, "acct", 5, "x1"), 5)
     assert "wrong_arguments" in refused(lambda: client.fcall("charge", len(names), *names, *args))
+
+
+def test_a_reservation_whose_draw_names_a_lot_the_wallet_does_not_hold_is_refused_not_charged_to_main(
+        client, settings, producer):
+    """Found by reading the plans-and-lots change before it landed: a commit trusted a stored
+    reservation's draws, so one naming a lot the wallet does not hold (a raw HSET by a role
+    that may run it) charged the main balance for it. Every draw is now checked against the
+    wallet when the account is read, before anything is written."""
+    keys = keys_of("acct", settings)
+    codec.set_balances(client, settings, [("acct", 100)])
+    codec.grant(client, settings, "acct", "promo", "money", 50)
+    held = producer.reserve({"request_id": "s1", "account": "acct", "amount": 30})
+    assert held.draws == "promo:30"
+    packed = client.hget(keys.reservations, "acct/s1").decode()
+    client.hset(keys.reservations, "acct/s1", packed.replace("promo:30", "gone:30"))
+    before = snapshot(client, settings)
+    assert "corrupt_reservation" in refused(lambda: producer.commit({"reservation": "acct/s1", "amount": 30}))
+    assert snapshot(client, settings) == before
+    assert "corrupt_reservation" in refused(lambda: producer.commit({"reservation": "acct/s1", "amount": 30}))
+    assert client.hget(keys.balances, "acct") == b"100"
