@@ -398,7 +398,8 @@ def test_cli_reserve_extend_commit_release_and_accounts_show(settings):
         "reservation": "account1/call-1", "held": 300, "available": 700, "reserved": 300, "expires_at": 0}
     assert cli(settings, "extend", "--reservation", "account1/call-1", "--units", "30").returncode == 0
     shown = json.loads(cli(settings, "accounts", "show", "account1", "--json").stdout)
-    assert shown == {"account": "account1", "balance": 1000, "held": 450, "available": 550}
+    assert shown == {"account": "account1", "balance": 1000, "held": 450, "available": 550, "plan": "default",
+                     "lots": [], "breakage": {}}
     human = cli(settings, "commit", "--reservation", "account1/call-1", "--units", "42", "--request-id", "c-1")
     assert human.returncode == 0 and "charged=210 balance=790" in human.stdout, human.stdout
     assert "commit account1/call-1: reserved=450" in human.stdout
