@@ -204,7 +204,8 @@ def outcome(request: ChargeRequest, result: Settled) -> Outcome:
 def top_up(client: redis.Redis, settings: Settings, account: str, amount: int) -> int:
     """Add amount to an existing account; the new balance. Raises redis.ResponseError
     unknown_account / balance_too_large (over the library's limit, 10^15)."""
-    return int(client.fcall("top_up", 1, keys_of(account, settings).balances, account, amount))
+    keys = keys_of(account, settings)
+    return int(client.fcall("top_up", 2, keys.balances, keys.wallets, account, amount))
 
 
 def set_balances(client: redis.Redis, settings: Settings, balances: Iterable[tuple[str, int]]) -> int:
@@ -223,7 +224,7 @@ def setting_balances(settings: Settings, balances: Iterable[tuple[str, int]]) ->
     def queue(pipe) -> None:
         for keys, pairs in by_partition.items():
             for start in range(0, len(pairs), 2 * SET_BALANCES_CHUNK):
-                pipe.fcall("set_balances", 1, keys.balances, *pairs[start:start + 2 * SET_BALANCES_CHUNK])
+                pipe.fcall("set_balances", 2, keys.balances, keys.wallets, *pairs[start:start + 2 * SET_BALANCES_CHUNK])
     return sum(int(n) for n in (yield pipelined(queue)))
 
 

@@ -9,6 +9,7 @@ Every way a request can be wrong maps to one stable reason code (see docs/wire-f
 from __future__ import annotations
 
 import re
+import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ ACCOUNT_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
 # returns the same id. '/' cannot occur in an account, so the first one splits it.
 RESERVATION_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}/[\x21-\x7e]{1,128}$"
 
-Op = Literal["charge", "reserve", "commit", "extend", "release"]
+Op = Literal["charge", "reserve", "commit", "extend", "release", "grant"]
 ON_RESERVATION = ("commit", "extend", "release")  # act on an open reservation
 # The fields each operation may carry besides op, request_id, account, reply_to, submitted_at.
 _OP_FIELDS = {
@@ -41,7 +42,12 @@ _OP_FIELDS = {
     "commit": {"reservation", "units", "amount"},
     "extend": {"reservation", "units", "amount", "ttl"},
     "release": {"reservation"},
+    "grant": {"service", "units", "amount", "lot", "expires_at", "expires_in"},
 }
+_OPTIONAL = ("service", "units", "amount", "reservation", "ttl", "lot", "expires_at", "expires_in")
+LOT_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"  # a credit lot's id (docs/plans-and-lots.md); not 'main'
+MAX_TIME_MS = 10**14  # the library's limit of a time in ms (year 5138)
+MAX_DURATION_S = 315_360_000  # ten years, the library's longest duration
 _DIGITS = re.compile(r"[0-9]{1,20}")
 
 # Reason code for a field whose value is wrong (as opposed to missing or unknown).
@@ -56,9 +62,13 @@ _FIELD_REASON = {
     "submitted_at": "invalid_submitted_at",
     "reservation": "invalid_reservation",
     "ttl": "invalid_ttl",
+    "lot": "invalid_lot",
+    "expires_at": "invalid_expiry",
+    "expires_in": "invalid_expiry",
 }
 # Errors raised by the model's own validators, whose type is the reason code.
-_MODEL_REASONS = ("ambiguous_charge", "missing_field", "invalid_reply_to", "invalid_reservation", "field_not_allowed")
+_MODEL_REASONS = ("ambiguous_charge", "missing_field", "invalid_reply_to", "invalid_reservation", "field_not_allowed",
+                  "invalid_expiry")
 
 
 class Invalid(ChargingError, ValueError):
@@ -92,6 +102,9 @@ class ChargeRequest(BaseModel):
     - commit, extend: ``reservation``, and ``units`` (rated at the reservation's unit price)
       or ``amount``; an extend may give ``ttl``.
     - release: ``reservation``.
+    - grant: a credit lot (docs/plans-and-lots.md): ``lot``, and ``amount`` (money,
+      optionally of one ``service``) or ``service`` and ``units``; ``expires_at`` (ms since
+      the epoch) or ``expires_in`` (seconds), or neither.
 
     ``account`` is optional for the operations on a reservation: it is the reservation
     id's own, and must match it when given."""
@@ -108,6 +121,9 @@ class ChargeRequest(BaseModel):
     ttl: WholeNumber | None = None
     reply_to: str | None = None
     submitted_at: WholeNumber | None = None
+    lot: str | None = Field(None, pattern=LOT_PATTERN)
+    expires_at: WholeNumber | None = None
+    expires_in: WholeNumber | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -147,9 +163,26 @@ class ChargeRequest(BaseModel):
     def _sane_time(cls, submitted_at: int | None) -> int | None:
         return _in_range(submitted_at, 0, MAX_SUBMITTED_AT)
 
+    @field_validator("lot")
+    @classmethod
+    def _not_main(cls, lot: str | None) -> str | None:
+        if lot == "main":
+            raise PydanticCustomError("not_main", "main is the main balance, not a lot")
+        return lot
+
+    @field_validator("expires_at")
+    @classmethod
+    def _expiry_in_range(cls, expires_at: int | None) -> int | None:
+        return _in_range(expires_at, 1, MAX_TIME_MS)
+
+    @field_validator("expires_in")
+    @classmethod
+    def _expires_in_range(cls, expires_in: int | None) -> int | None:
+        return _in_range(expires_in, 1, MAX_DURATION_S)
+
     @model_validator(mode="after")
     def _fields_of_the_op(self, info: ValidationInfo) -> ChargeRequest:
-        for name in ("service", "units", "amount", "reservation", "ttl"):
+        for name in _OPTIONAL:
             if getattr(self, name) is not None and name not in _OP_FIELDS[self.op]:
                 raise PydanticCustomError("field_not_allowed", "field '{name}' is not used by op '{op}'",
                                           {"name": name, "op": self.op})
@@ -157,6 +190,8 @@ class ChargeRequest(BaseModel):
             _one_of_units_or_amount(self)
         elif self.op in ("charge", "reserve"):
             _service_units_or_amount(self)
+        elif self.op == "grant":
+            _a_lot(self)
         settings = _limits(info)
         if self.reply_to is not None:
             keys = keys_of(self.account, settings)
@@ -182,6 +217,8 @@ class ChargeRequest(BaseModel):
                 return f"{self.account}|amount|{self.amount}"
             return f"{self.account}|{self.service}|{self.units}"
         parts = (self.service, self.units, self.amount, self.reservation, self.ttl)
+        if self.op == "grant":
+            parts += (self.lot, self.expires_at, self.expires_in)
         return "|".join([self.account, self.op, *("" if p is None else str(p) for p in parts)])
 
     def to_fields(self) -> dict[str, str]:
@@ -208,6 +245,23 @@ def _service_units_or_amount(request: ChargeRequest) -> None:
     if request.amount is None and (request.service is None or request.units is None):
         missing = "units" if request.service is not None else "service"
         raise PydanticCustomError("missing_field", "field '{name}' is required (or give amount)", {"name": missing})
+
+
+def _a_lot(request: ChargeRequest) -> None:
+    """A grant: its lot, money or units of a service, at most one expiry, not already past
+    (by this clock; the library judges by the server's when it reads the entry)."""
+    if request.lot is None:
+        raise PydanticCustomError("missing_field", "field 'lot' is required for op 'grant'")
+    if request.amount is not None and request.units is not None:
+        raise PydanticCustomError("ambiguous_charge", "give either amount or service with units, not both")
+    if request.amount is None and request.units is None:
+        raise PydanticCustomError("missing_field", "field 'amount' is required for op 'grant' (or units)")
+    if request.units is not None and request.service is None:
+        raise PydanticCustomError("missing_field", "field 'service' is required with units")
+    if request.expires_at is not None and request.expires_in is not None:
+        raise PydanticCustomError("invalid_expiry", "give expires_at or expires_in, not both")
+    if request.expires_at is not None and request.expires_at <= time.time() * 1000:
+        raise PydanticCustomError("invalid_expiry", "expires_at is not later than now")
 
 
 def _one_of_units_or_amount(request: ChargeRequest) -> None:
@@ -348,9 +402,12 @@ class Outcome:
     # What each credit lot gave ('sms100:4u,promo:6,main:3'; docs/plans-and-lots.md), when
     # a lot besides the main balance did.
     draws: str | None = None
-    # A lot's expiry (op 'expire', status 'expired'): the lot, and what was left in it.
+    # A grant (op 'grant'): its lot and what it granted now (0: the lot was granted before,
+    # with the same content); a lot's expiry (op 'expire', status 'expired'): the lot, and
+    # what was left in it.
     lot: str | None = None
     breakage: int | None = None
+    granted: int | None = None
 
     @property
     def available(self) -> int | None:
@@ -370,19 +427,23 @@ class Outcome:
             processed_at=int(f["processed_at"]),
             op=f.get("op"), reservation=f.get("reservation"), held=_int(f.get("held")),
             reserved=_int(f.get("reserved")), expires_at=_int(f.get("expires_at")), draws=f.get("draws"),
-            lot=f.get("lot"), breakage=_int(f.get("breakage")),
+            lot=f.get("lot"), breakage=_int(f.get("breakage")), granted=_int(f.get("granted")),
         )
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        made = {
             "request_id": self.request_id, "account": self.account, "status": self.status,
             "reason": self.reason, "charged": self.charged, "balance": self.balance,
             "duplicate": self.duplicate, "submitted_at": self.submitted_at, "processed_at": self.processed_at,
-        } | ({} if self.op is None else {
+        }
+        if self.op == "grant":
+            return made | {"op": self.op, "lot": self.lot, "granted": self.granted, "expires_at": self.expires_at}
+        if self.op == "expire":
+            return made | {"op": self.op, "lot": self.lot, "breakage": self.breakage}
+        return made | ({} if self.op is None else {
             "op": self.op, "reservation": self.reservation, "held": self.held, "available": self.available,
             "reserved": self.reserved, "expires_at": self.expires_at,
-        }) | ({} if self.draws is None else {"draws": self.draws}) | (
-            {} if self.lot is None else {"lot": self.lot, "breakage": self.breakage})
+        }) | ({} if self.draws is None else {"draws": self.draws})
 
 
 def _int(value: str | None) -> int | None:

@@ -9,8 +9,11 @@ from charging.settings import Settings
 def price(request: ChargeRequest, settings: Settings) -> int | None:
     """rate x units for a service charge or reserve, or the explicit amount. None when the
     request has no price of its own: a commit or extend in units is rated by lua/ at the
-    unit price its reservation was made with, and a release moves no money. Raises Invalid
-    when the rated amount is over the configured maximum, so it never reaches a balance."""
+    unit price its reservation was made with, a release moves no money, and a grant is not
+    charged. Raises Invalid when the rated amount is over the configured maximum, so it
+    never reaches a balance."""
+    if request.op == "grant":
+        return None
     if request.amount is not None:
         return request.amount
     if request.service is None:

@@ -320,6 +320,17 @@ local function parse_prices(packed)
   return prices
 end
 
+-- The money left in a wallet's lots, held included. An account's money (its main balance
+-- and this) stays within MAX_BALANCE, as a balance does: grant, top_up and set_balances
+-- refuse more, and nothing else adds money.
+local function lot_money(w)
+  local sum = 0
+  for _, lot in ipairs(w.lots) do
+    if lot.kind == 'money' then sum = sum + lot.left end
+  end
+  return sum
+end
+
 local function live(lot, now) return not lot.expires_at or lot.expires_at > now end
 
 -- Earliest expiry first (no expiry last), then in the order granted.
@@ -559,7 +570,7 @@ local function read_account(k, account, now, ahead)
   -- every field named here, so the table is made at its size once (no rehash as it fills)
   local s = {account = account, open = NONE, expired = NONE, expired_ids = NONE, gone = NONE, counted = 0,
              released = 0, balance = false, stored_held = 0, held = 0, charge = false, wallet = EMPTY_WALLET,
-             wallet_changed = false, broken = false, gone_lots = false}
+             wallet_changed = false, broken = false, gone_lots = false, new_lot = false}
   local balance = field(k, ahead, 'balances', account)
   s.balance = balance and stored_balance(balance)
   if balance and not s.balance then return nil, 'corrupt_balance' end
@@ -646,6 +657,7 @@ local function apply(k, s, ahead)
     ahead.wallets[s.account] = not blank(s.wallet) and pack_wallet(s.wallet) or false
     ahead.wallet_written[s.account] = true
     if s.gone_lots then redis.call('ZREM', k.lot_expiries, unpack(s.gone_lots)) end
+    if s.new_lot then redis.call('ZADD', k.lot_expiries, unpack(s.new_lot)) end
   end
 end
 
@@ -804,6 +816,37 @@ local function decide_release(s, a, now)
   return outcome('approved', '', 0, s, r)
 end
 
+-- A grant through the stream: the lot a.lot of a.kind (money of a.amount, optionally of
+-- a.service, or a.units of a.service), until a.expires_at (false: never; a.spec: the expiry
+-- as given). The same lot again is approved and grants nothing; other content under its id
+-- is idempotency_conflict. reserved in the outcome: what was granted now.
+local function decide_grant(s, a, now)
+  if not s.balance then return outcome('rejected', 'unknown_account', 0, s) end
+  local kind, qty = a.units and 'units' or 'money', a.units or a.amount
+  local service = a.service or ''
+  local expires_at = a.expires_at or (a.expires_in_ms and now + a.expires_in_ms) or false
+  local lot = s.wallet.by_id[a.lot]
+  if lot then
+    if lot.kind ~= kind or lot.service ~= service or lot.granted ~= qty or lot.spec ~= a.spec then
+      return outcome('rejected', 'idempotency_conflict', 0, s)
+    end
+    return outcome('approved', '', 0, s, {amount = 0, expires_at = lot.expires_at or ''})
+  end
+  if expires_at and expires_at <= now then return outcome('rejected', 'invalid_expiry', 0, s) end
+  if #s.wallet.lots >= MAX_LOTS then return outcome('rejected', 'too_many_lots', 0, s) end
+  if kind == 'money' and s.balance + lot_money(s.wallet) + qty > MAX_BALANCE then
+    return outcome('rejected', 'balance_too_large', 0, s)
+  end
+  if s.wallet == EMPTY_WALLET then s.wallet = parse_wallet(false) end
+  local w = s.wallet
+  lot = {id = a.lot, kind = kind, service = service, granted = qty, left = qty, held = 0, expires_at = expires_at,
+         spec = a.spec, index = #w.lots > 0 and w.lots[#w.lots].index + 1 or 1}
+  w.lots[#w.lots + 1], w.by_id[a.lot] = lot, lot
+  s.wallet_changed = true
+  if expires_at then s.new_lot = {digits(expires_at), a.account .. '/' .. a.lot} end
+  return outcome('approved', '', 0, s, {amount = qty, expires_at = expires_at or ''})
+end
+
 -- ---- the one settling path: check, read, decide, ack, write, post ---------------------
 
 -- Per operation: how to decide, and how it uses each optional argument: 'required',
@@ -820,6 +863,7 @@ local OPS = {
   extend = {decide = decide_extend, amount = 'optional', units = 'optional', usage = true, reservation = 'named',
             ttl_ms = 'optional'},
   release = {decide = decide_release, reservation = 'named'},
+  grant = {decide = decide_grant}, -- through the stream only (judge_entry); the function grant is its own
 }
 -- The numeric arguments an operation may use: position, reason when malformed, range.
 local NUMBERS = {
@@ -1033,7 +1077,11 @@ local function post(k, a, o, stamp)
     'charged', digits(o.charged), 'balance', digits(o.balance), 'duplicate', o.duplicate == 1 and '1' or '0',
     'submitted_at', a.submitted_at, 'processed_at', stamp, 'entry_id', a.entry_id,
   }
-  if a.op ~= 'charge' then
+  if a.op == 'grant' then
+    for _, v in ipairs({'op', 'grant', 'lot', a.lot, 'granted', digits(o.reserved), 'expires_at', digits(o.expires_at)}) do
+      fields[#fields + 1] = v
+    end
+  elseif a.op ~= 'charge' then
     for _, v in ipairs({'op', a.op, 'reservation', a.reservation, 'held', digits(o.held),
                         'reserved', digits(o.reserved), 'expires_at', digits(o.expires_at)}) do
       fields[#fields + 1] = v
@@ -1162,7 +1210,7 @@ local function settle_entry(k, a, ahead)
   -- once per call), and the results stream, whose XADD (the outcome, the first write)
   -- refuses the request by failing. After it nothing can fail.
   err = (s.put or s.close or #s.expired_ids > 0) and reservations_writable(k, ahead)
-        or s.gone_lots and lots_writable(k, ahead)
+        or (s.gone_lots or s.new_lot) and lots_writable(k, ahead)
   if err then return err end
   err = post(k, a, o, stamp)
   if err then return err end
@@ -1428,19 +1476,19 @@ local MAX_FIELDS, MAX_FIELD_BYTES = 16, 256
 local DEADLETTER_FIELD_BYTES = 1024 -- a dead letter keeps each name and value up to this
 local REPLY_ID = '^[A-Za-z0-9_%-]+$' -- a reply stream's <id>, 1..64 of them
 -- The fields of the format, in the order the schema checks them (its fields' order).
-local FIELDS = {'op', 'request_id', 'account', 'service', 'units', 'amount', 'reservation', 'ttl', 'reply_to',
-                'submitted_at'}
 local KNOWN_FIELD = {op = true, request_id = true, account = true, service = true, units = true, amount = true,
-                     reservation = true, ttl = true, reply_to = true, submitted_at = true}
+                     reservation = true, ttl = true, reply_to = true, submitted_at = true, lot = true,
+                     expires_at = true, expires_in = true}
 -- The fields each operation may carry besides op, request_id, account, reply_to and
 -- submitted_at, in the order the schema reports one it does not use.
-local OPTIONAL_FIELDS = {'service', 'units', 'amount', 'reservation', 'ttl'}
+local OPTIONAL_FIELDS = {'service', 'units', 'amount', 'reservation', 'ttl', 'lot', 'expires_at', 'expires_in'}
 local OP_FIELDS = {
   charge = {service = true, units = true, amount = true},
   reserve = {service = true, units = true, amount = true, ttl = true},
   commit = {reservation = true, units = true, amount = true},
   extend = {reservation = true, units = true, amount = true, ttl = true},
   release = {reservation = true},
+  grant = {service = true, units = true, amount = true, lot = true, expires_at = true, expires_in = true},
 }
 local ON_RESERVATION = {commit = true, extend = true, release = true}
 
@@ -1586,6 +1634,10 @@ local function field_values(f, c)
       if value and not reservation_account(value) then
         return nil, 'invalid_reservation', 'reservation must be <account>/<request id of the reserve>'
       end
+    elseif name == 'lot' then
+      if value and (not text(value, LOT_ID, 64) or value == 'main') then
+        return nil, 'invalid_lot', 'lot must be 1..64 of A-Z a-z 0-9 _ . -, not main'
+      end
     elseif value and rule[2] then
       v[name] = wire_number(value, rule[2], rule[3])
       if not v[name] then
@@ -1601,7 +1653,19 @@ end
 
 -- The request as a whole: the fields its op uses, one of amount or service with units,
 -- and a reply stream in the account's partition. nil, or the reason and a detail.
-local function request_rules(f, v, c, partition)
+-- A grant's own rules: its lot, money (amount, of any service or one) or units of a
+-- service, and at most one expiry, not past by now.
+local function grant_rules(f, v, now)
+  if not f.lot then return 'missing_field', "field 'lot' is required for op 'grant'" end
+  if v.amount and v.units then return 'ambiguous_charge', 'give either amount or service with units, not both' end
+  if not (v.amount or v.units) then return 'missing_field', "field 'amount' is required for op 'grant' (or units)" end
+  if v.units and not f.service then return 'missing_field', "field 'service' is required with units" end
+  if v.expires_at and v.expires_in then return 'invalid_expiry', 'give expires_at or expires_in, not both' end
+  if v.expires_at and v.expires_at <= now then return 'invalid_expiry', 'expires_at is not later than now' end
+  return nil
+end
+
+local function request_rules(f, v, c, partition, now)
   for _, name in ipairs(OPTIONAL_FIELDS) do
     if f[name] and not OP_FIELDS[v.op][name] then
       return 'field_not_allowed', "field '" .. name .. "' is not used by op '" .. v.op .. "'"
@@ -1617,6 +1681,9 @@ local function request_rules(f, v, c, partition)
     if not v.amount and not (f.service and v.units) then
       return 'missing_field', "field '" .. (f.service and 'units' or 'service') .. "' is required (or give amount)"
     end
+  elseif v.op == 'grant' then
+    local reason, detail = grant_rules(f, v, now)
+    if reason then return reason, detail end
   end
   if f.reply_to then
     local prefix = c.namespace .. ':{p' .. digits(partition) .. '}:reply:'
@@ -1637,6 +1704,12 @@ local function fingerprint(f, v)
   end
   local parts = {f.account, v.op, f.service or '', v.units and digits(v.units) or '',
                  v.amount and digits(v.amount) or '', f.reservation or '', v.ttl and digits(v.ttl) or ''}
+  if v.op == 'grant' then
+    for _, part in ipairs({f.lot, v.expires_at and digits(v.expires_at) or '',
+                           v.expires_in and digits(v.expires_in) or ''}) do
+      parts[#parts + 1] = part
+    end
+  end
   return table.concat(parts, '|')
 end
 
@@ -1649,7 +1722,7 @@ as read_args makes one of a single call's arguments (see settle: amount rated, u
 for a commit or extend in units, unit_price and ttl_ms for a reserve), and its reply
 stream; or nil, the dead-letter reason and a detail. Writes nothing, reads nothing.
 ]]
-local function judge_entry(pairs_, entry_id, c)
+local function judge_entry(pairs_, entry_id, c, now)
   local f, reason, detail = entry_fields(pairs_)
   if not f then return nil, reason, detail end
   if ON_RESERVATION[f.op] then -- the account is the reservation's own
@@ -1666,7 +1739,7 @@ local function judge_entry(pairs_, entry_id, c)
   if not v then return nil, reason, detail end
   -- the account's, which the reply stream must be in
   local partition = c.partitions == 1 and 0 or crc32(f.account) % c.partitions
-  reason, detail = request_rules(f, v, c, partition)
+  reason, detail = request_rules(f, v, c, partition, now)
   if reason then return nil, reason, detail end
   if partition ~= c.partition then
     return nil, 'wrong_partition', 'account ' .. f.account .. ' does not belong to partition ' .. digits(c.partition)
@@ -1685,8 +1758,12 @@ local function judge_entry(pairs_, entry_id, c)
     op = v.op, request_id = f.request_id, account = f.account, fingerprint = fingerprint(f, v), entry_id = entry_id,
     group = c.group, submitted_at = v.submitted_at and v.submitted_at > 0 and digits(v.submitted_at) or '',
     reservation = reserve and (f.account .. '/' .. f.request_id) or f.reservation, window_ms = c.window_ms,
-    reply_ttl_ms = c.reply_ttl_ms, amount = v.amount, units = v.units, service = rated and f.service or nil,
+    reply_ttl_ms = c.reply_ttl_ms, amount = v.amount, units = v.units,
+    service = (rated or v.op == 'grant') and f.service or nil,
     unit_price = rated and c.prices[f.service] or (reserve and 1 or nil), ttl_ms = ttl_s and ttl_s * 1000 or nil,
+    lot = f.lot, expires_at = v.expires_at, expires_in_ms = v.expires_in and v.expires_in * 1000,
+    spec = v.expires_at and ('at:' .. digits(v.expires_at)) or v.expires_in and ('in:' .. digits(v.expires_in * 1000))
+      or '',
   }, f.reply_to
 end
 
@@ -1734,7 +1811,9 @@ local function entries_context(k, args)
   -- the numbers of an entry, in the schema's order: name, range, reason (field_values)
   c.numbers = {{'units', 1, c.max_units, 'invalid_units'}, {'amount', 1, c.max_amount, 'invalid_amount'},
                {'reservation'}, {'ttl', 1, c.max_ttl_s, 'invalid_ttl'},
-               {'submitted_at', 0, MAX_TIME_MS, 'invalid_submitted_at'}}
+               {'submitted_at', 0, MAX_TIME_MS, 'invalid_submitted_at'}, {'lot'},
+               {'expires_at', 1, MAX_TIME_MS, 'invalid_expiry'},
+               {'expires_in', 1, MAX_DURATION_MS / 1000, 'invalid_expiry'}}
   return c
 end
 
@@ -1750,7 +1829,7 @@ local function judge_entries(entries, c, now)
     elseif e.deliveries > c.max_deliveries then
       e.reason, e.detail = 'max_deliveries', 'delivered ' .. digits(e.deliveries) .. ' times without being settled'
     else
-      local a, reply_to, detail = judge_entry(e.pairs, e.id, c)
+      local a, reply_to, detail = judge_entry(e.pairs, e.id, c, now)
       if a then
         e.item = {a = a, reply_to = reply_to}
         items[#items + 1] = e.item
@@ -1984,6 +2063,18 @@ local function pump(keys, args)
   return summary
 end
 
+-- The money in an account's lots, for a call that adds to its main balance (0 for a caller
+-- of the layout before lots, which passes no wallets key); nil and the refusal for a wallet
+-- the library did not write.
+local ADDING_ROLES = {{'balances'}, {'balances', 'wallets'}} -- by key count: before lots, and now
+
+local function wallet_money(k, account)
+  if not k.wallets then return 0 end
+  local w = parse_wallet(redis.call('HGET', k.wallets, account))
+  if not w then return nil, refuse('corrupt_wallet', account) end
+  return lot_money(w)
+end
+
 -- A balance as set_balances and top_up take it: digits, at most MAX_BALANCE.
 local function balance_arg(value)
   local n = count(value, 0, MAX_BALANCE)
@@ -1998,8 +2089,8 @@ Returns the new balance, or an error for an unknown account or a balance over th
 library's limit (10^15), before anything is written.
 ]]
 local function top_up(keys, args)
-  local k = #keys == 1 and #args == 2 and partition_keys(keys, {'balances'})
-  if not k then return refuse('wrong_arguments', 'top_up takes the key balances and account, amount') end
+  local k = (#keys == 1 or #keys == 2) and #args == 2 and partition_keys(keys, ADDING_ROLES[#keys])
+  if not k then return refuse('wrong_arguments', 'top_up takes the keys balances, wallets and account, amount') end
   if not text(args[1], ACCOUNT, 64) then return refuse('invalid_account') end
   local amount = count(args[2], 1, MAX_BALANCE)
   if not amount then return refuse('invalid_amount', 'a whole number 1..' .. MAX_BALANCE) end
@@ -2007,7 +2098,9 @@ local function top_up(keys, args)
   if not current then return refuse('unknown_account') end
   current = stored_balance(current)
   if not current then return refuse('corrupt_balance', args[1]) end
-  if current + amount > MAX_BALANCE then return refuse('balance_too_large', 'at most ' .. MAX_BALANCE) end
+  local lots, err = wallet_money(k, args[1])
+  if not lots then return err end
+  if current + lots + amount > MAX_BALANCE then return refuse('balance_too_large', 'at most ' .. MAX_BALANCE) end
   return redis.call('HINCRBY', k.balances, args[1], amount)
 end
 
@@ -2017,13 +2110,18 @@ KEYS: balances. ARGV: account, balance, account, balance, ...  Every pair is che
 before any is written (balances 0..10^15). Returns the count set.
 ]]
 local function set_balances(keys, args)
-  local k = #keys == 1 and #args >= 2 and #args % 2 == 0 and partition_keys(keys, {'balances'})
-  if not k then return refuse('wrong_arguments', 'set_balances takes the key balances and account/balance pairs') end
+  local k = (#keys == 1 or #keys == 2) and #args >= 2 and #args % 2 == 0 and partition_keys(keys, ADDING_ROLES[#keys])
+  if not k then
+    return refuse('wrong_arguments', 'set_balances takes the keys balances, wallets and account/balance pairs')
+  end
   local written = {}
   for i = 1, #args, 2 do
     if not text(args[i], ACCOUNT, 64) then return refuse('invalid_account', args[i]) end
     local n, reason = balance_arg(args[i + 1])
     if not n then return refuse(reason, args[i] .. ' ' .. args[i + 1]) end
+    local lots, err = wallet_money(k, args[i])
+    if not lots then return err end
+    if n + lots > MAX_BALANCE then return refuse('balance_too_large', args[i] .. ': with its lots, over ' .. MAX_BALANCE) end
     written[i], written[i + 1] = args[i], digits(n) -- '0100' stored as 100: see stored_balance
   end
   redis.call('HSET', k.balances, unpack(written))
@@ -2058,10 +2156,13 @@ end
 -- the refusal when not), and its wallet be the library's.
 local function wallet_of(k, account)
   if not text(account, ACCOUNT, 64) then return nil, refuse('invalid_account') end
-  if not redis.call('HGET', k.balances, account) then return nil, refuse('unknown_account', account) end
+  local main = redis.call('HGET', k.balances, account)
+  if not main then return nil, refuse('unknown_account', account) end
+  main = stored_balance(main)
+  if not main then return nil, refuse('corrupt_balance', account) end
   local w = parse_wallet(redis.call('HGET', k.wallets, account))
   if not w then return nil, refuse('corrupt_wallet', account) end
-  return w
+  return w, main
 end
 
 local function write_wallet(k, account, w)
@@ -2131,8 +2232,8 @@ local function grant(keys, args)
   if kind == 'units' and service == '' then return refuse('missing_service', 'a lot of units is of one service') end
   local expires_at, spec = grant_expiry(args[6], args[7], now_ms())
   if expires_at == nil then return spec end
-  local w, err = wallet_of(k, account)
-  if not w then return err end
+  local w, main = wallet_of(k, account)
+  if not w then return main end
   local lot = w.by_id[id]
   if lot then
     if lot.kind ~= kind or lot.service ~= service or lot.granted ~= qty or lot.spec ~= spec then
@@ -2141,7 +2242,10 @@ local function grant(keys, args)
     return {'duplicate', id, lot.left, lot.expires_at or ''}
   end
   if #w.lots >= MAX_LOTS then return refuse('too_many_lots', 'an account holds at most ' .. MAX_LOTS) end
-  err = wrong_type(k.lot_expiries, 'zset')
+  if kind == 'money' and main + lot_money(w) + qty > MAX_BALANCE then
+    return refuse('balance_too_large', 'an account holds at most ' .. MAX_BALANCE .. ' with its lots')
+  end
+  local err = wrong_type(k.lot_expiries, 'zset')
   if err then return err end
   local index = #w.lots > 0 and w.lots[#w.lots].index + 1 or 1
   w.lots[#w.lots + 1] = {id = id, kind = kind, service = service, granted = qty, left = qty, held = 0,

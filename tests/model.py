@@ -24,6 +24,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 
 EARLY_MS, LATE_MS = 5, 50
+MAX_BALANCE = 10**15  # an account's money, its lots' included, stays within the library's limit
 SESSION_OPS = ("reserve", "extend", "commit", "release")
 NEVER = float("inf")
 
@@ -82,6 +83,8 @@ class Request:
     ttl_ms: int | None = None
     service: str | None = None  # units of a charge or reserve: priced by the account's plan
     default_price: int = 1  # the default plan's price of service (the tariff)
+    lot: Lot | None = None  # what a grant grants (its expiry: expires_in_ms, or its own)
+    expires_in_ms: int | None = None
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,9 @@ class Ledger:
     def lot(self, account: str, lot_id: str) -> Lot | None:
         return next((lot for lot in self.lots.get(account, []) if lot.id == lot_id), None)
 
+    def lot_money(self, account: str) -> int:
+        return sum(lot.left for lot in self.lots.get(account, []) if lot.kind == "money")
+
     def money(self, account: str) -> tuple[int, int]:
         """The account's money (main balance and money lots, held included) and what is held of it."""
         lots = [lot for lot in self.lots.get(account, []) if lot.kind == "money"]
@@ -152,6 +158,8 @@ class Ledger:
             return "duplicate" if same else "idempotency_conflict"
         if len(self.lots.get(account, [])) >= 32:
             return "too_many_lots"
+        if lot.kind == "money" and self.balances[account] + self.lot_money(account) + lot.granted > MAX_BALANCE:
+            return "balance_too_large"
         self.orders += 1
         self.lots.setdefault(account, []).append(replace(lot, order=self.orders))
         self.granted[account, lot.measure] += lot.granted
@@ -269,6 +277,8 @@ class Ledger:
         shown = ",".join(f"{lot}:{qty}{'u' if unit else ''}" for lot, qty, unit in draws or ())
         answer = Answer(status, reason, charged, balance, duplicate,
                         draws=shown if any(lot != "main" for lot, _, _ in draws or ()) else "")
+        if r.op == "grant":  # reserved: what it granted
+            return replace(answer, reserved=reserved, expires_at=expires_at)
         if r.op not in SESSION_OPS:
             return answer
         return replace(answer, held=held, reserved=reserved, expires_at=expires_at)
@@ -355,6 +365,20 @@ class Ledger:
         self.holds[r.reservation] = hold
         return self._answer(r, "approved", "", 0, now, reserved=hold.amount, expires_at=hold.expires_at,
                             draws=pinned)
+
+    def _grant(self, r: Request, now: int, ended, seen) -> Answer:
+        """A grant through the stream: approved with what it granted now (0: the lot was there,
+        the same), or rejected; reserved: what was granted, expires_at: the lot's."""
+        lot = r.lot
+        if r.expires_in_ms is not None:
+            lot = replace(lot, expires_at=now + r.expires_in_ms)
+        result = self.grant(r.account, lot, now)
+        balance, _ = self.money(r.account)
+        if result not in ("granted", "duplicate"):
+            return Answer("rejected", result, 0, balance, reserved=0, expires_at=None)
+        held = self.lot(r.account, lot.id)
+        return Answer("approved", "", 0, balance, reserved=lot.granted if result == "granted" else 0,
+                      expires_at=held.expires_at)
 
     def _release(self, r: Request, now: int, ended, seen) -> Answer:
         hold, rejected = self._named(r, now, ended, seen)

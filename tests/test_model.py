@@ -28,6 +28,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 
 import pytest
 import redis
@@ -431,6 +432,41 @@ class LedgerMachine(RuleBasedStateMachine):
                                                *expiry),
                      "invalid_|unknown_service|missing_service")
 
+    @rule(account=st.sampled_from((*ACCOUNTS, "nobody")), lot_id=st.sampled_from(LOT_IDS), lot=lots,
+          expiry=st.sampled_from((None, ("in", 30), ("in", 60), ("at", "common"))), request_id=request_ids)
+    def grant_through_the_stream(self, account, lot_id, lot, expiry, request_id):
+        """A grant entry settled by pump, as a worker would, checked against the model."""
+        kind, quantity, service = lot
+        request_id = request_id or f"f{next(self.fresh)}"
+        fields = {"op": "grant", "request_id": request_id, "account": account, "lot": lot_id,
+                  **({"units": quantity, "service": service} if kind == "units" else
+                     {"amount": quantity} | ({"service": service} if service else {}))}
+        if expiry:
+            fields["expires_in" if expiry[0] == "in" else "expires_at"] = expiry[1] if expiry[0] == "in" else self.common
+        request = parse_request(fields, self.settings)
+        self.wait_past_clock()
+        run(self.client, ensure_group(self.keys.requests, self.settings.group))
+        posted = self.client.xlen(self.keys.results)
+        self.client.xadd(self.keys.requests, request.to_fields())
+        names, header = codec.entries_keys(self.keys), codec.entries_header(self.settings, self.keys)
+        header[1] = self.window_ms  # the sequence's dedupe window, in ms as the library takes it
+        done = codec.summary(self.client.fcall("pump", len(names), *names, "model", 1, 0, "", *header))
+        assert (done.read, done.refused) == (1, 0), done
+        added = self.client.xrange(self.keys.results, f"({self.last_result(posted)}", "+") if posted else \
+            self.client.xrange(self.keys.results)
+        outcome, *events = [Outcome.from_fields(fields) for _, fields in added]
+        spec = f"in:{expiry[1] * 1000}" if expiry and expiry[0] == "in" else f"at:{self.common}" if expiry else ""
+        made = Lot(lot_id, kind, service, quantity, quantity, 0, self.common if expiry and expiry[0] == "at" else None,
+                   spec, 0)
+        model = Request("grant", request_id, account, request.fingerprint, self.window_ms, lot=made,
+                        expires_in_ms=expiry[1] * 1000 if expiry and expiry[0] == "in" else None)
+        seen = Answer(outcome.status, outcome.reason, outcome.charged, outcome.balance, outcome.duplicate,
+                      reserved=outcome.granted, expires_at=outcome.expires_at)
+        expected = self.ledger.settle(model, outcome.processed_at, seen)
+        assert seen == replace(expected, held=None), f"grant {fields}: library {seen}, model {expected}"
+        assert len(events) == len(self.ledger.broken)
+        self.clock = max(self.clock, outcome.processed_at)
+
     @rule(plan=st.sampled_from(PLANS), prices=plan_prices)
     def set_plan(self, plan, prices):
         assert codec.set_plan(self.client, self.keys, plan, prices) == (0 if plan in self.ledger.plans else 1)
@@ -459,7 +495,7 @@ class LedgerMachine(RuleBasedStateMachine):
             self.refused(top_up, "invalid_amount")
         elif balance is None:
             self.refused(top_up, "unknown_account")
-        elif balance + amount > MAX_BALANCE:
+        elif balance + self.ledger.lot_money(account) + amount > MAX_BALANCE:
             self.refused(top_up, "balance_too_large")
         else:
             assert top_up() == balance + amount
@@ -472,6 +508,9 @@ class LedgerMachine(RuleBasedStateMachine):
         set_balance = lambda: codec.set_balances(self.client, self.settings, [(account, balance)])  # noqa: E731
         if isinstance(balance, str) and not (balance.isdigit() and balance.isascii() and int(balance) <= MAX_BALANCE):
             self.refused(set_balance, "invalid_balance|balance_too_large")
+            return
+        if int(balance) + self.ledger.lot_money(account) > MAX_BALANCE:
+            self.refused(set_balance, "balance_too_large")
             return
         assert set_balance() == 1
         self.ledger.balances[account] = self.start[account] = int(balance)

@@ -42,7 +42,10 @@ NOT_DIGITS = ["0", "00", "-3", "+3", "1e3", "0x10", " 5", "5 ", "1.5", "NaN", "i
 NOT_TEXT = ["", "a b", "x" * 65, "é", "acct1/x", "acct1\n", "\x00", "x" * 129]
 NOT_UTF8 = [b"\xff", b"\xed\xa0\x80", b"\xc0\xaf", b"\xf4\x90\x80\x80", b"\xe2\x82", b"\xf0\x9f\x98"]
 UTF8 = ["é€😀".encode(), "\U0010ffff".encode(), b"a" * 256]
-OPS = ["charge", "reserve", "commit", "extend", "release"]
+OPS = ["charge", "reserve", "commit", "extend", "release", "grant"]
+LOTS = ["b1", "promo.2", "main", "a b", "x" * 65, "", "é"]
+# Far from now either way: the schema judges an expiry by this clock, the library by Redis's.
+EXPIRES_AT = st.sampled_from(["1000", "1700000000000", "4000000000000", "99999999999999", "100000000000001"])
 
 
 def number(high: int) -> st.SearchStrategy[str]:
@@ -72,7 +75,15 @@ def request(draw, settings: Settings) -> dict[str, str]:
             fields["account"] = account
     else:
         fields["account"] = account
-    if op in (None, "charge", "reserve") and draw(st.booleans()):
+    if op == "grant":
+        fields["lot"] = draw(st.sampled_from(LOTS[:2]))
+        if draw(st.booleans()):
+            fields["service"] = draw(st.sampled_from(["sms", "voice", "data"]))
+        fields["units" if "service" in fields and draw(st.booleans()) else "amount"] = str(draw(st.integers(1, 400)))
+        expiry = draw(st.sampled_from([None, "expires_at", "expires_in"]))
+        if expiry:
+            fields[expiry] = "4000000000000" if expiry == "expires_at" else str(draw(st.integers(1, 10**6)))
+    elif op in (None, "charge", "reserve") and draw(st.booleans()):
         fields |= {"service": draw(st.sampled_from(["sms", "voice", "data"])), "units": str(draw(st.integers(1, 600)))}
     elif op != "release":
         fields[draw(st.sampled_from(["amount", "units"])) if op in ("commit", "extend") else "amount"] = \
@@ -100,14 +111,16 @@ def entry(draw, settings: Settings) -> list[tuple[bytes, bytes]]:
               "units": number(1000), "amount": number(5000), "ttl": number(3600), "submitted_at": number(10**14),
               "reservation": st.sampled_from([f"{account}/r1", "acct1/r1", "r1", "a b/r1", "acct1/", "/r1",
                                               "acct1/" + "x" * 129, "acct1/r 1", "acct1/r/1"]),
-              "reply_to": reply_to(account, settings)}
+              "reply_to": reply_to(account, settings), "lot": st.sampled_from(LOTS),
+              "expires_at": st.one_of(EXPIRES_AT, number(10**14)), "expires_in": number(315_360_000)}
     for _ in range(draw(st.sampled_from([0, 1, 1, 2, 2, 3, 4]))):
         change = draw(st.sampled_from(["drop", "value", "value", "number", "number", "spoil", "spoil", "add",
                                        "repeat", "name", "bytes", "many"]))
         if change == "drop" and pairs:
             pairs.pop(draw(st.integers(0, len(pairs) - 1)))
         elif change in ("value", "number", "add"):
-            name = draw(st.sampled_from(["units", "amount", "ttl", "submitted_at"] if change == "number"
+            name = draw(st.sampled_from(["units", "amount", "ttl", "submitted_at", "expires_at", "expires_in"]
+                                        if change == "number"
                                         else sorted(values)))
             pairs = pairs if change == "add" else [p for p in pairs if p[0] != name.encode()]
             pairs.append((name.encode(), draw(values[name]).encode()))
@@ -192,6 +205,9 @@ def same_request(client, settings: Settings, request, posted: dict) -> None:
     a synchronous replay of the request answered from the record it left."""
     assert posted[b"request_id"].decode() == request.request_id and posted[b"account"].decode() == request.account
     assert posted[b"submitted_at"].decode() == str(request.submitted_at or "")
+    if request.op == "grant":  # settled through the stream only: no synchronous replay
+        assert (posted[b"op"].decode(), posted[b"lot"].decode()) == ("grant", request.lot)
+        return
     if request.op != "charge":
         assert (posted[b"op"].decode(), posted[b"reservation"].decode()) == (request.op, request.reservation_id)
     if posted[b"reason"] == b"idempotency_conflict":
@@ -238,6 +254,14 @@ ROWS = [
     ([("request_id", "r"), ("amount", "1"), ("amount", "7"), (b"\xff", "1")], "invalid_encoding"),
     ({"request_id": "r", "account": "acct0", "amount": "5"}, "wrong_partition"),  # acct0 is not of partition 1's
     ({**GOOD, "units": "1000"}, "settled"),
+    ({"op": "grant", "request_id": "g1", "account": "acct1", "lot": "main", "amount": "5"}, "invalid_lot"),
+    ({"op": "grant", "request_id": "g2", "account": "acct1", "lot": "b", "amount": "5", "expires_at": "1000"},
+     "invalid_expiry"),
+    ({"op": "grant", "request_id": "g3", "account": "acct1", "lot": "b", "amount": "5", "expires_at": "4000000000000",
+      "expires_in": "60"}, "invalid_expiry"),
+    ({"op": "grant", "request_id": "g4", "account": "acct1", "lot": "b", "units": "5"}, "missing_field"),
+    ({"op": "grant", "request_id": "g5", "account": "acct1", "lot": "b", "service": "sms", "units": "5",
+      "expires_in": "60"}, "settled"),
 ]
 REASONS_NOT_OF_FIELDS = {"entry_deleted", "max_deliveries", "id_in_future", "entries_removed"}
 

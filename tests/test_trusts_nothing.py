@@ -399,3 +399,22 @@ def test_a_reservation_whose_draw_names_a_lot_the_wallet_does_not_hold_is_refuse
     assert snapshot(client, settings) == before
     assert "corrupt_reservation" in refused(lambda: producer.commit({"reservation": "acct/s1", "amount": 30}))
     assert client.hget(keys.balances, "acct") == b"100"
+
+
+def test_an_accounts_money_with_its_lots_stays_within_the_librarys_limit(client, settings):
+    """Found by the model (a grant through the stream): money lots on top of a main balance
+    near 10^15 made an outcome's balance exceed the limit, so its dedupe record could never
+    be read again (corrupt_record) and the request id was refused for good. A grant, a
+    top-up or a reset that would take main balance and lots over 10^15 is refused."""
+    keys = keys_of("acct", settings)
+    codec.set_balances(client, settings, [("acct", 10**15 - 5)])
+    assert "balance_too_large" in refused(lambda: codec.grant(client, settings, "acct", "big", "money", 6))
+    assert codec.grant(client, settings, "acct", "fits", "money", 5).status == "granted"
+    assert codec.grant(client, settings, "acct", "bundle", "units", 10**6, "sms").status == "granted"  # not money
+    before = snapshot(client, settings)
+    assert "balance_too_large" in refused(lambda: codec.top_up(client, settings, "acct", 1))
+    assert "balance_too_large" in refused(lambda: codec.set_balances(client, settings, [("acct", 10**15)]))
+    assert snapshot(client, settings) == before
+    client.xgroup_create(keys.requests, settings.group, id="0", mkstream=True)
+    client.xadd(keys.requests, {"op": "grant", "request_id": "g", "account": "acct", "lot": "more", "amount": "1"})
+    assert pump(client, settings, keys).operations == {("grant", "balance_too_large"): 1}
