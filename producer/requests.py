@@ -215,6 +215,9 @@ class Requests(Generic[C, O]):
 
     def _authorizing(self, data: Request) -> Plan[Outcome]:
         request = self.prepare(data)
+        if request.op == "grant":  # the function grant takes a lot, not a settling call's arguments
+            raise Invalid("field_not_allowed", "a grant is settled through the stream (submit) or by codec.grant, "
+                                               "not authorize")
         price(request, self.settings)  # the maximum charge, judged on the default plan as the workers judge it
         amount = request.amount  # units of a charge or reserve: priced by the account's plan in the library
         if self.settings.wait_replicas:
