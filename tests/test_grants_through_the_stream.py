@@ -4,12 +4,14 @@ reason, and the lots then spent by charges in the same stream (docs/plans-and-lo
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from charging import codec
 from charging.keys import keys_of
 from charging.schema import Invalid
-from tests.conftest import drain, results
+from tests.conftest import cli, drain, results
 
 
 def test_a_producer_grants_lots_through_the_stream_and_charges_spend_them(client, settings, producer):
@@ -44,3 +46,20 @@ def test_a_producer_grants_lots_through_the_stream_and_charges_spend_them(client
 def test_authorize_refuses_a_grant_in_one_line(producer):
     with pytest.raises(Invalid, match="field_not_allowed: a grant is settled through the stream"):
         producer.authorize({"op": "grant", "request_id": "g", "account": "ann", "lot": "x", "amount": 5})
+
+
+def test_charging_results_shows_grants_and_breakage_as_such(client, settings, producer):
+    codec.set_balances(client, settings, [("ann", 100)])
+    codec.grant(client, settings, "ann", "flash", "money", 7, expires_in_ms=1)
+    time.sleep(0.005)
+    assert codec.expire_reservations(client, settings, keys_of("ann", settings)) == 0  # no reservation; the lot
+    producer.submit([{"op": "grant", "request_id": "g1", "account": "ann", "lot": "promo", "amount": 50},
+                     {"request_id": "c1", "account": "ann", "amount": 20}])
+    drain(settings)
+
+    shown = cli(settings, "results")
+
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.splitlines() == ["expired:ann/flash ann expired lot_expired charged=0 balance=100 lot=flash "
+                                         "breakage=7", "g1 ann approved  charged=0 balance=150 lot=promo granted=50",
+                                         "c1 ann approved  charged=20 balance=130 draws=promo:20"]

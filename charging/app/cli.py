@@ -197,17 +197,30 @@ def emit(data: dict[str, Any] | list, as_json: bool, human: str | Table | Group)
 
 
 def outcome_text(outcome: Outcome) -> str:
-    """One line; two more for a reservation operation."""
+    """One line; one more for a grant or a lot's expiry, two more for a reservation operation."""
     text = (f"{outcome.request_id}: {outcome.status}"
             f"{' (' + outcome.reason + ')' if outcome.reason else ''} charged={outcome.charged} "
             f"balance={outcome.balance}{' duplicate' if outcome.duplicate else ''}")
     if outcome.draws:
         text += f" draws={outcome.draws}"
-    if outcome.op is not None:
-        expires = "" if outcome.expires_at is None else f" expires_at={moment(outcome.expires_at)}"
+    expires = "" if outcome.expires_at is None else f" expires_at={moment(outcome.expires_at)}"
+    if outcome.op == "grant":
+        text += f"\n  grant {outcome.lot}: granted={outcome.granted}{expires}"
+    elif outcome.op == "expire":
+        text += f"\n  lot {outcome.lot} expired: breakage={outcome.breakage}"
+    elif outcome.op is not None:
         text += (f"\n  {outcome.op} {outcome.reservation}: reserved={outcome.reserved}{expires}"
                  f"\n  held={outcome.held} available={outcome.available}")
     return text
+
+
+def lots_text(outcome: Outcome) -> str:
+    """What an outcome says of credit lots, on its line: the draws, a grant, a breakage."""
+    if outcome.op == "grant":
+        return f" lot={outcome.lot} granted={outcome.granted}"
+    if outcome.op == "expire":
+        return f" lot={outcome.lot} breakage={outcome.breakage}"
+    return f" draws={outcome.draws}" if outcome.draws else ""
 
 
 def moment(ms: int) -> str:
@@ -622,7 +635,8 @@ def results(follow: Annotated[bool, typer.Option(help="Keep printing new outcome
     def show(outcome: Outcome) -> None:
         emit(outcome.as_dict(), as_json,
              f"{outcome.request_id} {outcome.account} {outcome.status} {outcome.reason} "
-             f"charged={outcome.charged} balance={outcome.balance}{' duplicate' if outcome.duplicate else ''}")
+             f"charged={outcome.charged} balance={outcome.balance}{' duplicate' if outcome.duplicate else ''}"
+             f"{lots_text(outcome)}")
         sys.stdout.flush()  # out of this process before it is acked
 
     if group is None:
