@@ -13,7 +13,8 @@ from tests.conftest import cli
 
 pytestmark = pytest.mark.slow
 
-CLEAN_REDIS_MODES = ("ceiling", "drain", "baseline", "steady", "authorize", "http authorize", "memory", "sessions")
+CLEAN_REDIS_MODES = ("ceiling", "drain", "baseline", "lots", "steady", "authorize", "http authorize", "memory",
+                     "sessions")
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,7 @@ def test_clean_modes_lose_nothing_repeat_nothing_and_overdraw_nothing(bench_run)
 def test_modes_that_settle_report_what_each_charge_cost_redis(bench_run):
     modes = bench_run["modes"]
     for name, mode in modes.items():
-        if name.startswith(("drain", "baseline", "steady", "authorize")):
+        if name.startswith(("drain", "baseline", "lots", "steady", "authorize")):
             cost = mode["extra"]["per_charge"]
             assert cost["redis_commands"] > 0 and cost["redis_cpu_us"] > 0 and "bytes_held" in cost, name
     baseline = modes["baseline"]["extra"]
@@ -107,6 +108,26 @@ def test_naive_check_counts_an_over_approval_and_catches_a_money_mismatch():
     assert counted["consistent"]
     drifted = check_naive(start, {"a": -3, "b": 7}, replies, expected=3)  # "b" lost money nobody approved
     assert drifted["money_mismatches"] == 1 and not drifted["consistent"]
+
+
+def test_lots_mode_spends_lots_exactly_and_weighs_them_beside_plain_accounts(client, settings, tmp_path):
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from charging.tools.bench import lots
+    from charging.tools.bench.context import Context
+    from charging.tools.bench.profile import PROFILES
+
+    with open(tmp_path / "progress", "w") as sink, Progress(console=Console(file=sink)) as progress:
+        result = lots.run(Context(settings, client, tmp_path, "lots", progress, own_server=False), PROFILES["tiny"])
+
+    check, extra = result.check, result.extra
+    assert result.ok and extra["plain_check"]["ok"], check
+    assert check["lots"] == len(lots.LOTS) * extra["accounts"] and check["lot_draws"] > 0
+    assert (check["lot_mismatches"], check["breakage_mismatches"], check["money_mismatches"]) == (0, 0, 0)
+    assert extra["per_charge"]["redis_cpu_us"] > 0 and extra["per_charge"]["plain_redis_cpu_us"] > 0
+    assert extra["lots_cpu_ratio"] > 0
+    assert extra["bytes"]["per_lot"] > 0 and extra["bytes"]["wallet_per_account"] > 0
 
 
 def test_ceiling_without_redis_benchmark_is_a_labelled_python_estimate(client, settings, tmp_path, monkeypatch):

@@ -3,9 +3,10 @@ every request has exactly one outcome, no stream entry settled twice, per accoun
 sum(charged) == start - end (charges and commits; reserving, extending and releasing charge
 nothing), no balance below zero, the held funds of every account equal to what its open
 reservations hold, no available funds (balance - held) below zero, no commit that charged
-more than its reservation held, nothing left pending; and every bad entry in the
-dead-letter stream, once, with a reason. Used by the bench, the chaos run, the demo and
-tests."""
+more than its reservation held, nothing left pending; given the credit lots granted, per
+lot granted == spent + breakage + left and per account the breakage events == the wallet's
+breakage; and every bad entry in the dead-letter stream, once, with a reason. Used by the
+bench, the chaos run, the demo and tests."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from charging.keys import all_partitions, partition_of
 from charging.settings import Settings
 
 PAGE = 10_000
+PINS = ("reserve", "extend")  # their draws pin funds in lots; a commit's draws are what it took
 
 
 def entry_key(partition: int, entry_id: str) -> str:
@@ -51,12 +53,19 @@ class Audit:
     held_mismatch: dict[str, tuple[int, int]] = field(default_factory=dict)  # account -> (held, sum of open)
     negative_available: dict[str, int] = field(default_factory=dict)  # account -> balance - held
     overcommitted: list[str] = field(default_factory=list)  # commits that charged more than was reserved
+    lots: int = 0  # credit lots checked (those granted)
+    lot_draws: int = 0  # first approved outcomes that took from a lot other than main
+    breakage_events: int = 0
+    # (account, lot) -> (granted, spent, breakage, left) where granted != the sum of the rest
+    lot_mismatch: dict[tuple[str, str], tuple[int, int, int, int]] = field(default_factory=dict)
+    # (account, money or a service) -> (breakage events' sum, the wallet's breakage total)
+    breakage_mismatch: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
         return not (self.missing or self.repeated or self.resettled or self.replay_mismatches or self.money
                     or self.negative or self.corrupt or self.pending or self.held_mismatch or self.negative_available
-                    or self.overcommitted)
+                    or self.overcommitted or self.lot_mismatch or self.breakage_mismatch)
 
     def as_dict(self) -> dict:
         return {
@@ -69,7 +78,13 @@ class Audit:
             "pending": self.pending, "deadletters": self.deadletters, "held": self.held,
             "open_reservations": self.open_reservations, "held_mismatches": len(self.held_mismatch),
             "negative_available": len(self.negative_available), "overcommitted": len(self.overcommitted),
+            **(self._lots_dict() if self.lots else {}),
         }
+
+    def _lots_dict(self) -> dict:
+        """Only when lots were checked: the other modes and runs grant none."""
+        return {"lots": self.lots, "lot_draws": self.lot_draws, "breakage_events": self.breakage_events,
+                "lot_mismatches": len(self.lot_mismatch), "breakage_mismatches": len(self.breakage_mismatch)}
 
 
 def read_outcomes(client: redis.Redis, settings: Settings) -> Iterator[dict[str, str]]:
@@ -82,9 +97,11 @@ def read_outcomes(client: redis.Redis, settings: Settings) -> Iterator[dict[str,
 
 
 def audit(client: redis.Redis, settings: Settings, start_balances: Mapping[str, int],
-          expected: Iterable[str] | None = None) -> Audit:
-    """start_balances: every account's balance before the load (accounts not named are not
-    checked for money). expected: request ids that must each have exactly one outcome."""
+          expected: Iterable[str] | None = None, granted: Mapping[tuple[str, str], int] | None = None) -> Audit:
+    """start_balances: every account's main balance before the load (accounts not named are
+    not checked for money). expected: request ids that must each have exactly one outcome.
+    granted: (account, lot) -> the quantity granted, for every credit lot the load started
+    with (given, the lots and every account's breakage are checked)."""
     report = Audit()
     charged = _tally(report, read_outcomes(client, settings), settings.partitions)
     if expected is not None:
@@ -99,6 +116,8 @@ def audit(client: redis.Redis, settings: Settings, start_balances: Mapping[str, 
         if drop != charged.by_account.get(account, 0):
             report.money[account] = (charged.by_account.get(account, 0), drop)
     _check_holds(client, settings, balances, report)
+    if granted is not None:
+        _check_lots(client, settings, granted, charged, report)
     for keys in all_partitions(settings.namespace, settings.partitions):
         report.deadletters += client.xlen(keys.deadletter)
         try:
@@ -112,6 +131,9 @@ def audit(client: redis.Redis, settings: Settings, start_balances: Mapping[str, 
 class _Charged:
     by_account: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # what approved charges took of main balances
     firsts: dict[str, tuple[str, ...]] = field(default_factory=dict)  # request id -> its first outcome
+    from_lots: Counter = field(default_factory=Counter)  # (account, lot) -> what approved outcomes took of it
+    broken_lots: Counter = field(default_factory=Counter)  # (account, lot) -> its breakage events' sum
+    broken: Counter = field(default_factory=Counter)  # (account, money or a service) -> breakage events' sum
 
 
 def _tally(report: Audit, outcomes: Iterable[dict[str, str]], partitions: int) -> _Charged:
@@ -121,6 +143,8 @@ def _tally(report: Audit, outcomes: Iterable[dict[str, str]], partitions: int) -
     replays: list[tuple[str, tuple[str, ...]]] = []
     for outcome in outcomes:
         if outcome.get("op") == "expire":  # a lot's breakage (docs/plans-and-lots.md): no request's outcome
+            report.breakage_events += 1
+            _count_breakage(outcome, charged)
             continue
         report.outcomes += 1
         if outcome["entry_id"]:  # '' for authorize, which has no stream entry
@@ -139,6 +163,11 @@ def _tally(report: Audit, outcomes: Iterable[dict[str, str]], partitions: int) -
         if outcome["status"] == "approved":
             report.approved += 1
             charged.by_account[outcome["account"]] += main_taken(outcome)
+            if outcome.get("draws") and outcome.get("op") not in PINS:
+                report.lot_draws += 1
+                for lot, qty, _ in codec.parse_draws(outcome["draws"]):
+                    if lot != "main":
+                        charged.from_lots[outcome["account"], lot] += qty
             if outcome.get("op") == "commit" and int(outcome["charged"]) > int(outcome["reserved"]):
                 report.overcommitted.append(outcome["request_id"])
         else:
@@ -157,6 +186,36 @@ def main_taken(outcome: Mapping[str, str]) -> int:
     if not outcome.get("draws") or outcome["charged"] == "0":
         return int(outcome["charged"])
     return sum(qty for lot, qty, unit in codec.parse_draws(outcome["draws"]) if lot == "main" and not unit)
+
+
+def _count_breakage(event: Mapping[str, str], charged: _Charged) -> None:
+    """A breakage event, by lot and by the measure the wallet totals it in."""
+    qty = int(event["breakage"])
+    charged.broken_lots[event["account"], event["lot"]] += qty
+    charged.broken[event["account"], "money" if event["kind"] == "money" else event["service"]] += qty
+
+
+def _check_lots(client: redis.Redis, settings: Settings, granted: Mapping[tuple[str, str], int],
+                charged: _Charged, report: Audit) -> None:
+    """Per lot granted: granted == spent (first outcomes' draws) + breakage (its events) +
+    left (the wallet; 0 once the lot has gone). Per account: the breakage events summed by
+    measure == the wallet's breakage totals."""
+    left: dict[tuple[str, str], int] = {}
+    totals: Counter = Counter()
+    for keys in all_partitions(settings.namespace, settings.partitions):
+        for account, packed in client.hscan_iter(keys.wallets, count=1000):
+            name, held = account.decode(), codec.wallet(packed)
+            left.update(((name, lot.id), lot.left) for lot in held.lots)
+            totals[name, "money"] += held.breakage
+            totals.update({(name, service): units for service, units in held.breakage_units.items()})
+    report.lots = len(granted)
+    for key, quantity in granted.items():
+        parts = (charged.from_lots[key], charged.broken_lots[key], left.get(key, 0))
+        if quantity != sum(parts):
+            report.lot_mismatch[key] = (quantity, *parts)
+    for key in (charged.broken.keys() | totals.keys()):
+        if charged.broken[key] != totals[key]:
+            report.breakage_mismatch[key] = (charged.broken[key], totals[key])
 
 
 def _check_holds(client: redis.Redis, settings: Settings, balances: Mapping[str, int], report: Audit) -> None:

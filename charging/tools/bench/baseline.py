@@ -47,7 +47,7 @@ NOTHING = RedisWork(0.0, {}, 0)
 def run(ctx: Context, profile: Profile) -> ModeResult:
     charges = profile.drain_charges // 3
     libraries = {"frozen": (ctx.settings_for("baseline0"), _settle_frozen),
-                 "today": (ctx.settings_for("baseline1"), _pump)}
+                 "today": (ctx.settings_for("baseline1"), pump_all)}
     today = libraries["today"][0]
     load = loads.mixed(profile.accounts, charges, seed=8, prefix=f"{today.namespace}-")
     work, seconds = dict.fromkeys(libraries, NOTHING), dict.fromkeys(libraries, 0.0)
@@ -55,11 +55,11 @@ def run(ctx: Context, profile: Profile) -> ModeResult:
     ctx.client.function_load(SOURCE.read_text(), replace=True)
     try:
         for settings, _ in libraries.values():
-            _prepare(ctx, settings, load)
+            prepare(ctx, settings, load)
         with ctx.task("baseline", 2 * len(load)) as advance:
             for start in range(0, len(load), part):
                 for name, (settings, settle) in libraries.items():
-                    done, took = _drain(ctx, settings, load.requests[start:start + part], settle, advance)
+                    done, took = drain_part(ctx, settings, load.requests[start:start + part], settle, advance)
                     work[name], seconds[name] = work[name] + done, seconds[name] + took
     finally:
         ctx.client.function_delete(LIBRARY)
@@ -93,13 +93,13 @@ def settle_frozen(target, settings: Settings, keys: Keys,
     target.fcall("baseline_settle_batch", len(names), *names, *args)
 
 
-def _prepare(ctx: Context, settings: Settings, load: loads.Load) -> None:
+def prepare(ctx: Context, settings: Settings, load: loads.Load) -> None:
     codec.set_balances(ctx.client, settings, load.balances.items())
     for keys in all_partitions(settings.namespace, settings.partitions):
         run_plan(ctx.client, ensure_group(keys.requests, settings.group))
 
 
-def _drain(ctx: Context, settings: Settings, requests: list[dict], settle, advance) -> tuple[RedisWork, float]:
+def drain_part(ctx: Context, settings: Settings, requests: list[dict], settle, advance) -> tuple[RedisWork, float]:
     """Submit requests, then settle them all: Redis's work, and the seconds."""
     producer = Producer(ctx.client, settings)
     for start in range(0, len(requests), CHUNK):
@@ -110,7 +110,7 @@ def _drain(ctx: Context, settings: Settings, requests: list[dict], settle, advan
     return ctx.redis_work() - before, seconds
 
 
-def _pump(ctx: Context, settings: Settings, advance) -> None:
+def pump_all(ctx: Context, settings: Settings, advance) -> None:
     """Today's library: pump calls, one per partition in a pipeline, until none reads anything."""
     todo = all_partitions(settings.namespace, settings.partitions)
     while todo:

@@ -11,12 +11,13 @@ from rich.table import Table
 from charging import codec
 from charging.tools.bench.result import ModeResult
 
-TARGETS = {"drain_vs_ceiling": 0.7, "commands_per_charge": 5, "baseline_cpu_ratio": 2.0, "bytes_held": 200,
+TARGETS = {"drain_vs_ceiling": 0.7, "commands_per_charge": 5, "baseline_cpu_ratio": 2.0, "lots_cpu_ratio": 1.3,
+           "bytes_held": 200,
            "steady_rate": 60_000, "steady_p99_ms": 10.0, "steady_p999_ms": 2.0, "authorize_p99_ms": 2.0,
            "worker_rss_mb": 80.0}
 PROBLEMS = ("missing", "double_charged", "entries_settled_twice", "replay_mismatches", "money_mismatches",
             "negative_balances", "held_mismatches", "negative_available", "overcommitted",
-            "pending")  # what the checker counts against a clean mode
+            "lot_mismatches", "breakage_mismatches", "pending")  # what the checker counts against a clean mode
 CAPACITY_EXAMPLES = [(1_000, 86_400), (10_000, 86_400), (60_000, 3_600)]  # (charges/s, dedupe window s)
 
 
@@ -111,6 +112,9 @@ def targets(results: list[ModeResult]) -> list[dict]:
     if "baseline" in by and (ratio := by["baseline"].extra.get("baseline_cpu_ratio")):
         add("Redis CPU per charge, baseline / today", ratio, f">= {TARGETS['baseline_cpu_ratio']}",
             ratio >= TARGETS["baseline_cpu_ratio"])
+    if "lots" in by and (ratio := by["lots"].extra.get("lots_cpu_ratio")):
+        add("Redis CPU per charge, 5 lots / plain", ratio, f"<= {TARGETS['lots_cpu_ratio']}",
+            ratio <= TARGETS["lots_cpu_ratio"])
     if "memory" in by:
         held = by["memory"].extra["per_charge"]["bytes_held"]
         add("bytes held per charge for the dedupe window (its record)", held, f"<= {TARGETS['bytes_held']}",

@@ -15,14 +15,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from charging.connection import connect
 from charging.settings import Settings
-from charging.tools.bench import authorize, baseline, ceiling, drain, gateway, memcached, memory, naive, report, sessions, steady
+from charging.tools.bench import (authorize, baseline, ceiling, drain, gateway, lots, memcached, memory, naive, report,
+                                  sessions, steady)
 from charging.tools.bench.context import Context
 from charging.tools.bench.memcached import INSTALL_HINT as MEMCACHED_HINT
 from charging.tools.bench.profile import Profile
 from charging.tools.bench.result import ModeResult
 from charging.tools.redis_server import RedisServer
 
-MODES = (ceiling, drain, baseline, steady, authorize, gateway, sessions, naive, memcached, memory)
+MODES = (ceiling, drain, baseline, lots, steady, authorize, gateway, sessions, naive, memcached, memory)
 # On a cluster only the engine's own paths: redis-benchmark, the naive handler and the
 # memory probe each measure one server.
 CLUSTER_MODES = (drain, steady, authorize, gateway, sessions)
