@@ -17,6 +17,7 @@ from charging.app.audit import audit_deadletters
 from charging.connection import connect
 from charging.tools.chaos import hostile
 from charging.tools.chaos.faults import KINDS, LONG_OUTAGE_S, REDIS_KILL, WORKER_KILL, WORKER_STALL, plan
+from charging.tools.chaos.lots import FIRST_EXPIRY_S, OUTLIVES_MS, PLANS, plan_lots
 from charging.tools.chaos.profile import FULL, QUICK
 from tests.conftest import CHARGING, drain
 
@@ -35,6 +36,9 @@ def test_quick_chaos_run_loses_nothing_and_charges_nothing_twice(tmp_path):
     assert (results["lost"], results["double_charged"], results["entries_settled_twice"],
             results["money_mismatches"], results["negative"], results["pending"]) == (0, 0, 0, 0, 0, 0)
     assert results["dead_lettered"] == results["bad_entries"] >= len(hostile.KINDS)
+    assert (results["lot_mismatches"], results["breakage_mismatches"]) == (0, 0), "every lot and its breakage exact"
+    assert load["lots"] > 0 and load["lots_expiring_during_load"] > 0 and load["accounts_on_plans"] > 0
+    assert results["audit"]["lot_draws"] > 0 and results["audit"]["breakage_events"] > 0
     assert load["confirmed_charges"] == QUICK.charges
     assert load["sessions"] == QUICK.sessions and load["session_steps"] >= 3 * QUICK.sessions
     audit = results["audit"]
@@ -65,6 +69,16 @@ def test_fault_plan_is_replayable_from_its_seed_and_keeps_a_worker_free(profile)
     for fault in on_workers:  # one fault per worker at a time, and never all workers at once
         active = [f for f in on_workers if f.at_s <= fault.at_s < f.until_s]
         assert len({f.worker for f in active}) == len(active) < profile.workers
+
+def test_lots_of_a_chaos_run_expire_while_the_load_runs_and_replay_from_the_seed():
+    accounts = [f"account{i}" for i in range(1, QUICK.accounts + 1)]
+    started = plan_lots(QUICK, 5, accounts)
+
+    assert started == plan_lots(QUICK, 5, accounts)
+    expiring = [g.expires_in_ms for g in started.grants if g.expires_in_ms and g.expires_in_ms < OUTLIVES_MS]
+    assert expiring and all(FIRST_EXPIRY_S * 1000 <= ms <= QUICK.duration_s * 1000 for ms in expiring)
+    assert set(started.plans.values()) == set(PLANS)
+
 
 def test_every_kind_of_bad_entry_is_dead_lettered_with_its_reason_and_charges_nothing(settings):
     settings = settings.model_copy(update={"partitions": 2})  # so an entry can sit in the wrong partition

@@ -36,12 +36,13 @@ class Verdict:
 
 
 def judge(client: redis.Redis, settings: Settings, profile: Profile, fsync: str, start_balances: dict[str, int],
-          records: list[Record], faults: list[dict], events: dict[str, int], worker_exits: list[dict],
-          stop_codes: list[int]) -> Verdict:
-    """faults: what the injector did (faults.Injector.done); events: counts from the workers' logs."""
+          granted: dict[tuple[str, str], int], records: list[Record], faults: list[dict], events: dict[str, int],
+          worker_exits: list[dict], stop_codes: list[int]) -> Verdict:
+    """granted: (account, lot) -> quantity, the credit lots the accounts started with;
+    faults: what the injector did (faults.Injector.done); events: counts from the workers' logs."""
     confirmed = {rid for r in records for rid in r.confirmed + r.session_steps}
     bad = {key: REASONS[kind] for r in records for key, kind in r.bad.items()}
-    money = audit(client, settings, start_balances, confirmed)
+    money = audit(client, settings, start_balances, confirmed, granted)
     dead = audit_deadletters(client, settings, bad, good=confirmed)
     v = Verdict(numbers={
         "confirmed": len(confirmed), "bad_entries": len(bad),
@@ -49,6 +50,7 @@ def judge(client: redis.Redis, settings: Settings, profile: Profile, fsync: str,
         "lost_bad_entries": len(dead.missing), "double_charged": len(money.repeated),
         "entries_settled_twice": len(money.resettled), "money_mismatches": len(money.money),
         "negative": len(money.negative), "pending": money.pending, "dead_lettered": dead.found,
+        "lot_mismatches": len(money.lot_mismatch), "breakage_mismatches": len(money.breakage_mismatch),
         "audit": money.as_dict(), "deadletters": dead.as_dict(),
         "sample_lost": sorted(money.missing)[:10] + sorted(dead.missing)[:10],
     })
@@ -85,6 +87,13 @@ def _money(v: Verdict, money: Audit) -> None:
     v.require(not money.money, f"sum(approved) != start - end for {len(money.money)} accounts: "
                                f"{dict(list(money.money.items())[:5])}")
     v.require(not money.negative, f"negative balances: {dict(list(money.negative.items())[:5])}")
+    v.require(not money.lot_mismatch, f"granted != spent + breakage + left for {len(money.lot_mismatch)} lots "
+                                      f"(granted, spent, breakage, left): {dict(list(money.lot_mismatch.items())[:5])}")
+    v.require(not money.breakage_mismatch, f"breakage events != the wallet's breakage for {len(money.breakage_mismatch)} "
+                                           f"accounts (events, wallet): {dict(list(money.breakage_mismatch.items())[:5])}")
+    # The run must have done what it claims: lots spent, and lots expiring while charges flowed.
+    v.require(money.lot_draws > 0, "no charge drew from a credit lot")
+    v.require(money.breakage_events > 0, "no lot expired with something left: breakage was never recorded")
     v.require(money.pending == 0, f"{money.pending} entries still pending")
 
 

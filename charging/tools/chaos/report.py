@@ -24,7 +24,7 @@ def announce(profile: Profile, seed: int, fsync: str, out: Path) -> None:
                   f"over about {profile.duration_s:.0f}s; logs and report in {out}", highlight=False)
 
 
-def facts(profile: Profile, seed: int, fsync: str, settings: dict, records: list[Record], faults: list[Fault],
+def facts(profile: Profile, seed: int, fsync: str, settings: dict, records: list[Record], lots: dict, faults: list[Fault],
           done: list[dict], events: dict[str, int], exits: list[dict], verdict: Verdict, memory: dict,
           elapsed: dict[str, float]) -> dict:
     errors: Counter = sum((Counter(r.errors) for r in records), Counter())
@@ -44,6 +44,7 @@ def facts(profile: Profile, seed: int, fsync: str, settings: dict, records: list
             "requests_resubmitted": sum(r.resubmitted for r in records),
             "never_confirmed": sum(len(r.never_confirmed) for r in records),
             "producer_errors": dict(errors),
+            **lots,
         },
         "faults": {
             "injected": {kind: sum(1 for f in done if f["kind"] == kind) for kind in KINDS},
@@ -80,6 +81,9 @@ def _load_rows(report: dict) -> list[tuple[str, str]]:
                  f"(same content), {load['replays_other_content']} replays (other content), "
                  f"{load['sessions']} voice sessions ({load['session_steps']} steps: reserve, extends, commit), "
                  f"{load['bad_entries']} bad entries of {load['bad_entry_kinds']} kinds"),
+        ("lots and plans", f"{load['lots']} credit lots granted to {load['accounts_with_lots']} accounts before the "
+                           f"load ({load['lots_expiring_during_load']} expiring during it), "
+                           f"{load['accounts_on_plans']} accounts on plans"),
         ("producers", f"{load['unconfirmed_submits']} submits unconfirmed, {load['requests_resubmitted']:,} "
                       f"requests resubmitted with the same ids, {load['never_confirmed']} never confirmed"),
     ]
@@ -114,6 +118,10 @@ def _result_rows(report: dict) -> list[tuple[str, str]]:
         ("entries settled twice", str(results["entries_settled_twice"])),
         ("money: sum(approved) != start - end", f"{results['money_mismatches']} accounts"),
         ("negative balances", str(results["negative"])),
+        ("lots: granted != spent + breakage + left", f"{results['lot_mismatches']} of {audit['lots']} lots "
+                                                     f"({audit['lot_draws']:,} outcomes drew from lots)"),
+        ("breakage: events != the wallet's", f"{results['breakage_mismatches']} accounts "
+                                             f"({audit['breakage_events']} breakage events)"),
         ("held funds", f"{audit['held']:,} held by {audit['open_reservations']} open reservations; "
                        f"{audit['held_mismatches']} accounts held != open reservations, "
                        f"{audit['negative_available']} available < 0, {audit['overcommitted']} commits over reserved"),

@@ -19,6 +19,7 @@ from charging.connection import connect
 from charging.keys import all_partitions
 from charging.settings import Settings
 from charging.tools.chaos import load, report
+from charging.tools.chaos.lots import give, plan_lots
 from charging.tools.chaos.check import judge
 from charging.tools.chaos.faults import Injector, plan
 from charging.tools.chaos.profile import FULL, QUICK, Profile
@@ -72,6 +73,8 @@ def _run(settings: Settings, profile: Profile, seed: int, fsync: str, server: Re
     client = connect(settings)
     start_balances = {account: profile.balance for account in numbered(profile.accounts)}
     codec.set_balances(client, settings, start_balances.items())
+    started_with = plan_lots(profile, seed, list(start_balances))
+    give(client, settings, started_with)
     fleet.start_all()
     faults = plan(profile, seed, settings.reclaim_idle_ms / 1000)
     # The injector's probes (what a worker holds before a stall) answer at once while Redis
@@ -98,13 +101,14 @@ def _run(settings: Settings, profile: Profile, seed: int, fsync: str, server: Re
     stop_codes = fleet.shutdown()
     records = [load.Record.load(path) for path in paths if path.exists()]
     events = fleet.events()
-    verdict = judge(client, settings, profile, fsync, start_balances, records, injector.done, events, fleet.exits,
-                    stop_codes)
+    verdict = judge(client, settings, profile, fsync, start_balances, started_with.granted, records, injector.done,
+                    events, fleet.exits, stop_codes)
     verdict.require(len(records) == len(producers),
                     f"producers crashed: exit codes {[p.exitcode for p in producers]}")
     verdict.require(settled, f"not settled within {SETTLE_TIMEOUT_S}s after the load")
     return report.facts(
-        profile=profile, seed=seed, fsync=fsync, settings=CHAOS_SETTINGS, records=records, faults=faults,
+        profile=profile, seed=seed, fsync=fsync, settings=CHAOS_SETTINGS, records=records,
+        lots=started_with.summary(profile), faults=faults,
         done=injector.done, events=events, exits=fleet.exits, verdict=verdict,
         memory=client.info("memory"),
         elapsed={"load_s": loaded - started, "settle_s": time.monotonic() - loaded,
