@@ -310,8 +310,9 @@ def granting(settings: Settings, account: str, lot: str, kind: str, quantity: in
              expires_at: int | None = None, expires_in_ms: int | None = None) -> Plan[Granted]:
     """grant as a plan, for the sync and the asyncio client."""
     keys = keys_of(account, settings)
+    names = [keys.balances, keys.wallets, keys.lot_expiries, keys.results]
     status, lot_id, left, expires = yield lambda client: client.fcall(
-        "grant", 3, keys.balances, keys.wallets, keys.lot_expiries, account, lot, kind, quantity, service or "",
+        "grant", len(names), *names, account, lot, kind, quantity, service or "",
         "" if expires_at is None else expires_at, "" if expires_in_ms is None else expires_in_ms)
     return Granted(text(status), text(lot_id), int(left), _number(text(expires)))
 

@@ -246,6 +246,7 @@ end
 local RS = '\30'
 local LOT_ID = '^[A-Za-z0-9_.%-]+$'
 local MAX_LOTS = 32
+local MAX_TOTAL = 9007199254740991 -- 2^53 - 1: a breakage total, exact to here, stops here
 local KINDS = {money = true, units = true}
 
 local function split_on(packed, sep)
@@ -260,9 +261,10 @@ local function parse_lot(packed, index)
   local lot = {id = p[1], kind = p[2], service = p[3], granted = count(p[4], 1, MAX_BALANCE),
                left = count(p[5], 0, MAX_BALANCE), held = count(p[6], 0, MAX_BALANCE),
                expires_at = p[7] ~= '' and count(p[7], 0, MAX_TIME_MS), spec = p[8], index = index}
-  if #p ~= 8 or not text(lot.id, LOT_ID, 64) or not KINDS[lot.kind]
+  if #p ~= 8 or not text(lot.id, LOT_ID, 64) or lot.id == 'main' or not KINDS[lot.kind]
       or not (lot.service == '' or SERVICES[lot.service]) or (lot.kind == 'units' and lot.service == '')
-      or not (lot.granted and lot.left and lot.held) or lot.held > lot.left or lot.expires_at == nil then
+      or not (lot.granted and lot.left and lot.held) or lot.held > lot.left or lot.left > lot.granted
+      or lot.expires_at == nil then
     return nil
   end
   return lot
@@ -280,8 +282,8 @@ local function parse_wallet(packed)
   local records = split_on(packed, RS)
   local head = split(records[1])
   local w = {plan = head[1], lots = {}, by_id = {},
-             broken = {money = count(head[2], 0, MAX_BALANCE), sms = count(head[3], 0, MAX_BALANCE),
-                       voice = count(head[4], 0, MAX_BALANCE), data = count(head[5], 0, MAX_BALANCE)}}
+             broken = {money = count(head[2], 0, MAX_TOTAL), sms = count(head[3], 0, MAX_TOTAL),
+                       voice = count(head[4], 0, MAX_TOTAL), data = count(head[5], 0, MAX_TOTAL)}}
   if #head ~= 5 or not (w.plan == '' or text(w.plan, LOT_ID, 64))
       or not (w.broken.money and w.broken.sms and w.broken.voice and w.broken.data) then
     return nil
@@ -440,9 +442,13 @@ local function parse_reservation(packed, id)
   end
   r.draws = #p == 7 and parse_draws(p[7]) or {{id = 'main', qty = r.amount}}
   if not r.draws then return nil end
+  -- its draws are what it is worth: its money, and its units at its unit price
+  local worth = 0
   for _, d in ipairs(r.draws) do
     if d.id == 'main' then r.main = r.main + d.qty end
+    worth = worth + (d.unit and d.qty * r.unit_price or d.qty)
   end
+  if worth ~= r.amount then return nil end
   return r
 end
 
@@ -526,7 +532,7 @@ local function settle_lots(s, now)
       if lost > 0 then
         lot.left = lot.held
         local measure = lot.kind == 'units' and lot.service or 'money'
-        w.broken[measure] = w.broken[measure] + lost
+        w.broken[measure] = math.min(w.broken[measure] + lost, MAX_TOTAL)
         s.broken = s.broken or {order = {}, by = {}}
         local known = s.broken.by[lot.id]
         if known then
@@ -609,19 +615,24 @@ local function read_account(k, account, now, ahead)
   -- The stored total covers every reservation of the account: one smaller than what was
   -- read is not a total the library wrote.
   if s.stored_held < s.counted then return nil, 'corrupt_held' end
-  -- Each lot's held part covers every draw on it, each of a lot the wallet holds.
+  -- Each lot's held part is what the account's reservations pin of it, each draw of a lot
+  -- the wallet holds (units of the reservation's own service).
   local pins = {}
   for _, reservations in ipairs({s.open, s.expired}) do
     for _, r in pairs(reservations) do
       for _, d in ipairs(r.draws) do
         if d.id ~= 'main' then
           local lot = s.wallet.by_id[d.id]
-          if not lot or (lot.kind == 'units') ~= d.unit then return nil, 'corrupt_reservation' end
+          if not lot or (lot.kind == 'units') ~= d.unit or (d.unit and lot.service ~= r.service) then
+            return nil, 'corrupt_reservation'
+          end
           pins[d.id] = (pins[d.id] or 0) + d.qty
-          if pins[d.id] > lot.held then return nil, 'corrupt_reservation' end
         end
       end
     end
+  end
+  for _, lot in ipairs(s.wallet.lots) do
+    if (pins[lot.id] or 0) ~= lot.held then return nil, 'corrupt_wallet' end
   end
   s.held = s.stored_held
   for _, id in ipairs(s.expired_ids) do unpin(s, s.expired[id]) end
@@ -748,8 +759,9 @@ local function open_reservation(s, a)
 end
 
 -- What each of a reservation's draws gives to a commit of units (its unit draws first,
--- then its money at the reservation's unit price) or of an amount (its money): by draw,
--- and the money among it; nil when the reservation holds too little.
+-- then its money at the reservation's unit price) or of an amount (its money): the money
+-- its lots pinned before the main balance's, as a charge spends. By draw, and the money
+-- among it; nil when the reservation holds too little.
 local function commit_draws(r, units, amount)
   local gives, left = {}, units or 0
   for i, d in ipairs(r.draws) do
@@ -760,10 +772,12 @@ local function commit_draws(r, units, amount)
   end
   local need = amount or left * r.unit_price
   local money = need
-  for i, d in ipairs(r.draws) do
-    if not d.unit and need > 0 then
-      gives[i] = math.min(d.qty, need)
-      need = need - gives[i]
+  for _, main in ipairs({false, true}) do
+    for i, d in ipairs(r.draws) do
+      if not d.unit and (d.id == 'main') == main and need > 0 then
+        gives[i] = math.min(d.qty, need)
+        need = need - gives[i]
+      end
     end
   end
   if need > 0 then return nil end
@@ -798,10 +812,14 @@ local function decide_extend(s, a, now)
   local r, reason, closed = open_reservation(s, a)
   if not r then return outcome('rejected', reason, 0, s, closed) end
   local service = r.service ~= '' and r.service or nil
+  -- Units a lot pays need no money: the reservation's worth must still stay a number the
+  -- library can hold.
+  local more = a.amount or a.units * r.unit_price
+  if r.amount + more > MAX_BALANCE then return outcome('rejected', 'invalid_amount', 0, s, r) end
   local draws = plan_draws(s, service, a.units, r.unit_price, a.amount, now)
   if not draws then return outcome('rejected', 'insufficient_funds', 0, s, r) end
   pin(s, draws)
-  s.put = {id = a.reservation, account = r.account, amount = r.amount + (a.amount or a.units * r.unit_price),
+  s.put = {id = a.reservation, account = r.account, amount = r.amount + more,
            expires_at = now + (a.ttl_ms or r.ttl_ms), unit_price = r.unit_price, ttl_ms = r.ttl_ms,
            service = r.service, draws = kept_draws(r.draws, draws)}
   return outcome('approved', '', 0, s, s.put, draws_text(draws, true))
@@ -1108,7 +1126,9 @@ local function breakage_events(s, stamp)
   local balance, events = digits((money_of(s))), {}
   for _, id in ipairs(s.broken.order) do
     local b = s.broken.by[id]
-    events[#events + 1] = {'request_id', 'expired:' .. s.account .. '/' .. id, 'account', s.account,
+    -- unique: a lot's left only falls, and its id and expiry name one lot
+    local event_id = 'expired:' .. s.account .. '/' .. id .. '@' .. digits(b.lot.expires_at) .. ':' .. digits(b.lot.left)
+    events[#events + 1] = {'request_id', event_id, 'account', s.account,
                            'status', 'expired', 'reason', 'lot_expired', 'charged', '0', 'balance', balance,
                            'duplicate', '0', 'submitted_at', '', 'processed_at', stamp, 'entry_id', '', 'op', 'expire',
                            'lot', id, 'kind', b.lot.kind, 'service', b.lot.service, 'breakage', digits(b.qty)}
@@ -2187,15 +2207,16 @@ local function assign_plan(keys, args)
 end
 
 --[[
-grant: give an account a credit lot. KEYS: balances, wallets, lot_expiries.
+grant: give an account a credit lot. KEYS: balances, wallets, lot_expiries, results.
 ARGV: account, lot id, kind (money or units), quantity (1..10^15), service ('' for money
 of any service; required for units), expires_at (ms since the epoch, later than now) or
 expires_in_ms (1..10 years), at most one of them ('' for a lot that never expires).
 Idempotent by lot id while the account holds the lot: the same content again is a
-duplicate, other content idempotency_conflict. Returns {granted or duplicate, lot, left,
+duplicate, other content idempotency_conflict. The account's lots that have expired are
+ended first, their breakage recorded (events on the results stream), as at a settling call. Returns {granted or duplicate, lot, left,
 expires_at ('' never)}.
 ]]
-local GRANT_ROLES = {'balances', 'wallets', 'lot_expiries'}
+local GRANT_ROLES = {'balances', 'wallets', 'lot_expiries', 'results'}
 
 -- The expiry of a grant from now: expires_at and the spec a replay must match; nil and
 -- the refusal when it is not one.
@@ -2203,7 +2224,7 @@ local function grant_expiry(at, within, now)
   if at ~= '' and within ~= '' then return nil, refuse('invalid_expiry', 'give expires_at or expires_in, not both') end
   if at ~= '' then
     local when = count(at, 0, MAX_TIME_MS)
-    if not when or when <= now then return nil, refuse('invalid_expiry', 'expires_at must be later than now') end
+    if not when then return nil, refuse('invalid_expiry', 'expires_at must be ms since the epoch') end
     return when, 'at:' .. digits(when)
   end
   if within ~= '' then
@@ -2215,7 +2236,7 @@ local function grant_expiry(at, within, now)
 end
 
 local function grant(keys, args)
-  local k = #keys == 3 and #args == 7 and partition_keys(keys, GRANT_ROLES)
+  local k = #keys == #GRANT_ROLES and #args == 7 and partition_keys(keys, GRANT_ROLES)
   if not k then
     return refuse('wrong_arguments', 'grant takes the keys ' .. table.concat(GRANT_ROLES, ', ')
                   .. ' and account, lot, kind, quantity, service, expires_at, expires_in_ms')
@@ -2230,29 +2251,51 @@ local function grant(keys, args)
   if not qty then return refuse(kind == 'money' and 'invalid_amount' or 'invalid_units', '1..' .. MAX_BALANCE) end
   if service ~= '' and not SERVICES[service] then return refuse('unknown_service', service) end
   if kind == 'units' and service == '' then return refuse('missing_service', 'a lot of units is of one service') end
-  local expires_at, spec = grant_expiry(args[6], args[7], now_ms())
+  local now = now_ms()
+  local expires_at, spec = grant_expiry(args[6], args[7], now)
   if expires_at == nil then return spec end
   local w, main = wallet_of(k, account)
   if not w then return main end
+  -- The account's lots that have expired go first, as at a settling call: a lot id granted
+  -- again once its lot has expired is a new lot.
+  local s = {account = account, wallet = w, balance = main, held = 0, charge = false, broken = false,
+             gone_lots = false, wallet_changed = false}
+  settle_lots(s, now)
   local lot = w.by_id[id]
+  local reply
   if lot then
     if lot.kind ~= kind or lot.service ~= service or lot.granted ~= qty or lot.spec ~= spec then
       return refuse('idempotency_conflict', 'lot ' .. id .. ' was granted with other content')
     end
-    return {'duplicate', id, lot.left, lot.expires_at or ''}
-  end
-  if #w.lots >= MAX_LOTS then return refuse('too_many_lots', 'an account holds at most ' .. MAX_LOTS) end
-  if kind == 'money' and main + lot_money(w) + qty > MAX_BALANCE then
-    return refuse('balance_too_large', 'an account holds at most ' .. MAX_BALANCE .. ' with its lots')
+    reply = {'duplicate', id, lot.left, lot.expires_at or ''}
+  else
+    if expires_at and expires_at <= now then return refuse('invalid_expiry', 'expires_at must be later than now') end
+    if #w.lots >= MAX_LOTS then return refuse('too_many_lots', 'an account holds at most ' .. MAX_LOTS) end
+    if kind == 'money' and main + lot_money(w) + qty > MAX_BALANCE then
+      return refuse('balance_too_large', 'an account holds at most ' .. MAX_BALANCE .. ' with its lots')
+    end
+    local index = #w.lots > 0 and w.lots[#w.lots].index + 1 or 1
+    w.lots[#w.lots + 1] = {id = id, kind = kind, service = service, granted = qty, left = qty, held = 0,
+                           expires_at = expires_at, spec = spec, index = index}
+    reply = {'granted', id, qty, expires_at or ''}
   end
   local err = wrong_type(k.lot_expiries, 'zset')
   if err then return err end
-  local index = #w.lots > 0 and w.lots[#w.lots].index + 1 or 1
-  w.lots[#w.lots + 1] = {id = id, kind = kind, service = service, granted = qty, left = qty, held = 0,
-                         expires_at = expires_at, spec = spec, index = index}
-  write_wallet(k, account, w)
-  if expires_at then redis.call('ZADD', k.lot_expiries, digits(expires_at), account .. '/' .. id) end
-  return {'granted', id, qty, expires_at or ''}
+  -- Then write: the breakage events first (the first XADD refuses the call, nothing written).
+  for i, fields in ipairs(breakage_events(s, digits(now))) do
+    if i == 1 then
+      err = first_post(k.results, fields)
+      if err then return err end
+    else
+      post_after(k.results, fields)
+    end
+  end
+  if reply[1] == 'granted' or s.wallet_changed then write_wallet(k, account, w) end
+  if s.gone_lots then redis.call('ZREM', k.lot_expiries, unpack(s.gone_lots)) end
+  if reply[1] == 'granted' and expires_at then
+    redis.call('ZADD', k.lot_expiries, digits(expires_at), account .. '/' .. id)
+  end
+  return reply
 end
 
 -- An XINFO reply (alternating names and values) as a table.

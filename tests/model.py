@@ -21,6 +21,7 @@ the rules leave the library a choice, the model takes the answer the library gav
 from __future__ import annotations
 
 from collections import Counter
+from copy import deepcopy
 from dataclasses import dataclass, field, replace
 
 EARLY_MS, LATE_MS = 5, 50
@@ -146,20 +147,33 @@ class Ledger:
 
     # ---- lots -----------------------------------------------------------------------------
 
-    def grant(self, account: str, lot: Lot, now: int) -> str:
+    def grant(self, account: str, lot: Lot, now: int, call: bool = True) -> str:
         """granted, duplicate or the refusal: idempotency_conflict, too_many_lots,
-        unknown_account. A lot that has expired is held (its id remembered) until a call on
-        the account or the sweep records its breakage."""
+        unknown_account. The account's lots that have expired go first (call: the function
+        grant, whose breakage this is; else a grant a settling call makes, which ended them)."""
         if account not in self.balances:
             return "unknown_account"
+        # The account's expired lots go first (their breakage recorded), unless the grant is refused.
+        before = deepcopy((self.lots.get(account, []), self.breakage))
+        ended = self.end_lots(account, now)
+        if call:
+            self.broken = ended
+        refusal = None
         if (known := self.lot(account, lot.id)) is not None:
             same = (known.kind, known.service, known.granted, known.spec) == (lot.kind, lot.service, lot.granted,
                                                                              lot.spec)
-            return "duplicate" if same else "idempotency_conflict"
-        if len(self.lots.get(account, [])) >= 32:
-            return "too_many_lots"
-        if lot.kind == "money" and self.balances[account] + self.lot_money(account) + lot.granted > MAX_BALANCE:
-            return "balance_too_large"
+            refusal = None if same else "idempotency_conflict"
+        elif len(self.lots.get(account, [])) >= 32:
+            refusal = "too_many_lots"
+        elif lot.kind == "money" and self.balances[account] + self.lot_money(account) + lot.granted > MAX_BALANCE:
+            refusal = "balance_too_large"
+        if refusal:
+            self.lots[account], self.breakage = before
+            if call:
+                self.broken = {}
+            return refusal
+        if known is not None:
+            return "duplicate"
         self.orders += 1
         self.lots.setdefault(account, []).append(replace(lot, order=self.orders))
         self.granted[account, lot.measure] += lot.granted
@@ -334,10 +348,11 @@ class Ledger:
             gives.append(give)
         need = r.amount if r.amount is not None else left * hold.unit_price
         money = need
-        for i, (lot_id, qty, unit) in enumerate(hold.draws):
-            if not unit:
-                gives[i] = min(qty, need)
-                need -= gives[i]
+        for main in (False, True):  # the money of lots before the main balance's, as a charge spends
+            for i, (lot_id, qty, unit) in enumerate(hold.draws):
+                if not unit and (lot_id == "main") == main:
+                    gives[i] = min(qty, need)
+                    need -= gives[i]
         if need:
             return self._answer(r, "rejected", "exceeds_reservation", 0, now, reserved=was[0], expires_at=was[1])
         main = sum(g for (lot_id, _, _), g in zip(hold.draws, gives) if lot_id == "main")
@@ -372,7 +387,7 @@ class Ledger:
         lot = r.lot
         if r.expires_in_ms is not None:
             lot = replace(lot, expires_at=now + r.expires_in_ms)
-        result = self.grant(r.account, lot, now)
+        result = self.grant(r.account, lot, now, call=False)
         balance, _ = self.money(r.account)
         if result not in ("granted", "duplicate"):
             return Answer("rejected", result, 0, balance, reserved=0, expires_at=None)

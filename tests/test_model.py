@@ -404,6 +404,7 @@ class LedgerMachine(RuleBasedStateMachine):
         kind, quantity, service = lot
         self.wait_past_clock()
         before = self.server_ms()
+        posted = self.client.xlen(self.keys.results)
         ttl = expiry[1] if expiry and expiry[0] == "in" else None
         at = self.common if expiry and expiry[0] == "at" else None
         try:
@@ -420,6 +421,10 @@ class LedgerMachine(RuleBasedStateMachine):
         made = Lot(lot_id, kind, service, quantity, quantity, 0, expires_at, spec, 0)
         expected = self.ledger.grant(account, made, now)
         assert seen == expected, f"grant {account} {lot_id} {lot} {expiry}: library {seen}, model {expected}"
+        events = self.client.xrange(self.keys.results, f"({self.last_result(posted)}", "+") if posted else \
+            self.client.xrange(self.keys.results)
+        self.breakage_events_are_the_models([f for _, f in events], account,
+                                            self.ledger.broken if seen in ("granted", "duplicate") else {})
         self.clock = max(self.clock, now)
 
     @rule(account=st.sampled_from(ACCOUNTS), kind=st.sampled_from(("money", "units", "gift")),
@@ -427,7 +432,7 @@ class LedgerMachine(RuleBasedStateMachine):
           expiry=st.sampled_from((("", ""), ("1", ""), ("", "0"), ("", "1e3"), ("1", "1"))))
     def malformed_grant(self, account, kind, quantity, service, expiry):
         """A grant no caller may make: refused, nothing written."""
-        names = [self.keys.balances, self.keys.wallets, self.keys.lot_expiries]
+        names = [self.keys.balances, self.keys.wallets, self.keys.lot_expiries, self.keys.results]
         self.refused(lambda: self.client.fcall("grant", len(names), *names, account, "bad", kind, quantity, service,
                                                *expiry),
                      "invalid_|unknown_service|missing_service")
@@ -607,6 +612,8 @@ class LedgerMachine(RuleBasedStateMachine):
         held = {a.decode(): v.decode() for a, v in raw_held.items()}
         assert all(v.isdigit() for v in (*balances.values(), *held.values())), (balances, held)  # never below 0
         assert {a: int(v) for a, v in balances.items()} == self.ledger.balances
+        expired = [f[b"request_id"] for _, f in self.client.xrange(self.keys.results) if f.get(b"op") == b"expire"]
+        assert len(expired) == len(set(expired)), "two breakage events with one request id"
         for account, start in self.start.items():
             assert int(balances[account]) == start + self.topped_up[account] - self.charged[account], account
         # The stored held total is what the stored reservations hold, and they are all indexed.
