@@ -173,6 +173,13 @@ def repair_call(client, settings, _):
     assert codec.repair(client, settings, KEYS) == (2, True)
 
 
+def plans_scene(scene, settings):
+    """account1 with a lot that has expired: a grant records its breakage first."""
+    accounts(scene, settings)
+    codec.grant(scene, settings, "account1", "gone", "money", 7, expires_in_ms=1)
+    time.sleep(0.005)
+
+
 def plans_call(client, settings, _):
     assert codec.set_plan(client, KEYS, "gold", {"sms": 1, "voice": 4, "data": 8}) == 1
     assert codec.assign_plan(client, settings, "account1", "gold") == "gold"
@@ -206,7 +213,7 @@ ROWS = [
     Row(("trim",), ("maintainer",), trim_scene, trim_call),
     Row(("repair",), ("maintainer",), repair_scene, repair_call),
     Row(("set_balances", "top_up"), ("admin",), lambda scene, settings: None, accounts_call),
-    Row(("set_plan", "assign_plan", "grant"), ("admin", "gateway"), accounts, plans_call),
+    Row(("set_plan", "assign_plan", "grant"), ("admin", "gateway"), plans_scene, plans_call),
 ]
 
 # What each role's own code runs besides its functions: (command, key kind).
