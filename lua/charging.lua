@@ -256,12 +256,21 @@ local function split_on(packed, sep)
 end
 
 -- A stored lot, checked; nil when it is not one the library wrote.
+-- A lot's eight fields in one match (nil unless there are exactly eight): it is read at
+-- every charge of its account.
+local FIELD = '([^' .. SEP .. ']*)'
+local LOT_FIELDS = '^' .. FIELD .. SEP .. FIELD .. SEP .. FIELD .. SEP .. FIELD .. SEP .. FIELD .. SEP .. FIELD .. SEP
+                   .. FIELD .. SEP .. FIELD .. '$'
+
 local function parse_lot(packed, index)
-  local p = split(packed)
-  local lot = {id = p[1], kind = p[2], service = p[3], granted = count(p[4], 1, MAX_BALANCE),
-               left = count(p[5], 0, MAX_BALANCE), held = count(p[6], 0, MAX_BALANCE),
-               expires_at = p[7] ~= '' and count(p[7], 0, MAX_TIME_MS), spec = p[8], index = index}
-  if #p ~= 8 or not text(lot.id, LOT_ID, 64) or lot.id == 'main' or not KINDS[lot.kind]
+  local id, kind, service, granted, left, held, expires_at, spec = string.match(packed, LOT_FIELDS)
+  if not id then return nil end
+  -- packed: as stored, written again as it is while the lot does not change (pack_wallet)
+  local lot = {id = id, kind = kind, service = service, granted = count(granted, 1, MAX_BALANCE),
+               left = count(left, 0, MAX_BALANCE), held = count(held, 0, MAX_BALANCE),
+               expires_at = expires_at ~= '' and count(expires_at, 0, MAX_TIME_MS), spec = spec, index = index,
+               packed = packed}
+  if not text(lot.id, LOT_ID, 64) or lot.id == 'main' or not KINDS[lot.kind]
       or not (lot.service == '' or SERVICES[lot.service]) or (lot.kind == 'units' and lot.service == '')
       or not (lot.granted and lot.left and lot.held) or lot.held > lot.left or lot.left > lot.granted
       or lot.expires_at == nil then
@@ -300,8 +309,8 @@ local function pack_wallet(w)
   local b = w.broken
   local records = {pack({w.plan, b.money, b.sms, b.voice, b.data})}
   for _, lot in ipairs(w.lots) do
-    records[#records + 1] = pack({lot.id, lot.kind, lot.service, lot.granted, lot.left, lot.held,
-                                  lot.expires_at or '', lot.spec})
+    records[#records + 1] = lot.packed or pack({lot.id, lot.kind, lot.service, lot.granted, lot.left, lot.held,
+                                                lot.expires_at or '', lot.spec})
   end
   return table.concat(records, RS)
 end
@@ -503,7 +512,7 @@ local function unpin(s, r)
       s.held = s.held - d.qty
     else
       local lot = s.wallet.by_id[d.id]
-      lot.held = lot.held - d.qty
+      lot.held, lot.packed = lot.held - d.qty, false
       s.wallet_changed = true
     end
   end
@@ -530,7 +539,7 @@ local function settle_lots(s, now)
     if not live(lot, now) then
       local lost = lot.left - lot.held
       if lost > 0 then
-        lot.left = lot.held
+        lot.left, lot.packed = lot.held, false
         local measure = lot.kind == 'units' and lot.service or 'money'
         w.broken[measure] = math.min(w.broken[measure] + lost, MAX_TOTAL)
         s.broken = s.broken or {order = {}, by = {}}
@@ -690,7 +699,7 @@ end
 local function take(s, draws)
   for _, d in ipairs(draws) do
     if d.lot then
-      d.lot.left = d.lot.left - d.qty
+      d.lot.left, d.lot.packed = d.lot.left - d.qty, false
       s.wallet_changed = true
     else
       s.charge = (s.charge or 0) + d.qty
@@ -702,7 +711,7 @@ end
 local function pin(s, draws)
   for _, d in ipairs(draws) do
     if d.lot then
-      d.lot.held = d.lot.held + d.qty
+      d.lot.held, d.lot.packed = d.lot.held + d.qty, false
       s.wallet_changed = true
     else
       s.held = s.held + d.qty
