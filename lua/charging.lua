@@ -1273,6 +1273,18 @@ local function read_plans(k, wallets)
   return plans
 end
 
+-- The balances, held totals and wallets of ahead.accounts, one HMGET each, into ahead: what
+-- read_account reads of them.
+local function read_accounts(k, ahead)
+  local accounts = ahead.accounts
+  local balances = redis.call('HMGET', k.balances, unpack(accounts))
+  local held = redis.call('HMGET', k.held, unpack(accounts))
+  local wallets = redis.call('HMGET', k.wallets, unpack(accounts))
+  for i, account in ipairs(accounts) do
+    ahead.balances[account], ahead.held[account], ahead.wallets[account] = balances[i], held[i], wallets[i]
+  end
+end
+
 -- What the entries of a batch read, in a few commands for the whole call instead of a few
 -- each: the balances, held totals and wallets of their accounts and the plans these name,
 -- their dedupe records (one HMGET per bucket) at now, the call's one server time (every
@@ -1285,12 +1297,7 @@ local function read_ahead(k, accounts, slices, now)
   local ahead = {now = now, stamp = digits(now), accounts = accounts, balances = {}, held = {}, charged = {},
                  wallets = {}, wallet_written = {}, plans = {}, records = {}, writes = {}, written = {}, streams = {},
                  expiries = {}}
-  local balances = redis.call('HMGET', k.balances, unpack(accounts))
-  local held = redis.call('HMGET', k.held, unpack(accounts))
-  local wallets = redis.call('HMGET', k.wallets, unpack(accounts))
-  for i, account in ipairs(accounts) do
-    ahead.balances[account], ahead.held[account], ahead.wallets[account] = balances[i], held[i], wallets[i]
-  end
+  read_accounts(k, ahead)
   ahead.plans = read_plans(k, ahead.wallets)
   for slice, wanted in pairs(slices) do
     local found = {}
@@ -1443,12 +1450,7 @@ local function expire_reservations(keys, args)
   if #accounts == 0 then return 0 end
   local ahead = {accounts = accounts, balances = {}, held = {}, wallets = {}, charged = {}, wallet_written = {},
                  written = {}}
-  local balances = redis.call('HMGET', k.balances, unpack(accounts))
-  local held = redis.call('HMGET', k.held, unpack(accounts))
-  local wallets = redis.call('HMGET', k.wallets, unpack(accounts))
-  for i, account in ipairs(accounts) do
-    ahead.balances[account], ahead.held[account], ahead.wallets[account] = balances[i], held[i], wallets[i]
-  end
+  read_accounts(k, ahead)
   local read, released = {}, 0
   for _, account in ipairs(accounts) do
     read[#read + 1] = read_account(k, account, now, ahead) -- nil: not the library's, left alone
