@@ -126,13 +126,13 @@ local function pack(values)
   return table.concat(parts, SEP)
 end
 
-local function split(packed)
+local function split_on(packed, sep)
   local parts = {}
-  for part in string.gmatch(packed .. SEP, '(.-)' .. SEP) do
-    parts[#parts + 1] = part
-  end
+  for part in string.gmatch(packed .. sep, '(.-)' .. sep) do parts[#parts + 1] = part end
   return parts
 end
+
+local function split(packed) return split_on(packed, SEP) end
 
 -- ---- checking ------------------------------------------------------------------------
 
@@ -248,12 +248,6 @@ local LOT_ID = '^[A-Za-z0-9_.%-]+$'
 local MAX_LOTS = 32
 local MAX_TOTAL = 9007199254740991 -- 2^53 - 1: a breakage total, exact to here, stops here
 local KINDS = {money = true, units = true}
-
-local function split_on(packed, sep)
-  local parts = {}
-  for part in string.gmatch(packed .. sep, '(.-)' .. sep) do parts[#parts + 1] = part end
-  return parts
-end
 
 -- A stored lot, checked; nil when it is not one the library wrote.
 -- A lot's eight fields in one match (nil unless there are exactly eight): it is read at
@@ -1098,6 +1092,22 @@ local function post_after(stream, fields)
   redis.pcall('XADD', stream, '*', unpack(fields))
 end
 
+-- Events to the results stream: the call's first XADD through first_post (failing, it
+-- refuses the call with nothing written) unless one was posted already (posted), the
+-- rest after it. Returns the refusal, or nil and whether one has been posted now.
+local function post_events(stream, events, posted)
+  for _, fields in ipairs(events) do
+    if posted then
+      post_after(stream, fields)
+    else
+      local err = first_post(stream, fields)
+      if err then return err end
+      posted = true
+    end
+  end
+  return nil, posted
+end
+
 local function post(k, a, o, stamp)
   local fields = {
     'request_id', a.request_id, 'account', a.account, 'status', o.status, 'reason', o.reason,
@@ -1243,7 +1253,7 @@ local function settle_entry(k, a, ahead)
   if err then return err end
   err = post(k, a, o, stamp)
   if err then return err end
-  for _, fields in ipairs(breakage_events(s, stamp)) do post_after(k.results, fields) end
+  post_events(k.results, breakage_events(s, stamp), true)
   if a.entry_id ~= '' then ack(k.requests, a.group, a.entry_id) end
   apply(k, s, ahead)
   if not stored then write_record(k, a, o, now, stamp, ahead) end
@@ -1456,17 +1466,10 @@ local function expire_reservations(keys, args)
     read[#read + 1] = read_account(k, account, now, ahead) -- nil: not the library's, left alone
   end
   -- Then write: the breakage events first (the first XADD refuses the call, nothing written).
-  local stamp, first = digits(now), true
+  local stamp, posted = digits(now), false
   for _, s in ipairs(read) do
-    for _, fields in ipairs(breakage_events(s, stamp)) do
-      if first then
-        err = first_post(k.results, fields)
-        if err then return err end
-        first = false
-      else
-        post_after(k.results, fields)
-      end
-    end
+    err, posted = post_events(k.results, breakage_events(s, stamp), posted)
+    if err then return err end
   end
   for _, s in ipairs(read) do
     apply(k, s, ahead)
@@ -2293,14 +2296,8 @@ local function grant(keys, args)
   local err = wrong_type(k.lot_expiries, 'zset')
   if err then return err end
   -- Then write: the breakage events first (the first XADD refuses the call, nothing written).
-  for i, fields in ipairs(breakage_events(s, digits(now))) do
-    if i == 1 then
-      err = first_post(k.results, fields)
-      if err then return err end
-    else
-      post_after(k.results, fields)
-    end
-  end
+  err = post_events(k.results, breakage_events(s, digits(now)))
+  if err then return err end
   if reply[1] == 'granted' or s.wallet_changed then write_wallet(k, account, w) end
   if s.gone_lots then redis.call('ZREM', k.lot_expiries, unpack(s.gone_lots)) end
   if reply[1] == 'granted' and expires_at then
