@@ -45,7 +45,8 @@ _OP_FIELDS = {
     "grant": {"service", "units", "amount", "lot", "expires_at", "expires_in"},
 }
 _OPTIONAL = ("service", "units", "amount", "reservation", "ttl", "lot", "expires_at", "expires_in")
-LOT_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"  # a credit lot's id (docs/plans-and-lots.md); not 'main'
+LOT_PATTERN = r"[A-Za-z0-9_.-]{1,64}"  # a credit lot's id (docs/plans-and-lots.md), and never MAIN_LOT
+MAIN_LOT = "main"  # the main balance, which no lot may be named
 MAX_TIME_MS = 10**14  # the library's limit of a time in ms (year 5138)
 MAX_DURATION_S = 315_360_000  # ten years, the library's longest duration
 _DIGITS = re.compile(r"[0-9]{1,20}")
@@ -121,7 +122,7 @@ class ChargeRequest(BaseModel):
     ttl: WholeNumber | None = None
     reply_to: str | None = None
     submitted_at: WholeNumber | None = None
-    lot: str | None = Field(None, pattern=LOT_PATTERN)
+    lot: str | None = Field(None, pattern=f"^{LOT_PATTERN}$")
     expires_at: WholeNumber | None = None
     expires_in: WholeNumber | None = None
 
@@ -166,7 +167,7 @@ class ChargeRequest(BaseModel):
     @field_validator("lot")
     @classmethod
     def _not_main(cls, lot: str | None) -> str | None:
-        if lot == "main":
+        if lot == MAIN_LOT:
             raise PydanticCustomError("not_main", "main is the main balance, not a lot")
         return lot
 

@@ -14,11 +14,9 @@ from typing import Any
 from charging import codec
 from charging.keys import keys_of
 from charging.plan import Plan
-from charging.schema import ACCOUNT_PATTERN, Invalid
+from charging.schema import ACCOUNT_PATTERN, LOT_PATTERN, MAIN_LOT, Invalid
 from charging.settings import LIBRARY_MAX_BALANCE, LIBRARY_MAX_DURATION_S, SERVICES, Settings
 
-LOT_PATTERN = r"[A-Za-z0-9_.-]{1,64}"
-MAIN_LOT = "main"  # the main balance, which a grant cannot name
 DEFAULT_PLAN = "default"  # the tariff of the process that rates a charge: no stored plan
 _DURATION = re.compile(r"([0-9]{1,15})(ms|s|m|h|d)")
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}

@@ -9,9 +9,8 @@ from pydantic import TypeAdapter
 
 from charging import codec
 from charging.app.http.body import MAX_BODY_BYTES
-from charging.app.lots import LOT_PATTERN
 from charging.app.http.endpoints import Endpoint
-from charging.schema import ChargeRequest, Outcome
+from charging.schema import LOT_PATTERN, ChargeRequest, Outcome
 from charging.settings import LIBRARY_MAX_BALANCE, SERVICES, Settings
 
 # The request fields each body may carry (op and reply_to are the gateway's).
